@@ -1,0 +1,318 @@
+"""Guidance adapters: small w-conditioned residual modules hooked onto a frozen base.
+
+``AdaptedModel(base, config)(x_t, t, class_labels, w)`` embeds the condition once, makes it visible
+to the forward hooks for that one call only, and clears it afterwards; nothing is set on the base's
+modules between calls. Every adapter's output layer starts at zero, so a fresh AdaptedModel is
+exactly the base model, and the base's own call (no condition active) is never altered.
+
+Families (all add a residual to the output of the wrapped layer, computed from its input tokens):
+  * ``offset``: an MLP of the condition embedding; one vector added to every token (the paper's).
+  * ``cross_attention``: the wrapped layer's input tokens attend to condition tokens (w, t, class).
+  * ``bottleneck``: a token-wise low-rank MLP whose hidden units are scaled and shifted by the
+    condition embedding (FiLM), so the residual depends on the content and on w.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ModelError
+from .models import BaseModel, count_parameters, load_base_model
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "agd-adapters"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "bottleneck"
+    placement: str = "attention"
+    width: int = 16
+    embed_dim: int = 64
+    fourier_frequencies: int = 3
+    condition_on: list[str] = field(default_factory=lambda: ["guidance", "timestep", "class"])
+    num_classes: int = 0
+    # w is centred and scaled before the Fourier features: w_feature = (w - 1) / guidance_scale_unit
+    guidance_scale_unit: float = 5.0
+    # Multiply every residual by (w - 1) / unit: CFG's change to the output is (w - 1) * (cond - uncond),
+    # so the adapters then learn the per-unit direction, and are exactly off at w = 1.
+    guidance_gate: bool = True
+
+
+# ------------------------------------------------------------------------------- embedding
+
+
+class ConditionEmbedding(nn.Module):
+    """Embeds (w, optionally t and class) into one vector and a few condition tokens."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.register_buffer(
+            "frequencies", math.pi * 2.0 ** torch.arange(config.fourier_frequencies, dtype=torch.float32),
+            persistent=False,
+        )
+        fourier_dim = 1 + 2 * config.fourier_frequencies
+        self.guidance = nn.Sequential(nn.Linear(fourier_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.use_timestep = "timestep" in config.condition_on
+        self.use_class = "class" in config.condition_on
+        if self.use_timestep:
+            self.timestep = nn.Sequential(nn.Linear(32, dim), nn.SiLU(), nn.Linear(dim, dim))
+        if self.use_class:
+            self.label = nn.Embedding(config.num_classes + 1, dim)  # + the null class
+
+    def fourier(self, w: torch.Tensor) -> torch.Tensor:
+        u = ((w.float() - 1.0) / self.config.guidance_scale_unit)[:, None]
+        angles = u * self.frequencies
+        return torch.cat([u, angles.sin(), angles.cos()], dim=-1)
+
+    def forward(self, w, t, class_labels):
+        tokens = [self.guidance(self.fourier(w))]
+        if self.use_timestep:
+            tokens.append(self.timestep(timestep_features(t, w.shape[0], 32).to(w.device)))
+        if self.use_class:
+            tokens.append(self.label(class_labels.clamp(0, self.config.num_classes)))
+        tokens = torch.stack(tokens, dim=1)  # [B, K, dim]
+        gate = None
+        if self.config.guidance_gate:
+            gate = ((w.float() - 1.0) / self.config.guidance_scale_unit)[:, None, None]
+        return Condition(vector=F.silu(tokens.sum(dim=1)), tokens=tokens, gate=gate)
+
+
+@dataclass
+class Condition:
+    vector: torch.Tensor  # [B, dim]
+    tokens: torch.Tensor  # [B, K, dim]
+    gate: torch.Tensor | None = None  # [B, 1, 1] residual scale, or None
+
+
+def timestep_features(t, batch: int, dim: int) -> torch.Tensor:
+    """Sinusoidal features of the diffusion timestep (0..1000 scale)."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+    t = t.expand(batch) if t.numel() == 1 else t
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+# -------------------------------------------------------------------------------- adapters
+
+
+def _zero(layer: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class OffsetAdapter(nn.Module):
+    """The paper's offset adapter: f(condition) added to every token."""
+
+    def __init__(self, dim: int, config: AdapterConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(config.embed_dim, config.width), nn.SiLU(),
+                                 _zero(nn.Linear(config.width, dim)))
+
+    def forward(self, tokens: torch.Tensor, cond: Condition) -> torch.Tensor:
+        return self.mlp(cond.vector)[:, None, :].to(tokens.dtype)
+
+
+class CrossAttentionAdapter(nn.Module):
+    """The wrapped layer's input tokens attend to the condition tokens."""
+
+    def __init__(self, dim: int, config: AdapterConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.query = nn.Linear(dim, config.width, bias=False)
+        self.key = nn.Linear(config.embed_dim, config.width, bias=False)
+        self.value = nn.Linear(config.embed_dim, config.width)
+        self.out = _zero(nn.Linear(config.width, dim))
+
+    def forward(self, tokens: torch.Tensor, cond: Condition) -> torch.Tensor:
+        q = self.query(self.norm(tokens.float()))
+        k, v = self.key(cond.tokens), self.value(cond.tokens)
+        attended = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return self.out(attended).to(tokens.dtype)
+
+
+class BottleneckAdapter(nn.Module):
+    """Token-wise low-rank MLP, its hidden units modulated by the condition (FiLM)."""
+
+    def __init__(self, dim: int, config: AdapterConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.down = nn.Linear(dim, config.width)
+        self.film = nn.Linear(config.embed_dim, 2 * config.width)
+        self.up = _zero(nn.Linear(config.width, dim))
+
+    def forward(self, tokens: torch.Tensor, cond: Condition) -> torch.Tensor:
+        scale, shift = self.film(cond.vector)[:, None, :].chunk(2, dim=-1)
+        hidden = self.down(self.norm(tokens.float())) * (1 + scale) + shift
+        return self.up(F.silu(hidden)).to(tokens.dtype)
+
+
+ADAPTER_KINDS = {"offset": OffsetAdapter, "cross_attention": CrossAttentionAdapter,
+                 "bottleneck": BottleneckAdapter}
+
+
+# ------------------------------------------------------------------------------- placement
+
+
+def adapter_targets(base: BaseModel, placement: str) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, token width) of every layer an adapter wraps, per family and placement."""
+    if base.family == "dit":
+        blocks = base.net.transformer_blocks
+        dim = base.net.inner_dim if hasattr(base.net, "inner_dim") else blocks[0].attn1.inner_dim
+        if placement == "attention":  # before DiT's adaLN gate, which then scales it per t and class
+            return [(f"transformer_blocks.{i}.attn1", b.attn1, dim) for i, b in enumerate(blocks)]
+        if placement == "block":
+            return [(f"transformer_blocks.{i}", b, dim) for i, b in enumerate(blocks)]
+    raise ModelError(f"placement {placement!r} is not defined for the {base.family!r} family "
+                     "(allowed: attention, block)")
+
+
+class AdaptedModel(nn.Module):
+    """A frozen base plus guidance adapters; one network evaluation gives the guided output."""
+
+    def __init__(self, base: BaseModel, config: AdapterConfig):
+        super().__init__()
+        if config.kind not in ADAPTER_KINDS:
+            raise ModelError(f"unknown adapter kind {config.kind!r}; allowed: {', '.join(ADAPTER_KINDS)}")
+        self.config = config
+        self.base = base  # a plain attribute: the base's tensors never enter this state dict
+        targets = adapter_targets(base, config.placement)
+        self.target_names = [name for name, _, _ in targets]
+        self.embedding = ConditionEmbedding(config)
+        self.adapters = nn.ModuleList([ADAPTER_KINDS[config.kind](dim, config) for _, _, dim in targets])
+        self.to(base.device)
+        self._condition: Condition | None = None
+        self._handles = [module.register_forward_hook(self._make_hook(i), with_kwargs=True)
+                         for i, (_, module, _) in enumerate(targets)]
+
+    def _make_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            condition = self._condition
+            if condition is None:  # the base called on its own: leave it exactly as it is
+                return None
+            tokens = args[0] if args else kwargs["hidden_states"]
+            residual = self.adapters[index](tokens, condition)
+            if condition.gate is not None:
+                residual = residual * condition.gate.to(residual.dtype)
+            return output + residual
+        return hook
+
+    def forward(self, x, t, class_labels, guidance_scale):
+        guidance_scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
+        if guidance_scale.dim() == 0:
+            guidance_scale = guidance_scale.expand(x.shape[0])
+        condition = self.embedding(guidance_scale, t, class_labels)
+        self._condition = condition
+        try:
+            return self.base.predict(x, t, class_labels)
+        finally:
+            self._condition = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.net.eval()  # DiT drops labels in train mode: the base stays in eval()
+        return self
+
+    def remove(self) -> None:
+        """Detach the hooks: the base is then exactly as it was loaded."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def parameter_report(self) -> dict:
+        adapter = count_parameters(self)
+        base = count_parameters(self.base.net)
+        return {"adapter": adapter, "base": base, "share": adapter / base}
+
+
+# ----------------------------------------------------------------------------- save & load
+
+
+def save_adapters(model: AdaptedModel, folder: str | Path, extra: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, folder / (ADAPTER_WEIGHTS + ".tmp"))
+    (folder / (ADAPTER_WEIGHTS + ".tmp")).replace(folder / ADAPTER_WEIGHTS)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter": asdict(model.config),
+        "placements": model.target_names,
+        "base_model": model.base.describe(),
+        "parameters": model.parameter_report(),
+        **(extra or {}),
+    }
+    tmp = folder / (ADAPTER_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(folder / ADAPTER_CONFIG)
+    return folder
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    if not path.exists():
+        raise ModelError(f"{folder}: no {ADAPTER_CONFIG}; is this an adapter folder written by "
+                         "`python -m stages.train`?")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
+    if config.get("format") != FORMAT:
+        raise ModelError(f"{path}: not an AGD adapter config (format {config.get('format')!r})")
+    return config
+
+
+def load_adapted_model(folder: str | Path, base: BaseModel | None = None, device="cpu") -> AdaptedModel:
+    """Load adapters onto their base. A different architecture is refused; other weights warn."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    recorded = config["base_model"]
+    if base is None:
+        base = load_base_model(recorded["id"], device=device)
+    if base.architecture_fingerprint() != recorded["architecture_fingerprint"]:
+        raise ModelError(
+            f"{folder}: these adapters were trained for {recorded['class']} {recorded['id']!r} "
+            f"(architecture {recorded['architecture_fingerprint']}), but the base given is "
+            f"{type(base.net).__name__} {base.model_id!r} (architecture {base.architecture_fingerprint()}). "
+            "Adapters only load into the architecture they were trained on."
+        )
+    if base.weights_fingerprint() != recorded["weights_fingerprint"]:
+        warnings.warn(
+            f"{folder}: adapters were trained on weights {recorded['weights_fingerprint']} of {recorded['id']!r}; "
+            f"loading them into different weights {base.weights_fingerprint()} of the same architecture "
+            f"({base.model_id!r}), e.g. a fine-tune. Guidance may transfer imperfectly.",
+            stacklevel=2,
+        )
+    adapter_config = AdapterConfig(**config["adapter"])
+    model = AdaptedModel(base, adapter_config)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing")
+    try:
+        state = load_file(weights, device=str(base.device))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise ModelError(f"{weights}: cannot read adapter weights ({err}); re-run training") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{weights}: does not match {ADAPTER_CONFIG} (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); re-run training")
+    return model.eval()

@@ -1,0 +1,355 @@
+"""One typed config per stage, read from its params.yaml section and overridable on the command line.
+
+Each field carries its help text (shown by ``--help``) and, where it matters, the allowed values.
+Values are checked up front; errors name the key (``generate.guidance_max``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with the help text and allowed values that --help and validation use."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass
+class StageConfig:
+    section: ClassVar[str] = ""
+
+    def check(self) -> None:
+        """Cross-field checks; raise ConfigError naming the key."""
+
+    def key(self, name: str) -> str:
+        return f"{self.section}.{name}"
+
+    def fail(self, name: str, message: str) -> None:
+        raise ConfigError(f"{self.key(name)}: {message} (got {getattr(self, name)!r})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class BaseStageConfig(StageConfig):
+    """Stage `base`: train the embedded default model (a tiny class-conditional DiT on 8x8 digits)."""
+
+    section: ClassVar[str] = "base"
+    out_dir: str = option("data/base", "folder to write the model, scheduler and classifier to")
+    seed: int = option(0, "seed for the data split, initialisation and training")
+    holdout_fraction: float = option(0.2, "share of the digits kept out of training (FID reference)")
+    num_layers: int = option(4, "DiT blocks")
+    num_heads: int = option(4, "attention heads per block")
+    head_dim: int = option(16, "channels per attention head")
+    patch_size: int = option(2, "DiT patch size (8x8 images -> (8/p)^2 tokens)")
+    train_steps: int = option(3000, "optimiser steps for the diffusion model")
+    batch_size: int = option(256, "images per training step")
+    learning_rate: float = option(2e-3, "peak AdamW learning rate (cosine decay, short warm-up)")
+    label_dropout: float = option(0.15, "probability of replacing the label by the null class")
+    ema_decay: float = option(0.998, "decay of the exponential moving average of the weights")
+    num_train_timesteps: int = option(1000, "diffusion timesteps of the noise schedule")
+    beta_schedule: str = option(
+        "squaredcos_cap_v2", "noise schedule", ("squaredcos_cap_v2", "linear", "scaled_linear")
+    )
+    classifier_steps: int = option(800, "training steps of the evaluation classifier")
+    classifier_features: int = option(32, "width of the classifier's penultimate layer (FID features)")
+
+    def check(self) -> None:
+        if not 0.05 <= self.holdout_fraction <= 0.5:
+            self.fail("holdout_fraction", "must lie in [0.05, 0.5]")
+        if 8 % self.patch_size:
+            self.fail("patch_size", "must divide the image size 8")
+        if not 0.0 < self.label_dropout < 1.0:
+            self.fail("label_dropout", "must lie in (0, 1): the null class is what CFG needs")
+        if not 0.0 <= self.ema_decay < 1.0:
+            self.fail("ema_decay", "must lie in [0, 1)")
+        for name in ("num_layers", "num_heads", "head_dim", "train_steps", "batch_size",
+                     "classifier_steps", "classifier_features", "num_train_timesteps"):
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be positive")
+
+
+@dataclass
+class GenerateConfig(StageConfig):
+    """Stage `generate` (stage one): sample the base with CFG and record every step into shards."""
+
+    section: ClassVar[str] = "generate"
+    base_model: str = option("data/base", "base model: a local diffusers folder or a hub id")
+    out_dir: str = option("data/trajectories", "trajectory store to write (resumed if present)")
+    classes: list[int] = option([], "class ids to sample; empty means every class of the model")
+    trajectories_per_class: int = option(40, "trajectories recorded per class")
+    guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
+    guidance_max: float = option(6.0, "upper end of the guidance scale range")
+    num_steps: int = option(32, "sampling steps per trajectory")
+    scheduler: str = option("", "diffusers scheduler class to sample with; empty keeps the model's")
+    seed: int = option(0, "run seed: trajectory i's seed, class and w depend only on (seed, i)")
+    batch_size: int = option(200, "trajectories sampled together (one batched CFG call per step)")
+    shard_size: int = option(200, "trajectories per shard (each shard is written by one process)")
+    compressor: str = option("blosc-zstd", "on-disk codec", ("blosc-zstd", "zstd", "none"))
+    record_branches: bool = option(False, "also store the conditional and unconditional outputs")
+    device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+
+    def check(self) -> None:
+        for name in ("trajectories_per_class", "num_steps", "batch_size", "shard_size"):
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be positive")
+        for name in ("guidance_min", "guidance_max"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                self.fail(name, "must be a finite number >= 0 (w = 1 is no guidance)")
+        if self.guidance_min > self.guidance_max:
+            raise ConfigError(
+                f"{self.key('guidance_min')} ({self.guidance_min}) is above "
+                f"{self.key('guidance_max')} ({self.guidance_max}): the range must be [min, max]"
+            )
+        if self.guidance_max > 50:
+            self.fail("guidance_max", "is far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)")
+        if any(c < 0 for c in self.classes):
+            self.fail("classes", "class ids must be >= 0")
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    """Stage `train` (stage two): train guidance adapters from the trajectory store alone."""
+
+    section: ClassVar[str] = "train"
+    store: str = option("data/trajectories", "trajectory store written by stage one")
+    out_dir: str = option("data/adapters", "folder for adapters.safetensors, adapter_config.json, loss.csv")
+    adapter: str = option("bottleneck", "adapter family", ("bottleneck", "offset", "cross_attention"))
+    placement: str = option("attention", "where adapters attach", ("attention", "block"))
+    width: int = option(16, "adapter hidden width (bottleneck rank, offset MLP width, attention width)")
+    embed_dim: int = option(64, "width of the condition embedding")
+    fourier_frequencies: int = option(3, "Fourier frequencies of the guidance-scale embedding")
+    condition_on: list[str] = option(
+        ["guidance", "timestep", "class"], "what the adapter sees besides the tokens (guidance is required)"
+    )
+    guidance_gate: bool = option(True, "scale each adapter's residual by (w - 1): exactly off at w = 1")
+    steps: int = option(1500, "optimiser steps")
+    batch_size: int = option(256, "(trajectory, step) samples per optimiser step")
+    learning_rate: float = option(3e-3, "peak AdamW learning rate (cosine decay, short warm-up)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    seed: int = option(0, "seed for initialisation and shuffling")
+    checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
+    verify: str = option("cheap", "store check before training", ("cheap", "full"))
+    device: str = option("auto", "torch device: auto, cpu, cuda, ...")
+
+    def check(self) -> None:
+        for name in ("width", "embed_dim", "steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be positive")
+        if not 0 <= self.fourier_frequencies <= 32:
+            self.fail("fourier_frequencies", "must lie in [0, 32]")
+        if not self.learning_rate > 0:
+            self.fail("learning_rate", "must be positive")
+        allowed = {"guidance", "timestep", "class"}
+        unknown = set(self.condition_on) - allowed
+        if unknown:
+            self.fail("condition_on", f"unknown entries {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if "guidance" not in self.condition_on:
+            self.fail("condition_on", "must include 'guidance': the adapter has to know w")
+
+
+@dataclass
+class EvaluateConfig(StageConfig):
+    """Stage `evaluate`: CFG (2 evaluations per step) against AGD (1 per step) on the same seeds."""
+
+    section: ClassVar[str] = "evaluate"
+    adapters: str = option("data/adapters", "adapter folder written by stage two")
+    base_model: str = option("", "base model; empty takes the one named in the adapter config")
+    out_dir: str = option("data/eval", "folder for metrics.json, plots CSVs and sample grids")
+    guidance_scales: list[float] = option(
+        [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0], "guidance scales to evaluate (may exceed the training range)"
+    )
+    samples_per_class: int = option(50, "samples per class and guidance scale")
+    num_steps: int = option(0, "sampling steps; 0 takes the steps the trajectories were recorded with")
+    seed: int = option(1234, "seed of the evaluation noise (the same for every method)")
+    batch_size: int = option(500, "images sampled together; the speed ratio is measured at this size")
+    grid_columns: int = option(6, "samples per class shown in the PNG grids")
+    device: str = option("auto", "torch device: auto, cpu, cuda, ...")
+
+    def check(self) -> None:
+        if not self.guidance_scales:
+            self.fail("guidance_scales", "needs at least one value")
+        if any((not math.isfinite(w)) or w < 0 for w in self.guidance_scales):
+            self.fail("guidance_scales", "values must be finite and >= 0")
+        for name in ("samples_per_class", "batch_size", "grid_columns"):
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be positive")
+        if self.samples_per_class < 2:
+            self.fail("samples_per_class", "needs at least 2 for FID statistics")
+        if self.num_steps < 0:
+            self.fail("num_steps", "must be >= 0")
+
+
+# ------------------------------------------------------------------------------ loading & CLI
+
+
+def _fields(cls: type[StageConfig]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls)]
+
+
+def _coerce(cls: type[StageConfig], field: dataclasses.Field, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise naming the key."""
+    key = f"{cls.section}.{field.name}"
+    hint = typing.get_type_hints(cls)[field.name]
+    origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            (item_type,) = typing.get_args(hint)
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split()] if value.strip() else []
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            value = [_scalar(item_type, v) for v in value]
+        elif origin in (typing.Union, types.UnionType):
+            if value is None or value == "":
+                value = None
+            else:
+                value = _scalar(next(a for a in typing.get_args(hint) if a is not type(None)), value)
+        else:
+            value = _scalar(hint, value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}") from None
+    choices = field.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: unknown value {value!r}; allowed: {', '.join(map(str, choices))}")
+    return value
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if kind is str:
+        if not isinstance(value, (str, int, float)):
+            raise TypeError(value)
+        return str(value)
+    raise TypeError(kind)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def read_params(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {path} not found (run from the repository root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file {path} must map stage names to sections")
+    return data
+
+
+def load_config(cls: type[StageConfig], params: str | os.PathLike | dict | None = DEFAULT_PARAMS,
+                overrides: dict | None = None):
+    """Build a stage config from its params.yaml section (or that section as a dict) plus
+    overrides, fully validated."""
+    if params is None:
+        section = {}
+    elif isinstance(params, dict):  # the section itself, as tests and library callers pass it
+        section = params
+    else:
+        section = read_params(params).get(cls.section) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{cls.section}: the section must be a mapping of keys to values")
+    known = {f.name: f for f in _fields(cls)}
+    merged = dict(section)
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(merged) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{cls.section}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(known))}"
+        )
+    values = {name: _coerce(cls, known[name], value) for name, value in merged.items()}
+    config = cls(**values)
+    config.check()
+    return config
+
+
+def build_parser(cls: type[StageConfig], prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one option per config field; defaults come from params.yaml."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"Every option defaults to the '{cls.section}' section of params.yaml, then to the "
+        "built-in value shown. List options take comma- or space-separated values.",
+    )
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file to read")
+    defaults = cls()
+    for field in _fields(cls):
+        help_text = field.metadata.get("help", "")
+        choices = field.metadata.get("choices")
+        if choices:
+            help_text += f" [{'|'.join(map(str, choices))}]"
+        default = getattr(defaults, field.name)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            default=None,
+            metavar=field.name.upper(),
+            help=f"{help_text} (built-in: {shown!r})",
+        )
+    return parser
+
+
+def config_from_args(cls: type[StageConfig], args: argparse.Namespace):
+    overrides = {f.name: getattr(args, f.name) for f in _fields(cls)}
+    params = args.params if Path(args.params).exists() or args.params != DEFAULT_PARAMS else None
+    return load_config(cls, params, overrides)
+
+
+def write_resolved(config: StageConfig, folder: str | os.PathLike, name: str = "resolved_config.json") -> None:
+    """Write the whole resolved config next to the outputs (EDM-style), for the record."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps({config.section: config.to_dict()}, indent=2) + "\n")

@@ -1,0 +1,257 @@
+"""Stage `evaluate`: unguided, CFG (2 evaluations per step) and AGD (1 per step) on the same seeds.
+
+Per guidance scale w: FID against held-out real data through clean-fid (with the embedded default's
+classifier as the feature extractor), class accuracy, fidelity of AGD to CFG (paired distance per
+seed, and FID between the two sample sets), evaluations per image, images per second and the
+AGD/CFG speed ratio measured in the same run. Writes metrics.json, CSVs for DVC plots, PNG grids.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .adapters import load_adapted_model, read_adapter_config
+from .config import EvaluateConfig, resolve_device
+from .models import BaseModel, load_base_model
+from .sampling import generators_for, initial_noise, sample, trajectory_seed
+from . import toy
+
+METHODS = ("unguided", "cfg", "agd")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images [B, C, H, W] -> uint8 [B, H, W] (grey) or [B, H, W, C]."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
+
+
+def write_pngs(images: np.ndarray, folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+
+
+def clean_fid(folder_a: Path, folder_b: Path, extractor) -> float:
+    """FID between two image folders through clean-fid, in the given feature space."""
+    from cleanfid import fid
+
+    return float(fid.compute_fid(
+        str(folder_a), str(folder_b), mode="clean", custom_feat_extractor=extractor,
+        custom_fn_resize=lambda img: img,  # the classifier works at the images' own size
+        device=torch.device("cpu"), num_workers=0, batch_size=1000, verbose=False,
+    ))
+
+
+class Sampler:
+    """Samples the evaluation set in batches with one method and times it."""
+
+    def __init__(self, base: BaseModel, adapted, labels: torch.Tensor, seeds: list[int], steps: int,
+                 batch_size: int):
+        self.base, self.adapted, self.labels, self.seeds = base, adapted, labels, seeds
+        self.steps, self.batch_size = steps, batch_size
+
+    def run(self, method: str, w: float | None) -> tuple[torch.Tensor, float]:
+        outputs, seconds = [], 0.0
+        for start in range(0, len(self.seeds), self.batch_size):
+            stop = min(len(self.seeds), start + self.batch_size)
+            gens = generators_for(self.seeds[start:stop])
+            noise = initial_noise(self.base, gens)
+            labels = self.labels[start:stop].to(self.base.device)
+            began = time.perf_counter()
+            if method == "unguided":
+                latents = sample(self.base, labels, noise, self.steps, generators=gens)
+            elif method == "cfg":
+                latents = sample(self.base, labels, noise, self.steps, guidance_scale=w, generators=gens)
+            else:
+                latents = sample(self.base, labels, noise, self.steps, guidance_scale=w,
+                                 adapted=self.adapted, generators=gens)
+            with torch.no_grad():
+                images = self.base.decode(latents)
+            seconds += time.perf_counter() - began
+            outputs.append(images.cpu())
+        return torch.cat(outputs), seconds
+
+
+def grid_figure(panels: dict[str, np.ndarray], labels: np.ndarray, columns: int, title: str, path: Path):
+    """One PNG: a block per method (rows = classes, columns = samples), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = sorted(set(labels.tolist()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (name, images) in zip(np.atleast_1d(axes), panels.items()):
+        rows = []
+        for c in classes:
+            picks = images[labels == c][:columns]
+            rows.append(np.concatenate(list(np.pad(picks, ((0, 0), (1, 1), (1, 1)), constant_values=64)), axis=1))
+        ax.imshow(np.concatenate(rows, axis=0), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_figure(rows: list[dict], training_range, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = [r["w"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for method, style in zip(METHODS, ("k:", "C0-o", "C1--s")):
+        ax1.plot(ws, [r[f"fid_{method}"] for r in rows], style, label=method)
+        ax2.plot(ws, [r[f"accuracy_{method}"] for r in rows], style, label=method)
+    for ax in (ax1, ax2):
+        ax.axvspan(*training_range, color="0.92", zorder=0, label="training range")
+        ax.set_xlabel("guidance scale w")
+    ax1.set_ylabel("FID vs held-out data")
+    ax2.set_ylabel("class accuracy")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
+    device = resolve_device(config.device)
+    adapter_config = read_adapter_config(config.adapters)
+    base_id = config.base_model or adapter_config["base_model"]["id"]
+    base = load_base_model(base_id, device=device)
+    adapted = load_adapted_model(config.adapters, base)
+    steps = config.num_steps or adapter_config["sampler"]["num_steps"]
+    training_range = (adapter_config["guidance"]["min"], adapter_config["guidance"]["max"])
+    classifier = toy.load_classifier(base_id)
+    holdout = toy.load_holdout(base_id)
+    extractor = toy.ClassifierFeatures(classifier) if classifier is not None else None
+
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples_dir, grids_dir = out / "samples", out / "grids"
+    shutil.rmtree(grids_dir, ignore_errors=True)
+    grids_dir.mkdir(parents=True)
+    n = config.samples_per_class * base.num_classes
+    labels = torch.arange(n) % base.num_classes
+    seeds = [trajectory_seed(config.seed, i) for i in range(n)]
+    sampler = Sampler(base, adapted, labels, seeds, steps, config.batch_size)
+    if holdout is not None:
+        write_pngs(to_uint8(torch.from_numpy(holdout[0])), samples_dir / "real")
+
+    def accuracy(images: torch.Tensor) -> float | None:
+        if classifier is None:
+            return None
+        with torch.no_grad():
+            return float((classifier(images.float().clamp(-1, 1)).argmax(1) == labels).float().mean())
+
+    def fid_real(folder: Path) -> float | None:
+        return clean_fid(folder, samples_dir / "real", extractor) if extractor and holdout is not None else None
+
+    unguided, unguided_seconds = sampler.run("unguided", None)
+    write_pngs(to_uint8(unguided), samples_dir / "unguided")
+    unguided_fid, unguided_acc = fid_real(samples_dir / "unguided"), accuracy(unguided)
+    rows, per_w = [], {}
+    for w in tqdm(config.guidance_scales, desc="evaluate: guidance scales", disable=not progress):
+        tag = f"w{w:g}"
+        cfg_images, cfg_seconds = sampler.run("cfg", w)
+        agd_images, agd_seconds = sampler.run("agd", w)
+        write_pngs(to_uint8(cfg_images), samples_dir / "cfg" / tag)
+        write_pngs(to_uint8(agd_images), samples_dir / "agd" / tag)
+        paired = lambda a: float(((a - cfg_images) ** 2).flatten(1).mean(1).sqrt().mean())  # noqa: E731
+        row = {
+            "w": w,
+            "in_training_range": training_range[0] <= w <= training_range[1],
+            "fid_unguided": unguided_fid, "fid_cfg": fid_real(samples_dir / "cfg" / tag),
+            "fid_agd": fid_real(samples_dir / "agd" / tag),
+            "accuracy_unguided": unguided_acc, "accuracy_cfg": accuracy(cfg_images),
+            "accuracy_agd": accuracy(agd_images),
+            "fid_to_cfg_unguided": clean_fid(samples_dir / "unguided", samples_dir / "cfg" / tag, extractor)
+            if extractor else None,
+            "fid_to_cfg_agd": clean_fid(samples_dir / "agd" / tag, samples_dir / "cfg" / tag, extractor)
+            if extractor else None,
+            "rmse_to_cfg_unguided": paired(unguided), "rmse_to_cfg_agd": paired(agd_images),
+            "nfe_per_image_cfg": 2 * steps, "nfe_per_image_agd": steps,
+            "images_per_second_cfg": n / cfg_seconds, "images_per_second_agd": n / agd_seconds,
+            "speed_ratio_agd_over_cfg": cfg_seconds / agd_seconds,
+        }
+        rows.append(row)
+        per_w[tag] = row
+        panels = {"unguided (1 NFE/step)": to_uint8(unguided), f"CFG w={w:g} (2 NFE/step)": to_uint8(cfg_images),
+                  f"AGD w={w:g} (1 NFE/step)": to_uint8(agd_images)}
+        grid_figure(panels, labels.numpy(), config.grid_columns, f"same seeds, w = {w:g}",
+                    grids_dir / f"{tag}.png")
+
+    summary = summarise(rows)
+    metrics = {
+        "num_steps": steps, "samples_per_w": n, "batch_size": config.batch_size,
+        "training_range": list(training_range), "unguided_images_per_second": n / unguided_seconds,
+        "summary_in_training_range": summary, "per_w": per_w,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_csv(out / "fid_vs_w.csv", rows, {"unguided": "fid_unguided", "cfg": "fid_cfg", "agd": "fid_agd"})
+    _write_csv(out / "accuracy_vs_w.csv", rows,
+               {"unguided": "accuracy_unguided", "cfg": "accuracy_cfg", "agd": "accuracy_agd"})
+    _write_csv(out / "fidelity_vs_w.csv", rows,
+               {"agd_to_cfg": "fid_to_cfg_agd", "unguided_to_cfg": "fid_to_cfg_unguided"})
+    if classifier is not None:
+        curves_figure(rows, training_range, out / "curves.png")
+    log(format_table(rows))
+    return metrics
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Worst case over the evaluated w inside the training range, against the acceptance targets."""
+    inside = [r for r in rows if r["in_training_range"]] or rows
+    summary = {"speed_ratio_agd_over_cfg": min(r["speed_ratio_agd_over_cfg"] for r in inside)}
+    if inside[0]["accuracy_cfg"] is not None:
+        summary["max_accuracy_drop_points"] = max(100 * (r["accuracy_cfg"] - r["accuracy_agd"]) for r in inside)
+        summary["max_fid_ratio_agd_over_cfg"] = max(r["fid_agd"] / r["fid_cfg"] for r in inside)
+        summary["max_fidelity_ratio"] = max(r["fid_to_cfg_agd"] / r["fid_to_cfg_unguided"] for r in inside)
+        summary["targets_met"] = bool(
+            summary["max_accuracy_drop_points"] <= 1.0 and summary["max_fid_ratio_agd_over_cfg"] <= 1.10
+            and summary["max_fidelity_ratio"] <= 0.25 and summary["speed_ratio_agd_over_cfg"] >= 1.8)
+    return summary
+
+
+def _write_csv(path: Path, rows: list[dict], columns: dict[str, str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["w", *columns])
+        for r in rows:
+            writer.writerow([r["w"], *(_fmt(r[key]) for key in columns.values())])
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = ["| w | FID unguided | FID CFG | FID AGD | acc CFG | acc AGD | FID AGD-CFG | FID unguided-CFG "
+             "| RMSE AGD-CFG | img/s CFG | img/s AGD | speed AGD/CFG |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = "" if r["in_training_range"] else " *"
+        lines.append(
+            f"| {r['w']:g}{mark} | {cell(r['fid_unguided'], '.2f')} | {cell(r['fid_cfg'], '.2f')} | "
+            f"{cell(r['fid_agd'], '.2f')} | {cell(r['accuracy_cfg'], '.3f')} | {cell(r['accuracy_agd'], '.3f')} | "
+            f"{cell(r['fid_to_cfg_agd'], '.2f')} | {cell(r['fid_to_cfg_unguided'], '.2f')} | "
+            f"{r['rmse_to_cfg_agd']:.3f} | {r['images_per_second_cfg']:.0f} | {r['images_per_second_agd']:.0f} | "
+            f"{r['speed_ratio_agd_over_cfg']:.2f}x |")
+    lines.append("(* outside the training range of w)")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""One sampling loop over a diffusers scheduler, shared by generate and evaluate.
+
+Three ways to get the model output at each step:
+  * unguided: one conditional evaluation;
+  * CFG: conditional and unconditional halves in one batched call, with a per-sample scale w;
+  * AGD: one call of an :class:`~agd_pipeline.adapters.AdaptedModel` that was given w.
+An optional observer sees every step's model input and guided output: that is how stage one records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .models import BaseModel, copy_scheduler
+
+
+@dataclass
+class Step:
+    """What the observer sees at one sampling step (all tensors have the batch first)."""
+
+    index: int
+    timestep: torch.Tensor
+    model_input: torch.Tensor
+    guided_output: torch.Tensor
+    cond_output: torch.Tensor | None = None
+    uncond_output: torch.Tensor | None = None
+
+
+def trajectory_seed(run_seed: int, index: int) -> int:
+    """Seed of trajectory ``index``: a function of (run seed, index) only, never of batching."""
+    return int(np.random.SeedSequence([run_seed, index]).generate_state(1, np.uint32)[0])
+
+
+def generators_for(seeds, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per sample, so each sample's noise is independent of its batch mates."""
+    gens = []
+    for seed in seeds:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+        gens.append(gen)
+    return gens
+
+
+def initial_noise(base: BaseModel, generators, dtype=torch.float32) -> torch.Tensor:
+    shape = (len(generators) if isinstance(generators, list) else 1, *base.latent_shape)
+    return randn_tensor(shape, generator=generators, device=base.device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample(
+    base: BaseModel,
+    class_labels: torch.Tensor,
+    noise: torch.Tensor,
+    num_steps: int,
+    *,
+    guidance_scale: torch.Tensor | float | None = None,
+    adapted: Callable | None = None,
+    scheduler=None,
+    generators=None,
+    observer: Callable[[Step], None] | None = None,
+    record_branches: bool = False,
+) -> torch.Tensor:
+    """Sample a batch and return the final latents.
+
+    guidance_scale None and adapted None: unguided (1 evaluation per step).
+    guidance_scale given, adapted None: CFG (2 evaluations per step, batched as one call).
+    adapted given: AGD, ``adapted(x, t, class_labels, w)`` (1 evaluation per step).
+    """
+    batch = noise.shape[0]
+    device = noise.device
+    scheduler = copy_scheduler(scheduler if scheduler is not None else base.scheduler)
+    scheduler.set_timesteps(num_steps, device=device)
+    class_labels = class_labels.to(device)
+    if guidance_scale is not None:
+        guidance_scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device)
+        guidance_scale = guidance_scale.expand(batch) if guidance_scale.dim() == 0 else guidance_scale
+    if adapted is not None and guidance_scale is None:
+        raise ValueError("AGD sampling needs the guidance scale the adapters are conditioned on")
+
+    x = noise * scheduler.init_noise_sigma
+    step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
+    for index, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(x, t)
+        cond = uncond = None
+        if adapted is not None:
+            full = adapted(model_input, t, class_labels, guidance_scale)
+            guided = base.prediction_channels(full)
+        elif guidance_scale is None:
+            full = base.predict(model_input, t, class_labels)
+            guided = base.prediction_channels(full)
+        else:
+            guided, cond, uncond = base.cfg_predict(model_input, t, class_labels, guidance_scale)
+        if observer is not None:
+            observer(Step(index, t, model_input, guided,
+                          cond if record_branches else None, uncond if record_branches else None))
+        x = scheduler.step(guided, t, x, **step_kwargs).prev_sample
+    return x
+
+
+def _accepts_generator(scheduler) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters

@@ -1,0 +1,239 @@
+"""The embedded default: a small class-conditional DiT trained here on scikit-learn's 8x8 digits.
+
+Nothing is downloaded: the digits ship inside scikit-learn. The stage writes a diffusers-style
+folder (model_index.json, transformer/, scheduler/) that ``load_base_model`` reads like any other
+DiT, plus a small classifier whose accuracy measures class fidelity and whose penultimate features
+are the feature space of this default's FID, and the held-out real digits as FID reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import BaseStageConfig
+from .errors import ModelError
+
+IMAGE_SIZE = 8
+NUM_CLASSES = 10
+CLASSIFIER_DIR = "classifier"
+HOLDOUT_FILE = "holdout.npz"
+
+
+def load_digits_split(seed: int, holdout_fraction: float):
+    """Digits scaled to [-1, 1] as [N, 1, 8, 8], split into train and held-out, stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 16.0) * 2.0 - 1.0
+    images = images[:, None]
+    labels = digits.target.astype(np.int64)
+    x_train, x_hold, y_train, y_hold = train_test_split(
+        images, labels, test_size=holdout_fraction, random_state=seed, stratify=labels)
+    return x_train, y_train, x_hold, y_hold
+
+
+def build_dit(config: BaseStageConfig):
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.head_dim,
+        in_channels=1,
+        out_channels=1,
+        num_layers=config.num_layers,
+        sample_size=IMAGE_SIZE,
+        patch_size=config.patch_size,
+        num_embeds_ada_norm=NUM_CLASSES,
+        norm_num_groups=1,
+    )
+
+
+def build_scheduler(config: BaseStageConfig):
+    from diffusers import DDIMScheduler
+
+    # clip_sample=False: clipping x0 to [-1, 1] wrecks CFG at high w. "leading" spacing: "trailing"
+    # with the cosine schedule starts at a timestep whose alpha is ~0 and blows up.
+    return DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
+    """Train the default base model and its evaluation classifier; write them to config.out_dir."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(config.seed)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x_train, y_train, x_hold, y_hold = load_digits_split(config.seed, config.holdout_fraction)
+    images = torch.from_numpy(x_train)
+    labels = torch.from_numpy(y_train)
+    net = build_dit(config)
+    # Diffusers' DiT drops labels independently in every block in train mode; keep it in eval()
+    # (it has no dropout) and drop the label once, here, to the null class.
+    net.eval()
+    scheduler = build_scheduler(config)
+    ema = EMAModel(net.parameters(), decay=config.ema_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _cosine_lr(s, config.train_steps, max(1, config.train_steps // 20)))
+    alphas = scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(config.seed)
+    losses = []
+    bar = tqdm(range(config.train_steps), desc="base: train DiT", disable=not progress, unit="step")
+    for step in bar:
+        idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
+        x0, y = images[idx], labels[idx].clone()
+        drop = torch.rand(config.batch_size, generator=gen) < config.label_dropout
+        y[drop] = NUM_CLASSES
+        t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = net(x_t, timestep=t, class_labels=y).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(net.parameters())
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    ema.copy_to(net.parameters())
+
+    net.save_pretrained(out / "transformer")
+    scheduler.save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline",
+        "transformer": ["diffusers", type(net).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "vae": [None, None],
+    }, indent=2) + "\n")
+    (out / "agd_base.json").write_text(json.dumps({
+        "description": "embedded default: class-conditional DiT on scikit-learn 8x8 digits",
+        "id2label": {str(i): str(i) for i in range(NUM_CLASSES)},
+        "final_loss": float(np.mean(losses[-100:])),
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }, indent=2) + "\n")
+    np.savez_compressed(out / HOLDOUT_FILE, images=x_hold, labels=y_hold)
+
+    classifier, accuracy = train_classifier(x_train, y_train, x_hold, y_hold, config, progress)
+    save_classifier(classifier, out / CLASSIFIER_DIR, {"holdout_accuracy": accuracy})
+    return {"final_loss": float(np.mean(losses[-100:])), "classifier_holdout_accuracy": accuracy,
+            "parameters": sum(p.numel() for p in net.parameters())}
+
+
+# ---------------------------------------------------------------------------- classifier
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN; ``features`` (its penultimate layer) is the FID feature space of the default."""
+
+    def __init__(self, feature_dim: int = 32):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.GELU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.GELU(),
+            nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.GELU(),
+        )
+        self.fc = nn.Linear(64 * 4, feature_dim)
+        self.head = nn.Linear(feature_dim, NUM_CLASSES)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.fc(self.conv(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to one pixel: the classifier should not key on exact positions."""
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    dx, dy = torch.randint(0, 3, (2,), generator=gen).tolist()
+    return padded[:, :, dy:dy + IMAGE_SIZE, dx:dx + IMAGE_SIZE]
+
+
+def train_classifier(x_train, y_train, x_hold, y_hold, config: BaseStageConfig, progress=True):
+    torch.manual_seed(config.seed + 1)
+    model = DigitClassifier(config.classifier_features)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    images, labels = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    model.train()
+    for _ in tqdm(range(config.classifier_steps), desc="base: train classifier", disable=not progress,
+                  unit="step"):
+        idx = torch.randint(0, len(images), (128,), generator=gen)
+        loss = F.cross_entropy(model(_augment(images[idx], gen)), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(x_hold)).argmax(1).numpy() == y_hold).mean()
+    return model, float(accuracy)
+
+
+def save_classifier(model: DigitClassifier, folder: Path, extra: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"feature_dim": model.feature_dim, **extra}, indent=2))
+
+
+def load_classifier(base_dir: str | Path) -> DigitClassifier | None:
+    """The evaluation classifier shipped with the embedded default, or None for other models."""
+    folder = Path(base_dir) / CLASSIFIER_DIR
+    if not (folder / "config.json").exists():
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    model = DigitClassifier(config["feature_dim"])
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+    except Exception as err:  # noqa: BLE001
+        raise ModelError(f"{folder}: cannot load the evaluation classifier ({err}); re-run the base stage")
+    return model.eval()
+
+
+def load_holdout(base_dir: str | Path):
+    path = Path(base_dir) / HOLDOUT_FILE
+    if not path.exists():
+        return None
+    data = np.load(path)
+    return data["images"], data["labels"]
+
+
+class ClassifierFeatures(nn.Module):
+    """clean-fid's custom feature extractor: [B, 3, H, W] in 0..255 -> classifier features."""
+
+    def __init__(self, classifier: DigitClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        gray = images.float().mean(dim=1, keepdim=True) / 255.0 * 2.0 - 1.0
+        return self.classifier.features(gray)

@@ -1,0 +1,227 @@
+"""Stage two: train guidance adapters from the trajectory store alone (no teacher calls).
+
+The loader reads whole chunk rows (a block of trajectories with all their steps), holds a few in
+memory and shuffles (trajectory, step) samples there: contiguous reads, random batches. The order
+is a function of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import AdaptedModel, AdapterConfig, save_adapters
+from .config import TrainConfig, resolve_device
+from .errors import AgdError, ModelError
+from .models import load_base_model
+from .store import TrajectoryStore
+
+CHECKPOINT = "checkpoint"
+LOSS_CSV = "loss.csv"
+# Settings that may change between a checkpoint and a resumed run without changing the result.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "verify", "device")
+
+
+class StepBatches:
+    """Endless shuffled batches of (model_input, timestep, class, w, guided_output) samples."""
+
+    def __init__(self, store: TrajectoryStore, batch_size: int, seed: int, buffer_rows: int = 16):
+        self.store = store
+        self.batch_size = batch_size
+        self.seed = seed
+        self.buffer_rows = buffer_rows
+        self.ranges = store.chunk_ranges()
+        self._groups = {}
+
+    def _group(self, name):
+        if name not in self._groups:
+            self._groups[name] = self.store.open_shard(name)
+        return self._groups[name]
+
+    def _load(self, ranges) -> dict[str, np.ndarray]:
+        parts = {k: [] for k in ("model_input", "guided_output", "timesteps", "class_label", "guidance_scale")}
+        for name, start, stop in ranges:
+            group = self._group(name)
+            for key in parts:
+                parts[key].append(group[key][start:stop])
+        data = {k: np.concatenate(v) for k, v in parts.items()}
+        steps = data["timesteps"].shape[1]
+        return {  # flatten (trajectory, step) -> sample
+            "model_input": data["model_input"].reshape(-1, *data["model_input"].shape[2:]),
+            "guided_output": data["guided_output"].reshape(-1, *data["guided_output"].shape[2:]),
+            "timesteps": data["timesteps"].reshape(-1),
+            "class_label": np.repeat(data["class_label"], steps),
+            "guidance_scale": np.repeat(data["guidance_scale"], steps),
+        }
+
+    def epoch(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.ranges))
+        carry = None
+        for first in range(0, len(order), self.buffer_rows):
+            data = self._load([self.ranges[i] for i in order[first:first + self.buffer_rows]])
+            if carry is not None:
+                data = {k: np.concatenate([carry[k], data[k]]) for k in data}
+            perm = rng.permutation(len(data["timesteps"]))
+            full = len(perm) // self.batch_size * self.batch_size
+            for start in range(0, full, self.batch_size):
+                idx = perm[start:start + self.batch_size]
+                yield {k: torch.from_numpy(v[idx]) for k, v in data.items()}
+            carry = {k: v[perm[full:]] for k, v in data.items()}
+        if carry is not None and len(carry["timesteps"]):
+            yield {k: torch.from_numpy(v) for k, v in carry.items()}  # the epoch's last, smaller batch
+
+    def __iter__(self):
+        for epoch in itertools.count():
+            yield from self.epoch(epoch)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def adapter_config_for(config: TrainConfig, manifest: dict) -> AdapterConfig:
+    return AdapterConfig(
+        kind=config.adapter, placement=config.placement, width=config.width, embed_dim=config.embed_dim,
+        fourier_frequencies=config.fourier_frequencies, condition_on=list(config.condition_on),
+        num_classes=manifest["base_model"]["num_classes"],
+        guidance_scale_unit=max(1.0, manifest["guidance"]["max"] - 1.0),
+        guidance_gate=config.guidance_gate,
+    )
+
+
+def _comparable(config: TrainConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS}
+
+
+def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
+    """Train adapters from ``config.store`` into ``config.out_dir``; resume from its checkpoint."""
+    from accelerate import Accelerator
+
+    store = TrajectoryStore(config.store)
+    store.check(full=config.verify == "full")
+    manifest = store.manifest
+    device = resolve_device(config.device)
+    accelerator = Accelerator(cpu=device == "cpu")
+    recorded = manifest["base_model"]
+    base = load_base_model(recorded["id"], device=accelerator.device)
+    if base.weights_fingerprint() != recorded["weights_fingerprint"]:
+        raise ModelError(
+            f"{config.store} was recorded with weights {recorded['weights_fingerprint']} of {recorded['id']!r}, "
+            f"but that model now has weights {base.weights_fingerprint()}: the targets no longer belong to this "
+            "base. Re-run stage one (generate) for the current base."
+        )
+    torch.manual_seed(config.seed)
+    model = AdaptedModel(base, adapter_config_for(config, manifest))
+    report = model.parameter_report()
+    log(f"adapters: {config.adapter} at {config.placement} x{len(model.adapters)}, "
+        f"{report['adapter']:,} parameters = {100 * report['share']:.2f} % of the base's {report['base']:,}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    warmup = max(1, config.steps // 20)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, config.steps, warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_schedule)
+
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT
+    start_step = _resume(accelerator, checkpoint, config, log)
+    losses_path = out / LOSS_CSV
+    _truncate_losses(losses_path, start_step)
+
+    batches = iter(StepBatches(store, config.batch_size, config.seed))
+    for _ in range(start_step):  # the same batch order as an uninterrupted run
+        next(batches)
+    channels = base.latent_channels
+    started = time.perf_counter()
+    model.train()
+    with open(losses_path, "a", newline="") as loss_file, \
+            tqdm(range(start_step, config.steps), desc="train: adapters", unit="step",
+                 disable=not progress, initial=start_step, total=config.steps) as bar:
+        writer = csv.writer(loss_file)
+        if start_step == 0:
+            writer.writerow(["step", "loss", "lr"])
+        running = []
+        for step in bar:
+            batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+            x = batch["model_input"].float()
+            target = batch["guided_output"].float()
+            output = model(x, batch["timesteps"], batch["class_label"], batch["guidance_scale"])
+            loss = F.mse_loss(output[:, :channels].float(), target)
+            if not torch.isfinite(loss):
+                raise AgdError(f"train: loss became {loss.item()} at step {step}; lower train.learning_rate "
+                               f"(now {config.learning_rate}) or check the store with `python -m stages.inspect --verify`")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            lr_schedule.step()
+            running.append(loss.item())
+            writer.writerow([step + 1, f"{loss.item():.6g}", f"{lr_schedule.get_last_lr()[0]:.6g}"])
+            if (step + 1) % 25 == 0:
+                bar.set_postfix(loss=f"{np.mean(running[-25:]):.5f}")
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                loss_file.flush()
+                _save_checkpoint(accelerator, checkpoint, config, step + 1)
+    seconds = time.perf_counter() - started
+    unwrapped = accelerator.unwrap_model(model).eval()
+    save_adapters(unwrapped, out, extra={
+        "training": config.to_dict(),
+        "store": {"path": str(config.store), "trajectories": store.num_trajectories,
+                  "shard_checksums": [s.get("checksum") for s in store.shards]},
+        "sampler": manifest["sampler"],
+        "guidance": manifest["guidance"],
+        "final_loss": float(np.mean(running[-50:])) if running else None,
+    })
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
+        f"final loss {np.mean(running[-50:]) if running else float('nan'):.5f}")
+    return {"parameters": report, "seconds": seconds, "final_loss": float(np.mean(running[-50:])) if running else None}
+
+
+def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, step: int) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "config": _comparable(config)}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+
+
+def _resume(accelerator, folder: Path, config: TrainConfig, log) -> int:
+    progress_file = folder / "progress.json"
+    if not progress_file.exists():
+        return 0
+    saved = json.loads(progress_file.read_text())
+    if saved["config"] != _comparable(config):
+        differing = sorted(k for k in saved["config"] if saved["config"][k] != _comparable(config).get(k))
+        raise AgdError(
+            f"{folder} holds a checkpoint of a run with other settings (train.{', train.'.join(differing)}); "
+            f"delete {folder} to start over, or restore those settings to resume it"
+        )
+    if saved["step"] >= config.steps:
+        return 0
+    accelerator.load_state(str(folder))
+    log(f"train: resuming from {folder} at step {saved['step']}")
+    return int(saved["step"])
+
+
+def _truncate_losses(path: Path, step: int) -> None:
+    if step == 0 or not path.exists():
+        path.unlink(missing_ok=True)
+        return
+    rows = path.read_text().splitlines()
+    kept = [rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) <= step]
+    path.write_text("\n".join(kept) + "\n")

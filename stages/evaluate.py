@@ -1,0 +1,21 @@
+"""Stage `evaluate`: CFG (2 evaluations per step) against AGD (1 per step) on the same seeds."""
+
+import sys
+
+from agd_pipeline.cli import stage_main
+from agd_pipeline.config import EvaluateConfig, write_resolved
+
+
+def run(config: EvaluateConfig, args) -> None:
+    from agd_pipeline.evaluation import evaluate
+
+    evaluate(config, progress=not args.no_progress)
+    write_resolved(config, config.out_dir)
+
+
+def main(argv=None) -> int:
+    return stage_main(EvaluateConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
