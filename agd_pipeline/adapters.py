@@ -121,10 +121,10 @@ def _zero(layer: nn.Linear) -> nn.Linear:
 class OffsetAdapter(nn.Module):
     """The paper's offset adapter: f(condition) added to every token."""
 
-    def __init__(self, dim: int, config: AdapterConfig):
+    def __init__(self, dim: int, out_dim: int, config: AdapterConfig):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(config.embed_dim, config.width), nn.SiLU(),
-                                 _zero(nn.Linear(config.width, dim)))
+                                 _zero(nn.Linear(config.width, out_dim)))
 
     def forward(self, tokens: torch.Tensor, cond: Condition) -> torch.Tensor:
         return self.mlp(cond.vector)[:, None, :].to(tokens.dtype)
@@ -133,13 +133,13 @@ class OffsetAdapter(nn.Module):
 class CrossAttentionAdapter(nn.Module):
     """The wrapped layer's input tokens attend to the condition tokens."""
 
-    def __init__(self, dim: int, config: AdapterConfig):
+    def __init__(self, dim: int, out_dim: int, config: AdapterConfig):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.query = nn.Linear(dim, config.width, bias=False)
         self.key = nn.Linear(config.embed_dim, config.width, bias=False)
         self.value = nn.Linear(config.embed_dim, config.width)
-        self.out = _zero(nn.Linear(config.width, dim))
+        self.out = _zero(nn.Linear(config.width, out_dim))
 
     def forward(self, tokens: torch.Tensor, cond: Condition) -> torch.Tensor:
         q = self.query(self.norm(tokens.float()))
@@ -151,12 +151,12 @@ class CrossAttentionAdapter(nn.Module):
 class BottleneckAdapter(nn.Module):
     """Token-wise low-rank MLP, its hidden units modulated by the condition (FiLM)."""
 
-    def __init__(self, dim: int, config: AdapterConfig):
+    def __init__(self, dim: int, out_dim: int, config: AdapterConfig):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.down = nn.Linear(dim, config.width)
         self.film = nn.Linear(config.embed_dim, 2 * config.width)
-        self.up = _zero(nn.Linear(config.width, dim))
+        self.up = _zero(nn.Linear(config.width, out_dim))
 
     def forward(self, tokens: torch.Tensor, cond: Condition) -> torch.Tensor:
         scale, shift = self.film(cond.vector)[:, None, :].chunk(2, dim=-1)
@@ -171,17 +171,30 @@ ADAPTER_KINDS = {"offset": OffsetAdapter, "cross_attention": CrossAttentionAdapt
 # ------------------------------------------------------------------------------- placement
 
 
-def adapter_targets(base: BaseModel, placement: str) -> list[tuple[str, nn.Module, int]]:
-    """(name, module, token width) of every layer an adapter wraps, per family and placement."""
-    if base.family == "dit":
+PLACEMENTS = ("attention", "block", "attention+output", "block+output")
+
+
+def adapter_targets(base: BaseModel, placement: str) -> list[tuple[str, nn.Module, int, int]]:
+    """(name, module, input width, output width) of every layer an adapter wraps.
+
+    DiT: ``attention`` wraps every block's self-attention (the residual then passes DiT's frozen
+    adaLN gate, which scales it per timestep and class); ``block`` wraps whole blocks; ``+output``
+    also wraps the final token projection, whose own adaLN modulation differs between the
+    conditional and unconditional branches.
+    """
+    if base.family == "dit" and placement in PLACEMENTS:
         blocks = base.net.transformer_blocks
-        dim = base.net.inner_dim if hasattr(base.net, "inner_dim") else blocks[0].attn1.inner_dim
-        if placement == "attention":  # before DiT's adaLN gate, which then scales it per t and class
-            return [(f"transformer_blocks.{i}.attn1", b.attn1, dim) for i, b in enumerate(blocks)]
-        if placement == "block":
-            return [(f"transformer_blocks.{i}", b, dim) for i, b in enumerate(blocks)]
+        dim = blocks[0].attn1.inner_dim
+        if placement.startswith("attention"):
+            targets = [(f"transformer_blocks.{i}.attn1", b.attn1, dim, dim) for i, b in enumerate(blocks)]
+        else:
+            targets = [(f"transformer_blocks.{i}", b, dim, dim) for i, b in enumerate(blocks)]
+        if placement.endswith("+output"):
+            proj = base.net.proj_out_2
+            targets.append(("proj_out_2", proj, proj.in_features, proj.out_features))
+        return targets
     raise ModelError(f"placement {placement!r} is not defined for the {base.family!r} family "
-                     "(allowed: attention, block)")
+                     f"(allowed: {', '.join(PLACEMENTS)})")
 
 
 class AdaptedModel(nn.Module):
@@ -194,13 +207,14 @@ class AdaptedModel(nn.Module):
         self.config = config
         self.base = base  # a plain attribute: the base's tensors never enter this state dict
         targets = adapter_targets(base, config.placement)
-        self.target_names = [name for name, _, _ in targets]
+        self.target_names = [name for name, *_ in targets]
         self.embedding = ConditionEmbedding(config)
-        self.adapters = nn.ModuleList([ADAPTER_KINDS[config.kind](dim, config) for _, _, dim in targets])
+        self.adapters = nn.ModuleList([ADAPTER_KINDS[config.kind](dim, out_dim, config)
+                                       for _, _, dim, out_dim in targets])
         self.to(base.device)
         self._condition: Condition | None = None
         self._handles = [module.register_forward_hook(self._make_hook(i), with_kwargs=True)
-                         for i, (_, module, _) in enumerate(targets)]
+                         for i, (_, module, *_) in enumerate(targets)]
 
     def _make_hook(self, index: int):
         def hook(module, args, kwargs, output):

@@ -115,12 +115,14 @@ class GenerateConfig(StageConfig):
     seed: int = option(0, "run seed: trajectory i's seed, class and w depend only on (seed, i)")
     batch_size: int = option(200, "trajectories sampled together (one batched CFG call per step)")
     shard_size: int = option(200, "trajectories per shard (each shard is written by one process)")
+    chunk_trajectories: int = option(50, "trajectories per Zarr chunk (the unit training reads); "
+                                     "independent of batch_size, so a run can resume with another batch size")
     compressor: str = option("blosc-zstd", "on-disk codec", ("blosc-zstd", "zstd", "none"))
     record_branches: bool = option(False, "also store the conditional and unconditional outputs")
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
 
     def check(self) -> None:
-        for name in ("trajectories_per_class", "num_steps", "batch_size", "shard_size"):
+        for name in ("trajectories_per_class", "num_steps", "batch_size", "shard_size", "chunk_trajectories"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be positive")
         for name in ("guidance_min", "guidance_max"):
@@ -146,7 +148,9 @@ class TrainConfig(StageConfig):
     store: str = option("data/trajectories", "trajectory store written by stage one")
     out_dir: str = option("data/adapters", "folder for adapters.safetensors, adapter_config.json, loss.csv")
     adapter: str = option("bottleneck", "adapter family", ("bottleneck", "offset", "cross_attention"))
-    placement: str = option("attention", "where adapters attach", ("attention", "block"))
+    placement: str = option("attention", "where adapters attach (DiT: each block's attention or whole "
+                            "block; +output also wraps the final projection)",
+                            ("attention", "block", "attention+output", "block+output"))
     width: int = option(16, "adapter hidden width (bottleneck rank, offset MLP width, attention width)")
     embed_dim: int = option(64, "width of the condition embedding")
     fourier_frequencies: int = option(3, "Fourier frequencies of the guidance-scale embedding")
@@ -154,6 +158,10 @@ class TrainConfig(StageConfig):
         ["guidance", "timestep", "class"], "what the adapter sees besides the tokens (guidance is required)"
     )
     guidance_gate: bool = option(True, "scale each adapter's residual by (w - 1): exactly off at w = 1")
+    loss_weighting: str = option(
+        "uniform", "per-sample weight of the MSE: uniform, or 'guidance' = 1 / max(w - 1, 0.5) so "
+        "small scales, whose targets differ little from the conditional output, count as much",
+        ("uniform", "guidance"))
     steps: int = option(1500, "optimiser steps")
     batch_size: int = option(256, "(trajectory, step) samples per optimiser step")
     learning_rate: float = option(3e-3, "peak AdamW learning rate (cosine decay, short warm-up)")

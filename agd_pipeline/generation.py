@@ -47,7 +47,7 @@ def store_header(config: GenerateConfig, base: BaseModel, classes: list[int]) ->
         "output_channels": base.latent_channels,
         "record_branches": config.record_branches,
         "compressor": config.compressor,
-        "chunk_trajectories": min(config.batch_size, config.shard_size),
+        "chunk_trajectories": min(config.chunk_trajectories, config.shard_size),
     }, default=str))
 
 

@@ -101,7 +101,8 @@ class BaseModel:
         batch = x.shape[0]
         null = torch.full_like(class_labels, self.null_class)
         labels = torch.cat([class_labels, null] if self.cond_first else [null, class_labels])
-        out = self.prediction_channels(self.predict(torch.cat([x, x]), t, labels))
+        t = _batch_timesteps(t, x)
+        out = self.prediction_channels(self.predict(torch.cat([x, x]), torch.cat([t, t]), labels))
         first, second = out[:batch], out[batch:]
         cond, uncond = (first, second) if self.cond_first else (second, first)
         w = guidance_scale.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))

@@ -28,8 +28,9 @@ from .store import TrajectoryStore
 
 CHECKPOINT = "checkpoint"
 LOSS_CSV = "loss.csv"
-# Settings that may change between a checkpoint and a resumed run without changing the result.
-RESUMABLE_KEYS = ("steps", "checkpoint_every", "verify", "device")
+# Settings that may change between a checkpoint and a resumed run without changing the result
+# (not `steps`: the learning-rate schedule depends on it).
+RESUMABLE_KEYS = ("checkpoint_every", "verify", "device")
 
 
 class StepBatches:
@@ -90,6 +91,14 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def weighted_mse(output, target, guidance_scale, weighting: str) -> torch.Tensor:
+    per_sample = (output - target).pow(2).flatten(1).mean(1)
+    if weighting == "uniform":
+        return per_sample.mean()
+    weights = 1.0 / (guidance_scale.float() - 1.0).clamp(min=0.5)
+    return (weights * per_sample).sum() / weights.sum()
 
 
 def adapter_config_for(config: TrainConfig, manifest: dict) -> AdapterConfig:
@@ -160,7 +169,8 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
             x = batch["model_input"].float()
             target = batch["guided_output"].float()
             output = model(x, batch["timesteps"], batch["class_label"], batch["guidance_scale"])
-            loss = F.mse_loss(output[:, :channels].float(), target)
+            loss = weighted_mse(output[:, :channels].float(), target, batch["guidance_scale"],
+                                config.loss_weighting)
             if not torch.isfinite(loss):
                 raise AgdError(f"train: loss became {loss.item()} at step {step}; lower train.learning_rate "
                                f"(now {config.learning_rate}) or check the store with `python -m stages.inspect --verify`")

@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random-init diffusers models written as real model folders, and a tiny
+trajectory store generated from one of them. Everything is CPU-sized and built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Never reach for the Hub from a test. One intra-op thread: the models are tiny, and on a small
+# shared machine OpenMP's thread hand-off costs milliseconds per layer call (over 100x the work).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=2,
+                in_channels=1, out_channels=1, num_embeds_ada_norm=10, norm_num_groups=1)
+
+# The tiny store every store/training test starts from: 10 classes x 2 trajectories, 4 steps,
+# shards of 8 (8 + 8 + 4 trajectories), batches of 4.
+STORE_SETTINGS = dict(trajectories_per_class=2, num_steps=4, shard_size=8, batch_size=4,
+                      guidance_min=1.0, guidance_max=6.0, seed=0, device="cpu")
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                         set_alpha_to_one=False)
+
+
+def make_dit(seed: int = 0, perturb: float = 0.02, **overrides):
+    """A random-init DiT; every parameter gets a little noise so no layer is trivially zero."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    net = DiTTransformer2DModel(**{**TINY_DIT, **overrides})
+    if perturb:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return net.eval()
+
+
+def write_base_folder(folder: Path, net, scheduler=None) -> Path:
+    """The layout the embedded default writes: model_index.json + transformer/ + scheduler/."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scheduler = scheduler or make_scheduler()
+    net.save_pretrained(folder / "transformer")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline",
+        "transformer": ["diffusers", type(net).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "vae": [None, None],
+    }, indent=2))
+    return folder
+
+
+def make_base_folder(folder: Path, seed: int = 0, **overrides) -> Path:
+    return write_base_folder(folder, make_dit(seed, **overrides))
+
+
+def generate_store(base_dir: Path, out_dir: Path, **overrides):
+    """Run stage one in-process; returns (config, summary)."""
+    from agd_pipeline.config import GenerateConfig, load_config
+    from agd_pipeline.generation import generate
+
+    config = load_config(GenerateConfig, {**STORE_SETTINGS, "base_model": str(base_dir),
+                                          "out_dir": str(out_dir), **overrides})
+    summary = generate(config, progress=False, log=lambda *a, **k: None)
+    return config, summary
+
+
+def read_all_shards(root: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{shard name: {array name: numpy array}} for every shard listed in the manifest."""
+    from agd_pipeline.store import TrajectoryStore
+
+    store = TrajectoryStore(root)
+    out = {}
+    for entry in store.shards:
+        group = store.open_shard(entry["name"])
+        out[entry["name"]] = {name: group[name][:] for name in sorted(group.array_keys())}
+    return out
+
+
+def run_cli(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def pytest_configure(config):
+    # agd_pipeline.store silences this zarr warning at import; pytest's per-phase warning capture
+    # drops filters added while collecting, so repeat it here.
+    config.addinivalue_line("filterwarnings", "ignore:Consolidated metadata is currently not part")
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    folder = make_base_folder(tmp_path_factory.mktemp("tiny_base") / "base", seed=0)
+    # Guard against a vacuous fixture: the network must say something, and depend on the class.
+    net = make_dit(0)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.full((4,), 500)
+    with torch.no_grad():
+        cond = net(x, timestep=t, class_labels=torch.tensor([1, 2, 3, 4])).sample
+        uncond = net(x, timestep=t, class_labels=torch.full((4,), 10)).sample
+    assert cond.abs().mean() > 1e-2, "tiny DiT output is trivially zero"
+    assert (cond - uncond).abs().mean() > 1e-3, "tiny DiT ignores the class: CFG tests would be vacuous"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_base_dir) -> Path:
+    """A complete store. Tests must not modify it: copy it (shutil.copytree) first."""
+    root = tmp_path_factory.mktemp("tiny_store") / "store"
+    generate_store(tiny_base_dir, root)
+    return root

@@ -1,0 +1,75 @@
+"""The four stages as a user runs them: `python -m stages.<stage> --params P`, on CPU-sized settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def check(result, stage):
+    assert result.returncode == 0, f"{stage} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_pipeline_end_to_end(tmp_path):
+    base, store, adapters, evaluation = (tmp_path / n for n in ("base", "trajectories", "adapters", "eval"))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "base": {"out_dir": str(base), "train_steps": 30, "classifier_steps": 20, "num_layers": 1,
+                 "num_heads": 2, "head_dim": 8, "batch_size": 64},
+        "generate": {"base_model": str(base), "out_dir": str(store), "trajectories_per_class": 2,
+                     "num_steps": 4, "shard_size": 10, "batch_size": 10, "device": "cpu"},
+        "train": {"store": str(store), "out_dir": str(adapters), "steps": 10, "batch_size": 32,
+                  "checkpoint_every": 4, "device": "cpu"},
+        "evaluate": {"adapters": str(adapters), "out_dir": str(evaluation), "samples_per_class": 2,
+                     "guidance_scales": [2.0, 7.0], "batch_size": 20, "device": "cpu"},
+    }))
+
+    check(run_cli("stages.base", "--params", params, "--no-progress"), "base")
+    assert (base / "model_index.json").exists() and (base / "transformer").is_dir()
+    assert (base / "classifier" / "model.safetensors").exists() and (base / "holdout.npz").exists()
+
+    check(run_cli("stages.generate", "--params", params, "--no-progress"), "generate")
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["num_trajectories"] == 20
+    assert [s["status"] for s in manifest["shards"]] == ["complete", "complete"]
+    assert json.loads((store / "resolved_config.json").read_text())["generate"]["num_steps"] == 4
+
+    again = check(run_cli("stages.generate", "--params", params, "--no-progress"), "generate (again)")
+    assert "nothing to do" in again.stdout
+    assert json.loads((store / "manifest.json").read_text()) == manifest
+
+    inspected = check(run_cli("stages.inspect", store, "--verify", "--json", tmp_path / "summary.json"),
+                      "inspect")
+    assert "verified" in inspected.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["trajectories"] == 20 and summary["steps"] == 4 and summary["latent_shape"] == [1, 8, 8]
+
+    check(run_cli("stages.train", "--params", params, "--no-progress"), "train")
+    assert (adapters / "adapters.safetensors").exists()
+    adapter_config = json.loads((adapters / "adapter_config.json").read_text())
+    assert adapter_config["base_model"]["weights_fingerprint"] == manifest["base_model"]["weights_fingerprint"]
+    with open(adapters / "loss.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 11))
+    assert not (adapters / "checkpoint").exists()
+
+    check(run_cli("stages.evaluate", "--params", params, "--no-progress"), "evaluate")
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert {"num_steps", "samples_per_w", "training_range", "summary_in_training_range", "per_w"} <= set(metrics)
+    assert metrics["num_steps"] == 4 and metrics["samples_per_w"] == 20
+    assert sorted(metrics["per_w"]) == ["w2", "w7"]
+    for tag, row in metrics["per_w"].items():
+        assert row["nfe_per_image_cfg"] == 2 * row["nfe_per_image_agd"] == 8
+        for key in ("fid_cfg", "fid_agd", "accuracy_cfg", "accuracy_agd", "rmse_to_cfg_agd"):
+            assert row[key] is not None, (tag, key)
+        assert (evaluation / "grids" / f"{tag}.png").stat().st_size > 0
+    assert metrics["per_w"]["w2"]["in_training_range"] and not metrics["per_w"]["w7"]["in_training_range"]
+    for name in ("fid_vs_w.csv", "accuracy_vs_w.csv", "fidelity_vs_w.csv", "curves.png"):
+        assert (evaluation / name).exists(), name

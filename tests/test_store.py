@@ -1,0 +1,362 @@
+"""The trajectory store: schema, content, resume, refusal of mixed runs, integrity checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import agd_pipeline.generation as generation
+from agd_pipeline.errors import StoreError
+from agd_pipeline.generation import trajectory_plan
+from agd_pipeline.models import load_base_model
+from agd_pipeline.sampling import generators_for, initial_noise
+from agd_pipeline.store import MANIFEST, PARTIAL, StoreWriter, TrajectoryStore
+
+from conftest import STORE_SETTINGS, generate_store, read_all_shards, run_cli
+
+NUM_CLASSES = 10
+N = NUM_CLASSES * STORE_SETTINGS["trajectories_per_class"]  # 20
+S = STORE_SETTINGS["num_steps"]  # 4
+SHARD_SIZES = [8, 8, 4]
+SHARD_NAMES = [f"shard-{i:06d}.zarr" for i in range(3)]
+EXPECTED_ARRAYS = {  # name -> (dtype, shape without the trajectory axis)
+    "model_input": ("float16", (S, 1, 8, 8)),
+    "guided_output": ("float16", (S, 1, 8, 8)),
+    "timesteps": ("float32", (S,)),
+    "guidance_scale": ("float32", ()),
+    "seed": ("int64", ()),
+    "class_label": ("int64", ()),
+    "trajectory_index": ("int64", ()),
+    "sample": ("float16", (1, 8, 8)),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base_dir):
+    return load_base_model(str(tiny_base_dir))
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_store):
+    return read_all_shards(tiny_store)
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
+    return root
+
+
+def concatenated(shards: dict, name: str) -> np.ndarray:
+    return np.concatenate([shards[s][name] for s in SHARD_NAMES])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def fail_after(monkeypatch, target, attribute, calls_allowed: int) -> list:
+    """Let ``calls_allowed`` calls of target.attribute through, then raise (a killed run)."""
+    original = getattr(target, attribute)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        if len(calls) >= calls_allowed:
+            raise Interrupted(f"{attribute} interrupted after {calls_allowed} calls")
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, attribute, wrapper)
+    return calls
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    shards_a, shards_b = read_all_shards(a), read_all_shards(b)
+    assert sorted(shards_a) == sorted(shards_b)
+    for shard in shards_a:
+        assert sorted(shards_a[shard]) == sorted(shards_b[shard])
+        for name in shards_a[shard]:
+            assert np.array_equal(shards_a[shard][name], shards_b[shard][name]), f"{shard}/{name} differs"
+    manifest_a = json.loads((a / MANIFEST).read_text())
+    manifest_b = json.loads((b / MANIFEST).read_text())
+    assert [s["checksum"] for s in manifest_a["shards"]] == [s["checksum"] for s in manifest_b["shards"]]
+    assert all(s["status"] == "complete" for s in manifest_a["shards"])
+
+
+# ---------------------------------------------------------------------------------- round trip
+
+
+def test_manifest_and_schema(tiny_store, shards):
+    store = TrajectoryStore(tiny_store)
+    assert store.num_trajectories == N and store.num_steps == S
+    assert [s["name"] for s in store.shards] == SHARD_NAMES
+    assert [s["trajectories"] for s in store.shards] == SHARD_SIZES
+    assert [s["first_trajectory"] for s in store.shards] == [0, 8, 16]
+    assert all(s["status"] == "complete" and s["checksum"] for s in store.shards)
+    assert store.manifest["classes"] == list(range(NUM_CLASSES))
+    assert store.problems(full=True) == []
+    for name, size in zip(SHARD_NAMES, SHARD_SIZES):
+        assert sorted(shards[name]) == sorted(EXPECTED_ARRAYS)  # no branches unless asked for
+        for array, (dtype, shape) in EXPECTED_ARRAYS.items():
+            value = shards[name][array]
+            assert value.dtype == np.dtype(dtype), f"{name}/{array}"
+            assert value.shape == (size, *shape), f"{name}/{array}"
+        assert store.open_shard(name).attrs["checksum"] == store.shards[SHARD_NAMES.index(name)]["checksum"]
+    assert not list(Path(tiny_store).glob("*" + PARTIAL))
+
+
+def test_trajectories_follow_the_plan(shards):
+    plan = trajectory_plan(STORE_SETTINGS["seed"], range(N), list(range(NUM_CLASSES)),
+                           STORE_SETTINGS["guidance_min"], STORE_SETTINGS["guidance_max"])
+    for key in ("trajectory_index", "seed", "class_label", "guidance_scale"):
+        assert np.array_equal(concatenated(shards, key), plan[key]), key
+    assert np.array_equal(concatenated(shards, "trajectory_index"), np.arange(N))
+    # every class gets the same number of trajectories; w spread over the range
+    assert np.bincount(concatenated(shards, "class_label")).tolist() == [2] * NUM_CLASSES
+    w = concatenated(shards, "guidance_scale")
+    assert w.min() >= 1.0 and w.max() <= 6.0 and len(set(w.tolist())) == N
+
+
+def test_plan_depends_only_on_seed_and_index():
+    classes = list(range(NUM_CLASSES))
+    whole = trajectory_plan(3, range(12), classes, 1.0, 6.0)
+    pieces = [trajectory_plan(3, r, classes, 1.0, 6.0) for r in (range(0, 5), range(5, 12))]
+    for key in whole:
+        assert np.array_equal(whole[key], np.concatenate([p[key] for p in pieces]))
+    other = trajectory_plan(4, range(12), classes, 1.0, 6.0)
+    assert not np.array_equal(whole["seed"], other["seed"])
+
+
+def test_recorded_steps_are_the_cfg_outputs(base, shards):
+    """guided_output equals cfg_predict re-run on the stored input; inputs chain through the scheduler."""
+    scheduler = base.scheduler.__class__.from_config(base.scheduler.config)
+    scheduler.set_timesteps(S)
+    for name in SHARD_NAMES:
+        data = shards[name]
+        assert np.array_equal(data["timesteps"], np.tile(scheduler.timesteps.numpy().astype(np.float32),
+                                                         (len(data["seed"]), 1)))
+        labels = torch.from_numpy(data["class_label"])
+        w = torch.from_numpy(data["guidance_scale"])
+        noise = initial_noise(base, generators_for(data["seed"].tolist()))
+        np.testing.assert_array_equal(data["model_input"][:, 0], noise.numpy().astype(np.float16))
+        for step in range(S):
+            x = torch.from_numpy(data["model_input"][:, step]).float()
+            t = torch.from_numpy(data["timesteps"][:, step])
+            assert (t == t[0]).all()
+            t = t[0]  # one timestep per step (per-sample t: see test_sampling's cfg_predict test)
+            with torch.no_grad():
+                guided, cond, uncond = base.cfg_predict(x, t, labels, w)
+            stored = data["guided_output"][:, step].astype(np.float32)
+            np.testing.assert_allclose(stored, guided.numpy(), atol=2e-2, rtol=1e-2,
+                                       err_msg=f"{name} step {step}")
+            # the tolerance is far below what the guidance changes: not a vacuous comparison
+            assert np.abs(stored - cond.numpy()).max() > 0.1 or (w - 1).abs().max() < 0.1
+            x_next = scheduler.step(torch.from_numpy(stored), int(t), x).prev_sample
+            following = data["model_input"][:, step + 1] if step + 1 < S else data["sample"]
+            np.testing.assert_allclose(following.astype(np.float32), x_next.numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_record_branches(tiny_base_dir, tmp_path):
+    root = tmp_path / "branches"
+    generate_store(tiny_base_dir, root, classes=[2, 7], trajectories_per_class=2, record_branches=True,
+                   guidance_min=2.0, guidance_max=5.0)
+    data = read_all_shards(root)["shard-000000.zarr"]
+    assert {"cond_output", "uncond_output"} <= set(data)
+    cond, uncond = data["cond_output"].astype(np.float32), data["uncond_output"].astype(np.float32)
+    w = data["guidance_scale"][:, None, None, None, None]
+    assert np.abs(cond - uncond).max() > 1e-2
+    np.testing.assert_allclose(data["guided_output"].astype(np.float32), uncond + w * (cond - uncond),
+                               atol=2e-2, rtol=1e-2)
+    assert sorted(set(data["class_label"].tolist())) == [2, 7]
+
+
+def test_dask_arrays_concatenate_all_shards(tiny_store, shards):
+    arrays = TrajectoryStore(tiny_store).dask_arrays()
+    assert set(arrays) == set(EXPECTED_ARRAYS)
+    for name, array in arrays.items():
+        assert array.shape[0] == N
+        assert np.array_equal(array.compute(), concatenated(shards, name)), name
+    # read at the shards' own chunks: never one chunk across two shards
+    assert sum(arrays["model_input"].chunks[0]) == N
+    boundaries = np.cumsum(arrays["model_input"].chunks[0]).tolist()
+    assert 8 in boundaries and 16 in boundaries
+
+
+# -------------------------------------------------------------------------------------- resume
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_store(tiny_base_dir, tiny_store, tmp_path, monkeypatch):
+    root = tmp_path / "resumed"
+    # batches of 4: shard 0 = calls 1-2, shard 1 = calls 3-4; die in shard 1's second batch
+    fail_after(monkeypatch, generation, "record_batch", 3)
+    with pytest.raises(Interrupted):
+        generate_store(tiny_base_dir, root)
+    manifest = json.loads((root / MANIFEST).read_text())
+    assert [s["status"] for s in manifest["shards"]] == ["complete", "pending", "pending"]
+    assert not (root / SHARD_NAMES[1]).exists(), "an unfinished shard was published under its final name"
+    # a .partial folder may be left behind; it is never trusted (rewritten on resume, removed after)
+    store = TrajectoryStore(root)
+    named = {p.shard for p in store.problems()}
+    assert named == {SHARD_NAMES[1], SHARD_NAMES[2]}
+    with pytest.raises(StoreError, match="generate"):
+        store.check()
+    monkeypatch.undo()
+
+    calls = fail_after(monkeypatch, generation, "record_batch", 10**6)
+    _, summary = generate_store(tiny_base_dir, root)
+    assert summary["written_shards"] == 2
+    assert len(calls) == 3, "the resumed run re-sampled a shard that was already complete"
+    assert not list(root.glob("*" + PARTIAL))
+    assert_same_store(root, tiny_store)
+
+
+def test_kill_between_publish_and_manifest_is_rewritten(tiny_base_dir, tiny_store, tmp_path, monkeypatch):
+    root = tmp_path / "resumed"
+    fail_after(monkeypatch, StoreWriter, "mark_complete", 1)  # shard 1 renamed in place, manifest not updated
+    with pytest.raises(Interrupted):
+        generate_store(tiny_base_dir, root)
+    assert (root / SHARD_NAMES[1]).is_dir()
+    assert json.loads((root / MANIFEST).read_text())["shards"][1]["status"] == "pending"
+    assert SHARD_NAMES[1] in {p.shard for p in TrajectoryStore(root).problems()}
+    monkeypatch.undo()
+    generate_store(tiny_base_dir, root)
+    assert_same_store(root, tiny_store)
+
+
+def test_rerun_on_complete_store_writes_nothing(tiny_base_dir, store_copy, monkeypatch):
+    before = {p: p.stat().st_mtime_ns for p in store_copy.rglob("*") if p.is_file()}
+    manifest = (store_copy / MANIFEST).read_text()
+    fail_after(monkeypatch, generation, "record_batch", 0)
+    messages = []
+    from agd_pipeline.config import GenerateConfig, load_config
+
+    config = load_config(GenerateConfig, {**STORE_SETTINGS, "base_model": str(tiny_base_dir),
+                                          "out_dir": str(store_copy)})
+    summary = generation.generate(config, progress=False, log=messages.append)
+    assert summary["written_shards"] == 0
+    assert any("nothing to do" in m for m in messages)
+    assert (store_copy / MANIFEST).read_text() == manifest
+    assert {p: p.stat().st_mtime_ns for p in store_copy.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"num_steps": 5}, {"guidance_max": 4.0},
+                                    {"trajectories_per_class": 3}, {"shard_size": 4}])
+def test_other_settings_into_same_store_are_refused(tiny_base_dir, store_copy, change):
+    manifest = (store_copy / MANIFEST).read_text()
+    with pytest.raises(StoreError, match="other settings") as err:
+        generate_store(tiny_base_dir, store_copy, **change)
+    assert str(store_copy) in str(err.value)
+    assert (store_copy / MANIFEST).read_text() == manifest, "a refused run changed the manifest"
+
+
+def test_other_base_weights_into_same_store_are_refused(tmp_path, store_copy, tiny_base_dir):
+    from conftest import make_base_folder
+
+    other = make_base_folder(tmp_path / "other", seed=5)
+    with pytest.raises(StoreError, match="base_model"):
+        generate_store(other, store_copy)
+
+
+def test_non_store_folder_is_refused(tiny_base_dir, tmp_path):
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty"):
+        generate_store(tiny_base_dir, folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_batch_size_does_not_change_the_trajectories(tiny_base_dir, shards, tmp_path):
+    """Seeds, classes and w are per trajectory; batching may only change float rounding."""
+    root = tmp_path / "batch8"
+    generate_store(tiny_base_dir, root, batch_size=8)
+    other = read_all_shards(root)
+    for shard in SHARD_NAMES:
+        for name in ("seed", "class_label", "guidance_scale", "trajectory_index", "timesteps"):
+            assert np.array_equal(other[shard][name], shards[shard][name]), f"{shard}/{name}"
+        for name in ("model_input", "guided_output", "sample"):
+            np.testing.assert_allclose(other[shard][name].astype(np.float32),
+                                       shards[shard][name].astype(np.float32), atol=1e-2, rtol=1e-2,
+                                       err_msg=f"{shard}/{name}")
+
+
+# ---------------------------------------------------------------------------------- integrity
+
+
+def chunk_files(root: Path, shard: str, array: str) -> list[Path]:
+    files = sorted(p for p in (root / shard / array / "c").rglob("*") if p.is_file())
+    assert files, f"no chunk files under {root / shard / array}"
+    return files
+
+
+def overwrite_garbage(path: Path) -> None:
+    size = path.stat().st_size
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", [overwrite_garbage, truncate], ids=["garbage", "truncated"])
+def test_corrupted_chunk_is_named(store_copy, damage):
+    damage(chunk_files(store_copy, SHARD_NAMES[1], "guided_output")[0])
+    problems = TrajectoryStore(store_copy).problems(full=True)
+    assert {p.shard for p in problems} == {SHARD_NAMES[1]}, [str(p) for p in problems]
+    with pytest.raises(StoreError) as err:
+        TrajectoryStore(store_copy).check(full=True)
+    assert SHARD_NAMES[1] in str(err.value) and SHARD_NAMES[0] not in str(err.value)
+
+    result = run_cli("stages.inspect", store_copy, "--verify")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert SHARD_NAMES[1] in result.stdout
+    assert SHARD_NAMES[0] not in result.stdout and SHARD_NAMES[2] not in result.stdout
+
+
+def test_silently_changed_value_fails_the_checksum(tiny_base_dir, tmp_path):
+    """An uncompressed chunk with one changed value still decodes: only the checksum can tell."""
+    root = tmp_path / "raw"
+    generate_store(tiny_base_dir, root, classes=[0, 1], trajectories_per_class=2, shard_size=2, batch_size=2,
+                   compressor="none")
+    assert TrajectoryStore(root).problems(full=True) == []
+    chunk = chunk_files(root, SHARD_NAMES[1], "guided_output")[0]
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0x01  # flip the lowest mantissa bit of one float16 value
+    chunk.write_bytes(bytes(data))
+    problems = TrajectoryStore(root).problems(full=True)
+    assert [p.shard for p in problems] == [SHARD_NAMES[1]]
+    assert "checksum" in str(problems[0])
+
+
+def test_sound_store_passes_inspect(tiny_store):
+    result = run_cli("stages.inspect", tiny_store, "--verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trajectories: 20" in result.stdout and "all arrays finite" in result.stdout
+
+
+def test_deleted_shard_is_caught_by_the_cheap_check(tiny_base_dir, tiny_store, store_copy):
+    shutil.rmtree(store_copy / SHARD_NAMES[2])
+    problems = TrajectoryStore(store_copy).problems(full=False)
+    assert [p.shard for p in problems] == [SHARD_NAMES[2]]
+    with pytest.raises(StoreError, match=SHARD_NAMES[2]):
+        TrajectoryStore(store_copy).check()
+    result = run_cli("stages.inspect", store_copy)
+    assert result.returncode == 1 and SHARD_NAMES[2] in result.stdout
+    # and generate repairs it
+    _, summary = generate_store(tiny_base_dir, store_copy)
+    assert summary["written_shards"] == 1
+    assert_same_store(store_copy, tiny_store)
+
+
+def test_missing_store_is_reported(tmp_path):
+    with pytest.raises(StoreError, match="generate"):
+        TrajectoryStore(tmp_path / "nowhere")
+    result = run_cli("stages.inspect", tmp_path / "nowhere")
+    assert result.returncode == 2 and "error:" in result.stderr
