@@ -1,5 +1,7 @@
 # Two entry points: `make repro` (set up, then run the whole DVC pipeline on params.yaml)
 # and `make test` (set up, then run the test suite). Both create .venv on first use.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -7,13 +9,15 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro test clean-venv
 
 setup: $(STAMP)
 
+# pip prints a warning per package for index folders this machine's global pip config names but
+# lacks; they are noise, so they are filtered out (pipefail keeps pip's exit status).
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --progress-bar off -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --progress-bar off -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
 repro: $(STAMP)

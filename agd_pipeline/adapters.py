@@ -37,8 +37,8 @@ FORMAT_VERSION = 1
 @dataclass
 class AdapterConfig:
     kind: str = "bottleneck"
-    placement: str = "attention"
-    width: int = 16
+    placement: str = "attention+output"
+    width: int = 32
     embed_dim: int = 64
     fourier_frequencies: int = 3
     condition_on: list[str] = field(default_factory=lambda: ["guidance", "timestep", "class"])

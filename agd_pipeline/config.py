@@ -72,7 +72,7 @@ class BaseStageConfig(StageConfig):
     num_heads: int = option(4, "attention heads per block")
     head_dim: int = option(16, "channels per attention head")
     patch_size: int = option(2, "DiT patch size (8x8 images -> (8/p)^2 tokens)")
-    train_steps: int = option(3000, "optimiser steps for the diffusion model")
+    train_steps: int = option(2000, "optimiser steps for the diffusion model")
     batch_size: int = option(256, "images per training step")
     learning_rate: float = option(2e-3, "peak AdamW learning rate (cosine decay, short warm-up)")
     label_dropout: float = option(0.15, "probability of replacing the label by the null class")
@@ -107,7 +107,7 @@ class GenerateConfig(StageConfig):
     base_model: str = option("data/base", "base model: a local diffusers folder or a hub id")
     out_dir: str = option("data/trajectories", "trajectory store to write (resumed if present)")
     classes: list[int] = option([], "class ids to sample; empty means every class of the model")
-    trajectories_per_class: int = option(40, "trajectories recorded per class")
+    trajectories_per_class: int = option(100, "trajectories recorded per class")
     guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
     guidance_max: float = option(6.0, "upper end of the guidance scale range")
     num_steps: int = option(32, "sampling steps per trajectory")
@@ -148,10 +148,10 @@ class TrainConfig(StageConfig):
     store: str = option("data/trajectories", "trajectory store written by stage one")
     out_dir: str = option("data/adapters", "folder for adapters.safetensors, adapter_config.json, loss.csv")
     adapter: str = option("bottleneck", "adapter family", ("bottleneck", "offset", "cross_attention"))
-    placement: str = option("attention", "where adapters attach (DiT: each block's attention or whole "
+    placement: str = option("attention+output", "where adapters attach (DiT: each block's attention or whole "
                             "block; +output also wraps the final projection)",
                             ("attention", "block", "attention+output", "block+output"))
-    width: int = option(16, "adapter hidden width (bottleneck rank, offset MLP width, attention width)")
+    width: int = option(32, "adapter hidden width (bottleneck rank, offset MLP width, attention width)")
     embed_dim: int = option(64, "width of the condition embedding")
     fourier_frequencies: int = option(3, "Fourier frequencies of the guidance-scale embedding")
     condition_on: list[str] = option(
@@ -159,7 +159,7 @@ class TrainConfig(StageConfig):
     )
     guidance_gate: bool = option(True, "scale each adapter's residual by (w - 1): exactly off at w = 1")
     loss_weighting: str = option(
-        "uniform", "per-sample weight of the MSE: uniform, or 'guidance' = 1 / max(w - 1, 0.5) so "
+        "guidance", "per-sample weight of the MSE: uniform, or 'guidance' = 1 / max(w - 1, 0.5) so "
         "small scales, whose targets differ little from the conditional output, count as much",
         ("uniform", "guidance"))
     steps: int = option(1500, "optimiser steps")
