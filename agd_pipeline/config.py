@@ -168,7 +168,9 @@ class TrainConfig(StageConfig):
     weight_decay: float = option(0.0, "AdamW weight decay")
     seed: int = option(0, "seed for initialisation and shuffling")
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
-    verify: str = option("cheap", "store check before training", ("cheap", "full"))
+    verify: str = option("full", "store check before training: full re-reads every shard against its "
+                         "checksum (never train on corrupted data); cheap checks presence and shapes",
+                         ("full", "cheap"))
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
 
     def check(self) -> None:

@@ -168,6 +168,27 @@ def copy_scheduler(scheduler):
     return copy.deepcopy(scheduler)
 
 
+# --------------------------------------------------------------------------------------- saving
+
+
+def save_dit_folder(folder, net: nn.Module, scheduler, meta: dict | None = None) -> Path:
+    """Write a pixel-space DiT as a diffusers folder that ``load_base_model`` (and DiTPipeline's
+    layout) understands: model_index.json, transformer/, scheduler/, and optional agd_base.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    net.save_pretrained(folder / "transformer")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline",
+        "transformer": ["diffusers", type(net).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "vae": [None, None],
+    }, indent=2) + "\n")
+    if meta is not None:
+        (folder / "agd_base.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
 # --------------------------------------------------------------------------------------- loading
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import BaseStageConfig
 from .errors import ModelError
+from .models import save_dit_folder
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 10
@@ -125,20 +126,12 @@ def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     ema.copy_to(net.parameters())
 
-    net.save_pretrained(out / "transformer")
-    scheduler.save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "DiTPipeline",
-        "transformer": ["diffusers", type(net).__name__],
-        "scheduler": ["diffusers", type(scheduler).__name__],
-        "vae": [None, None],
-    }, indent=2) + "\n")
-    (out / "agd_base.json").write_text(json.dumps({
+    save_dit_folder(out, net, scheduler, meta={
         "description": "embedded default: class-conditional DiT on scikit-learn 8x8 digits",
         "id2label": {str(i): str(i) for i in range(NUM_CLASSES)},
         "final_loss": float(np.mean(losses[-100:])),
         "parameters": sum(p.numel() for p in net.parameters()),
-    }, indent=2) + "\n")
+    })
     np.savez_compressed(out / HOLDOUT_FILE, images=x_hold, labels=y_hold)
 
     classifier, accuracy = train_classifier(x_train, y_train, x_hold, y_hold, config, progress)

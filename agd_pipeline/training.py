@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, AdapterConfig, save_adapters
 from .config import TrainConfig, resolve_device
 from .errors import AgdError, ModelError
 from .models import load_base_model
-from .store import TrajectoryStore
+from .store import StoreError, TrajectoryStore
 
 CHECKPOINT = "checkpoint"
 LOSS_CSV = "loss.csv"
@@ -54,7 +53,13 @@ class StepBatches:
         for name, start, stop in ranges:
             group = self._group(name)
             for key in parts:
-                parts[key].append(group[key][start:stop])
+                try:
+                    parts[key].append(group[key][start:stop])
+                except Exception as err:  # noqa: BLE001 - a damaged chunk fails inside the codec
+                    raise StoreError(
+                        f"{self.store.root / name}/{key}: cannot read trajectories {start}-{stop} "
+                        f"({type(err).__name__}: {err}); run `python -m stages.inspect {self.store.root} "
+                        "--verify` and re-run generate for the damaged shards") from None
         data = {k: np.concatenate(v) for k, v in parts.items()}
         steps = data["timesteps"].shape[1]
         return {  # flatten (trajectory, step) -> sample

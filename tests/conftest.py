@@ -3,7 +3,6 @@ trajectory store generated from one of them. Everything is CPU-sized and built o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -54,18 +53,9 @@ def make_dit(seed: int = 0, perturb: float = 0.02, **overrides):
 
 def write_base_folder(folder: Path, net, scheduler=None) -> Path:
     """The layout the embedded default writes: model_index.json + transformer/ + scheduler/."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    scheduler = scheduler or make_scheduler()
-    net.save_pretrained(folder / "transformer")
-    scheduler.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DiTPipeline",
-        "transformer": ["diffusers", type(net).__name__],
-        "scheduler": ["diffusers", type(scheduler).__name__],
-        "vae": [None, None],
-    }, indent=2))
-    return folder
+    from agd_pipeline.models import save_dit_folder
+
+    return save_dit_folder(folder, net, scheduler or make_scheduler())
 
 
 def make_base_folder(folder: Path, seed: int = 0, **overrides) -> Path:

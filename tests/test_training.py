@@ -197,6 +197,16 @@ def test_corrupted_store_is_refused_with_full_verify(tiny_store, tmp_path):
         training.train(train_config(root, tmp_path / "adapters", verify="full"), **QUIET)
 
 
+def test_damaged_chunk_stops_training_clearly_even_with_cheap_check(tiny_store, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
+    chunk = sorted(p for p in (root / "shard-000000.zarr" / "model_input" / "c").rglob("*") if p.is_file())[0]
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(StoreError, match=r"shard-000000.zarr/model_input.*--verify"):
+        training.train(train_config(root, tmp_path / "adapters", verify="cheap"), **QUIET)
+    assert not (tmp_path / "adapters" / ADAPTER_WEIGHTS).exists()
+
+
 def test_store_of_changed_base_is_refused(tmp_path):
     base_dir = make_base_folder(tmp_path / "base", seed=0)
     root = tmp_path / "store"
