@@ -346,10 +346,18 @@ def build_parser(cls: type[StageConfig], prog: str, description: str) -> argpars
             "--" + field.name.replace("_", "-"),
             dest=field.name,
             default=None,
-            metavar=field.name.upper(),
+            metavar=_metavar(typing.get_type_hints(cls)[field.name], choices),
             help=f"{help_text} (built-in: {shown!r})",
         )
     return parser
+
+
+def _metavar(hint, choices) -> str:
+    if choices:
+        return "{" + ",".join(map(str, choices)) + "}"
+    if typing.get_origin(hint) is list:
+        return "LIST"
+    return {int: "N", float: "X", bool: "BOOL"}.get(hint, "TEXT")
 
 
 def config_from_args(cls: type[StageConfig], args: argparse.Namespace):
