@@ -212,11 +212,8 @@ def _read_model_index(name: str) -> dict | None:
 def _component_class(name: str, index: dict | None, component: str) -> str | None:
     if index and component in index and index[component] and index[component][1]:
         return index[component][1]
-    path = Path(name) / component / "config.json"
-    if path.exists():
-        return json.loads(path.read_text()).get("_class_name")
-    for candidate in ("scheduler_config.json",):
-        path = Path(name) / component / candidate
+    for config_file in ("config.json", "scheduler_config.json"):  # models / schedulers
+        path = Path(name) / component / config_file
         if path.exists():
             return json.loads(path.read_text()).get("_class_name")
     return None
