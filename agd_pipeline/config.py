@@ -107,7 +107,7 @@ class GenerateConfig(StageConfig):
     base_model: str = option("data/base", "base model: a local diffusers folder or a hub id")
     out_dir: str = option("data/trajectories", "trajectory store to write (resumed if present)")
     classes: list[int] = option([], "class ids to sample; empty means every class of the model")
-    trajectories_per_class: int = option(100, "trajectories recorded per class")
+    trajectories_per_class: int = option(200, "trajectories recorded per class")
     guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
     guidance_max: float = option(6.0, "upper end of the guidance scale range")
     num_steps: int = option(32, "sampling steps per trajectory")
