@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable
 
-from .config import StageConfig, build_parser, config_from_args
+from .config import StageConfig, build_parser, config_from_args, write_resolved
 from .errors import AgdError
 
 
@@ -29,3 +30,16 @@ def stage_main(cls: type[StageConfig], run: Callable, argv=None, description: st
               file=sys.stderr)
         return 130
     return 0
+
+
+def library_stage(cls: type[StageConfig], target: str, argv=None) -> int:
+    """A stage that calls ``module:function(config, progress=...)`` and records its resolved config.
+
+    The library module is imported only after the options parse, so ``--help`` stays fast.
+    """
+    def run(config: StageConfig, args: argparse.Namespace) -> None:
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(config, progress=not args.no_progress)
+        write_resolved(config, config.out_dir)
+
+    return stage_main(cls, run, argv)

@@ -2,19 +2,12 @@
 
 import sys
 
-from agd_pipeline.cli import stage_main
-from agd_pipeline.config import EvaluateConfig, write_resolved
-
-
-def run(config: EvaluateConfig, args) -> None:
-    from agd_pipeline.evaluation import evaluate
-
-    evaluate(config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+from agd_pipeline.cli import library_stage
+from agd_pipeline.config import EvaluateConfig
 
 
 def main(argv=None) -> int:
-    return stage_main(EvaluateConfig, run, argv)
+    return library_stage(EvaluateConfig, "agd_pipeline.evaluation:evaluate", argv)
 
 
 if __name__ == "__main__":

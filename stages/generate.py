@@ -2,19 +2,12 @@
 
 import sys
 
-from agd_pipeline.cli import stage_main
-from agd_pipeline.config import GenerateConfig, write_resolved
-
-
-def run(config: GenerateConfig, args) -> None:
-    from agd_pipeline.generation import generate
-
-    generate(config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+from agd_pipeline.cli import library_stage
+from agd_pipeline.config import GenerateConfig
 
 
 def main(argv=None) -> int:
-    return stage_main(GenerateConfig, run, argv)
+    return library_stage(GenerateConfig, "agd_pipeline.generation:generate", argv)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,12 @@
 
 import sys
 
-from agd_pipeline.cli import stage_main
-from agd_pipeline.config import TrainConfig, write_resolved
-
-
-def run(config: TrainConfig, args) -> None:
-    from agd_pipeline.training import train
-
-    train(config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+from agd_pipeline.cli import library_stage
+from agd_pipeline.config import TrainConfig
 
 
 def main(argv=None) -> int:
-    return stage_main(TrainConfig, run, argv)
+    return library_stage(TrainConfig, "agd_pipeline.training:train", argv)
 
 
 if __name__ == "__main__":
