@@ -7,6 +7,8 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
+# progress bars redraw at most once a second (tqdm reads TQDM_* defaults from the environment)
+export TQDM_MININTERVAL := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup repro test clean-venv
