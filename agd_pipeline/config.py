@@ -147,6 +147,8 @@ class TrainConfig(StageConfig):
     section: ClassVar[str] = "train"
     store: str = option("data/trajectories", "trajectory store written by stage one")
     out_dir: str = option("data/adapters", "folder for adapters.safetensors, adapter_config.json, loss.csv")
+    base_model: str = option("", "base model; empty takes the one named in the store's manifest (its "
+                             "weights must match the manifest's fingerprint)")
     adapter: str = option("bottleneck", "adapter family", ("bottleneck", "offset", "cross_attention"))
     placement: str = option("attention+output", "where adapters attach (DiT: each block's attention or whole "
                             "block; +output also wraps the final projection)",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,8 @@ from tqdm.auto import tqdm
 
 from .adapters import load_adapted_model, read_adapter_config
 from .config import EvaluateConfig, resolve_device
-from .models import BaseModel, load_base_model
-from .sampling import generators_for, initial_noise, sample, trajectory_seed
+from .models import load_base_model
+from .sampling import ImageSampler, trajectory_seed
 from . import toy
 
 METHODS = ("unguided", "cfg", "agd")
@@ -50,36 +49,6 @@ def clean_fid(folder_a: Path, folder_b: Path, extractor) -> float:
         custom_fn_resize=lambda img: img,  # the classifier works at the images' own size
         device=torch.device("cpu"), num_workers=0, batch_size=1000, verbose=False,
     ))
-
-
-class Sampler:
-    """Samples the evaluation set in batches with one method and times it."""
-
-    def __init__(self, base: BaseModel, adapted, labels: torch.Tensor, seeds: list[int], steps: int,
-                 batch_size: int):
-        self.base, self.adapted, self.labels, self.seeds = base, adapted, labels, seeds
-        self.steps, self.batch_size = steps, batch_size
-
-    def run(self, method: str, w: float | None) -> tuple[torch.Tensor, float]:
-        outputs, seconds = [], 0.0
-        for start in range(0, len(self.seeds), self.batch_size):
-            stop = min(len(self.seeds), start + self.batch_size)
-            gens = generators_for(self.seeds[start:stop])
-            noise = initial_noise(self.base, gens)
-            labels = self.labels[start:stop].to(self.base.device)
-            began = time.perf_counter()
-            if method == "unguided":
-                latents = sample(self.base, labels, noise, self.steps, generators=gens)
-            elif method == "cfg":
-                latents = sample(self.base, labels, noise, self.steps, guidance_scale=w, generators=gens)
-            else:
-                latents = sample(self.base, labels, noise, self.steps, guidance_scale=w,
-                                 adapted=self.adapted, generators=gens)
-            with torch.no_grad():
-                images = self.base.decode(latents)
-            seconds += time.perf_counter() - began
-            outputs.append(images.cpu())
-        return torch.cat(outputs), seconds
 
 
 def grid_figure(panels: dict[str, np.ndarray], labels: np.ndarray, columns: int, title: str, path: Path):
@@ -147,7 +116,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     n = config.samples_per_class * base.num_classes
     labels = torch.arange(n) % base.num_classes
     seeds = [trajectory_seed(config.seed, i) for i in range(n)]
-    sampler = Sampler(base, adapted, labels, seeds, steps, config.batch_size)
+    sampler = ImageSampler(base, adapted, labels, seeds, steps, config.batch_size)
     if holdout is not None:
         write_pngs(to_uint8(torch.from_numpy(holdout[0])), samples_dir / "real")
 

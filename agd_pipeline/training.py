@@ -130,12 +130,12 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     device = resolve_device(config.device)
     accelerator = Accelerator(cpu=device == "cpu")
     recorded = manifest["base_model"]
-    base = load_base_model(recorded["id"], device=accelerator.device)
+    base = load_base_model(config.base_model or recorded["id"], device=accelerator.device)
     if base.weights_fingerprint() != recorded["weights_fingerprint"]:
         raise ModelError(
             f"{config.store} was recorded with weights {recorded['weights_fingerprint']} of {recorded['id']!r}, "
-            f"but that model now has weights {base.weights_fingerprint()}: the targets no longer belong to this "
-            "base. Re-run stage one (generate) for the current base."
+            f"but {base.model_id!r} has weights {base.weights_fingerprint()}: the targets do not belong to this "
+            "base. Re-run stage one (generate) for this base, or point train.base_model at the recorded one."
         )
     torch.manual_seed(config.seed)
     model = AdaptedModel(base, adapter_config_for(config, manifest))

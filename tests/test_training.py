@@ -221,3 +221,21 @@ def test_store_of_changed_base_is_refused(tmp_path):
 def test_missing_store_is_refused(tmp_path):
     with pytest.raises(StoreError, match=MANIFEST):
         training.train(train_config(tmp_path / "nowhere", tmp_path / "adapters"), **QUIET)
+
+
+def test_moved_base_can_be_named_explicitly(tmp_path):
+    """The manifest records the base path as given; a moved base is found again via train.base_model,
+    and the weights fingerprint still guards against pointing at another model."""
+    original = make_base_folder(tmp_path / "base", seed=0)
+    root = tmp_path / "store"
+    generate_store(original, root, classes=[0, 1], trajectories_per_class=1)
+    moved = tmp_path / "elsewhere" / "base"
+    moved.parent.mkdir()
+    shutil.move(str(original), str(moved))
+    with pytest.raises(ModelError, match="no such folder"):
+        training.train(train_config(root, tmp_path / "a"), **QUIET)
+    training.train(train_config(root, tmp_path / "b", base_model=str(moved)), **QUIET)
+    assert (tmp_path / "b" / ADAPTER_WEIGHTS).exists()
+    other = make_base_folder(tmp_path / "other", seed=1)
+    with pytest.raises(ModelError, match="train.base_model"):
+        training.train(train_config(root, tmp_path / "c", base_model=str(other)), **QUIET)
