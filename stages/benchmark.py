@@ -1,0 +1,54 @@
+"""Benchmarks that print a table and write JSON: the time of one sampling step, CFG against AGD,
+on full-size architectures with random weights (this machine, this run), and adapter parameter counts
+for full-size configs (built on the meta device, no weights)."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.benchmark", description=__doc__)
+    parser.add_argument("what", choices=["step-time", "parameters"], help="which benchmark")
+    parser.add_argument("--architectures", default="dit-xl-2-256,toy-dit-8x8",
+                        help="comma-separated: dit-xl-2-256, toy-dit-8x8")
+    parser.add_argument("--batch-sizes", default="1,4", help="step-time: batch sizes (images)")
+    parser.add_argument("--repeats", type=int, default=3, help="step-time: timed repeats (median)")
+    parser.add_argument("--out", default=None, help="JSON file (default docs/benchmarks/<what>.json)")
+    args = parser.parse_args(argv)
+    from agd_pipeline.benchmark import ARCHITECTURES, parameter_table, step_times
+
+    names = [n for n in args.architectures.split(",") if n]
+    unknown = [n for n in names if n not in ARCHITECTURES]
+    if unknown:
+        print(f"error: unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}", file=sys.stderr)
+        return 2
+    rows = []
+    if args.what == "step-time":
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        print("| architecture | batch | CFG s/step | AGD s/step | unguided s/step | AGD speed-up | adapter overhead |")
+        print("|---|---|---|---|---|---|---|")
+        for name in names:
+            for r in step_times(name, batches, args.repeats):
+                rows.append(r)
+                print(f"| {name} | {r['batch']} | {r['cfg_seconds']:.4f} | {r['agd_seconds']:.4f} | "
+                      f"{r['unguided_seconds']:.4f} | {r['speedup_agd_over_cfg']:.2f}x | "
+                      f"{r['adapter_overhead_percent']:+.1f} % |", flush=True)
+    else:
+        print("| architecture | adapter | placement | width | parameters | share of base |")
+        print("|---|---|---|---|---|---|")
+        for name in names:
+            for r in parameter_table(name):
+                rows.append(r)
+                print(f"| {name} | {r['kind']} | {r['placement']} | {r['width']} | "
+                      f"{r['adapter_parameters']:,} | {r['share_percent']:.2f} % |")
+    out = Path(args.out or f"docs/benchmarks/{args.what}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

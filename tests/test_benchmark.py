@@ -1,0 +1,39 @@
+"""The benchmark helpers build real architectures and count/time the real modules (no timing asserts)."""
+
+from __future__ import annotations
+
+from agd_pipeline.adapters import AdaptedModel, AdapterConfig
+from agd_pipeline.benchmark import build_dit, parameter_table, step_times
+from agd_pipeline.models import count_parameters
+
+from conftest import run_cli
+
+
+def test_meta_device_counts_equal_real_weights_counts():
+    rows = {(r["kind"], r["placement"], r["width"]): r for r in parameter_table("toy-dit-8x8")}
+    base = build_dit("toy-dit-8x8")  # real (random) weights this time
+    for kind in ("offset", "cross_attention", "bottleneck"):
+        model = AdaptedModel(base, AdapterConfig(kind=kind, placement="attention+output", width=32,
+                                                 num_classes=base.num_classes))
+        row = rows[(kind, "attention+output", 32)]
+        assert row["adapter_parameters"] == count_parameters(model)
+        assert row["base_parameters"] == count_parameters(base.net) == 392_900
+        model.remove()
+
+
+def test_step_times_reports_every_batch():
+    rows = step_times("toy-dit-8x8", batch_sizes=(1, 3), repeats=1)
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["cfg_seconds"] > 0 and r["agd_seconds"] > 0
+        assert r["speedup_agd_over_cfg"] == r["cfg_seconds"] / r["agd_seconds"]
+
+
+def test_benchmark_command_writes_json(tmp_path):
+    out = tmp_path / "p.json"
+    result = run_cli("stages.benchmark", "parameters", "--architectures", "toy-dit-8x8", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "| toy-dit-8x8 | bottleneck | attention+output | 32 | 51,428 |" in result.stdout
+    assert out.exists()
+    bad = run_cli("stages.benchmark", "parameters", "--architectures", "sd-99")
+    assert bad.returncode == 2 and "unknown architecture" in bad.stderr
