@@ -40,15 +40,31 @@ def write_pngs(images: np.ndarray, folder: Path) -> None:
         Image.fromarray(img).save(folder / f"{i:05d}.png")
 
 
-def clean_fid(folder_a: Path, folder_b: Path, extractor) -> float:
-    """FID between two image folders through clean-fid, in the given feature space."""
-    from cleanfid import fid
+class CleanFid:
+    """FID between image folders through clean-fid, in a custom feature space.
 
-    return float(fid.compute_fid(
-        str(folder_a), str(folder_b), mode="clean", custom_feat_extractor=extractor,
-        custom_fn_resize=lambda img: img,  # the classifier works at the images' own size
-        device=torch.device("cpu"), num_workers=0, batch_size=1000, verbose=False,
-    ))
+    Each folder's features are extracted once (clean-fid's own loader and resizing) and reused for
+    every pair it appears in: the real and unguided folders meet every w.
+    """
+
+    def __init__(self, extractor):
+        self.extractor = extractor
+        self._features: dict[Path, np.ndarray] = {}
+
+    def features(self, folder: Path) -> np.ndarray:
+        from cleanfid import fid
+
+        if folder not in self._features:
+            self._features[folder] = fid.get_folder_features(
+                str(folder), self.extractor, num_workers=0, batch_size=1000, device=torch.device("cpu"),
+                mode="clean", custom_fn_resize=lambda img: img,  # the classifier takes the images' own size
+                verbose=False)
+        return self._features[folder]
+
+    def __call__(self, folder_a: Path, folder_b: Path) -> float:
+        from cleanfid import fid
+
+        return float(fid.fid_from_feats(self.features(folder_a), self.features(folder_b)))
 
 
 def grid_figure(panels: dict[str, np.ndarray], labels: np.ndarray, columns: int, title: str, path: Path):
@@ -106,7 +122,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     training_range = (adapter_config["guidance"]["min"], adapter_config["guidance"]["max"])
     classifier = toy.load_classifier(base_id)
     holdout = toy.load_holdout(base_id)
-    extractor = toy.ClassifierFeatures(classifier) if classifier is not None else None
+    fid = CleanFid(toy.ClassifierFeatures(classifier)) if classifier is not None else None
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +143,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
             return float((classifier(images.float().clamp(-1, 1)).argmax(1) == labels).float().mean())
 
     def fid_real(folder: Path) -> float | None:
-        return clean_fid(folder, samples_dir / "real", extractor) if extractor and holdout is not None else None
+        return fid(folder, samples_dir / "real") if fid and holdout is not None else None
 
     unguided, unguided_seconds = sampler.run("unguided", None)
     write_pngs(to_uint8(unguided), samples_dir / "unguided")
@@ -147,10 +163,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
             "fid_agd": fid_real(samples_dir / "agd" / tag),
             "accuracy_unguided": unguided_acc, "accuracy_cfg": accuracy(cfg_images),
             "accuracy_agd": accuracy(agd_images),
-            "fid_to_cfg_unguided": clean_fid(samples_dir / "unguided", samples_dir / "cfg" / tag, extractor)
-            if extractor else None,
-            "fid_to_cfg_agd": clean_fid(samples_dir / "agd" / tag, samples_dir / "cfg" / tag, extractor)
-            if extractor else None,
+            "fid_to_cfg_unguided": fid(samples_dir / "unguided", samples_dir / "cfg" / tag) if fid else None,
+            "fid_to_cfg_agd": fid(samples_dir / "agd" / tag, samples_dir / "cfg" / tag) if fid else None,
             "rmse_to_cfg_unguided": paired(unguided), "rmse_to_cfg_agd": paired(agd_images),
             "nfe_per_image_cfg": 2 * steps, "nfe_per_image_agd": steps,
             "images_per_second_cfg": n / cfg_seconds, "images_per_second_agd": n / agd_seconds,
