@@ -47,9 +47,10 @@ def generators_for(seeds, device: str | torch.device = "cpu") -> list[torch.Gene
     return gens
 
 
-def initial_noise(base: BaseModel, generators, dtype=torch.float32) -> torch.Tensor:
+def initial_noise(base: BaseModel, generators, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x_T for each generator, in the model's dtype unless told otherwise (as the pipelines do)."""
     shape = (len(generators) if isinstance(generators, list) else 1, *base.latent_shape)
-    return randn_tensor(shape, generator=generators, device=base.device, dtype=dtype)
+    return randn_tensor(shape, generator=generators, device=base.device, dtype=dtype or base.dtype)
 
 
 @torch.no_grad()

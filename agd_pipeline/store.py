@@ -35,8 +35,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 
-# name -> (dtype, per-trajectory shape given S steps and the latent shape (C, H, W))
-STEP_ARRAYS = ("model_input", "guided_output", "cond_output", "uncond_output")
+# On-disk dtype of every array (shapes: see array_shapes). fp16 for latents: Zarr has no bfloat16.
 ARRAY_DTYPES = {
     "model_input": "float16",
     "guided_output": "float16",
