@@ -146,7 +146,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
         return fid(folder, samples_dir / "real") if fid and holdout is not None else None
 
     unguided, unguided_seconds = sampler.run("unguided", None)
-    write_pngs(to_uint8(unguided), samples_dir / "unguided")
+    unguided_pixels = to_uint8(unguided)
+    write_pngs(unguided_pixels, samples_dir / "unguided")
     unguided_fid, unguided_acc = fid_real(samples_dir / "unguided"), accuracy(unguided)
     rows, per_w = [], {}
     for w in tqdm(config.guidance_scales, desc="evaluate: guidance scales", disable=not progress):
@@ -158,8 +159,9 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
         else:
             agd_images, agd_seconds = sampler.run("agd", w)
             cfg_images, cfg_seconds = sampler.run("cfg", w)
-        write_pngs(to_uint8(cfg_images), samples_dir / "cfg" / tag)
-        write_pngs(to_uint8(agd_images), samples_dir / "agd" / tag)
+        cfg_pixels, agd_pixels = to_uint8(cfg_images), to_uint8(agd_images)
+        write_pngs(cfg_pixels, samples_dir / "cfg" / tag)
+        write_pngs(agd_pixels, samples_dir / "agd" / tag)
         paired = lambda a: float(((a - cfg_images) ** 2).flatten(1).mean(1).sqrt().mean())  # noqa: E731
         row = {
             "w": w,
@@ -177,8 +179,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
         }
         rows.append(row)
         per_w[tag] = row
-        panels = {"unguided (1 NFE/step)": to_uint8(unguided), f"CFG w={w:g} (2 NFE/step)": to_uint8(cfg_images),
-                  f"AGD w={w:g} (1 NFE/step)": to_uint8(agd_images)}
+        panels = {"unguided (1 NFE/step)": unguided_pixels, f"CFG w={w:g} (2 NFE/step)": cfg_pixels,
+                  f"AGD w={w:g} (1 NFE/step)": agd_pixels}
         grid_figure(panels, labels.numpy(), config.grid_columns, f"same seeds, w = {w:g}",
                     grids_dir / f"{tag}.png")
 

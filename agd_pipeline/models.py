@@ -244,25 +244,22 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
             "'facebook/DiT-XL-2-256'."
         )
     index = _read_model_index(name)
+    denoisers = {c: _component_class(name, index, c) for c in ("transformer", "unet")}
     family, denoiser = None, None
     pipeline_class = (index or {}).get("_class_name")
     if pipeline_class in PIPELINE_FAMILIES:
         family, denoiser = PIPELINE_FAMILIES[pipeline_class]
     else:
-        for component in ("transformer", "unet"):
-            cls_name = _component_class(name, index, component)
-            if cls_name in DENOISER_FAMILIES:
-                family, denoiser = DENOISER_FAMILIES[cls_name], component
-                break
+        denoiser = next((c for c, cls_name in denoisers.items() if cls_name in DENOISER_FAMILIES), None)
+        family = DENOISER_FAMILIES[denoisers[denoiser]] if denoiser else None
     if family is None:
-        found = pipeline_class or _component_class(name, index, "transformer") or \
-            _component_class(name, index, "unet")
+        found = pipeline_class or denoisers["transformer"] or denoisers["unet"]
         raise ModelError(
             f"base model {name!r}: unsupported model ({found or 'no model_index.json and no transformer/ or unet/ folder'}). "
             f"Supported families: {SUPPORTED}."
         )
 
-    net_class = _diffusers_class(_component_class(name, index, denoiser), "denoiser", name)
+    net_class = _diffusers_class(denoisers[denoiser], "denoiser", name)
     try:
         net = net_class.from_pretrained(name, subfolder=denoiser, torch_dtype=dtype)
     except (OSError, ValueError) as err:

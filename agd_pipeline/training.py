@@ -191,6 +191,7 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
                 loss_file.flush()
                 _save_checkpoint(accelerator, checkpoint, config, step + 1)
     seconds = time.perf_counter() - started
+    final_loss = float(np.mean(running[-50:])) if running else None
     unwrapped = accelerator.unwrap_model(model).eval()
     save_adapters(unwrapped, out, extra={
         "training": config.to_dict(),
@@ -198,12 +199,12 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
                   "shard_checksums": [s.get("checksum") for s in store.shards]},
         "sampler": manifest["sampler"],
         "guidance": manifest["guidance"],
-        "final_loss": float(np.mean(running[-50:])) if running else None,
+        "final_loss": final_loss,
     })
     shutil.rmtree(checkpoint, ignore_errors=True)
     log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
-        f"final loss {np.mean(running[-50:]) if running else float('nan'):.5f}")
-    return {"parameters": report, "seconds": seconds, "final_loss": float(np.mean(running[-50:])) if running else None}
+        f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
+    return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
 
 
 def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, step: int) -> None:
