@@ -249,3 +249,44 @@ def format_table(rows: list[dict]) -> str:
             f"{r['speed_ratio_agd_over_cfg']:.2f}x |")
     lines.append("(* outside the training range of w)")
     return "\n".join(lines)
+
+
+
+@torch.no_grad()
+def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 999, steps: int = 0,
+               device: str = "cpu") -> dict:
+    """Share of the per-step gap between the conditional and the CFG output that AGD removes.
+
+    On fresh CFG trajectories (new seeds, w ~ U[training range], classes cycled): the sum over steps
+    of |AGD - CFG|^2 against |cond - CFG|^2, overall and per unit bin of w. 1 = CFG, 0 = unguided.
+    """
+    from .generation import trajectory_plan
+    from .sampling import generators_for, initial_noise, sample
+
+    config = read_adapter_config(adapters)
+    adapted = load_adapted_model(adapters, device=device)
+    base = adapted.base
+    w_min, w_max = config["guidance"]["min"], config["guidance"]["max"]
+    plan = trajectory_plan(seed, range(num_trajectories), list(range(base.num_classes)), w_min, w_max)
+    gens = generators_for(plan["seed"].tolist())
+    labels = torch.from_numpy(plan["class_label"]).to(base.device)
+    w = torch.from_numpy(plan["guidance_scale"]).to(base.device)
+    err_agd = torch.zeros(num_trajectories)
+    err_cond = torch.zeros(num_trajectories)
+
+    def observe(step):
+        out = base.prediction_channels(adapted(step.model_input, step.timestep, labels, w))
+        err_agd.add_(((out - step.guided_output) ** 2).flatten(1).mean(1).cpu())
+        err_cond.add_(((step.cond_output - step.guided_output) ** 2).flatten(1).mean(1).cpu())
+
+    sample(base, labels, initial_noise(base, gens), steps or config["sampler"]["num_steps"], guidance_scale=w,
+           generators=gens, observer=observe, record_branches=True)
+    edges = np.arange(np.floor(w_min), np.ceil(w_max) + 1)
+    w_cpu = w.cpu()
+    bins = {}
+    for lo, hi in zip(edges, edges[1:]):
+        mask = (w_cpu >= lo) & (w_cpu < hi)
+        if mask.any():
+            bins[f"[{lo:g},{hi:g})"] = float(1 - err_agd[mask].sum() / err_cond[mask].sum())
+    return {"adapters": str(adapters), "overall": float(1 - err_agd.sum() / err_cond.sum()),
+            "per_w_bin": bins, "trajectories": num_trajectories, "seed": seed}

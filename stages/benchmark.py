@@ -10,11 +10,15 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.benchmark", description=__doc__)
-    parser.add_argument("what", choices=["step-time", "parameters"], help="which benchmark")
+    parser.add_argument("what", choices=["step-time", "parameters", "gap-closed"], help="which benchmark")
     parser.add_argument("--architectures", default="dit-xl-2-256,toy-dit-8x8",
                         help="comma-separated: dit-xl-2-256, toy-dit-8x8")
     parser.add_argument("--batch-sizes", default="1,4", help="step-time: batch sizes (images)")
     parser.add_argument("--repeats", type=int, default=3, help="step-time: timed repeats (median)")
+    parser.add_argument("--adapters", default="data/adapters",
+                        help="gap-closed: comma-separated adapter folders to compare")
+    parser.add_argument("--trajectories", type=int, default=400,
+                        help="gap-closed: fresh CFG trajectories to measure on")
     parser.add_argument("--out", default=None, help="JSON file (default docs/benchmarks/<what>.json)")
     args = parser.parse_args(argv)
     from agd_pipeline.benchmark import ARCHITECTURES, parameter_table, step_times
@@ -25,7 +29,22 @@ def main(argv=None) -> int:
         print(f"error: unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}", file=sys.stderr)
         return 2
     rows = []
-    if args.what == "step-time":
+    if args.what == "gap-closed":
+        from agd_pipeline.errors import AgdError
+        from agd_pipeline.evaluation import gap_closed
+
+        print("| adapters | gap closed | per w bin |")
+        print("|---|---|---|")
+        for folder in [f for f in args.adapters.split(",") if f]:
+            try:
+                r = gap_closed(folder, args.trajectories)
+            except AgdError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            rows.append(r)
+            bins = " ".join(f"{k}: {v:.3f}" for k, v in r["per_w_bin"].items())
+            print(f"| {folder} | {r['overall']:.3f} | {bins} |", flush=True)
+    elif args.what == "step-time":
         batches = [int(b) for b in args.batch_sizes.split(",")]
         print("| architecture | batch | CFG s/step | AGD s/step | unguided s/step | AGD speed-up | adapter overhead |")
         print("|---|---|---|---|---|---|---|")

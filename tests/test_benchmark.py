@@ -37,3 +37,25 @@ def test_benchmark_command_writes_json(tmp_path):
     assert out.exists()
     bad = run_cli("stages.benchmark", "parameters", "--architectures", "sd-99")
     assert bad.returncode == 2 and "unknown architecture" in bad.stderr
+
+
+def test_gap_closed_is_zero_for_fresh_adapters_and_positive_after_training(tiny_base_dir, tiny_store, tmp_path):
+    import agd_pipeline.training as training
+    from agd_pipeline.adapters import save_adapters
+    from agd_pipeline.config import TrainConfig, load_config
+    from agd_pipeline.evaluation import gap_closed
+    from agd_pipeline.models import load_base_model
+
+    base = load_base_model(str(tiny_base_dir))
+    fresh = AdaptedModel(base, AdapterConfig(width=8, embed_dim=16, num_classes=base.num_classes))
+    save_adapters(fresh, tmp_path / "fresh", extra={"sampler": {"num_steps": 4},
+                                                    "guidance": {"min": 1.0, "max": 6.0}})
+    result = gap_closed(tmp_path / "fresh", num_trajectories=10)
+    assert result["overall"] == 0.0  # a zero-init adapter is exactly the conditional model
+    assert set(result["per_w_bin"].values()) == {0.0}
+
+    config = load_config(TrainConfig, {"store": str(tiny_store), "out_dir": str(tmp_path / "trained"),
+                                       "steps": 40, "batch_size": 32, "width": 8, "embed_dim": 16,
+                                       "device": "cpu", "learning_rate": 0.01})
+    training.train(config, progress=False, log=lambda *a, **k: None)
+    assert gap_closed(tmp_path / "trained", num_trajectories=10)["overall"] > 0.0
