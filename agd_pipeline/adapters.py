@@ -1,13 +1,14 @@
 """Guidance adapters: small w-conditioned residual modules hooked onto a frozen base.
 
-``AdaptedModel(base, config)(x_t, t, class_labels, w)`` embeds the condition once, makes it visible
+``AdaptedModel(base, config)(x_t, t, cond, w)`` embeds the condition once, makes it visible
 to the forward hooks for that one call only, and clears it afterwards; nothing is set on the base's
 modules between calls. Every adapter's output layer starts at zero, so a fresh AdaptedModel is
 exactly the base model, and the base's own call (no condition active) is never altered.
 
 Families (all add a residual to the output of the wrapped layer, computed from its input tokens):
   * ``offset``: an MLP of the condition embedding; one vector added to every token (the paper's).
-  * ``cross_attention``: the wrapped layer's input tokens attend to condition tokens (w, t, class).
+  * ``cross_attention``: the wrapped layer's input tokens attend to condition tokens (w, t, class or
+    prompt; with ``text_tokens`` every prompt token is one more condition token).
   * ``bottleneck``: a token-wise low-rank MLP whose hidden units are scaled and shifted by the
     condition embedding (FiLM), so the residual depends on the content and on w.
 """
@@ -43,6 +44,9 @@ class AdapterConfig:
     fourier_frequencies: int = 3
     condition_on: list[str] = field(default_factory=lambda: ["guidance", "timestep", "class"])
     num_classes: int = 0
+    # Text models: width of the prompt token embeddings and of the pooled embedding (0: none).
+    text_dim: int = 0
+    pooled_dim: int = 0
     # w is centred and scaled before the Fourier features: w_feature = (w - 1) / guidance_scale_unit
     guidance_scale_unit: float = 5.0
     # Multiply every residual by (w - 1) / unit: CFG's change to the output is (w - 1) * (cond - uncond),
@@ -53,8 +57,18 @@ class AdapterConfig:
 # ------------------------------------------------------------------------------- embedding
 
 
+CONDITION_SOURCES = ("guidance", "timestep", "class", "text", "text_tokens")
+
+
+def default_condition_on(conditioning: str) -> list[str]:
+    return ["guidance", "timestep", "class" if conditioning == "class" else "text"]
+
+
 class ConditionEmbedding(nn.Module):
-    """Embeds (w, optionally t and class) into one vector and a few condition tokens."""
+    """Embeds w (Fourier features) and optionally t, the class or the prompt into one vector and a
+    few condition tokens. ``text`` is the pooled prompt embedding where the model has one (SDXL,
+    SD3), else the mean of the prompt tokens (SD 1.x/2.x); ``text_tokens`` adds every prompt token as
+    a condition token (for the cross-attention adapter)."""
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
@@ -66,29 +80,51 @@ class ConditionEmbedding(nn.Module):
         )
         fourier_dim = 1 + 2 * config.fourier_frequencies
         self.guidance = nn.Sequential(nn.Linear(fourier_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.use_timestep = "timestep" in config.condition_on
-        self.use_class = "class" in config.condition_on
+        used = set(config.condition_on)
+        self.use_timestep = "timestep" in used
+        self.use_class = "class" in used
+        self.use_text = "text" in used
+        self.use_text_tokens = "text_tokens" in used
+        if (self.use_text or self.use_text_tokens) and not config.text_dim:
+            raise ModelError("adapters conditioned on the prompt need a text model (text_dim is 0)")
+        if self.use_class and not config.num_classes:
+            raise ModelError("adapters conditioned on the class need a class-conditional model (num_classes is 0)")
         if self.use_timestep:
             self.timestep = nn.Sequential(nn.Linear(32, dim), nn.SiLU(), nn.Linear(dim, dim))
         if self.use_class:
             self.label = nn.Embedding(config.num_classes + 1, dim)  # + the null class
+        if self.use_text:
+            source = config.pooled_dim or config.text_dim
+            self.text = nn.Sequential(nn.LayerNorm(source, elementwise_affine=False), nn.Linear(source, dim))
+        if self.use_text_tokens:
+            self.text_tokens = nn.Sequential(nn.LayerNorm(config.text_dim, elementwise_affine=False),
+                                             nn.Linear(config.text_dim, dim))
 
     def fourier(self, w: torch.Tensor) -> torch.Tensor:
         u = ((w.float() - 1.0) / self.config.guidance_scale_unit)[:, None]
         angles = u * self.frequencies
         return torch.cat([u, angles.sin(), angles.cos()], dim=-1)
 
-    def forward(self, w, t, class_labels):
+    def forward(self, w, t, cond: dict):
         tokens = [self.guidance(self.fourier(w))]
         if self.use_timestep:
             tokens.append(self.timestep(timestep_features(t, w.shape[0], 32).to(w.device)))
         if self.use_class:
-            tokens.append(self.label(class_labels.clamp(0, self.config.num_classes)))
+            tokens.append(self.label(cond["class_label"].clamp(0, self.config.num_classes)))
+        if self.use_text:
+            if self.config.pooled_dim:
+                source = cond["pooled_prompt_embeds"]
+            else:
+                source = cond["prompt_embeds"].float().mean(dim=1)
+            tokens.append(self.text(source.float()))
         tokens = torch.stack(tokens, dim=1)  # [B, K, dim]
+        vector = F.silu(tokens.sum(dim=1))
+        if self.use_text_tokens:
+            tokens = torch.cat([tokens, self.text_tokens(cond["prompt_embeds"].float())], dim=1)
         gate = None
         if self.config.guidance_gate:
             gate = ((w.float() - 1.0) / self.config.guidance_scale_unit)[:, None, None]
-        return Condition(vector=F.silu(tokens.sum(dim=1)), tokens=tokens, gate=gate)
+        return Condition(vector=vector, tokens=tokens, gate=gate)
 
 
 @dataclass
@@ -171,7 +207,29 @@ ADAPTER_KINDS = {"offset": OffsetAdapter, "cross_attention": CrossAttentionAdapt
 # ------------------------------------------------------------------------------- placement
 
 
-PLACEMENTS = ("attention", "block", "attention+output", "block+output")
+# Where adapters may attach, per family; the first is the default ("auto").
+PLACEMENTS = {
+    "dit": ("attention+output", "attention", "block", "block+output"),
+    "sd": ("cross_attention", "block"),
+    "sdxl": ("cross_attention", "block"),
+    "sd3": ("attention", "attention+output"),
+}
+ALL_PLACEMENTS = ("auto", "attention", "attention+output", "block", "block+output", "cross_attention")
+
+
+def resolve_placement(family: str, placement: str) -> str:
+    allowed = PLACEMENTS.get(family, ())
+    if placement == "auto" and allowed:
+        return allowed[0]
+    if placement not in allowed:
+        raise ModelError(f"placement {placement!r} is not defined for the {family!r} family "
+                         f"(allowed: auto, {', '.join(allowed)})")
+    return placement
+
+
+def _widths(module: nn.Module) -> tuple[int, int]:
+    """Input and output token widths of an attention layer."""
+    return module.to_q.in_features, module.to_out[0].out_features
 
 
 def adapter_targets(base: BaseModel, placement: str) -> list[tuple[str, nn.Module, int, int]]:
@@ -181,20 +239,45 @@ def adapter_targets(base: BaseModel, placement: str) -> list[tuple[str, nn.Modul
     adaLN gate, which scales it per timestep and class); ``block`` wraps whole blocks; ``+output``
     also wraps the final token projection, whose own adaLN modulation differs between the
     conditional and unconditional branches.
+    UNets (SD 1.x/2.x, SDXL): ``cross_attention`` wraps the text cross-attention (attn2) of every
+    transformer block in the down, mid and up blocks, all of them; ``block`` wraps those blocks.
+    SD3: ``attention`` wraps every joint block's attention (its image-token output);
+    ``+output`` also wraps the final token projection.
     """
-    if base.family == "dit" and placement in PLACEMENTS:
-        blocks = base.net.transformer_blocks
-        dim = blocks[0].attn1.inner_dim
+    placement = resolve_placement(base.family, placement)
+    net = base.net
+    if base.family == "dit":
+        blocks = net.transformer_blocks
+        dim = _widths(blocks[0].attn1)[0]
         if placement.startswith("attention"):
             targets = [(f"transformer_blocks.{i}.attn1", b.attn1, dim, dim) for i, b in enumerate(blocks)]
         else:
             targets = [(f"transformer_blocks.{i}", b, dim, dim) for i, b in enumerate(blocks)]
-        if placement.endswith("+output"):
-            proj = base.net.proj_out_2
-            targets.append(("proj_out_2", proj, proj.in_features, proj.out_features))
-        return targets
-    raise ModelError(f"placement {placement!r} is not defined for the {base.family!r} family "
-                     f"(allowed: {', '.join(PLACEMENTS)})")
+        output = net.proj_out_2
+    elif base.family in ("sd", "sdxl"):
+        from diffusers.models.attention import BasicTransformerBlock
+
+        blocks = [(n, m) for n, m in net.named_modules() if isinstance(m, BasicTransformerBlock)]
+        if placement == "cross_attention":
+            targets = [(f"{n}.attn2", m.attn2, *_widths(m.attn2)) for n, m in blocks if m.attn2 is not None]
+        else:
+            targets = [(n, m, m.norm1.normalized_shape[0], m.norm1.normalized_shape[0]) for n, m in blocks]
+        output = None
+    elif base.family == "sd3":
+        targets = [(f"transformer_blocks.{i}.attn", b.attn, *_widths(b.attn))
+                   for i, b in enumerate(net.transformer_blocks)]
+        output = net.proj_out
+    else:
+        raise ModelError(f"no adapter placements for the {base.family!r} family")
+    if not targets:
+        raise ModelError(f"{base.model_id!r}: placement {placement!r} found no layers to wrap")
+    if placement.endswith("+output"):
+        targets.append((_module_name(net, output), output, output.in_features, output.out_features))
+    return targets
+
+
+def _module_name(net: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in net.named_modules() if m is module)
 
 
 class AdaptedModel(nn.Module):
@@ -225,17 +308,20 @@ class AdaptedModel(nn.Module):
             residual = self.adapters[index](tokens, condition)
             if condition.gate is not None:
                 residual = residual * condition.gate.to(residual.dtype)
+            if isinstance(output, tuple):  # SD3's joint attention: (image tokens, text tokens)
+                return (output[0] + residual, *output[1:])
             return output + residual
         return hook
 
-    def forward(self, x, t, class_labels, guidance_scale):
+    def forward(self, x, t, cond: dict, guidance_scale):
         guidance_scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
         if guidance_scale.dim() == 0:
             guidance_scale = guidance_scale.expand(x.shape[0])
-        condition = self.embedding(guidance_scale, t, class_labels)
+        cond = {name: torch.as_tensor(value).to(x.device) for name, value in self.base.as_condition(cond).items()}
+        condition = self.embedding(guidance_scale, t, cond)
         self._condition = condition
         try:
-            return self.base.predict(x, t, class_labels)
+            return self.base.predict(x, t, cond)
         finally:
             self._condition = None
 

@@ -8,52 +8,109 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from .adapters import AdaptedModel, AdapterConfig
+from .adapters import PLACEMENTS, AdaptedModel, AdapterConfig, default_condition_on
 from .models import BaseModel, count_parameters
 
-# Full-size configs of real checkpoints, so no weights are needed (diffusers' published configs).
+
+@dataclass(frozen=True)
+class Architecture:
+    """A published denoiser config (diffusers' config.json of the checkpoint), so no weights are needed."""
+
+    family: str
+    denoiser: str  # diffusers class
+    config: dict
+    text_tokens: int = 0  # prompt tokens the text encoders produce
+    text_dim: int = 0
+    pooled_dim: int = 0
+
+
 ARCHITECTURES = {
-    "dit-xl-2-256": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-                         num_layers=28, sample_size=32, patch_size=2, num_embeds_ada_norm=1000),
-    "toy-dit-8x8": dict(num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1,
-                        num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1),
+    "dit-xl-2-256": Architecture("dit", "DiTTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        sample_size=32, patch_size=2, num_embeds_ada_norm=1000)),
+    "sd-2.1-unet": Architecture("sd", "UNet2DConditionModel", dict(
+        attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], in_channels=4, out_channels=4,
+        layers_per_block=2, sample_size=96, up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        upcast_attention=True, use_linear_projection=True), text_tokens=77, text_dim=1024),
+    "sdxl-unet": Architecture("sdxl", "UNet2DConditionModel", dict(
+        addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+        block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], in_channels=4,
+        out_channels=4, layers_per_block=2, projection_class_embeddings_input_dim=2816, sample_size=128,
+        transformer_layers_per_block=[1, 2, 10],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True),
+        text_tokens=77, text_dim=2048, pooled_dim=1280),
+    "sd3-medium": Architecture("sd3", "SD3Transformer2DModel", dict(
+        attention_head_dim=64, caption_projection_dim=1536, in_channels=16, joint_attention_dim=4096,
+        num_attention_heads=24, num_layers=24, out_channels=16, patch_size=2, pooled_projection_dim=2048,
+        pos_embed_max_size=192, sample_size=128), text_tokens=333, text_dim=4096, pooled_dim=2048),
+    "toy-dit-8x8": Architecture("dit", "DiTTransformer2DModel", dict(
+        num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1, num_layers=4,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1)),
 }
 
 
-def build_dit(name: str, device: str | torch.device = "cpu") -> BaseModel:
-    """A DiT of a known architecture with random weights (or no storage on the meta device)."""
-    from diffusers import DDIMScheduler, DiTTransformer2DModel
+def build_base(name: str, device: str | torch.device = "cpu") -> BaseModel:
+    """A denoiser of a known architecture with random weights (or no storage on the meta device)."""
+    import diffusers
 
-    config = ARCHITECTURES[name]
+    arch = ARCHITECTURES[name]
     with torch.device(device):
-        net = DiTTransformer2DModel(**config)
+        net = getattr(diffusers, arch.denoiser)(**arch.config)
     net.requires_grad_(False).eval()
-    return BaseModel(net=net, scheduler=DDIMScheduler(), family="dit", model_id=f"config:{name}",
-                     num_classes=config["num_embeds_ada_norm"], latent_channels=config["in_channels"],
-                     sample_size=config["sample_size"])
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler() if arch.family == "sd3" else diffusers.DDIMScheduler()
+    return BaseModel(net=net, scheduler=scheduler, family=arch.family, model_id=f"config:{name}",
+                     num_classes=arch.config.get("num_embeds_ada_norm", 0) if arch.family == "dit" else 0,
+                     latent_channels=arch.config["in_channels"], sample_size=arch.config["sample_size"])
+
+
+def build_dit(name: str, device: str | torch.device = "cpu") -> BaseModel:
+    return build_base(name, device)
+
+
+def adapter_config(name: str, base: BaseModel, **settings) -> AdapterConfig:
+    """An adapter config for this architecture: its classes or text widths, its family's defaults."""
+    arch = ARCHITECTURES[name]
+    settings.setdefault("placement", PLACEMENTS[arch.family][0])
+    settings.setdefault("condition_on", default_condition_on(base.conditioning))
+    return AdapterConfig(num_classes=base.num_classes, text_dim=arch.text_dim, pooled_dim=arch.pooled_dim,
+                         **settings)
 
 
 def parameter_table(name: str, kinds=("offset", "cross_attention", "bottleneck"), widths=(16, 32, 64),
-                    placements=("attention", "attention+output"), embed_dim: int = 64) -> list[dict]:
-    """Adapter parameters and share of the base for each kind, width and placement (meta device)."""
-    base = build_dit(name, device="meta")
+                    placements=None, embed_dim: int = 64, target_percent: float = 2.0) -> list[dict]:
+    """Adapter parameters and share of the base for each kind, width and placement (meta device),
+    and the width at which each kind reaches ``target_percent`` of the base (parameters grow
+    linearly with the width: solved from two widths, then checked by building it)."""
+    base = build_base(name, device="meta")
     total = count_parameters(base.net)
+
+    def count(kind, placement, width):
+        model = AdaptedModel(base, adapter_config(name, base, kind=kind, placement=placement, width=width,
+                                                  embed_dim=embed_dim))
+        params = count_parameters(model)
+        model.remove()
+        return params
+
     rows = []
-    for placement in placements:
+    for placement in placements or PLACEMENTS[ARCHITECTURES[name].family]:
         for kind in kinds:
             for width in widths:
-                config = AdapterConfig(kind=kind, placement=placement, width=width, embed_dim=embed_dim,
-                                       num_classes=base.num_classes)
-                model = AdaptedModel(base, config)
-                params = count_parameters(model)
-                model.remove()
+                params = count(kind, placement, width)
                 rows.append({"architecture": name, "kind": kind, "placement": placement, "width": width,
                              "embed_dim": embed_dim, "adapter_parameters": params, "base_parameters": total,
                              "share_percent": 100 * params / total})
+            low, high = count(kind, placement, 1), count(kind, placement, 2)
+            width = max(1, round((target_percent / 100 * total - low) / (high - low)) + 1)
+            params = count(kind, placement, width)
+            rows.append({"architecture": name, "kind": kind, "placement": placement, "width": width,
+                         "embed_dim": embed_dim, "adapter_parameters": params, "base_parameters": total,
+                         "share_percent": 100 * params / total, "reaches_target_percent": target_percent})
     return rows
 
 
@@ -67,24 +124,40 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def random_condition(name: str, base: BaseModel, batch: int) -> dict:
+    """A condition of the right shapes: class ids, or random prompt embeddings."""
+    arch = ARCHITECTURES[name]
+    if arch.family == "dit":
+        return base.class_condition(torch.randint(0, base.num_classes, (batch,)))
+    cond = {"prompt_embeds": torch.randn(batch, arch.text_tokens, arch.text_dim)}
+    if arch.pooled_dim:
+        cond["pooled_prompt_embeds"] = torch.randn(batch, arch.pooled_dim)
+    if arch.family == "sdxl":
+        side = float(8 * base.sample_size)
+        cond["add_time_ids"] = torch.tensor([[side, side, 0.0, 0.0, side, side]]).expand(batch, 6)
+    return cond
+
+
 @torch.no_grad()
 def step_times(name: str, batch_sizes=(1, 4), repeats: int = 3, adapter: AdapterConfig | None = None,
                seed: int = 0) -> list[dict]:
     """Median seconds of one denoiser step: CFG (cond+uncond batched) against AGD, same inputs."""
     torch.manual_seed(seed)
-    base = build_dit(name)
-    adapter = replace(adapter or AdapterConfig(), num_classes=base.num_classes)
+    base = build_base(name)
+    adapter = adapter_config(name, base, **({} if adapter is None else {
+        k: getattr(adapter, k) for k in ("kind", "placement", "width", "embed_dim")}))
     adapted = AdaptedModel(base, adapter).eval()
     share = count_parameters(adapted) / count_parameters(base.net)
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, *base.latent_shape)
         t = torch.full((batch,), 500)
-        labels = torch.randint(0, base.num_classes, (batch,))
+        cond = random_condition(name, base, batch)
+        uncond = None if base.conditioning == "class" else random_condition(name, base, 1)
         w = torch.full((batch,), 4.0)
-        cfg = _time(lambda: base.cfg_predict(x, t, labels, w), repeats)
-        agd = _time(lambda: adapted(x, t, labels, w), repeats)
-        unguided = _time(lambda: base.predict(x, t, labels), repeats)
+        cfg = _time(lambda: base.cfg_predict(x, t, cond, w, uncond), repeats)
+        agd = _time(lambda: adapted(x, t, cond, w), repeats)
+        unguided = _time(lambda: base.predict(x, t, cond), repeats)
         rows.append({"architecture": name, "batch": batch, "cfg_seconds": cfg, "agd_seconds": agd,
                      "unguided_seconds": unguided, "speedup_agd_over_cfg": cfg / agd,
                      "adapter_overhead_percent": 100 * (agd / unguided - 1),

@@ -106,8 +106,15 @@ class GenerateConfig(StageConfig):
     section: ClassVar[str] = "generate"
     base_model: str = option("data/base", "base model: a local diffusers folder or a hub id")
     out_dir: str = option("data/trajectories", "trajectory store to write (resumed if present)")
-    classes: list[int] = option([], "class ids to sample; empty means every class of the model")
-    trajectories_per_class: int = option(200, "trajectories recorded per class")
+    classes: list[int] = option([], "class-conditional models: class ids to sample; empty means every "
+                                "class of the model (or those in classes_file)")
+    classes_file: str = option("", "class-conditional models: a text file of class ids (whitespace- or "
+                               "comma-separated), instead of classes")
+    trajectories_per_class: int = option(200, "class-conditional models: trajectories recorded per class")
+    prompts_file: str = option("", "text models (SD, SDXL, SD3): a text file with one prompt per line")
+    negative_prompt: str = option("", "text models: negative prompt of the unconditional branch; empty "
+                                  "uses the pipeline's default (empty text, or zeros for SDXL)")
+    trajectories_per_prompt: int = option(1, "text models: trajectories recorded per prompt")
     guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
     guidance_max: float = option(6.0, "upper end of the guidance scale range")
     num_steps: int = option(32, "sampling steps per trajectory")
@@ -122,7 +129,8 @@ class GenerateConfig(StageConfig):
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
 
     def check(self) -> None:
-        for name in ("trajectories_per_class", "num_steps", "batch_size", "shard_size", "chunk_trajectories"):
+        for name in ("trajectories_per_class", "trajectories_per_prompt", "num_steps", "batch_size",
+                     "shard_size", "chunk_trajectories"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be positive")
         for name in ("guidance_min", "guidance_max"):
@@ -138,6 +146,8 @@ class GenerateConfig(StageConfig):
             self.fail("guidance_max", "is far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)")
         if any(c < 0 for c in self.classes):
             self.fail("classes", "class ids must be >= 0")
+        if self.classes and self.classes_file:
+            raise ConfigError(f"{self.key('classes')} and {self.key('classes_file')} are both set: give one")
 
 
 @dataclass
@@ -150,14 +160,19 @@ class TrainConfig(StageConfig):
     base_model: str = option("", "base model; empty takes the one named in the store's manifest (its "
                              "weights must match the manifest's fingerprint)")
     adapter: str = option("bottleneck", "adapter family", ("bottleneck", "offset", "cross_attention"))
-    placement: str = option("attention+output", "where adapters attach (DiT: each block's attention or whole "
-                            "block; +output also wraps the final projection)",
-                            ("attention", "block", "attention+output", "block+output"))
+    placement: str = option("auto", "where adapters attach. auto: the family's default (DiT: "
+                            "attention+output; SD/SDXL UNets: cross_attention, the text cross-attention of "
+                            "every transformer block; SD3: attention). DiT also takes attention, block, "
+                            "block+output; UNets block; SD3 attention+output (+output also wraps the "
+                            "final token projection)",
+                            ("auto", "attention", "attention+output", "block", "block+output", "cross_attention"))
     width: int = option(32, "adapter hidden width (bottleneck rank, offset MLP width, attention width)")
     embed_dim: int = option(64, "width of the condition embedding")
     fourier_frequencies: int = option(3, "Fourier frequencies of the guidance-scale embedding")
     condition_on: list[str] = option(
-        ["guidance", "timestep", "class"], "what the adapter sees besides the tokens (guidance is required)"
+        [], "what the adapter sees besides the tokens: guidance (required), timestep, class (class "
+        "models), text (pooled prompt embedding, or the mean of the prompt tokens), text_tokens (every "
+        "prompt token, for the cross_attention adapter). Empty: guidance, timestep and class or text"
     )
     guidance_gate: bool = option(True, "scale each adapter's residual by (w - 1): exactly off at w = 1")
     loss_weighting: str = option(
@@ -183,11 +198,11 @@ class TrainConfig(StageConfig):
             self.fail("fourier_frequencies", "must lie in [0, 32]")
         if not self.learning_rate > 0:
             self.fail("learning_rate", "must be positive")
-        allowed = {"guidance", "timestep", "class"}
+        allowed = {"guidance", "timestep", "class", "text", "text_tokens"}
         unknown = set(self.condition_on) - allowed
         if unknown:
             self.fail("condition_on", f"unknown entries {sorted(unknown)}; allowed: {sorted(allowed)}")
-        if "guidance" not in self.condition_on:
+        if self.condition_on and "guidance" not in self.condition_on:
             self.fail("condition_on", "must include 'guidance': the adapter has to know w")
 
 

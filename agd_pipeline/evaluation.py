@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .adapters import load_adapted_model, read_adapter_config
 from .config import EvaluateConfig, resolve_device
+from .errors import ConfigError
 from .models import load_base_model
 from .sampling import ImageSampler, trajectory_seed
 from . import toy
@@ -117,6 +118,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     adapter_config = read_adapter_config(config.adapters)
     base_id = config.base_model or adapter_config["base_model"]["id"]
     base = load_base_model(base_id, device=device)
+    _require_class_model(base, "evaluate")
     adapted = load_adapted_model(config.adapters, base)
     steps = config.num_steps or adapter_config["sampler"]["num_steps"]
     training_range = (adapter_config["guidance"]["min"], adapter_config["guidance"]["max"])
@@ -132,7 +134,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     n = config.samples_per_class * base.num_classes
     labels = torch.arange(n) % base.num_classes
     seeds = [trajectory_seed(config.seed, i) for i in range(n)]
-    sampler = ImageSampler(base, adapted, labels, seeds, steps, config.batch_size)
+    sampler = ImageSampler(base, adapted, base.class_condition(labels), seeds, steps, config.batch_size)
     if holdout is not None:
         write_pngs(to_uint8(torch.from_numpy(holdout[0])), samples_dir / "real")
 
@@ -252,6 +254,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 
+def _require_class_model(base, what: str) -> None:
+    if base.conditioning != "class":
+        raise ConfigError(
+            f"{what} measures class-conditional models (FID and accuracy per class, classes cycled); "
+            f"{base.model_id!r} is a text-to-image {base.family} model. Compare AGD with CFG on it with "
+            "`python -m stages.sample --prompts-file ... ` and again with `--cfg`."
+        )
+
+
 @torch.no_grad()
 def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 999, steps: int = 0,
                device: str = "cpu") -> dict:
@@ -266,20 +277,21 @@ def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 99
     config = read_adapter_config(adapters)
     adapted = load_adapted_model(adapters, device=device)
     base = adapted.base
+    _require_class_model(base, "gap-closed")
     w_min, w_max = config["guidance"]["min"], config["guidance"]["max"]
     plan = trajectory_plan(seed, range(num_trajectories), list(range(base.num_classes)), w_min, w_max)
     gens = generators_for(plan["seed"].tolist())
-    labels = torch.from_numpy(plan["class_label"]).to(base.device)
+    cond = base.class_condition(torch.from_numpy(plan["class_label"]).to(base.device))
     w = torch.from_numpy(plan["guidance_scale"]).to(base.device)
     err_agd = torch.zeros(num_trajectories)
     err_cond = torch.zeros(num_trajectories)
 
     def observe(step):
-        out = base.prediction_channels(adapted(step.model_input, step.timestep, labels, w))
+        out = base.prediction_channels(adapted(step.model_input, step.timestep, cond, w))
         err_agd.add_(((out - step.guided_output) ** 2).flatten(1).mean(1).cpu())
         err_cond.add_(((step.cond_output - step.guided_output) ** 2).flatten(1).mean(1).cpu())
 
-    sample(base, labels, initial_noise(base, gens), steps or config["sampler"]["num_steps"], guidance_scale=w,
+    sample(base, cond, initial_noise(base, gens), steps or config["sampler"]["num_steps"], guidance_scale=w,
            generators=gens, observer=observe, record_branches=True)
     edges = np.arange(np.floor(w_min), np.ceil(w_max) + 1)
     w_cpu = w.cpu()

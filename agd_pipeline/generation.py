@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,27 +13,105 @@ from tqdm.auto import tqdm
 
 from .config import GenerateConfig, resolve_device
 from .errors import ConfigError
-from .models import BaseModel, load_base_model
+from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import Step, generators_for, initial_noise, sample, trajectory_seed
 from .store import StoreWriter
 
 
-def trajectory_plan(run_seed: int, indices, classes, w_min: float, w_max: float) -> dict[str, np.ndarray]:
-    """Seed, class and w of each trajectory index: functions of (run seed, index) only.
+def trajectory_plan(run_seed: int, indices, conditions, w_min: float, w_max: float,
+                    key: str = "class_label") -> dict[str, np.ndarray]:
+    """Seed, condition and w of each trajectory index: functions of (run seed, index) only.
 
-    Classes cycle through the list, so every class gets the same number of trajectories.
+    Conditions (class ids, or prompt indices with ``key="prompt_index"``) cycle through the list,
+    so every one gets the same number of trajectories.
     """
     indices = np.asarray(list(indices), dtype=np.int64)
     uniforms = np.array([np.random.default_rng([run_seed, int(i), 1]).random() for i in indices])
     return {
         "trajectory_index": indices,
         "seed": np.array([trajectory_seed(run_seed, int(i)) for i in indices], dtype=np.int64),
-        "class_label": np.asarray(classes, dtype=np.int64)[indices % len(classes)],
+        key: np.asarray(conditions, dtype=np.int64)[indices % len(conditions)],
         "guidance_scale": (w_min + (w_max - w_min) * uniforms).astype(np.float32),
     }
 
 
-def store_header(config: GenerateConfig, base: BaseModel, classes: list[int]) -> dict:
+@dataclass
+class Conditions:
+    """What stage one conditions on: class ids, or prompts with their encoded embeddings."""
+
+    kind: str  # "class" or "text"
+    classes: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
+    per_condition: int = 1
+    table: dict = field(default_factory=dict)  # text: name -> tensor with one row per prompt
+    uncond: dict | None = None  # text: the negative prompt's condition (one row)
+
+    @property
+    def count(self) -> int:
+        return len(self.classes) if self.kind == "class" else len(self.prompts)
+
+    @property
+    def key(self) -> str:
+        return "class_label" if self.kind == "class" else "prompt_index"
+
+    def plan(self, run_seed: int, indices, w_min: float, w_max: float) -> dict[str, np.ndarray]:
+        ids = self.classes if self.kind == "class" else list(range(len(self.prompts)))
+        return trajectory_plan(run_seed, indices, ids, w_min, w_max, key=self.key)
+
+    def for_batch(self, plan: dict) -> tuple[dict, dict]:
+        """(arrays the store keeps per trajectory, the model's condition tensors) for one batch."""
+        if self.kind == "class":
+            return {}, {"class_label": torch.from_numpy(plan["class_label"])}
+        index = torch.from_numpy(plan["prompt_index"])
+        cond = {name: table[index] for name, table in self.table.items()}
+        return {name: value.float().numpy() for name, value in cond.items()}, cond
+
+    def array_specs(self) -> dict[str, dict]:
+        """Per-trajectory condition arrays of the store: name -> dtype and shape (without N)."""
+        if self.kind == "class":
+            return {"class_label": {"dtype": "int64", "shape": []}}
+        specs = {"prompt_index": {"dtype": "int64", "shape": []}}
+        for name, table in self.table.items():
+            dtype = "float32" if name == "add_time_ids" else "float16"  # sizes, exact in float32
+            specs[name] = {"dtype": dtype, "shape": list(table.shape[1:])}
+        return specs
+
+
+def read_class_file(path: str) -> list[int]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"generate.classes_file: {path!r} not found (a text file of class ids)")
+    try:
+        return [int(v) for v in file.read_text().replace(",", " ").split()]
+    except ValueError as err:
+        raise ConfigError(f"generate.classes_file: {path!r} holds something that is not a class id ({err})") from None
+
+
+def resolve_conditions(config: GenerateConfig, base: BaseModel, progress: bool = True) -> Conditions:
+    if base.conditioning == "class":
+        if config.prompts_file:
+            raise ConfigError(f"generate.prompts_file is set, but {base.model_id!r} is a class-conditional "
+                              f"{base.family} model: give generate.classes (or classes_file) instead")
+        classes = read_class_file(config.classes_file) if config.classes_file else list(config.classes)
+        classes = classes or list(range(base.num_classes))
+        bad = [c for c in classes if not 0 <= c < base.num_classes]
+        if bad:
+            raise ConfigError(f"generate.classes: {bad[:5]} are not classes of the model (0..{base.num_classes - 1})")
+        return Conditions("class", classes=classes, per_condition=config.trajectories_per_class)
+    if config.classes or config.classes_file:
+        raise ConfigError(f"generate.classes is set, but {base.model_id!r} is a text-to-image {base.family} "
+                          "model: give generate.prompts_file (one prompt per line) instead")
+    if not config.prompts_file:
+        raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: set generate.prompts_file "
+                          "to a text file with one prompt per line")
+    prompts = read_prompts(config.prompts_file)
+    table, uncond = encode_prompts(base, prompts, config.negative_prompt, progress=progress)
+    return Conditions("text", prompts=prompts, negative_prompt=config.negative_prompt,
+                      per_condition=config.trajectories_per_prompt, table=table, uncond=uncond)
+
+
+def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions) -> dict:
     scheduler = base.scheduler
     return json.loads(json.dumps({
         "base_model": base.describe(),
@@ -40,8 +120,12 @@ def store_header(config: GenerateConfig, base: BaseModel, classes: list[int]) ->
         "guidance": {"distribution": "uniform", "min": config.guidance_min, "max": config.guidance_max,
                      "formula": "uncond + w * (cond - uncond)"},
         "seed": config.seed,
-        "classes": classes,
-        "num_trajectories": len(classes) * config.trajectories_per_class,
+        "conditioning": conditions.kind,
+        "classes": conditions.classes,
+        "prompts": conditions.prompts,
+        "negative_prompt": conditions.negative_prompt,
+        "condition_arrays": conditions.array_specs(),
+        "num_trajectories": conditions.count * conditions.per_condition,
         "shard_size": config.shard_size,
         "latent_shape": list(base.latent_shape),
         "output_channels": base.latent_channels,
@@ -51,21 +135,15 @@ def store_header(config: GenerateConfig, base: BaseModel, classes: list[int]) ->
     }, default=str))
 
 
-def resolve_classes(config: GenerateConfig, base: BaseModel) -> list[int]:
-    classes = list(config.classes) or list(range(base.num_classes))
-    bad = [c for c in classes if c >= base.num_classes]
-    if bad:
-        raise ConfigError(f"generate.classes: {bad[:5]} not below the model's {base.num_classes} classes")
-    return classes
-
-
-def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: bool) -> dict[str, np.ndarray]:
+def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: bool,
+                 conditions: Conditions | None = None) -> dict[str, np.ndarray]:
     """Sample one batch with CFG and return every array the store keeps for it."""
+    conditions = conditions or Conditions("class")
     n = len(plan["seed"])
     device = base.device
     gens = generators_for(plan["seed"].tolist())
     noise = initial_noise(base, gens)
-    labels = torch.from_numpy(plan["class_label"]).to(device)
+    stored, cond = conditions.for_batch(plan)
     w = torch.from_numpy(plan["guidance_scale"]).to(device)
     c, h, wd = base.latent_shape
     out = {"model_input": np.empty((n, num_steps, c, h, wd), np.float16),
@@ -83,18 +161,18 @@ def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: b
             out["cond_output"][:, step.index] = step.cond_output.to("cpu", torch.float16).numpy()
             out["uncond_output"][:, step.index] = step.uncond_output.to("cpu", torch.float16).numpy()
 
-    final = sample(base, labels, noise, num_steps, guidance_scale=w, generators=gens,
+    final = sample(base, cond, noise, num_steps, guidance_scale=w, uncond=conditions.uncond, generators=gens,
                    observer=observe, record_branches=record_branches)
     out["sample"] = final.to("cpu", torch.float16).numpy()
-    return {**out, **plan}
+    return {**out, **stored, **plan}
 
 
 def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
     """Write (or finish) the trajectory store described by ``config``. Returns a summary."""
     device = resolve_device(config.device)
-    base = load_base_model(config.base_model, device=device, scheduler=config.scheduler)
-    classes = resolve_classes(config, base)
-    writer = StoreWriter(config.out_dir, store_header(config, base, classes))
+    base = load_base_model(config.base_model, device=device, scheduler=config.scheduler, with_vae=False)
+    conditions = resolve_conditions(config, base, progress)
+    writer = StoreWriter(config.out_dir, store_header(config, base, conditions))
     pending = writer.pending()
     total = writer.header["num_trajectories"]
     if not pending:
@@ -111,9 +189,9 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
             shard = writer.begin_shard(index)
             for batch_start in range(shard.start, shard.stop, config.batch_size):
                 batch_stop = min(shard.stop, batch_start + config.batch_size)
-                plan = trajectory_plan(config.seed, range(batch_start, batch_stop), classes,
+                plan = conditions.plan(config.seed, range(batch_start, batch_stop),
                                        config.guidance_min, config.guidance_max)
-                arrays = record_batch(base, plan, config.num_steps, config.record_branches)
+                arrays = record_batch(base, plan, config.num_steps, config.record_branches, conditions)
                 shard.write(batch_start - shard.start, arrays)
                 bar.update(batch_stop - batch_start)
             shard.finish()

@@ -15,14 +15,16 @@ import torch
 from .adapters import load_adapted_model, read_adapter_config
 from .config import resolve_device
 from .errors import ConfigError
-from .models import load_base_model
+from .models import encode_prompts, load_base_model
 from .sampling import ImageSampler, trajectory_seed
 
 
 def sample_images(adapters: str, guidance_scale: float, classes: list[int] | None = None, per_class: int = 4,
                   steps: int = 0, seed: int = 0, use_adapters: bool = True, base_model: str = "",
-                  device: str = "auto", batch_size: int = 64) -> dict:
-    """Sample ``per_class`` images of each class; returns images in [-1, 1], labels and timing."""
+                  device: str = "auto", batch_size: int = 64, prompts: list[str] | None = None,
+                  negative_prompt: str = "") -> dict:
+    """Sample ``per_class`` images of each class (class models) or of each prompt (text models);
+    returns images in [-1, 1] decoded with the pipeline's VAE, their labels and timing."""
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ConfigError(f"guidance_scale must be a finite number >= 0 (got {guidance_scale})")
     if per_class <= 0 or batch_size <= 0:
@@ -30,20 +32,35 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
     adapter_config = read_adapter_config(adapters)
     base = load_base_model(base_model or adapter_config["base_model"]["id"], device=resolve_device(device))
     adapted = load_adapted_model(adapters, base) if use_adapters else None
-    classes = list(classes) if classes else list(range(base.num_classes))
-    bad = [c for c in classes if not 0 <= c < base.num_classes]
-    if bad:
-        raise ConfigError(f"classes {bad[:5]} are not classes of the base model (0..{base.num_classes - 1})")
-    labels = torch.tensor([c for c in classes for _ in range(per_class)])
+    uncond = None
+    if base.conditioning == "class":
+        if prompts:
+            raise ConfigError(f"{base.model_id!r} is class-conditional: give classes, not prompts")
+        classes = list(classes) if classes else list(range(base.num_classes))
+        bad = [c for c in classes if not 0 <= c < base.num_classes]
+        if bad:
+            raise ConfigError(f"classes {bad[:5]} are not classes of the base model (0..{base.num_classes - 1})")
+        labels = torch.tensor([c for c in classes for _ in range(per_class)])
+        conditions = base.class_condition(labels)
+    else:
+        if classes:
+            raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: give prompts, not classes")
+        if not prompts:
+            raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: give at least one prompt")
+        # CFG's unconditional branch: by default the negative prompt the adapters were distilled with
+        negative_prompt = negative_prompt or adapter_config.get("negative_prompt", "")
+        table, uncond = encode_prompts(base, prompts, negative_prompt)
+        labels = torch.tensor([i for i in range(len(prompts)) for _ in range(per_class)])
+        conditions = {name: value[labels] for name, value in table.items()}
     seeds = [trajectory_seed(seed, i) for i in range(len(labels))]
     steps = steps or adapter_config["sampler"]["num_steps"]
-    sampler = ImageSampler(base, adapted, labels, seeds, steps, batch_size)
+    sampler = ImageSampler(base, adapted, conditions, seeds, steps, batch_size, uncond=uncond)
     method = "agd" if use_adapters else "cfg"
     images, seconds = sampler.run(method, guidance_scale)
     return {"images": images, "labels": labels, "seeds": seeds, "method": method, "steps": steps,
             "guidance_scale": guidance_scale, "nfe_per_image": steps * (1 if use_adapters else 2),
-            "seconds": seconds, "training_range": [adapter_config["guidance"]["min"],
-                                                   adapter_config["guidance"]["max"]]}
+            "seconds": seconds, "prompts": list(prompts or []), "negative_prompt": negative_prompt,
+            "training_range": [adapter_config["guidance"]["min"], adapter_config["guidance"]["max"]]}
 
 
 def save_images(result: dict, out_dir: str | Path, columns: int = 8) -> Path:
@@ -55,12 +72,27 @@ def save_images(result: dict, out_dir: str | Path, columns: int = 8) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(result["images"])
     labels = result["labels"].numpy()
+    kind = "prompt" if result.get("prompts") else "class"
     for i, (img, label) in enumerate(zip(pixels, labels)):
-        Image.fromarray(img).save(out / f"{i:05d}_class{label}.png")
+        Image.fromarray(img).save(out / f"{i:05d}_{kind}{label}.png")
     name = "AGD (1 NFE/step)" if result["method"] == "agd" else "CFG (2 NFE/step)"
     if pixels.ndim == 3:  # greyscale: the same grid the evaluation draws
         grid_figure({f"{name}, w={result['guidance_scale']:g}": pixels}, labels, columns,
                     f"{len(labels)} samples, {result['steps']} steps", out / "grid.png")
+    else:  # colour: one row per prompt (or class), at full resolution
+        Image.fromarray(tile(pixels, labels, columns)).save(out / "grid.png")
     record = {k: v for k, v in result.items() if k not in ("images", "labels")}
     (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def tile(pixels, labels, columns: int):
+    """[B, H, W, C] uint8 images -> one array, a row per label, up to ``columns`` images each."""
+    import numpy as np
+
+    rows = []
+    for label in sorted(set(labels.tolist())):
+        picks = list(pixels[labels == label][:columns])
+        picks += [np.zeros_like(pixels[0])] * (columns - len(picks))
+        rows.append(np.concatenate([np.pad(p, ((1, 1), (1, 1), (0, 0)), constant_values=255) for p in picks], axis=1))
+    return np.concatenate(rows, axis=0)

@@ -1,9 +1,19 @@
 """Base models behind one small interface.
 
 ``load_base_model`` takes a local diffusers folder or a hub id, detects the family from the
-pipeline's ``model_index.json`` (or the component folders), and returns a :class:`BaseModel` with
+pipeline's ``model_index.json`` (or the denoiser's class), and returns a :class:`BaseModel` with
 ``predict(x_t, t, cond)``, the null condition, the latent shape, the prediction type and the
 scheduler. Sampling, recording, training and evaluation only ever talk to this interface.
+
+A *condition* is a dict of batched tensors, exactly what the denoiser needs besides x_t and t:
+
+  * ``dit``   (DiTPipeline):                 ``class_label``
+  * ``sd``    (StableDiffusionPipeline, 1.x/2.x): ``prompt_embeds``
+  * ``sdxl``  (StableDiffusionXLPipeline):   ``prompt_embeds``, ``pooled_prompt_embeds``, ``add_time_ids``
+  * ``sd3``   (StableDiffusion3Pipeline):    ``prompt_embeds``, ``pooled_prompt_embeds``
+
+Text conditions come from the pipeline's own ``encode_prompt`` (:func:`encode_prompts`), once per
+prompt; the store keeps them, so stage two never loads a text encoder.
 """
 
 from __future__ import annotations
@@ -19,15 +29,24 @@ from torch import nn
 
 from .errors import ModelError
 
-# Pipeline class -> (family, denoiser component). The family decides how conditions are fed.
+# Pipeline class -> family. The family decides how conditions are fed and which half comes first.
 PIPELINE_FAMILIES = {
-    "DiTPipeline": ("dit", "transformer"),
+    "DiTPipeline": "dit",
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
 }
+# Denoiser class -> family, for folders without model_index.json (UNets: see _unet_family).
 DENOISER_FAMILIES = {
     "DiTTransformer2DModel": "dit",
     "Transformer2DModel": "dit",  # the hub's DiT-XL/2 checkpoints name their transformer this way
+    "SD3Transformer2DModel": "sd3",
+    "UNet2DConditionModel": "sd",
 }
-SUPPORTED = "class-conditional DiT (DiTPipeline / DiTTransformer2DModel)"
+DENOISER_FOLDER = {"dit": "transformer", "sd": "unet", "sdxl": "unet", "sd3": "transformer"}
+TEXT_FAMILIES = ("sd", "sdxl", "sd3")
+SUPPORTED = ("class-conditional DiT (DiTPipeline), Stable Diffusion 1.x/2.x (StableDiffusionPipeline), "
+             "SDXL (StableDiffusionXLPipeline), SD3 (StableDiffusion3Pipeline)")
 
 
 @dataclass(eq=False)
@@ -46,6 +65,11 @@ class BaseModel:
 
     # -- conditions -------------------------------------------------------------------------
     @property
+    def conditioning(self) -> str:
+        """"class" (a class id per sample) or "text" (prompt embeddings per sample)."""
+        return "text" if self.family in TEXT_FAMILIES else "class"
+
+    @property
     def null_class(self) -> int:
         """Label of the unconditional branch: DiT's label table has one extra row at the end."""
         return self.num_classes
@@ -53,11 +77,37 @@ class BaseModel:
     @property
     def cond_first(self) -> bool:
         """DiT batches [cond, null]; the SD family batches [uncond, cond]."""
-        return True
+        return self.family == "dit"
+
+    def class_condition(self, class_labels: torch.Tensor) -> dict:
+        return {"class_label": class_labels}
+
+    def as_condition(self, cond) -> dict:
+        """A condition dict; class-conditional models also take a tensor of class ids."""
+        if isinstance(cond, dict):
+            return cond
+        if self.conditioning == "class":
+            return self.class_condition(torch.as_tensor(cond))
+        raise TypeError(f"a {self.family} model needs a condition dict ({', '.join(self.condition_names)})")
+
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        return {"dit": ("class_label",), "sd": ("prompt_embeds",),
+                "sdxl": ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids"),
+                "sd3": ("prompt_embeds", "pooled_prompt_embeds")}[self.family]
+
+    def null_condition(self, cond: dict) -> dict:
+        """The unconditional branch's condition. Text models have none of their own: their
+        negative-prompt embeddings (from :func:`encode_prompts`) are passed as ``uncond``."""
+        if self.conditioning == "class":
+            return {"class_label": torch.full_like(cond["class_label"], self.null_class)}
+        raise ValueError("text models need the negative-prompt condition (encode_prompts) for CFG")
 
     # -- outputs ----------------------------------------------------------------------------
     @property
     def prediction_type(self) -> str:
+        if "FlowMatch" in type(self.scheduler).__name__:
+            return "flow"
         return self.scheduler.config.get("prediction_type", "epsilon")
 
     @property
@@ -68,6 +118,11 @@ class BaseModel:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.latent_channels, self.sample_size, self.sample_size)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (recorded when loading, even if the VAE itself was skipped)."""
+        return int(self.info.get("vae_scale_factor", 1))
 
     @property
     def device(self) -> torch.device:
@@ -83,37 +138,67 @@ class BaseModel:
             self.vae.to(device)
         return self
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, cond: dict) -> dict:
+        """Conditions on the model's device; floating ones in its dtype (the store keeps fp16)."""
+        out = {}
+        for name, value in cond.items():
+            value = torch.as_tensor(value).to(self.device)
+            out[name] = value.to(self.dtype) if value.is_floating_point() else value
+        return out
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """One network evaluation: the full output (prediction and, if learned, sigma channels)."""
         t = _batch_timesteps(t, x)
-        return self.net(x, timestep=t, class_labels=class_labels).sample
+        c = self._inputs(self.as_condition(cond))
+        if self.family == "dit":
+            return self.net(x, timestep=t, class_labels=c["class_label"]).sample
+        if self.family in ("sd", "sdxl"):
+            added = None
+            if self.family == "sdxl":
+                added = {"text_embeds": c["pooled_prompt_embeds"], "time_ids": c["add_time_ids"]}
+            return self.net(x, t, encoder_hidden_states=c["prompt_embeds"], added_cond_kwargs=added).sample
+        if self.family == "sd3":
+            return self.net(hidden_states=x, timestep=t, encoder_hidden_states=c["prompt_embeds"],
+                            pooled_projections=c["pooled_prompt_embeds"]).sample
+        raise ModelError(f"unknown family {self.family!r}")
 
     def prediction_channels(self, output: torch.Tensor) -> torch.Tensor:
         """The channels the sampler steps with (learned-sigma models also output a variance)."""
         return output[:, : self.latent_channels]
 
-    def cfg_predict(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor,
-                    guidance_scale: torch.Tensor):
+    def cfg_predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: torch.Tensor,
+                    uncond: dict | None = None):
         """Classifier-free guidance in one batched call with a per-sample scale.
 
-        Returns (guided, cond, uncond) prediction channels. guided = uncond + w * (cond - uncond).
+        ``uncond`` defaults to the null class (class models); text models pass their negative-prompt
+        condition, with batch 1 (shared) or one row per sample. Returns (guided, cond, uncond)
+        prediction channels, guided = uncond + w * (cond - uncond): learned-sigma models are guided
+        on the prediction channels only, as the diffusers pipelines do.
         """
         batch = x.shape[0]
-        null = torch.full_like(class_labels, self.null_class)
-        labels = torch.cat([class_labels, null] if self.cond_first else [null, class_labels])
+        cond = self.as_condition(cond)
+        uncond = self.null_condition(cond) if uncond is None else self.as_condition(uncond)
+        halves = (cond, uncond) if self.cond_first else (uncond, cond)
+        joined = {}
+        for name in self.condition_names:
+            first, second = (torch.as_tensor(h[name]).to(x.device) for h in halves)
+            first, second = (v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for v in (first, second))
+            joined[name] = torch.cat([first, second])
         t = _batch_timesteps(t, x)
-        out = self.prediction_channels(self.predict(torch.cat([x, x]), torch.cat([t, t]), labels))
+        out = self.prediction_channels(self.predict(torch.cat([x, x]), torch.cat([t, t]), joined))
         first, second = out[:batch], out[batch:]
-        cond, uncond = (first, second) if self.cond_first else (second, first)
+        cond_out, uncond_out = (first, second) if self.cond_first else (second, first)
         w = guidance_scale.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
-        return uncond + w * (cond - uncond), cond, uncond
+        return uncond_out + w * (cond_out - uncond_out), cond_out, uncond_out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1]. Pixel-space models return the latents themselves."""
         if self.vae is None:
             return latents
-        scale = self.vae.config.get("scaling_factor", 1.0)
-        return self.vae.decode(latents / scale).sample
+        scale = self.vae.config.get("scaling_factor", 1.0) or 1.0
+        shift = self.vae.config.get("shift_factor", None) or 0.0  # SD3's VAE latents are shifted
+        latents = latents.to(self.vae.dtype) / scale + shift
+        return self.vae.decode(latents).sample.clamp(-1, 1)
 
     # -- identity ---------------------------------------------------------------------------
     def architecture_fingerprint(self) -> str:
@@ -138,6 +223,7 @@ class BaseModel:
         return {
             "id": self.model_id,
             "family": self.family,
+            "conditioning": self.conditioning,
             "class": type(self.net).__name__,
             "num_classes": self.num_classes,
             "latent_shape": list(self.latent_shape),
@@ -230,8 +316,13 @@ def _diffusers_class(class_name: str, what: str, name: str):
 
 
 def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    scheduler: str = "") -> BaseModel:
-    """Load a base model by local folder or hub id; ``scheduler`` optionally swaps the scheduler class."""
+                    scheduler: str = "", with_vae: bool = True) -> BaseModel:
+    """Load a base model by local folder or hub id.
+
+    ``scheduler`` optionally swaps the scheduler class (any diffusers scheduler the pipeline accepts);
+    ``with_vae=False`` skips the decoder (stage two never decodes). Text encoders are never loaded
+    here: :func:`encode_prompts` loads them when prompts need encoding.
+    """
     if not name:
         raise ModelError("no base model given: set generate.base_model to a diffusers folder or hub id")
     path = Path(name)
@@ -245,23 +336,23 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
         )
     index = _read_model_index(name)
     denoisers = {c: _component_class(name, index, c) for c in ("transformer", "unet")}
-    family, denoiser = None, None
     pipeline_class = (index or {}).get("_class_name")
-    if pipeline_class in PIPELINE_FAMILIES:
-        family, denoiser = PIPELINE_FAMILIES[pipeline_class]
-    else:
-        denoiser = next((c for c, cls_name in denoisers.items() if cls_name in DENOISER_FAMILIES), None)
-        family = DENOISER_FAMILIES[denoisers[denoiser]] if denoiser else None
+    family = PIPELINE_FAMILIES.get(pipeline_class)
+    if family is None:
+        family = next((DENOISER_FAMILIES[c] for c in denoisers.values() if c in DENOISER_FAMILIES), None)
     if family is None:
         found = pipeline_class or denoisers["transformer"] or denoisers["unet"]
         raise ModelError(
             f"base model {name!r}: unsupported model ({found or 'no model_index.json and no transformer/ or unet/ folder'}). "
             f"Supported families: {SUPPORTED}."
         )
-
+    denoiser = DENOISER_FOLDER[family]
+    if not denoisers[denoiser]:
+        raise ModelError(f"base model {name!r}: a {pipeline_class or family} model needs a {denoiser}/ "
+                         "component, found none; is the folder complete?")
     net_class = _diffusers_class(denoisers[denoiser], "denoiser", name)
     try:
-        net = net_class.from_pretrained(name, subfolder=denoiser, torch_dtype=dtype)
+        net = net_class.from_pretrained(name, subfolder=denoiser, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelError(f"base model {name!r}: cannot load its {denoiser}: {err}") from None
     sched_class_name = scheduler or _component_class(name, index, "scheduler")
@@ -271,14 +362,21 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
     scheduler_obj = sched_class.from_pretrained(name, subfolder="scheduler")
     vae = None
     vae_class_name = _component_class(name, index, "vae")
+    vae_scale_factor = 1
     if vae_class_name:
-        vae = _diffusers_class(vae_class_name, "vae", name).from_pretrained(name, subfolder="vae",
-                                                                             torch_dtype=dtype)
-        vae.requires_grad_(False).eval()
+        vae_class = _diffusers_class(vae_class_name, "vae", name)
+        vae_scale_factor = 2 ** (len(vae_class.load_config(name, subfolder="vae")["block_out_channels"]) - 1)
+        if with_vae:
+            vae = vae_class.from_pretrained(name, subfolder="vae", dtype=dtype)
+            vae.requires_grad_(False).eval()
 
     # The base is frozen and always in eval(): DiT's label embedding drops labels in train mode.
     net.requires_grad_(False).eval()
     config = net.config
+    if family == "sd" and config.get("addition_embed_type") == "text_time":
+        family = "sdxl"  # a bare SDXL UNet folder without model_index.json
+    sample_size = config.sample_size
+    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     extra = {}
     agd_meta = path / "agd_base.json"
     if agd_meta.exists():
@@ -288,10 +386,87 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
         scheduler=scheduler_obj,
         family=family,
         model_id=str(name),
-        num_classes=int(config.num_embeds_ada_norm),
+        num_classes=int(config.get("num_embeds_ada_norm") or 0) if family == "dit" else 0,
         latent_channels=int(config.in_channels),
-        sample_size=int(config.sample_size),
+        sample_size=int(sample_size),
         vae=vae,
-        info={"meta": extra},
+        info={"meta": extra, "vae_scale_factor": vae_scale_factor},
     )
     return model.to(device)
+
+
+# --------------------------------------------------------------------------------- text prompts
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"prompt file {str(path)!r} not found: give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ModelError(f"prompt file {str(path)!r} holds no prompts (one per line)")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(base: BaseModel, prompts: list[str], negative_prompt: str = "", batch_size: int = 16,
+                   progress: bool = False) -> tuple[dict, dict]:
+    """Encode prompts with the pipeline's own text encoders (its ``encode_prompt``), once each.
+
+    Returns (conditions with one row per prompt, the negative prompt's condition with one row), as
+    CPU tensors keyed like :meth:`BaseModel.predict` expects. An empty negative prompt means the
+    pipeline's default (SDXL then uses zeros, as its pipeline does).
+    """
+    if base.conditioning != "text":
+        raise ModelError(f"{base.model_id!r} is class-conditional: it takes class ids, not prompts")
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    denoiser = DENOISER_FOLDER[base.family]
+    # Components the folder records as absent (SD3 without its T5 encoder) must be passed as None;
+    # the denoiser we already hold is handed over, and the VAE skipped: only text encoders load.
+    absent = {name: None for name, entry in (_read_model_index(base.model_id) or {}).items()
+              if isinstance(entry, list) and entry[:1] == [None]}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base.model_id, **{**absent, denoiser: base.net, "vae": None},
+                                                 dtype=base.dtype)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelError(f"base model {base.model_id!r}: cannot load its text encoders ({err})") from None
+    pipe.to(base.device)
+    negative = negative_prompt or None
+    cond_parts: dict[str, list] = {}
+    uncond = None
+    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for chunk in tqdm(chunks, desc="encode prompts", unit="batch", disable=not progress):
+        cond, neg = _encode_chunk(pipe, base, chunk, negative)
+        for name, value in cond.items():
+            cond_parts.setdefault(name, []).append(value.cpu())
+        if uncond is None:
+            uncond = {name: value[:1].cpu() for name, value in neg.items()}
+    del pipe
+    return {name: torch.cat(parts) for name, parts in cond_parts.items()}, uncond
+
+
+def _encode_chunk(pipe, base: BaseModel, prompts: list[str], negative: str | None) -> tuple[dict, dict]:
+    device = base.device
+    common = dict(device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    if base.family == "sd":
+        negatives = None if negative is None else [negative] * len(prompts)
+        embeds, negative_embeds = pipe.encode_prompt(prompts, negative_prompt=negatives, **common)
+        return {"prompt_embeds": embeds}, {"prompt_embeds": negative_embeds}
+    if base.family == "sdxl":
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompts, negative_prompt=negative, **common)
+        # original size, crop top-left, target size: the pipeline's defaults for its native resolution
+        side = base.sample_size * base.vae_scale_factor
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).expand(len(prompts), 6)
+        return ({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "add_time_ids": time_ids},
+                {"prompt_embeds": negative_embeds, "pooled_prompt_embeds": negative_pooled,
+                 "add_time_ids": time_ids[:1]})
+    if base.family == "sd3":
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompts, None, None, negative_prompt=negative, **common)
+        return ({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
+                {"prompt_embeds": negative_embeds, "pooled_prompt_embeds": negative_pooled})
+    raise ModelError(f"no prompt encoder for family {base.family!r}")

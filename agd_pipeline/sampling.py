@@ -53,14 +53,32 @@ def initial_noise(base: BaseModel, generators, dtype: torch.dtype | None = None)
     return randn_tensor(shape, generator=generators, device=base.device, dtype=dtype or base.dtype)
 
 
+def set_timesteps(scheduler, num_steps: int, latent_shape, patch_size: int | None, device) -> None:
+    """``scheduler.set_timesteps`` as the pipelines call it; flow-matching schedulers with dynamic
+    shifting get the resolution-dependent shift ``mu`` that SD3's pipeline computes."""
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", None):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        height, width = latent_shape[-2:]
+        patch = patch_size or 1
+        kwargs["mu"] = calculate_shift((height // patch) * (width // patch),
+                                       scheduler.config.get("base_image_seq_len", 256),
+                                       scheduler.config.get("max_image_seq_len", 4096),
+                                       scheduler.config.get("base_shift", 0.5),
+                                       scheduler.config.get("max_shift", 1.16))
+    scheduler.set_timesteps(num_steps, device=device, **kwargs)
+
+
 @torch.no_grad()
 def sample(
     base: BaseModel,
-    class_labels: torch.Tensor,
+    cond: dict,
     noise: torch.Tensor,
     num_steps: int,
     *,
     guidance_scale: torch.Tensor | float | None = None,
+    uncond: dict | None = None,
     adapted: Callable | None = None,
     scheduler=None,
     generators=None,
@@ -69,37 +87,38 @@ def sample(
 ) -> torch.Tensor:
     """Sample a batch and return the final latents.
 
+    ``cond`` holds one condition row per sample (see :mod:`agd_pipeline.models`); ``uncond`` is the
+    unconditional branch's (the null class by default; text models pass the negative prompt's).
     guidance_scale None and adapted None: unguided (1 evaluation per step).
     guidance_scale given, adapted None: CFG (2 evaluations per step, batched as one call).
-    adapted given: AGD, ``adapted(x, t, class_labels, w)`` (1 evaluation per step).
+    adapted given: AGD, ``adapted(x, t, cond, w)`` (1 evaluation per step).
     """
     batch = noise.shape[0]
     device = noise.device
     scheduler = copy_scheduler(scheduler if scheduler is not None else base.scheduler)
-    scheduler.set_timesteps(num_steps, device=device)
-    class_labels = class_labels.to(device)
+    set_timesteps(scheduler, num_steps, noise.shape, getattr(base.net.config, "patch_size", None), device)
+    cond = {name: torch.as_tensor(value).to(device) for name, value in base.as_condition(cond).items()}
     if guidance_scale is not None:
         guidance_scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device)
         guidance_scale = guidance_scale.expand(batch) if guidance_scale.dim() == 0 else guidance_scale
     if adapted is not None and guidance_scale is None:
         raise ValueError("AGD sampling needs the guidance scale the adapters are conditioned on")
 
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from plain noise
     step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
+    scale_input = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers have none
     for index, t in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(x, t)
-        cond = uncond = None
+        model_input = scale_input(x, t) if scale_input is not None else x
+        cond_out = uncond_out = None
         if adapted is not None:
-            full = adapted(model_input, t, class_labels, guidance_scale)
-            guided = base.prediction_channels(full)
+            guided = base.prediction_channels(adapted(model_input, t, cond, guidance_scale))
         elif guidance_scale is None:
-            full = base.predict(model_input, t, class_labels)
-            guided = base.prediction_channels(full)
+            guided = base.prediction_channels(base.predict(model_input, t, cond))
         else:
-            guided, cond, uncond = base.cfg_predict(model_input, t, class_labels, guidance_scale)
+            guided, cond_out, uncond_out = base.cfg_predict(model_input, t, cond, guidance_scale, uncond)
         if observer is not None:
             observer(Step(index, t, model_input, guided,
-                          cond if record_branches else None, uncond if record_branches else None))
+                          cond_out if record_branches else None, uncond_out if record_branches else None))
         x = scheduler.step(guided, t, x, **step_kwargs).prev_sample
     return x
 
@@ -111,16 +130,17 @@ def _accepts_generator(scheduler) -> bool:
 
 
 class ImageSampler:
-    """Samples a fixed set of (class, seed) pairs in batches with one method, decodes, and times it.
+    """Samples a fixed set of (condition, seed) pairs in batches with one method, decodes, and times it.
 
     Methods: "unguided" (1 NFE/step), "cfg" (2 NFE/step), "agd" (1 NFE/step, needs ``adapted``).
     Each sample's noise comes from its own seed, so every method sees the same starting points.
+    ``conditions`` holds one row per sample; ``uncond`` the unconditional branch's (see ``sample``).
     """
 
-    def __init__(self, base: BaseModel, adapted, labels: torch.Tensor, seeds: list[int], steps: int,
-                 batch_size: int):
-        self.base, self.adapted, self.labels, self.seeds = base, adapted, labels, seeds
-        self.steps, self.batch_size = steps, batch_size
+    def __init__(self, base: BaseModel, adapted, conditions: dict, seeds: list[int], steps: int,
+                 batch_size: int, uncond: dict | None = None):
+        self.base, self.adapted, self.conditions, self.seeds = base, adapted, conditions, seeds
+        self.steps, self.batch_size, self.uncond = steps, batch_size, uncond
 
     def run(self, method: str, w: float | None) -> tuple[torch.Tensor, float]:
         """Images in [-1, 1] on the CPU, and the seconds spent sampling and decoding them."""
@@ -131,13 +151,13 @@ class ImageSampler:
             stop = min(len(self.seeds), start + self.batch_size)
             gens = generators_for(self.seeds[start:stop])
             noise = initial_noise(self.base, gens)
-            labels = self.labels[start:stop].to(self.base.device)
+            cond = {name: value[start:stop] for name, value in self.conditions.items()}
             began = time.perf_counter()
-            latents = sample(self.base, labels, noise, self.steps, generators=gens,
+            latents = sample(self.base, cond, noise, self.steps, generators=gens, uncond=self.uncond,
                              guidance_scale=None if method == "unguided" else w,
                              adapted=self.adapted if method == "agd" else None)
             with torch.no_grad():
                 images = self.base.decode(latents)
             seconds += time.perf_counter() - began
-            outputs.append(images.cpu())
+            outputs.append(images.float().cpu())
         return torch.cat(outputs), seconds

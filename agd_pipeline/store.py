@@ -35,7 +35,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 
-# On-disk dtype of every array (shapes: see array_shapes). fp16 for latents: Zarr has no bfloat16.
+# On-disk dtype of the arrays every store has (condition arrays: see the header's condition_arrays).
+# fp16 for latents: Zarr has no bfloat16.
 ARRAY_DTYPES = {
     "model_input": "float16",
     "guided_output": "float16",
@@ -44,14 +45,15 @@ ARRAY_DTYPES = {
     "timesteps": "float32",
     "guidance_scale": "float32",
     "seed": "int64",
-    "class_label": "int64",
     "trajectory_index": "int64",
     "sample": "float16",
 }
+# Class-conditional stores written before condition_arrays was recorded hold class labels.
+CLASS_CONDITION = {"class_label": {"dtype": "int64", "shape": []}}
 # Settings that must agree between a store on disk and a run that wants to resume it.
-RUN_KEYS = ("schema_version", "base_model", "sampler", "guidance", "seed", "classes",
-            "num_trajectories", "shard_size", "latent_shape", "output_channels", "record_branches",
-            "compressor", "chunk_trajectories")
+RUN_KEYS = ("schema_version", "base_model", "sampler", "guidance", "seed", "conditioning", "classes", "prompts",
+            "negative_prompt", "condition_arrays", "num_trajectories", "shard_size", "latent_shape",
+            "output_channels", "record_branches", "compressor", "chunk_trajectories")
 
 
 def shard_name(index: int) -> str:
@@ -68,7 +70,13 @@ def compressors_for(name: str):
     raise StoreError(f"unknown compressor {name!r}; allowed: blosc-zstd, zstd, none")
 
 
-def array_shapes(header: dict, n: int) -> dict[str, tuple]:
+def condition_arrays(header: dict) -> dict[str, dict]:
+    """Per-trajectory condition arrays (class label, or prompt index and prompt embeddings)."""
+    return header.get("condition_arrays") or CLASS_CONDITION
+
+
+def array_specs(header: dict, n: int) -> dict[str, tuple[tuple, str]]:
+    """Name -> (shape, dtype) of every array in a shard of ``n`` trajectories."""
     steps = header["sampler"]["num_steps"]
     latent = tuple(header["latent_shape"])
     out = (header["output_channels"], *latent[1:])
@@ -78,13 +86,19 @@ def array_shapes(header: dict, n: int) -> dict[str, tuple]:
         "timesteps": (n, steps),
         "guidance_scale": (n,),
         "seed": (n,),
-        "class_label": (n,),
         "trajectory_index": (n,),
         "sample": (n, *latent),
     }
     if header["record_branches"]:
         shapes["cond_output"] = shapes["uncond_output"] = shapes["guided_output"]
-    return shapes
+    specs = {name: (shape, ARRAY_DTYPES[name]) for name, shape in shapes.items()}
+    for name, spec in condition_arrays(header).items():
+        specs[name] = ((n, *spec["shape"]), spec["dtype"])
+    return specs
+
+
+def array_shapes(header: dict, n: int) -> dict[str, tuple]:
+    return {name: shape for name, (shape, _) in array_specs(header, n).items()}
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -141,16 +155,18 @@ class ShardWriter:
                                                  "first_trajectory": self.start})
         compressors = compressors_for(header["compressor"])
         chunk = min(header["chunk_trajectories"], self.stop - self.start)
-        for name, shape in array_shapes(header, self.stop - self.start).items():
-            self.group.create_array(name, shape=shape, dtype=ARRAY_DTYPES[name],
-                                    chunks=(chunk, *shape[1:]), compressors=compressors)
+        self.dtypes = {}
+        for name, (shape, dtype) in array_specs(header, self.stop - self.start).items():
+            self.group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
+                                    compressors=compressors)
+            self.dtypes[name] = dtype
         self.written = 0
 
     def write(self, offset: int, arrays: dict[str, np.ndarray]) -> None:
         """Write trajectories [offset, offset + n) of this shard (offset is shard-relative)."""
         n = len(next(iter(arrays.values())))
         for name, value in arrays.items():
-            self.group[name][offset:offset + n] = np.asarray(value, dtype=ARRAY_DTYPES[name])
+            self.group[name][offset:offset + n] = np.asarray(value, dtype=self.dtypes[name])
         self.written += n
 
     def finish(self) -> dict:

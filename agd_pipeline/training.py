@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import AdaptedModel, AdapterConfig, save_adapters
+from .adapters import AdaptedModel, AdapterConfig, default_condition_on, resolve_placement, save_adapters
 from .config import TrainConfig, resolve_device
-from .errors import AgdError, ModelError
+from .errors import AgdError, ConfigError, ModelError
 from .models import load_base_model
-from .store import StoreError, TrajectoryStore
+from .store import StoreError, TrajectoryStore, condition_arrays
 
 CHECKPOINT = "checkpoint"
 LOSS_CSV = "loss.csv"
@@ -33,7 +33,13 @@ RESUMABLE_KEYS = ("checkpoint_every", "verify", "device")
 
 
 class StepBatches:
-    """Endless shuffled batches of (model_input, timestep, class, w, guided_output) samples."""
+    """Endless shuffled batches of (trajectory, step) samples: model input, timestep, w, the
+    condition arrays and the guided output (the target).
+
+    Whole chunk rows are read (contiguous reads), ``buffer_rows`` at a time; samples are drawn from
+    the buffer in a random order. Per-trajectory arrays (prompt embeddings) are not repeated per
+    step in memory: a sample is gathered from its (trajectory, step) index when its batch is built.
+    """
 
     def __init__(self, store: TrajectoryStore, batch_size: int, seed: int, buffer_rows: int = 16):
         self.store = store
@@ -41,6 +47,8 @@ class StepBatches:
         self.seed = seed
         self.buffer_rows = buffer_rows
         self.ranges = store.chunk_ranges()
+        self.per_step = ("model_input", "guided_output", "timesteps")
+        self.per_trajectory = ("guidance_scale", *condition_arrays(store.manifest))
         self._groups = {}
 
     def _group(self, name):
@@ -49,7 +57,7 @@ class StepBatches:
         return self._groups[name]
 
     def _load(self, ranges) -> dict[str, np.ndarray]:
-        parts = {k: [] for k in ("model_input", "guided_output", "timesteps", "class_label", "guidance_scale")}
+        parts = {k: [] for k in (*self.per_step, *self.per_trajectory)}
         for name, start, stop in ranges:
             group = self._group(name)
             for key in parts:
@@ -60,30 +68,39 @@ class StepBatches:
                         f"{self.store.root / name}/{key}: cannot read trajectories {start}-{stop} "
                         f"({type(err).__name__}: {err}); run `python -m stages.inspect {self.store.root} "
                         "--verify` and re-run generate for the damaged shards") from None
-        data = {k: np.concatenate(v) for k, v in parts.items()}
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _gather(self, data: dict, flat: np.ndarray) -> dict[str, np.ndarray]:
         steps = data["timesteps"].shape[1]
-        return {  # flatten (trajectory, step) -> sample
-            "model_input": data["model_input"].reshape(-1, *data["model_input"].shape[2:]),
-            "guided_output": data["guided_output"].reshape(-1, *data["guided_output"].shape[2:]),
-            "timesteps": data["timesteps"].reshape(-1),
-            "class_label": np.repeat(data["class_label"], steps),
-            "guidance_scale": np.repeat(data["guidance_scale"], steps),
-        }
+        traj, step = np.divmod(flat, steps)
+        out = {k: data[k][traj, step] for k in self.per_step}
+        out.update({k: data[k][traj] for k in self.per_trajectory})
+        return out
 
     def epoch(self, epoch: int):
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.ranges))
-        carry = None
+        carry = None  # samples left over from the previous buffer (fewer than a batch)
         for first in range(0, len(order), self.buffer_rows):
             data = self._load([self.ranges[i] for i in order[first:first + self.buffer_rows]])
+            perm = rng.permutation(data["timesteps"].size)
+            start = 0
             if carry is not None:
-                data = {k: np.concatenate([carry[k], data[k]]) for k in data}
-            perm = rng.permutation(len(data["timesteps"]))
-            full = len(perm) // self.batch_size * self.batch_size
-            for start in range(0, full, self.batch_size):
-                idx = perm[start:start + self.batch_size]
-                yield {k: torch.from_numpy(v[idx]) for k, v in data.items()}
-            carry = {k: v[perm[full:]] for k, v in data.items()}
+                need = self.batch_size - len(carry["timesteps"])
+                fill = self._gather(data, perm[:need])
+                batch = {k: np.concatenate([carry[k], fill[k]]) for k in carry}
+                start, carry = len(perm[:need]), None
+                if len(batch["timesteps"]) < self.batch_size:
+                    carry = batch
+                    continue
+                yield {k: torch.from_numpy(v) for k, v in batch.items()}
+            for begin in range(start, len(perm), self.batch_size):
+                idx = perm[begin:begin + self.batch_size]
+                samples = self._gather(data, idx)
+                if len(idx) < self.batch_size:
+                    carry = samples
+                    break
+                yield {k: torch.from_numpy(v) for k, v in samples.items()}
         if carry is not None and len(carry["timesteps"]):
             yield {k: torch.from_numpy(v) for k, v in carry.items()}  # the epoch's last, smaller batch
 
@@ -107,10 +124,27 @@ def weighted_mse(output, target, guidance_scale, weighting: str) -> torch.Tensor
 
 
 def adapter_config_for(config: TrainConfig, manifest: dict) -> AdapterConfig:
+    """The adapter architecture for this store's base: family defaults filled in, text widths read
+    from the recorded prompt embeddings."""
+    recorded = manifest["base_model"]
+    family = recorded.get("family", "dit")
+    conditioning = recorded.get("conditioning", "class")
+    condition_on = list(config.condition_on) or default_condition_on(conditioning)
+    wrong = {"class"} if conditioning == "text" else {"text", "text_tokens"}
+    if wrong & set(condition_on):
+        raise ConfigError(f"train.condition_on: {sorted(wrong & set(condition_on))} do not apply to this "
+                          f"{conditioning}-conditional {family} store; use {default_condition_on(conditioning)}")
+    arrays = condition_arrays(manifest)
+    try:
+        placement = resolve_placement(family, config.placement)
+    except ModelError as err:
+        raise ConfigError(f"train.placement: {err}") from None
     return AdapterConfig(
-        kind=config.adapter, placement=config.placement, width=config.width, embed_dim=config.embed_dim,
-        fourier_frequencies=config.fourier_frequencies, condition_on=list(config.condition_on),
-        num_classes=manifest["base_model"]["num_classes"],
+        kind=config.adapter, placement=placement, width=config.width, embed_dim=config.embed_dim,
+        fourier_frequencies=config.fourier_frequencies, condition_on=condition_on,
+        num_classes=recorded["num_classes"],
+        text_dim=arrays["prompt_embeds"]["shape"][-1] if "prompt_embeds" in arrays else 0,
+        pooled_dim=arrays["pooled_prompt_embeds"]["shape"][-1] if "pooled_prompt_embeds" in arrays else 0,
         guidance_scale_unit=max(1.0, manifest["guidance"]["max"] - 1.0),
         guidance_gate=config.guidance_gate,
     )
@@ -130,17 +164,18 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     device = resolve_device(config.device)
     accelerator = Accelerator(cpu=device == "cpu")
     recorded = manifest["base_model"]
-    base = load_base_model(config.base_model or recorded["id"], device=accelerator.device)
+    base = load_base_model(config.base_model or recorded["id"], device=accelerator.device, with_vae=False)
     if base.weights_fingerprint() != recorded["weights_fingerprint"]:
         raise ModelError(
             f"{config.store} was recorded with weights {recorded['weights_fingerprint']} of {recorded['id']!r}, "
             f"but {base.model_id!r} has weights {base.weights_fingerprint()}: the targets do not belong to this "
             "base. Re-run stage one (generate) for this base, or point train.base_model at the recorded one."
         )
+    adapter_config = adapter_config_for(config, manifest)
     torch.manual_seed(config.seed)
-    model = AdaptedModel(base, adapter_config_for(config, manifest))
+    model = AdaptedModel(base, adapter_config)
     report = model.parameter_report()
-    log(f"adapters: {config.adapter} at {config.placement} x{len(model.adapters)}, "
+    log(f"adapters: {config.adapter} at {adapter_config.placement} x{len(model.adapters)}, "
         f"{report['adapter']:,} parameters = {100 * report['share']:.2f} % of the base's {report['base']:,}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
@@ -173,7 +208,8 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
             batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
             x = batch["model_input"].float()
             target = batch["guided_output"].float()
-            output = model(x, batch["timesteps"], batch["class_label"], batch["guidance_scale"])
+            cond = {k: batch[k] for k in condition_arrays(manifest)}
+            output = model(x, batch["timesteps"], cond, batch["guidance_scale"])
             loss = weighted_mse(output[:, :channels].float(), target, batch["guidance_scale"],
                                 config.loss_weighting)
             if not torch.isfinite(loss):
@@ -199,6 +235,7 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
                   "shard_checksums": [s.get("checksum") for s in store.shards]},
         "sampler": manifest["sampler"],
         "guidance": manifest["guidance"],
+        "negative_prompt": manifest.get("negative_prompt", ""),
         "final_loss": final_loss,
     })
     shutil.rmtree(checkpoint, ignore_errors=True)

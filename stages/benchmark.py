@@ -11,8 +11,8 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.benchmark", description=__doc__)
     parser.add_argument("what", choices=["step-time", "parameters", "gap-closed"], help="which benchmark")
-    parser.add_argument("--architectures", default="dit-xl-2-256,toy-dit-8x8",
-                        help="comma-separated: dit-xl-2-256, toy-dit-8x8")
+    parser.add_argument("--architectures", default="",
+                        help="comma-separated: dit-xl-2-256, sd-2.1-unet, sdxl-unet, sd3-medium, toy-dit-8x8 (step-time defaults to dit-xl-2-256,sd-2.1-unet)")
     parser.add_argument("--batch-sizes", default="1,4", help="step-time: batch sizes (images)")
     parser.add_argument("--repeats", type=int, default=3, help="step-time: timed repeats (median)")
     parser.add_argument("--adapters", default="data/adapters",
@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from agd_pipeline.benchmark import ARCHITECTURES, parameter_table, step_times
 
-    names = [n for n in args.architectures.split(",") if n]
+    default = "dit-xl-2-256,sd-2.1-unet" if args.what == "step-time" else \
+        "dit-xl-2-256,sd-2.1-unet,sdxl-unet,sd3-medium,toy-dit-8x8"
+    names = [n for n in (args.architectures or default).split(",") if n]
     unknown = [n for n in names if n not in ARCHITECTURES]
     if unknown:
         print(f"error: unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}", file=sys.stderr)
@@ -60,8 +62,9 @@ def main(argv=None) -> int:
         for name in names:
             for r in parameter_table(name):
                 rows.append(r)
-                print(f"| {name} | {r['kind']} | {r['placement']} | {r['width']} | "
-                      f"{r['adapter_parameters']:,} | {r['share_percent']:.2f} % |")
+                width = f"**{r['width']}** (~2 %)" if "reaches_target_percent" in r else r["width"]
+                print(f"| {name} | {r['kind']} | {r['placement']} | {width} | "
+                      f"{r['adapter_parameters']:,} | {r['share_percent']:.2f} % |", flush=True)
     out = Path(args.out or f"docs/benchmarks/{args.what}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,5 +1,7 @@
-"""Sample images with trained adapters: one network evaluation per step. With --cfg the same seeds
-are sampled with plain classifier-free guidance (two evaluations per step) for comparison."""
+"""Sample images with trained adapters: one network evaluation per step, decoded with the
+pipeline's VAE and written as PNGs. With --cfg the same seeds are sampled with plain
+classifier-free guidance (two evaluations per step) for comparison. Class-conditional models take
+--classes; text models (SD, SDXL, SD3) take --prompt and/or --prompts-file."""
 
 import argparse
 import sys
@@ -13,7 +15,13 @@ def main(argv=None) -> int:
     parser.add_argument("--base-model", default="", help="base model; empty takes the adapters' own")
     parser.add_argument("--guidance-scale", "-w", type=float, default=4.0, help="guidance scale w")
     parser.add_argument("--classes", default="", help="comma-separated class ids; empty means all")
-    parser.add_argument("--per-class", type=int, default=8, help="images per class")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="text models: a prompt (repeat the option for several)")
+    parser.add_argument("--prompts-file", default="", help="text models: a file with one prompt per line")
+    parser.add_argument("--negative-prompt", default="", help="text models, with --cfg: negative prompt of "
+                        "CFG's unconditional branch; empty takes the one the adapters were distilled with "
+                        "(AGD itself makes no unconditional call)")
+    parser.add_argument("--per-class", type=int, default=8, help="images per class (or per prompt)")
     parser.add_argument("--steps", type=int, default=0, help="sampling steps; 0 takes the training data's")
     parser.add_argument("--seed", type=int, default=0, help="seed; image i's noise depends on (seed, i)")
     parser.add_argument("--cfg", action="store_true", help="adapters off: plain CFG, 2 evaluations per step")
@@ -25,8 +33,14 @@ def main(argv=None) -> int:
 
     try:
         classes = [int(c) for c in args.classes.replace(",", " ").split()] if args.classes.strip() else None
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            from agd_pipeline.models import read_prompts
+
+            prompts += read_prompts(args.prompts_file)
         result = sample_images(args.adapters, args.guidance_scale, classes, args.per_class, args.steps,
-                               args.seed, not args.cfg, args.base_model, args.device, args.batch_size)
+                               args.seed, not args.cfg, args.base_model, args.device, args.batch_size,
+                               prompts=prompts, negative_prompt=args.negative_prompt)
         out = save_images(result, args.out_dir)
     except ValueError as err:
         print(f"error: --classes must be integers ({err})", file=sys.stderr)

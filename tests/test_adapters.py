@@ -17,8 +17,8 @@ from agd_pipeline.models import count_parameters, load_base_model
 from conftest import make_base_folder
 
 KINDS = ("bottleneck", "offset", "cross_attention")
-# every placement the library defines (at least these two)
-PLACEMENTS = tuple(getattr(adapters_module, "PLACEMENTS", ("attention", "block")))
+# every placement the library defines for DiT (at least these two)
+PLACEMENTS = tuple(adapters_module.PLACEMENTS["dit"])
 assert {"attention", "block"} <= set(PLACEMENTS)
 COMBOS = list(itertools.product(KINDS, PLACEMENTS))
 

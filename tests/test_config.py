@@ -195,8 +195,12 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
 
 
 def test_unsupported_model_folder_is_named(tmp_path):
-    folder = tmp_path / "sd"
+    folder = tmp_path / "flux"
     folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelError, match="FluxPipeline.*Supported families: .*DiT.*Stable Diffusion.*SDXL.*SD3"):
+        load_base_model(str(folder))
+    # a supported pipeline whose denoiser folder is missing
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(ModelError, match="StableDiffusionPipeline"):
+    with pytest.raises(ModelError, match="StableDiffusionPipeline.*unet/"):
         load_base_model(str(folder))
