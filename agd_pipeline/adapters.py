@@ -396,12 +396,21 @@ def load_adapted_model(folder: str | Path, base: BaseModel | None = None, device
             "Adapters only load into the architecture they were trained on."
         )
     if base.weights_fingerprint() != recorded["weights_fingerprint"]:
-        warnings.warn(
-            f"{folder}: adapters were trained on weights {recorded['weights_fingerprint']} of {recorded['id']!r}; "
-            f"loading them into different weights {base.weights_fingerprint()} of the same architecture "
-            f"({base.model_id!r}), e.g. a fine-tune. Guidance may transfer imperfectly.",
-            stacklevel=2,
-        )
+        dtypes = {recorded.get("dtype", "float32"), base.describe()["dtype"]}
+        if len(dtypes) == 2 and "bfloat16" in dtypes:  # bf16 rounds differently: no fingerprint match
+            message = (f"{folder}: adapters were trained on the base in {recorded.get('dtype')}, loaded now in "
+                       f"{base.describe()['dtype']}; bfloat16 weights cannot be matched to the recorded "
+                       "fingerprint, so a different checkpoint would go unnoticed here.")
+        else:
+            message = (f"{folder}: adapters were trained on weights {recorded['weights_fingerprint']} of "
+                       f"{recorded['id']!r}; loading them into different weights {base.weights_fingerprint()} "
+                       f"of the same architecture ({base.model_id!r}), e.g. a fine-tune. Guidance may "
+                       "transfer imperfectly.")
+        warnings.warn(message, stacklevel=2)
+    return _load_weights(folder, base, config)
+
+
+def _load_weights(folder: Path, base: BaseModel, config: dict) -> AdaptedModel:
     adapter_config = AdapterConfig(**config["adapter"])
     model = AdaptedModel(base, adapter_config)
     weights = folder / ADAPTER_WEIGHTS

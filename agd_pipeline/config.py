@@ -49,6 +49,12 @@ class StageConfig:
         return dataclasses.asdict(self)
 
 
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name or "float32"]
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -127,6 +133,8 @@ class GenerateConfig(StageConfig):
     compressor: str = option("blosc-zstd", "on-disk codec", ("blosc-zstd", "zstd", "none"))
     record_branches: bool = option(False, "also store the conditional and unconditional outputs")
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+    dtype: str = option("float32", "dtype the base model runs in (float16/bfloat16 halve GPU memory and time; "
+                        "the store is fp16 either way)", ("float32", "float16", "bfloat16"))
 
     def check(self) -> None:
         for name in ("trajectories_per_class", "trajectories_per_prompt", "num_steps", "batch_size",
@@ -185,6 +193,8 @@ class TrainConfig(StageConfig):
     weight_decay: float = option(0.0, "AdamW weight decay")
     seed: int = option(0, "seed for initialisation and shuffling")
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
+    dtype: str = option("", "dtype the frozen base runs in; empty takes the one stage one used (the "
+                        "adapters themselves train in float32)", ("", "float32", "float16", "bfloat16"))
     verify: str = option("full", "store check before training: full re-reads every shard against its "
                          "checksum (never train on corrupted data); cheap checks presence and shapes",
                          ("full", "cheap"))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import GenerateConfig, resolve_device
+from .config import GenerateConfig, resolve_device, torch_dtype
 from .errors import ConfigError
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import Step, generators_for, initial_noise, sample, trajectory_seed
@@ -170,7 +170,8 @@ def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: b
 def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
     """Write (or finish) the trajectory store described by ``config``. Returns a summary."""
     device = resolve_device(config.device)
-    base = load_base_model(config.base_model, device=device, scheduler=config.scheduler, with_vae=False)
+    base = load_base_model(config.base_model, device=device, dtype=torch_dtype(config.dtype),
+                           scheduler=config.scheduler, with_vae=False)
     conditions = resolve_conditions(config, base, progress)
     writer = StoreWriter(config.out_dir, store_header(config, base, conditions))
     pending = writer.pending()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .adapters import load_adapted_model, read_adapter_config
-from .config import resolve_device
+from .config import resolve_device, torch_dtype
 from .errors import ConfigError
 from .models import encode_prompts, load_base_model
 from .sampling import ImageSampler, trajectory_seed
@@ -22,7 +22,7 @@ from .sampling import ImageSampler, trajectory_seed
 def sample_images(adapters: str, guidance_scale: float, classes: list[int] | None = None, per_class: int = 4,
                   steps: int = 0, seed: int = 0, use_adapters: bool = True, base_model: str = "",
                   device: str = "auto", batch_size: int = 64, prompts: list[str] | None = None,
-                  negative_prompt: str = "") -> dict:
+                  negative_prompt: str = "", dtype: str = "float32") -> dict:
     """Sample ``per_class`` images of each class (class models) or of each prompt (text models);
     returns images in [-1, 1] decoded with the pipeline's VAE, their labels and timing."""
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -30,7 +30,8 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
     if per_class <= 0 or batch_size <= 0:
         raise ConfigError("per_class and batch_size must be positive")
     adapter_config = read_adapter_config(adapters)
-    base = load_base_model(base_model or adapter_config["base_model"]["id"], device=resolve_device(device))
+    base = load_base_model(base_model or adapter_config["base_model"]["id"], device=resolve_device(device),
+                           dtype=torch_dtype(dtype))
     adapted = load_adapted_model(adapters, base) if use_adapters else None
     uncond = None
     if base.conditioning == "class":

@@ -149,6 +149,7 @@ class BaseModel:
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """One network evaluation: the full output (prediction and, if learned, sigma channels)."""
         t = _batch_timesteps(t, x)
+        x = x.to(self.dtype)
         c = self._inputs(self.as_condition(cond))
         if self.family == "dit":
             return self.net(x, timestep=t, class_labels=c["class_label"]).sample
@@ -209,12 +210,18 @@ class BaseModel:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def weights_fingerprint(self) -> str:
-        """Hash of the denoiser's weights: differs between checkpoints of one architecture."""
+        """Hash of the denoiser's weights: differs between checkpoints of one architecture.
+
+        Floating weights are hashed as float16, so one checkpoint loaded in float32 or float16 has
+        one fingerprint (bfloat16 rounds differently and gets its own)."""
         if "weights_fingerprint" not in self.info:
             digest = hashlib.sha256()
             for name, tensor in sorted(self.net.state_dict().items()):
                 digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                tensor = tensor.detach().cpu()
+                if tensor.is_floating_point():
+                    tensor = tensor.to(torch.float16)
+                digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
             self.info["weights_fingerprint"] = digest.hexdigest()[:16]
         return self.info["weights_fingerprint"]
 
@@ -229,6 +236,7 @@ class BaseModel:
             "latent_shape": list(self.latent_shape),
             "prediction_type": self.prediction_type,
             "learned_sigma": self.learned_sigma,
+            "dtype": str(self.dtype).removeprefix("torch."),
             "architecture_fingerprint": self.architecture_fingerprint(),
             "weights_fingerprint": self.weights_fingerprint(),
             "parameters": count_parameters(self.net),

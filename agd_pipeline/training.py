@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, AdapterConfig, default_condition_on, resolve_placement, save_adapters
-from .config import TrainConfig, resolve_device
+from .config import TrainConfig, resolve_device, torch_dtype
 from .errors import AgdError, ConfigError, ModelError
 from .models import load_base_model
 from .store import StoreError, TrajectoryStore, condition_arrays
@@ -164,7 +164,8 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     device = resolve_device(config.device)
     accelerator = Accelerator(cpu=device == "cpu")
     recorded = manifest["base_model"]
-    base = load_base_model(config.base_model or recorded["id"], device=accelerator.device, with_vae=False)
+    base = load_base_model(config.base_model or recorded["id"], device=accelerator.device, with_vae=False,
+                           dtype=torch_dtype(config.dtype or recorded.get("dtype", "float32")))
     if base.weights_fingerprint() != recorded["weights_fingerprint"]:
         raise ModelError(
             f"{config.store} was recorded with weights {recorded['weights_fingerprint']} of {recorded['id']!r}, "

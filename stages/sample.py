@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", action="store_true", help="adapters off: plain CFG, 2 evaluations per step")
     parser.add_argument("--batch-size", type=int, default=64, help="images sampled together")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype the base model runs in")
     parser.add_argument("--out-dir", default="samples", help="folder for the PNGs, grid.png, samples.json")
     args = parser.parse_args(argv)
     from agd_pipeline.inference import sample_images, save_images
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
             prompts += read_prompts(args.prompts_file)
         result = sample_images(args.adapters, args.guidance_scale, classes, args.per_class, args.steps,
                                args.seed, not args.cfg, args.base_model, args.device, args.batch_size,
-                               prompts=prompts, negative_prompt=args.negative_prompt)
+                               prompts=prompts, negative_prompt=args.negative_prompt, dtype=args.dtype)
         out = save_images(result, args.out_dir)
     except ValueError as err:
         print(f"error: --classes must be integers ({err})", file=sys.stderr)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import agd_pipeline.generation as generation
-from agd_pipeline.errors import StoreError
+from agd_pipeline.errors import ConfigError, StoreError
 from agd_pipeline.generation import trajectory_plan
 from agd_pipeline.models import load_base_model
 from agd_pipeline.sampling import generators_for, initial_noise
@@ -360,3 +360,17 @@ def test_missing_store_is_reported(tmp_path):
         TrajectoryStore(tmp_path / "nowhere")
     result = run_cli("stages.inspect", tmp_path / "nowhere")
     assert result.returncode == 2 and "error:" in result.stderr
+
+
+def test_classes_file_selects_the_classes(tiny_base_dir, tmp_path):
+    (tmp_path / "classes.txt").write_text("3, 8\n")
+    generate_store(tiny_base_dir, tmp_path / "store", classes_file=str(tmp_path / "classes.txt"),
+                   trajectories_per_class=2)
+    data = read_all_shards(tmp_path / "store")["shard-000000.zarr"]
+    assert data["class_label"].tolist() == [3, 8, 3, 8]
+    (tmp_path / "bad.txt").write_text("3 eight\n")
+    with pytest.raises(ConfigError, match="bad.txt.*not a class id"):
+        generate_store(tiny_base_dir, tmp_path / "other", classes_file=str(tmp_path / "bad.txt"))
+    (tmp_path / "big.txt").write_text("3 12\n")
+    with pytest.raises(ConfigError, match=r"\[12\] are not classes of the model \(0..9\)"):
+        generate_store(tiny_base_dir, tmp_path / "other", classes_file=str(tmp_path / "big.txt"))

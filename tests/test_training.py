@@ -239,3 +239,13 @@ def test_moved_base_can_be_named_explicitly(tmp_path):
     other = make_base_folder(tmp_path / "other", seed=1)
     with pytest.raises(ModelError, match="train.base_model"):
         training.train(train_config(root, tmp_path / "c", base_model=str(other)), **QUIET)
+
+
+def test_adapter_settings_that_do_not_fit_the_store_are_refused(tiny_store, tmp_path):
+    from agd_pipeline.errors import ConfigError
+
+    base = {"store": str(tiny_store), "out_dir": str(tmp_path / "a"), "steps": 2, "device": "cpu"}
+    with pytest.raises(ConfigError, match=r"train.condition_on: \['text'\] do not apply to this class-conditional"):
+        training.train(load_config(TrainConfig, {**base, "condition_on": ["guidance", "text"]}), **QUIET)
+    with pytest.raises(ConfigError, match="train.placement: .*'cross_attention' is not defined for the 'dit' family"):
+        training.train(load_config(TrainConfig, {**base, "placement": "cross_attention"}), **QUIET)
