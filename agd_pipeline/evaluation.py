@@ -68,6 +68,9 @@ class CleanFid:
         return float(fid.fid_from_feats(self.features(folder_a), self.features(folder_b)))
 
 
+MAX_GRID_ROWS = 16  # classes shown in a grid (ImageNet has 1,000)
+
+
 def grid_figure(panels: dict[str, np.ndarray], labels: np.ndarray, columns: int, title: str, path: Path):
     """One PNG: a block per method (rows = classes, columns = samples), side by side."""
     import matplotlib
@@ -75,14 +78,17 @@ def grid_figure(panels: dict[str, np.ndarray], labels: np.ndarray, columns: int,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = sorted(set(labels.tolist()))
+    classes = sorted(set(labels.tolist()))[:MAX_GRID_ROWS]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for ax, (name, images) in zip(np.atleast_1d(axes), panels.items()):
         rows = []
+        border = ((0, 0), (1, 1), (1, 1)) + (((0, 0),) if images.ndim == 4 else ())  # grey or colour
         for c in classes:
             picks = images[labels == c][:columns]
-            rows.append(np.concatenate(list(np.pad(picks, ((0, 0), (1, 1), (1, 1)), constant_values=64)), axis=1))
-        ax.imshow(np.concatenate(rows, axis=0), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            rows.append(np.concatenate(list(np.pad(picks, border, constant_values=64)), axis=1))
+        grey = images.ndim == 3
+        ax.imshow(np.concatenate(rows, axis=0), cmap="gray" if grey else None, vmin=0, vmax=255,
+                  interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -204,3 +205,19 @@ def test_unsupported_model_folder_is_named(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ModelError, match="StableDiffusionPipeline.*unet/"):
         load_base_model(str(folder))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_configs_for_real_models_validate(path):
+    """Every key and value of the shipped per-model params files passes the stage's checks."""
+    from agd_pipeline.config import GenerateConfig, TrainConfig
+
+    generate = load_config(GenerateConfig, path)
+    train = load_config(TrainConfig, path)
+    assert generate.base_model and generate.out_dir == train.store
+    # the paper's settings: text models one trajectory per prompt with w ~ U[1, 12], DiT 4 per class, U[1, 6]
+    if generate.prompts_file:
+        assert (generate.trajectories_per_prompt, generate.guidance_min, generate.guidance_max) == (1, 1.0, 12.0)
+    else:
+        assert (generate.trajectories_per_class, generate.guidance_min, generate.guidance_max) == (4, 1.0, 6.0)

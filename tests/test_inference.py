@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,15 @@ def test_sample_command_rejects_bad_input(trained_adapters, tmp_path, args, mess
     result = run_cli("stages.sample", "--adapters", trained_adapters, "--out-dir", tmp_path / "x", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_grids_draw_grey_and_colour_images(tmp_path):
+    from PIL import Image
+
+    from agd_pipeline.evaluation import grid_figure
+
+    labels = np.repeat(np.arange(20), 2)
+    for shape, name in (((40, 8, 8), "grey.png"), ((40, 8, 8, 3), "colour.png")):
+        images = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+        grid_figure({"a": images, "b": images}, labels, 2, "t", tmp_path / name)
+        assert Image.open(tmp_path / name).size[0] > 100
