@@ -132,6 +132,12 @@ class GenerateConfig(StageConfig):
                                      "independent of batch_size, so a run can resume with another batch size")
     compressor: str = option("blosc-zstd", "on-disk codec", ("blosc-zstd", "zstd", "none"))
     record_branches: bool = option(False, "also store the conditional and unconditional outputs")
+    verify: str = option("cheap", "check of the shards already complete before resuming: cheap (presence "
+                         "and shapes) or full (re-read every array against its checksum); damaged ones "
+                         "are written again", ("cheap", "full"))
+    restart_on_mismatch: bool = option(False, "when out_dir holds a store written with other settings, delete "
+                                       "it and start over (under DVC the old store stays in DVC's cache); "
+                                       "otherwise refuse")
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
     dtype: str = option("float32", "dtype the base model runs in (float16/bfloat16 halve GPU memory and time; "
                         "the store is fp16 either way)", ("float32", "float16", "bfloat16"))

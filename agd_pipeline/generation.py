@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from dataclasses import dataclass, field
@@ -12,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import GenerateConfig, resolve_device, torch_dtype
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import Step, generators_for, initial_noise, sample, trajectory_seed
-from .store import StoreWriter
+from .store import StoreWriter, shard_name
 
 
 def trajectory_plan(run_seed: int, indices, conditions, w_min: float, w_max: float,
@@ -167,36 +168,116 @@ def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: b
     return {**out, **stored, **plan}
 
 
+def distributed_context():
+    """(rank, world size, local rank) under torchrun / accelerate launch, else (0, 1, 0). Starts the
+    process group (gloo on CPU, NCCL on GPUs) when there are several processes."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("AGD_FORCE_GLOO") != "1" else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _collective(fn) -> None:
+    """Run ``fn`` on rank 0; every rank waits for it and raises its error, if any."""
+    import torch.distributed as dist
+
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error[0] = err
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+
+
 def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
-    """Write (or finish) the trajectory store described by ``config``. Returns a summary."""
+    """Write (or finish) the trajectory store described by ``config``. Returns a summary.
+
+    Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) each process writes the shards
+    whose index is its rank modulo N; trajectory i depends only on (seed, i), so the store is the
+    same whatever N is. Killed at any moment, the same command finishes it.
+    """
+    rank, world, local_rank = distributed_context()
     device = resolve_device(config.device)
+    if world > 1 and device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{local_rank}"
     base = load_base_model(config.base_model, device=device, dtype=torch_dtype(config.dtype),
                            scheduler=config.scheduler, with_vae=False)
-    conditions = resolve_conditions(config, base, progress)
-    writer = StoreWriter(config.out_dir, store_header(config, base, conditions))
-    pending = writer.pending()
+    conditions = resolve_conditions(config, base, progress and rank == 0)
+    header = store_header(config, base, conditions)
+    if world > 1:
+        # Rank 0 creates, checks or restarts the store; the others open it once that is done (or
+        # all stop with rank 0's error).
+        opened = {}
+
+        def open_first() -> None:
+            opened["writer"] = StoreWriter(config.out_dir, header, 0, world, config.restart_on_mismatch)
+
+        _collective(open_first)
+        writer = opened.get("writer") or StoreWriter(config.out_dir, header, rank, world)
+    else:
+        writer = StoreWriter(config.out_dir, header, restart_on_mismatch=config.restart_on_mismatch)
+    pending = writer.pending(verify=config.verify)
     total = writer.header["num_trajectories"]
-    if not pending:
-        log(f"{config.out_dir}: all {writer.num_shards} shards ({total} trajectories) already complete; "
-            "nothing to do")
-        return {"written_shards": 0, "trajectories": total, "seconds": 0.0}
-    done_before = writer.num_shards - len(pending)
-    if done_before:
-        log(f"{config.out_dir}: resuming, {done_before} of {writer.num_shards} shards already complete")
-    todo = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in pending)
+    mine = writer.owned(pending)
+    if rank == 0:
+        if not pending:
+            log(f"{config.out_dir}: all {writer.num_shards} shards ({total} trajectories) already complete; "
+                "nothing to do")
+        elif len(pending) < writer.num_shards:
+            log(f"{config.out_dir}: resuming, {writer.num_shards - len(pending)} of {writer.num_shards} shards "
+                "already complete")
+    todo = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in mine)
     started = time.perf_counter()
-    with tqdm(total=todo, desc="generate: CFG trajectories", unit="traj", disable=not progress) as bar:
-        for index in pending:
-            shard = writer.begin_shard(index)
-            for batch_start in range(shard.start, shard.stop, config.batch_size):
-                batch_stop = min(shard.stop, batch_start + config.batch_size)
-                plan = conditions.plan(config.seed, range(batch_start, batch_stop),
-                                       config.guidance_min, config.guidance_max)
-                arrays = record_batch(base, plan, config.num_steps, config.record_branches, conditions)
-                shard.write(batch_start - shard.start, arrays)
-                bar.update(batch_stop - batch_start)
-            shard.finish()
+    desc = "generate: CFG trajectories" + (f" (rank {rank}/{world})" if world > 1 else "")
+    with tqdm(total=todo, desc=desc, unit="traj", disable=not progress or not mine, position=rank) as bar:
+        for index in mine:
+            _write_shard(writer, index, config, base, conditions, bar)
     seconds = time.perf_counter() - started
-    log(f"{config.out_dir}: wrote {len(pending)} shard(s), {todo} trajectories x {config.num_steps} steps "
-        f"in {seconds:.1f} s ({todo / seconds:.1f} trajectories/s)")
-    return {"written_shards": len(pending), "trajectories": total, "seconds": seconds}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's shards are on disk: rank 0 brings the manifest up to date
+        if rank == 0:
+            left = writer.refresh()
+            if left:
+                raise StoreError(f"{config.out_dir}: shards {left[:5]} are still missing after every rank finished")
+    if todo:
+        log(f"{config.out_dir}: {'rank %d wrote ' % rank if world > 1 else 'wrote '}{len(mine)} shard(s), "
+            f"{todo} trajectories x {config.num_steps} steps in {seconds:.1f} s ({todo / seconds:.1f} trajectories/s)")
+    return {"written_shards": len(mine), "trajectories": total, "seconds": seconds, "rank": rank,
+            "world_size": world}
+
+
+def _write_shard(writer: StoreWriter, index: int, config: GenerateConfig, base: BaseModel,
+                 conditions: Conditions, bar) -> None:
+    """Sample and write one whole shard. A failing disk (full, read-only) stops the run with a
+    message; the shards completed before stay valid, and the same command resumes."""
+    name = shard_name(index)
+    try:
+        shard = writer.begin_shard(index)
+        for batch_start in range(shard.start, shard.stop, config.batch_size):
+            batch_stop = min(shard.stop, batch_start + config.batch_size)
+            plan = conditions.plan(config.seed, range(batch_start, batch_stop),
+                                   config.guidance_min, config.guidance_max)
+            arrays = record_batch(base, plan, config.num_steps, config.record_branches, conditions)
+            shard.write(batch_start - shard.start, arrays)
+            bar.update(batch_stop - batch_start)
+        shard.finish()
+    except OSError as err:
+        reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                  errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(
+            err.errno, err.strerror or str(err))
+        raise StoreError(
+            f"{writer.root / name}: cannot write ({reason}). The shards completed before this one are "
+            "intact; free space or fix permissions, then run the same command again to resume."
+        ) from None

@@ -7,7 +7,22 @@ import numpy as np
 from .store import TrajectoryStore, _folder_bytes
 
 
-def summarise(store: TrajectoryStore, bins: int = 10, scheduler: str | None = None) -> dict:
+def summarise(store: TrajectoryStore, bins: int = 10, scheduler: str | None = None, workers: int = 2) -> dict:
+    """Statistics computed chunk by chunk. ``scheduler``: a dask scheduler name, "distributed" for a
+    dask.distributed LocalCluster, or a distributed scheduler's address."""
+    if scheduler == "distributed" or (scheduler or "").startswith(("tcp://", "tls://", "inproc://")):
+        from dask.distributed import Client, LocalCluster
+
+        if scheduler == "distributed":
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                              dashboard_address=None) as cluster, Client(cluster) as client:
+                return _summarise(store, bins, client.get)
+        with Client(scheduler) as client:
+            return _summarise(store, bins, client.get)
+    return _summarise(store, bins, scheduler)
+
+
+def _summarise(store: TrajectoryStore, bins: int, scheduler) -> dict:
     import dask
     import dask.array as da
 

@@ -31,7 +31,7 @@ from .errors import StoreError
 # We write consolidated metadata on purpose (one read opens a shard); zarr warns that v3 has no spec for it.
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: condition arrays in the header, a checksum per array
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 
@@ -116,23 +116,26 @@ def _iter_slices(length: int, step: int):
         yield slice(start, min(length, start + step))
 
 
-def shard_checksum(group: zarr.Group, check_finite: bool = False) -> tuple[str, list[str]]:
-    """SHA-256 of every array's decoded contents (name, dtype, shape, bytes), read chunk-row by
-    chunk-row so a large shard never sits in memory whole. Also returns non-finite arrays."""
-    digest = hashlib.sha256()
-    non_finite = []
-    for name in sorted(group.array_keys()):
-        arr = group[name]
-        digest.update(f"{name}|{arr.dtype}|{arr.shape}".encode())
-        finite = True
-        for sl in _iter_slices(arr.shape[0], arr.chunks[0]):
-            block = np.ascontiguousarray(arr[sl])
-            digest.update(block.tobytes())
-            if check_finite and block.dtype.kind == "f" and not np.isfinite(block).all():
-                finite = False
-        if not finite:
-            non_finite.append(name)
-    return digest.hexdigest(), non_finite
+def array_checksum(arr, check_finite: bool = False) -> tuple[str, bool]:
+    """SHA-256 of an array's decoded contents (dtype, shape, bytes), read chunk-row by chunk-row so
+    a large shard never sits in memory whole; and whether every value is finite (if asked)."""
+    digest = hashlib.sha256(f"{arr.dtype}|{arr.shape}".encode())
+    finite = True
+    for sl in _iter_slices(arr.shape[0], arr.chunks[0]):
+        block = np.ascontiguousarray(arr[sl])
+        digest.update(block.tobytes())
+        if check_finite and block.dtype.kind == "f" and not np.isfinite(block).all():
+            finite = False
+    return digest.hexdigest(), finite
+
+
+def array_checksums(group: zarr.Group) -> dict[str, str]:
+    return {name: array_checksum(group[name])[0] for name in sorted(group.array_keys())}
+
+
+def combined_checksum(sums: dict[str, str]) -> str:
+    """One checksum for a shard, from its arrays' checksums."""
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(sums.items())).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------- writer
@@ -173,69 +176,144 @@ class ShardWriter:
         expected = self.stop - self.start
         if self.written != expected:
             raise StoreError(f"{self.partial}: {self.written} of {expected} trajectories written")
-        checksum, _ = shard_checksum(self.group)
-        self.group.attrs["checksum"] = checksum
+        sums = array_checksums(self.group)
+        self.group.attrs.update({"checksum": combined_checksum(sums), "checksums": sums,
+                                 "trajectories": expected})
         zarr.consolidate_metadata(str(self.partial))
+        # The rename is the commit point: a shard under its final name is complete, whatever
+        # happens to the process afterwards (the manifest catches up on the next run).
         os.replace(self.partial, self.final)
-        entry = {"name": shard_name(self.index), "first_trajectory": self.start, "trajectories": expected,
-                 "status": "complete", "checksum": checksum, "bytes": _folder_bytes(self.final)}
+        entry = self.store.entry_on_disk(self.index)
         self.store.mark_complete(self.index, entry)
         return entry
 
 
 class StoreWriter:
-    """Creates or resumes a store. ``pending()`` lists the shards still to write."""
+    """Creates or resumes a store. ``pending()`` lists the shards still to write.
 
-    def __init__(self, root: str | os.PathLike, header: dict):
+    Several processes may write one store: process ``rank`` of ``world_size`` owns the shards whose
+    index is ``rank`` modulo ``world_size`` (``owned``). Only rank 0 creates and rewrites the manifest;
+    the others' finished shards are picked up from disk (``refresh``). The caller makes rank 0 open
+    the store before the others do.
+    """
+
+    def __init__(self, root: str | os.PathLike, header: dict, rank: int = 0, world_size: int = 1,
+                 restart_on_mismatch: bool = False):
         self.root = Path(root)
         self.header = {"schema_version": SCHEMA_VERSION, **header}
+        self.rank, self.world_size = rank, world_size
         total, size = self.header["num_trajectories"], self.header["shard_size"]
         self.num_shards = -(-total // size)
-        self.manifest = self._open()
+        self.manifest = self._open(restart_on_mismatch)
 
     def shard_range(self, index: int) -> tuple[int, int]:
         size = self.header["shard_size"]
         return index * size, min(self.header["num_trajectories"], (index + 1) * size)
 
-    def _open(self) -> dict:
+    def _open(self, restart_on_mismatch: bool) -> dict:
         path = self.root / MANIFEST
         if path.exists():
-            manifest = read_manifest(self.root)
+            manifest = read_manifest(self.root, any_version=restart_on_mismatch)
             differing = [k for k in RUN_KEYS if manifest.get(k) != self.header.get(k)]
-            if differing:
-                details = "; ".join(f"{k}: store has {manifest.get(k)!r}, run asks {self.header.get(k)!r}"
-                                    for k in differing[:3])
+            if not differing:
+                return manifest
+            details = "; ".join(f"{k}: store has {_short(manifest.get(k))}, run asks {_short(self.header.get(k))}"
+                                for k in differing[:3])
+            if not restart_on_mismatch:
                 raise StoreError(
                     f"{self.root} holds a store written with other settings ({details}). Resuming would "
-                    "mix two runs: choose another out_dir, or delete this one to start over."
+                    "mix two runs: choose another out_dir, delete this one to start over, or set "
+                    "generate.restart_on_mismatch to let the run replace it."
                 )
-            return manifest
-        if self.root.exists() and any(self.root.iterdir()):
+            if self.rank == 0:
+                shutil.rmtree(self.root)
+        elif self.root.exists() and any(self.root.iterdir()):
             raise StoreError(f"{self.root} exists, is not empty and has no {MANIFEST}: refusing to write "
                              "a store into it; choose another out_dir")
+        if self.rank != 0:
+            raise StoreError(f"{self.root}: rank {self.rank} found no usable manifest; rank 0 creates it first")
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = {**self.header, "shards": [
             {"name": shard_name(i), "first_trajectory": self.shard_range(i)[0],
              "trajectories": self.shard_range(i)[1] - self.shard_range(i)[0], "status": "pending"}
             for i in range(self.num_shards)]}
-        _write_json_atomic(path, manifest)
+        self._write_manifest(manifest)
         return manifest
 
-    def pending(self) -> list[int]:
-        todo = []
+    def _write_manifest(self, manifest: dict) -> None:
+        try:
+            _write_json_atomic(self.root / MANIFEST, manifest)
+        except OSError as err:
+            raise StoreError(f"{self.root / MANIFEST}: cannot write ({err.strerror or err})") from None
+
+    def entry_on_disk(self, index: int) -> dict | None:
+        """The manifest entry of a shard that is complete under its final name, else None."""
+        final = self.root / shard_name(index)
+        if not final.is_dir():
+            return None
+        try:
+            attrs = dict(zarr.open_group(str(final), mode="r", use_consolidated=True).attrs)
+        except Exception:  # noqa: BLE001 - unreadable: not complete
+            return None
+        start, stop = self.shard_range(index)
+        if "checksum" not in attrs or attrs.get("trajectories") != stop - start:
+            return None
+        return {"name": shard_name(index), "first_trajectory": start, "trajectories": stop - start,
+                "status": "complete", "checksum": attrs["checksum"], "checksums": attrs.get("checksums", {}),
+                "bytes": _folder_bytes(final)}
+
+    def refresh(self) -> list[int]:
+        """Reconcile the manifest with the shards on disk; return the indices not complete.
+
+        A shard renamed into place by a run that died before updating the manifest (or by another
+        process) counts as complete; a shard the manifest lists but the disk lacks does not.
+        """
+        todo, changed = [], False
         for i, entry in enumerate(self.manifest["shards"]):
-            if entry["status"] != "complete" or not (self.root / entry["name"]).is_dir():
+            listed = entry.get("status") == "complete"
+            found = self.entry_on_disk(i) if not listed or not (self.root / entry["name"]).is_dir() else entry
+            if found is None:
                 todo.append(i)
-        for leftover in self.root.glob("*" + PARTIAL):  # from a killed run: never trusted
-            shutil.rmtree(leftover, ignore_errors=True)
+                if listed:
+                    self.manifest["shards"][i] = {**entry, "status": "pending"}
+                    changed = True
+            elif not listed:
+                self.manifest["shards"][i] = found
+                changed = True
+        if changed and self.rank == 0:
+            self._write_manifest(self.manifest)
         return todo
+
+    def pending(self, verify: str = "cheap") -> list[int]:
+        """Shards still to write: those not complete on disk, plus those of ours that fail the
+        check (``cheap``: presence and shapes; ``full``: every array re-read against its checksum),
+        whose folders are removed so they are written again."""
+        todo = set(self.refresh())
+        done = [i for i in self.owned(range(self.num_shards)) if i not in todo]
+        names = {shard_name(i): i for i in done}
+        damaged = {names[p.shard] for p in TrajectoryStore(self.root, self.manifest).problems(
+            full=verify == "full", only=set(names))}
+        for index in damaged:
+            shutil.rmtree(self.root / shard_name(index), ignore_errors=True)
+        if damaged:
+            self.refresh()
+        return sorted(todo | damaged)
+
+    def owned(self, indices: list[int]) -> list[int]:
+        return [i for i in indices if i % self.world_size == self.rank]
 
     def begin_shard(self, index: int) -> ShardWriter:
         return ShardWriter(self, index)
 
     def mark_complete(self, index: int, entry: dict) -> None:
         self.manifest["shards"][index] = entry
-        _write_json_atomic(self.root / MANIFEST, self.manifest)
+        if self.rank == 0:
+            self._write_manifest(self.manifest)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) < 120 else text[:117] + "..."
 
 
 def _folder_bytes(path: Path) -> int:
@@ -245,7 +323,7 @@ def _folder_bytes(path: Path) -> int:
 # --------------------------------------------------------------------------------------- reader
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
+def read_manifest(root: str | os.PathLike, any_version: bool = False) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not path.exists():
@@ -257,8 +335,9 @@ def read_manifest(root: str | os.PathLike) -> dict:
     except json.JSONDecodeError as err:
         raise StoreError(f"{path} is not valid JSON ({err}); re-run `python -m stages.generate`") from None
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise StoreError(f"{path}: store schema version {version!r}, this tool reads {SCHEMA_VERSION}")
+    if version != SCHEMA_VERSION and not any_version:
+        raise StoreError(f"{path}: store schema version {version!r}, this tool reads {SCHEMA_VERSION}; "
+                         "re-run `python -m stages.generate` into a new out_dir")
     return manifest
 
 
@@ -276,9 +355,9 @@ class Problem:
 class TrajectoryStore:
     """Read access to a complete store: manifest, shards, checks, dask arrays."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, manifest: dict | None = None):
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+        self.manifest = manifest if manifest is not None else read_manifest(self.root)
 
     @property
     def shards(self) -> list[dict]:
@@ -295,11 +374,14 @@ class TrajectoryStore:
     def open_shard(self, name: str) -> zarr.Group:
         return zarr.open_group(str(self.root / name), mode="r", use_consolidated=True)
 
-    def problems(self, full: bool = False) -> list[Problem]:
-        """Every way the shards disagree with the manifest. ``full`` re-reads all data."""
+    def problems(self, full: bool = False, only: set[str] | None = None) -> list[Problem]:
+        """Every way the shards (or the ``only`` ones) disagree with the manifest. ``full`` re-reads
+        all data."""
         found = []
         for entry in self.shards:
             name = entry["name"]
+            if only is not None and name not in only:
+                continue
             if entry.get("status") != "complete":
                 found.append(Problem(name, None, "not finished (the run that wrote it stopped early)"))
                 continue
@@ -323,12 +405,21 @@ class TrajectoryStore:
         return found
 
     def _verify_contents(self, name: str, group: zarr.Group, entry: dict) -> list[Problem]:
-        try:
-            checksum, non_finite = shard_checksum(group, check_finite=True)
-        except Exception as err:  # noqa: BLE001 - truncated chunks fail in the codec
-            return [Problem(name, _failing_array(group), f"unreadable: {type(err).__name__}: {err}")]
-        found = [Problem(name, a, "holds NaN or inf") for a in non_finite]
-        if checksum != entry.get("checksum"):
+        """Re-read every array: name each one that is unreadable (truncated, corrupted), holds NaN
+        or inf, or whose checksum differs from the manifest's."""
+        found, sums = [], {}
+        expected = entry.get("checksums") or {}
+        for array in sorted(group.array_keys()):
+            try:
+                sums[array], finite = array_checksum(group[array], check_finite=True)
+            except Exception as err:  # noqa: BLE001 - truncated chunks fail in the codec
+                found.append(Problem(name, array, f"unreadable ({type(err).__name__}: {err})"))
+                continue
+            if not finite:
+                found.append(Problem(name, array, "holds NaN or inf"))
+            if array in expected and sums[array] != expected[array]:
+                found.append(Problem(name, array, "checksum differs from the manifest (data changed on disk)"))
+        if not found and combined_checksum(sums) != entry.get("checksum"):
             found.append(Problem(name, None, "checksum differs from the manifest (data changed on disk)"))
         return found
 
@@ -340,9 +431,8 @@ class TrajectoryStore:
             more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
             raise StoreError(
                 f"trajectory store {self.root} is not sound ({len(found)} problem(s)):\n  {listing}{more}\n"
-                "Repair: re-run `python -m stages.generate` with the same settings; it rewrites only "
-                "the shards that are not complete (delete a corrupted shard's folder first so it is "
-                "regenerated)."
+                "Repair: re-run `python -m stages.generate --verify full` with the same settings; it "
+                "rewrites only the shards that are missing, unfinished or damaged."
             )
 
     def dask_arrays(self, names=None) -> dict:
@@ -369,12 +459,3 @@ class TrajectoryStore:
             for sl in _iter_slices(entry["trajectories"], rows):
                 ranges.append((entry["name"], sl.start, sl.stop))
         return ranges
-
-
-def _failing_array(group: zarr.Group) -> str | None:
-    for name in sorted(group.array_keys()):
-        try:
-            group[name][:]
-        except Exception:  # noqa: BLE001
-            return name
-    return None

@@ -15,7 +15,10 @@ def main(argv=None) -> int:
                         help="re-read every shard: checksums against the manifest, truncation, NaN/inf")
     parser.add_argument("--bins", type=int, default=10, help="bins of the w histogram")
     parser.add_argument("--scheduler", default=None,
-                        help="dask scheduler for the statistics (threads, processes, synchronous)")
+                        help="dask scheduler for the statistics: threads (default), processes, synchronous, "
+                        "distributed (a dask.distributed LocalCluster on this machine), or the address of a "
+                        "running dask.distributed scheduler (tcp://host:8786)")
+    parser.add_argument("--workers", type=int, default=2, help="with --scheduler distributed: worker processes")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     args = parser.parse_args(argv)
     from agd_pipeline.inspection import format_summary, summarise
@@ -28,10 +31,10 @@ def main(argv=None) -> int:
             print(f"{args.store}: {len(problems)} problem(s):")
             for p in problems:
                 print(f"  {p}")
-            print("Repair: re-run `python -m stages.generate` with the same settings (it rewrites shards "
-                  "that are not complete; delete a corrupted shard's folder first).")
+            print("Repair: re-run `python -m stages.generate --verify full` with the same settings; it "
+                  "rewrites only the shards that are missing, unfinished or damaged.")
             return 1
-        summary = summarise(store, bins=args.bins, scheduler=args.scheduler)
+        summary = summarise(store, bins=args.bins, scheduler=args.scheduler, workers=args.workers)
     except AgdError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
