@@ -131,6 +131,11 @@ class GenerateConfig(StageConfig):
     chunk_trajectories: int = option(50, "trajectories per Zarr chunk (the unit training reads); "
                                      "independent of batch_size, so a run can resume with another batch size")
     compressor: str = option("blosc-zstd", "on-disk codec", ("blosc-zstd", "zstd", "none"))
+    format: str = option("zarr", "store format: zarr (one Zarr group per shard, read by chunk rows) or "
+                         "webdataset (one tar per shard, a sample per trajectory, for streaming)",
+                         ("zarr", "webdataset"))
+    bitround_keepbits: int = option(0, "lossy: keep this many of float16's 10 mantissa bits of the latents "
+                                    "and outputs (numcodecs BitRound; 0 = lossless)")
     record_branches: bool = option(False, "also store the conditional and unconditional outputs")
     verify: str = option("cheap", "check of the shards already complete before resuming: cheap (presence "
                          "and shapes) or full (re-read every array against its checksum); damaged ones "
@@ -156,6 +161,8 @@ class GenerateConfig(StageConfig):
                 f"{self.key('guidance_min')} ({self.guidance_min}) is above "
                 f"{self.key('guidance_max')} ({self.guidance_max}): the range must be [min, max]"
             )
+        if not 0 <= self.bitround_keepbits <= 10:
+            self.fail("bitround_keepbits", "must lie in [0, 10] (float16 has 10 mantissa bits; 0 = lossless)")
         if self.guidance_max > 50:
             self.fail("guidance_max", "is far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)")
         if any(c < 0 for c in self.classes):
@@ -198,9 +205,13 @@ class TrainConfig(StageConfig):
     learning_rate: float = option(3e-3, "peak AdamW learning rate (cosine decay, short warm-up)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     seed: int = option(0, "seed for initialisation and shuffling")
+    loader_workers: int = option(0, "DataLoader worker processes that read and decode the store (spawned); "
+                                 "0 reads in the training process. The batches are the same either way")
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
     dtype: str = option("", "dtype the frozen base runs in; empty takes the one stage one used (the "
                         "adapters themselves train in float32)", ("", "float32", "float16", "bfloat16"))
+    restart_on_mismatch: bool = option(False, "when out_dir holds a checkpoint of other settings, delete it "
+                                       "and start over; otherwise refuse")
     verify: str = option("full", "store check before training: full re-reads every shard against its "
                          "checksum (never train on corrupted data); cheap checks presence and shapes",
                          ("full", "cheap"))

@@ -132,6 +132,8 @@ def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions
         "output_channels": base.latent_channels,
         "record_branches": config.record_branches,
         "compressor": config.compressor,
+        "format": config.format,
+        "bitround_keepbits": config.bitround_keepbits,
         "chunk_trajectories": min(config.chunk_trajectories, config.shard_size),
     }, default=str))
 

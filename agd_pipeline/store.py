@@ -25,11 +25,15 @@ from pathlib import Path
 import numpy as np
 import zarr
 import zarr.codecs
+import zarr.codecs.numcodecs
 
 from .errors import StoreError
+from .tar_shards import LATENT_ARRAYS, TarShard, TarShardWriter, entry_on_disk as tar_entry_on_disk
 
 # We write consolidated metadata on purpose (one read opens a shard); zarr warns that v3 has no spec for it.
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
+# BitRound (the lossy option) is a numcodecs codec, which zarr flags as outside the v3 specification.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 SCHEMA_VERSION = 2  # 2: condition arrays in the header, a checksum per array
 MANIFEST = "manifest.json"
@@ -53,11 +57,15 @@ CLASS_CONDITION = {"class_label": {"dtype": "int64", "shape": []}}
 # Settings that must agree between a store on disk and a run that wants to resume it.
 RUN_KEYS = ("schema_version", "base_model", "sampler", "guidance", "seed", "conditioning", "classes", "prompts",
             "negative_prompt", "condition_arrays", "num_trajectories", "shard_size", "latent_shape",
-            "output_channels", "record_branches", "compressor", "chunk_trajectories")
+            "output_channels", "record_branches", "compressor", "chunk_trajectories", "format",
+            "bitround_keepbits")
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.zarr"
+FORMATS = ("zarr", "webdataset")
+
+
+def shard_name(index: int, fmt: str = "zarr") -> str:
+    return f"shard-{index:06d}." + ("tar" if fmt == "webdataset" else "zarr")
 
 
 def compressors_for(name: str):
@@ -151,17 +159,20 @@ class ShardWriter:
         self.final = store.root / shard_name(index)
         self.partial = store.root / (shard_name(index) + PARTIAL)
         shutil.rmtree(self.partial, ignore_errors=True)
-        shutil.rmtree(self.final, ignore_errors=True)
+        _remove(self.final)
         header = store.header
         self.group = zarr.open_group(str(self.partial), mode="w", zarr_format=3,
                                      attributes={"schema_version": SCHEMA_VERSION, "shard": index,
                                                  "first_trajectory": self.start})
         compressors = compressors_for(header["compressor"])
         chunk = min(header["chunk_trajectories"], self.stop - self.start)
+        keepbits = header.get("bitround_keepbits", 0)
         self.dtypes = {}
         for name, (shape, dtype) in array_specs(header, self.stop - self.start).items():
+            lossy = keepbits and name in LATENT_ARRAYS
+            filters = [zarr.codecs.numcodecs.BitRound(keepbits=keepbits)] if lossy else None
             self.group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
-                                    compressors=compressors)
+                                    compressors=compressors, filters=filters)
             self.dtypes[name] = dtype
         self.written = 0
 
@@ -200,7 +211,8 @@ class StoreWriter:
     def __init__(self, root: str | os.PathLike, header: dict, rank: int = 0, world_size: int = 1,
                  restart_on_mismatch: bool = False):
         self.root = Path(root)
-        self.header = {"schema_version": SCHEMA_VERSION, **header}
+        self.header = {"schema_version": SCHEMA_VERSION, "format": "zarr", "bitround_keepbits": 0, **header}
+        self.format = self.header["format"]
         self.rank, self.world_size = rank, world_size
         total, size = self.header["num_trajectories"], self.header["shard_size"]
         self.num_shards = -(-total // size)
@@ -234,7 +246,7 @@ class StoreWriter:
             raise StoreError(f"{self.root}: rank {self.rank} found no usable manifest; rank 0 creates it first")
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = {**self.header, "shards": [
-            {"name": shard_name(i), "first_trajectory": self.shard_range(i)[0],
+            {"name": shard_name(i, self.format), "first_trajectory": self.shard_range(i)[0],
              "trajectories": self.shard_range(i)[1] - self.shard_range(i)[0], "status": "pending"}
             for i in range(self.num_shards)]}
         self._write_manifest(manifest)
@@ -248,7 +260,9 @@ class StoreWriter:
 
     def entry_on_disk(self, index: int) -> dict | None:
         """The manifest entry of a shard that is complete under its final name, else None."""
-        final = self.root / shard_name(index)
+        final = self.root / shard_name(index, self.format)
+        if self.format == "webdataset":
+            return tar_entry_on_disk(final, self.shard_range(index)[1] - self.shard_range(index)[0])
         if not final.is_dir():
             return None
         try:
@@ -258,7 +272,7 @@ class StoreWriter:
         start, stop = self.shard_range(index)
         if "checksum" not in attrs or attrs.get("trajectories") != stop - start:
             return None
-        return {"name": shard_name(index), "first_trajectory": start, "trajectories": stop - start,
+        return {"name": shard_name(index, self.format), "first_trajectory": start, "trajectories": stop - start,
                 "status": "complete", "checksum": attrs["checksum"], "checksums": attrs.get("checksums", {}),
                 "bytes": _folder_bytes(final)}
 
@@ -271,7 +285,7 @@ class StoreWriter:
         todo, changed = [], False
         for i, entry in enumerate(self.manifest["shards"]):
             listed = entry.get("status") == "complete"
-            found = self.entry_on_disk(i) if not listed or not (self.root / entry["name"]).is_dir() else entry
+            found = self.entry_on_disk(i) if not listed or not (self.root / entry["name"]).exists() else entry
             if found is None:
                 todo.append(i)
                 if listed:
@@ -290,11 +304,11 @@ class StoreWriter:
         whose folders are removed so they are written again."""
         todo = set(self.refresh())
         done = [i for i in self.owned(range(self.num_shards)) if i not in todo]
-        names = {shard_name(i): i for i in done}
+        names = {shard_name(i, self.format): i for i in done}
         damaged = {names[p.shard] for p in TrajectoryStore(self.root, self.manifest).problems(
             full=verify == "full", only=set(names))}
         for index in damaged:
-            shutil.rmtree(self.root / shard_name(index), ignore_errors=True)
+            _remove(self.root / shard_name(index, self.format))
         if damaged:
             self.refresh()
         return sorted(todo | damaged)
@@ -302,13 +316,20 @@ class StoreWriter:
     def owned(self, indices: list[int]) -> list[int]:
         return [i for i in indices if i % self.world_size == self.rank]
 
-    def begin_shard(self, index: int) -> ShardWriter:
-        return ShardWriter(self, index)
+    def begin_shard(self, index: int):
+        return TarShardWriter(self, index) if self.format == "webdataset" else ShardWriter(self, index)
 
     def mark_complete(self, index: int, entry: dict) -> None:
         self.manifest["shards"][index] = entry
         if self.rank == 0:
             self._write_manifest(self.manifest)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _short(value) -> str:
@@ -371,7 +392,15 @@ class TrajectoryStore:
     def num_trajectories(self) -> int:
         return self.manifest["num_trajectories"]
 
-    def open_shard(self, name: str) -> zarr.Group:
+    @property
+    def format(self) -> str:
+        return self.manifest.get("format", "zarr")
+
+    def open_shard(self, name: str):
+        """A Zarr group, or for a WebDataset store a TarShard that reads like one."""
+        if self.format == "webdataset":
+            entry = next(e for e in self.shards if e["name"] == name)
+            return TarShard(self.root / name, array_specs(self.manifest, entry["trajectories"]))
         return zarr.open_group(str(self.root / name), mode="r", use_consolidated=True)
 
     def problems(self, full: bool = False, only: set[str] | None = None) -> list[Problem]:
@@ -385,8 +414,12 @@ class TrajectoryStore:
             if entry.get("status") != "complete":
                 found.append(Problem(name, None, "not finished (the run that wrote it stopped early)"))
                 continue
-            if not (self.root / name).is_dir():
+            if not (self.root / name).exists():
                 found.append(Problem(name, None, "listed complete but missing on disk"))
+                continue
+            if self.format == "webdataset" and (self.root / name).stat().st_size != entry.get("bytes"):
+                found.append(Problem(name, None, f"{(self.root / name).stat().st_size} bytes on disk, the "
+                                     f"manifest says {entry.get('bytes')} (truncated or changed)"))
                 continue
             try:
                 group = self.open_shard(name)
@@ -409,6 +442,11 @@ class TrajectoryStore:
         or inf, or whose checksum differs from the manifest's."""
         found, sums = [], {}
         expected = entry.get("checksums") or {}
+        if isinstance(group, TarShard):
+            try:
+                group.members()
+            except Exception as err:  # noqa: BLE001 - a broken tar fails in the tar reader
+                return [Problem(name, None, f"unreadable tar ({type(err).__name__}: {err})")]
         for array in sorted(group.array_keys()):
             try:
                 sums[array], finite = array_checksum(group[array], check_finite=True)
@@ -445,7 +483,10 @@ class TrajectoryStore:
             raise StoreError(f"{self.root}: no complete shards")
         names = names or sorted(groups[0][1].array_keys())
         for array in names:
-            parts = [da.from_zarr(g[array], chunks=g[array].chunks) for _, g in groups]
+            if self.format == "webdataset":
+                parts = [da.from_array(g[array], chunks=g[array].chunks, asarray=True) for _, g in groups]
+            else:
+                parts = [da.from_zarr(g[array], chunks=g[array].chunks) for _, g in groups]
             out[array] = da.concatenate(parts, axis=0)
         return out
 
@@ -455,7 +496,47 @@ class TrajectoryStore:
         for entry in self.shards:
             if entry.get("status") != "complete":
                 continue
-            rows = self.manifest["chunk_trajectories"]
+            # a tar shard is read whole; a Zarr shard by chunk rows
+            rows = entry["trajectories"] if self.format == "webdataset" else self.manifest["chunk_trajectories"]
             for sl in _iter_slices(entry["trajectories"], rows):
                 ranges.append((entry["name"], sl.start, sl.stop))
         return ranges
+
+
+# ------------------------------------------------------------------------------------- convert
+
+
+def convert_store(source: str | os.PathLike, target: str | os.PathLike, fmt: str = "webdataset",
+                  compressor: str | None = None, bitround_keepbits: int | None = None,
+                  progress: bool = True, log=print) -> dict:
+    """Copy a complete store into another format (or compressor), shard for shard. The target is
+    written like stage one writes (partial shards renamed into place, resumable); lossless copies
+    keep every checksum, which is verified shard by shard."""
+    from tqdm.auto import tqdm
+
+    if fmt not in FORMATS:
+        raise StoreError(f"unknown store format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    src = TrajectoryStore(source)
+    src.check(full=False)
+    header = {k: v for k, v in src.manifest.items() if k not in ("shards", "schema_version")}
+    header.update(format=fmt)
+    if compressor is not None:
+        compressors_for(compressor)  # validates the name
+        header["compressor"] = compressor
+    if bitround_keepbits is not None:
+        header["bitround_keepbits"] = bitround_keepbits
+    lossless = header.get("bitround_keepbits", 0) == src.manifest.get("bitround_keepbits", 0)
+    writer = StoreWriter(target, header)
+    pending = writer.pending()
+    for index in tqdm(pending, desc=f"convert to {fmt}", unit="shard", disable=not progress):
+        entry = src.shards[index]
+        group = src.open_shard(entry["name"])
+        shard = writer.begin_shard(index)
+        rows = src.manifest["chunk_trajectories"] if src.format == "zarr" else entry["trajectories"]
+        for sl in _iter_slices(entry["trajectories"], rows):
+            shard.write(sl.start, {name: group[name][sl] for name in group.array_keys()})
+        written = shard.finish()
+        if lossless and written["checksums"] != entry.get("checksums"):
+            raise StoreError(f"{target}/{written['name']}: the converted arrays differ from {source}/{entry['name']}")
+    log(f"{target}: {len(pending)} shard(s) converted to {fmt}" + ("" if pending else " (already complete)"))
+    return {"converted_shards": len(pending), "shards": writer.num_shards}

@@ -1,16 +1,17 @@
 """Stage two: train guidance adapters from the trajectory store alone (no teacher calls).
 
-The loader reads whole chunk rows (a block of trajectories with all their steps), holds a few in
-memory and shuffles (trajectory, step) samples there: contiguous reads, random batches. The order
-is a function of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+Batches come from :class:`~agd_pipeline.loader.StepBatches` (contiguous reads, shuffled in memory,
+an order that is a function of (seed, epoch, rank)), so a resumed run sees the same batches as an
+uninterrupted one. Under ``torchrun`` / ``accelerate launch`` each process trains on its own share
+of every epoch and the adapters' gradients are averaged (DDP).
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,91 +23,15 @@ from tqdm.auto import tqdm
 from .adapters import AdaptedModel, AdapterConfig, default_condition_on, resolve_placement, save_adapters
 from .config import TrainConfig, resolve_device, torch_dtype
 from .errors import AgdError, ConfigError, ModelError
+from .loader import StepBatches
 from .models import load_base_model
-from .store import StoreError, TrajectoryStore, condition_arrays
+from .store import TrajectoryStore, condition_arrays
 
 CHECKPOINT = "checkpoint"
 LOSS_CSV = "loss.csv"
 # Settings that may change between a checkpoint and a resumed run without changing the result
 # (not `steps`: the learning-rate schedule depends on it).
-RESUMABLE_KEYS = ("checkpoint_every", "verify", "device")
-
-
-class StepBatches:
-    """Endless shuffled batches of (trajectory, step) samples: model input, timestep, w, the
-    condition arrays and the guided output (the target).
-
-    Whole chunk rows are read (contiguous reads), ``buffer_rows`` at a time; samples are drawn from
-    the buffer in a random order. Per-trajectory arrays (prompt embeddings) are not repeated per
-    step in memory: a sample is gathered from its (trajectory, step) index when its batch is built.
-    """
-
-    def __init__(self, store: TrajectoryStore, batch_size: int, seed: int, buffer_rows: int = 16):
-        self.store = store
-        self.batch_size = batch_size
-        self.seed = seed
-        self.buffer_rows = buffer_rows
-        self.ranges = store.chunk_ranges()
-        self.per_step = ("model_input", "guided_output", "timesteps")
-        self.per_trajectory = ("guidance_scale", *condition_arrays(store.manifest))
-        self._groups = {}
-
-    def _group(self, name):
-        if name not in self._groups:
-            self._groups[name] = self.store.open_shard(name)
-        return self._groups[name]
-
-    def _load(self, ranges) -> dict[str, np.ndarray]:
-        parts = {k: [] for k in (*self.per_step, *self.per_trajectory)}
-        for name, start, stop in ranges:
-            group = self._group(name)
-            for key in parts:
-                try:
-                    parts[key].append(group[key][start:stop])
-                except Exception as err:  # noqa: BLE001 - a damaged chunk fails inside the codec
-                    raise StoreError(
-                        f"{self.store.root / name}/{key}: cannot read trajectories {start}-{stop} "
-                        f"({type(err).__name__}: {err}); run `python -m stages.inspect {self.store.root} "
-                        "--verify` and re-run generate for the damaged shards") from None
-        return {k: np.concatenate(v) for k, v in parts.items()}
-
-    def _gather(self, data: dict, flat: np.ndarray) -> dict[str, np.ndarray]:
-        steps = data["timesteps"].shape[1]
-        traj, step = np.divmod(flat, steps)
-        out = {k: data[k][traj, step] for k in self.per_step}
-        out.update({k: data[k][traj] for k in self.per_trajectory})
-        return out
-
-    def epoch(self, epoch: int):
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.ranges))
-        carry = None  # samples left over from the previous buffer (fewer than a batch)
-        for first in range(0, len(order), self.buffer_rows):
-            data = self._load([self.ranges[i] for i in order[first:first + self.buffer_rows]])
-            perm = rng.permutation(data["timesteps"].size)
-            start = 0
-            if carry is not None:
-                need = self.batch_size - len(carry["timesteps"])
-                fill = self._gather(data, perm[:need])
-                batch = {k: np.concatenate([carry[k], fill[k]]) for k in carry}
-                start, carry = len(perm[:need]), None
-                if len(batch["timesteps"]) < self.batch_size:
-                    carry = batch
-                    continue
-                yield {k: torch.from_numpy(v) for k, v in batch.items()}
-            for begin in range(start, len(perm), self.batch_size):
-                idx = perm[begin:begin + self.batch_size]
-                samples = self._gather(data, idx)
-                if len(idx) < self.batch_size:
-                    carry = samples
-                    break
-                yield {k: torch.from_numpy(v) for k, v in samples.items()}
-        if carry is not None and len(carry["timesteps"]):
-            yield {k: torch.from_numpy(v) for k, v in carry.items()}  # the epoch's last, smaller batch
-
-    def __iter__(self):
-        for epoch in itertools.count():
-            yield from self.epoch(epoch)
+RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch", "loader_workers")
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -158,11 +83,13 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     """Train adapters from ``config.store`` into ``config.out_dir``; resume from its checkpoint."""
     from accelerate import Accelerator
 
-    store = TrajectoryStore(config.store)
-    store.check(full=config.verify == "full")
-    manifest = store.manifest
     device = resolve_device(config.device)
     accelerator = Accelerator(cpu=device == "cpu")
+    main = accelerator.is_main_process
+    store = TrajectoryStore(config.store)
+    store.check(full=config.verify == "full" and main)  # the other processes check presence and shapes
+    accelerator.wait_for_everyone()
+    manifest = store.manifest
     recorded = manifest["base_model"]
     base = load_base_model(config.base_model or recorded["id"], device=accelerator.device, with_vae=False,
                            dtype=torch_dtype(config.dtype or recorded.get("dtype", "float32")))
@@ -176,6 +103,8 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     torch.manual_seed(config.seed)
     model = AdaptedModel(base, adapter_config)
     report = model.parameter_report()
+    if not main:
+        log = _silent
     log(f"adapters: {config.adapter} at {adapter_config.placement} x{len(model.adapters)}, "
         f"{report['adapter']:,} parameters = {100 * report['share']:.2f} % of the base's {report['base']:,}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
@@ -190,17 +119,20 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     checkpoint = out / CHECKPOINT
     start_step = _resume(accelerator, checkpoint, config, log)
     losses_path = out / LOSS_CSV
-    _truncate_losses(losses_path, start_step)
+    if main:
+        _truncate_losses(losses_path, start_step)
 
-    batches = iter(StepBatches(store, config.batch_size, config.seed))
-    for _ in range(start_step):  # the same batch order as an uninterrupted run
-        next(batches)
+    loader = StepBatches(store, config.batch_size, config.seed, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, workers=config.loader_workers)
+    batches = loader.from_step(start_step)  # the same batches as an uninterrupted run
+    if accelerator.num_processes > 1:
+        log(f"train: {accelerator.num_processes} processes, {loader.batches_per_epoch()} batches each per epoch")
     channels = base.latent_channels
     started = time.perf_counter()
     model.train()
-    with open(losses_path, "a", newline="") as loss_file, \
+    with open(losses_path if main else os.devnull, "a", newline="") as loss_file, \
             tqdm(range(start_step, config.steps), desc="train: adapters", unit="step",
-                 disable=not progress, initial=start_step, total=config.steps) as bar:
+                 disable=not progress or not main, initial=start_step, total=config.steps) as bar:
         writer = csv.writer(loss_file)
         if start_step == 0:
             writer.writerow(["step", "loss", "lr"])
@@ -220,8 +152,9 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
             accelerator.backward(loss)
             optimizer.step()
             lr_schedule.step()
-            running.append(loss.item())
-            writer.writerow([step + 1, f"{loss.item():.6g}", f"{lr_schedule.get_last_lr()[0]:.6g}"])
+            logged = accelerator.reduce(loss.detach(), "mean").item()  # the mean over processes
+            running.append(logged)
+            writer.writerow([step + 1, f"{logged:.6g}", f"{lr_schedule.get_last_lr()[0]:.6g}"])
             if (step + 1) % 25 == 0:
                 bar.set_postfix(loss=f"{np.mean(running[-25:]):.5f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
@@ -229,6 +162,9 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
                 _save_checkpoint(accelerator, checkpoint, config, step + 1)
     seconds = time.perf_counter() - started
     final_loss = float(np.mean(running[-50:])) if running else None
+    accelerator.wait_for_everyone()
+    if not main:
+        return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
     unwrapped = accelerator.unwrap_model(model).eval()
     save_adapters(unwrapped, out, extra={
         "training": config.to_dict(),
@@ -245,13 +181,22 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, step: int) -> None:
+    """Written to a temporary folder, then renamed over the previous checkpoint (by the main process)."""
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "config": _comparable(config)}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process takes part; the main one writes
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "config": _comparable(config)}, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+    accelerator.wait_for_everyone()
 
 
 def _resume(accelerator, folder: Path, config: TrainConfig, log) -> int:
@@ -261,6 +206,13 @@ def _resume(accelerator, folder: Path, config: TrainConfig, log) -> int:
     saved = json.loads(progress_file.read_text())
     if saved["config"] != _comparable(config):
         differing = sorted(k for k in saved["config"] if saved["config"][k] != _comparable(config).get(k))
+        if config.restart_on_mismatch:
+            log(f"train: {folder} holds a checkpoint of other settings (train.{', train.'.join(differing)}); "
+                "starting over (restart_on_mismatch)")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(folder)
+            return 0
         raise AgdError(
             f"{folder} holds a checkpoint of a run with other settings (train.{', train.'.join(differing)}); "
             f"delete {folder} to start over, or restore those settings to resume it"

@@ -96,6 +96,7 @@ def pytest_configure(config):
     # agd_pipeline.store silences this zarr warning at import; pytest's per-phase warning capture
     # drops filters added while collecting, so repeat it here.
     config.addinivalue_line("filterwarnings", "ignore:Consolidated metadata is currently not part")
+    config.addinivalue_line("filterwarnings", "ignore:Numcodecs codecs are not in the Zarr version 3")
 
 
 # ------------------------------------------------------------------------------------ fixtures

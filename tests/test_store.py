@@ -216,16 +216,20 @@ def test_interrupted_run_resumes_to_the_uninterrupted_store(tiny_base_dir, tiny_
     assert_same_store(root, tiny_store)
 
 
-def test_kill_between_publish_and_manifest_is_rewritten(tiny_base_dir, tiny_store, tmp_path, monkeypatch):
+def test_kill_between_publish_and_manifest_adopts_the_published_shard(tiny_base_dir, tiny_store, tmp_path,
+                                                                      monkeypatch):
     root = tmp_path / "resumed"
     fail_after(monkeypatch, StoreWriter, "mark_complete", 1)  # shard 1 renamed in place, manifest not updated
     with pytest.raises(Interrupted):
         generate_store(tiny_base_dir, root)
     assert (root / SHARD_NAMES[1]).is_dir()
     assert json.loads((root / MANIFEST).read_text())["shards"][1]["status"] == "pending"
+    # readers trust the manifest: the shard is not usable until generate has looked at it
     assert SHARD_NAMES[1] in {p.shard for p in TrajectoryStore(root).problems()}
     monkeypatch.undo()
+    calls = fail_after(monkeypatch, generation, "record_batch", 10**6)
     generate_store(tiny_base_dir, root)
+    assert len(calls) == 1, "the published shard 1 was sampled again instead of adopted"  # shard 2 only
     assert_same_store(root, tiny_store)
 
 
@@ -339,6 +343,20 @@ def test_sound_store_passes_inspect(tiny_store):
     result = run_cli("stages.inspect", tiny_store, "--verify")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "trajectories: 20" in result.stdout and "all arrays finite" in result.stdout
+
+
+def test_inspect_statistics_are_the_same_on_a_distributed_cluster(tiny_store, tmp_path):
+    """dask.distributed LocalCluster (worker processes) against the default threaded scheduler."""
+    local, distributed = tmp_path / "local.json", tmp_path / "distributed.json"
+    assert run_cli("stages.inspect", tiny_store, "--json", local).returncode == 0
+    result = run_cli("stages.inspect", tiny_store, "--json", distributed, "--scheduler", "distributed",
+                     "--workers", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    a, b = json.loads(local.read_text()), json.loads(distributed.read_text())
+    assert a["trajectories"] == b["trajectories"] == 20
+    np.testing.assert_allclose(a["per_step"]["guided_output"]["std"], b["per_step"]["guided_output"]["std"],
+                               rtol=1e-6)
+    assert a["guidance_histogram"] == b["guidance_histogram"]
 
 
 def test_deleted_shard_is_caught_by_the_cheap_check(tiny_base_dir, tiny_store, store_copy):

@@ -1,0 +1,161 @@
+"""The training loader: shuffled batches of (trajectory, step) samples from a store of either format.
+
+Reads are contiguous: a *unit* is a Zarr chunk row (a block of trajectories with all their steps)
+or a whole tar shard. Each epoch, the units are put in an order drawn from (seed, epoch); the
+epoch's samples, in that order, are split evenly between the ``world_size`` processes of a
+distributed run, so no sample is dropped or seen twice within an epoch. Each process reads only
+the units its share touches, ``buffer_units`` at a time, shuffles the samples of a buffer in
+memory, and cuts them into batches. Every process gets the same number of batches per epoch
+(sizes differ by at most one sample), so data-parallel training never waits on a missing batch.
+
+Per-trajectory arrays (w, class, prompt embeddings) are not repeated per step in memory: a
+sample is gathered from its (trajectory, step) index when its batch is built. Reading can run in
+DataLoader worker processes (spawned), which only read and decode; the order stays a function of
+(seed, epoch, rank) whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import StoreError
+from .store import TrajectoryStore, condition_arrays
+
+PER_STEP = ("model_input", "guided_output", "timesteps")
+
+
+class UnitReader(Dataset):
+    """Item g: the arrays of the g-th buffer of units, one row per trajectory (runs in workers)."""
+
+    def __init__(self, root, manifest: dict, buffers: list[list[tuple[str, int, int]]], names: tuple[str, ...]):
+        self.root, self.manifest, self.buffers, self.names = root, manifest, buffers, names
+        self._store = None
+        self._zarr_groups = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None, "_zarr_groups": {}}
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def _open(self, name: str):
+        if self._store is None:
+            self._store = TrajectoryStore(self.root, self.manifest)
+        if self._store.format == "webdataset":
+            return self._store.open_shard(name)  # read whole, not cached: a buffer at a time in memory
+        if name not in self._zarr_groups:
+            self._zarr_groups[name] = self._store.open_shard(name)
+        return self._zarr_groups[name]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        parts = {k: [] for k in self.names}
+        for name, start, stop in self.buffers[index]:
+            shard = self._open(name)
+            for key in parts:
+                try:
+                    parts[key].append(np.asarray(shard[key][start:stop]))
+                except Exception as err:  # noqa: BLE001 - a damaged chunk fails inside the codec
+                    raise StoreError(
+                        f"{self.root}/{name}/{key}: cannot read trajectories {start}-{stop} "
+                        f"({type(err).__name__}: {err}); run `python -m stages.inspect {self.root} --verify` "
+                        "and `python -m stages.generate --verify full` to rewrite the damaged shards") from None
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def batch_sizes(total: int, batch_size: int, world_size: int) -> list[list[int]]:
+    """Batch sizes of each rank for one epoch of ``total`` samples: the samples split as evenly as
+    possible, and every rank given the same number of batches."""
+    shares = [total // world_size + (1 if r < total % world_size else 0) for r in range(world_size)]
+    if min(shares) == 0:
+        raise StoreError(f"the store holds {total} samples, fewer than the {world_size} processes")
+    count = math.ceil(max(shares) / batch_size)
+    sizes = []
+    for share in shares:
+        rank_sizes = [batch_size] * (count - 1) + [share - (count - 1) * batch_size]
+        if rank_sizes[-1] == 0:  # one sample short of the largest share: split the last two
+            rank_sizes[-2:] = [batch_size - 1, 1]
+        sizes.append(rank_sizes)
+    return sizes
+
+
+class StepBatches:
+    """Endless batches (dicts of tensors) for one process; see the module docstring."""
+
+    def __init__(self, store: TrajectoryStore, batch_size: int, seed: int, buffer_units: int = 16,
+                 rank: int = 0, world_size: int = 1, workers: int = 0):
+        self.store, self.batch_size, self.seed = store, batch_size, seed
+        self.buffer_units, self.rank, self.world_size, self.workers = buffer_units, rank, world_size, workers
+        self.units = store.chunk_ranges()
+        self.steps = store.num_steps
+        self.per_trajectory = ("guidance_scale", "trajectory_index", *condition_arrays(store.manifest))
+        self.total = sum(stop - start for _, start, stop in self.units) * self.steps
+        self.sizes = batch_sizes(self.total, batch_size, world_size)[rank]
+
+    def batches_per_epoch(self) -> int:
+        return len(self.sizes)
+
+    def _share(self, epoch: int) -> list[tuple[tuple[str, int, int], int, int]]:
+        """This rank's part of the epoch: (unit, first sample, end sample) within each unit touched."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        shares = [self.total // self.world_size + (1 if r < self.total % self.world_size else 0)
+                  for r in range(self.world_size)]
+        lo = sum(shares[:self.rank])
+        hi = lo + shares[self.rank]
+        parts, position = [], 0
+        for u in order:
+            name, start, stop = self.units[u]
+            size = (stop - start) * self.steps
+            a, b = max(lo, position), min(hi, position + size)
+            if a < b:
+                parts.append((self.units[u], a - position, b - position))
+            position += size
+        return parts
+
+    def _gather(self, data: dict, flat: np.ndarray) -> dict[str, np.ndarray]:
+        traj, step = np.divmod(flat, self.steps)
+        out = {k: data[k][traj, step] for k in PER_STEP}
+        out.update({k: data[k][traj] for k in self.per_trajectory})
+        out["step_index"] = step.astype(np.int64)
+        return out
+
+    def epoch(self, epoch: int):
+        share = self._share(epoch)
+        buffers = [share[i:i + self.buffer_units] for i in range(0, len(share), self.buffer_units)]
+        reader = UnitReader(self.store.root, self.store.manifest, [[unit for unit, _, _ in b] for b in buffers],
+                            (*PER_STEP, *self.per_trajectory))
+        loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=self.workers,
+                            multiprocessing_context="spawn" if self.workers else None)
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        sizes = iter(self.sizes)
+        want = next(sizes)
+        carry = None
+        for buffer, data in zip(buffers, loader):
+            offsets = np.cumsum([0] + [(stop - start) * self.steps for (_, start, stop), _, _ in buffer])
+            flat = np.concatenate([offsets[i] + np.arange(a, b) for i, (_, a, b) in enumerate(buffer)])
+            samples = self._gather(data, flat[rng.permutation(len(flat))])
+            carry = samples if carry is None else {k: np.concatenate([carry[k], samples[k]]) for k in samples}
+            while want is not None and len(carry["timesteps"]) >= want:
+                batch = {k: torch.from_numpy(np.ascontiguousarray(v[:want])) for k, v in carry.items()}
+                carry = {k: v[want:] for k, v in carry.items()}
+                yield batch
+                want = next(sizes, None)
+        if want is not None or (carry is not None and len(carry["timesteps"])):
+            raise StoreError("internal: the epoch's samples did not fill its batches")
+
+    def from_step(self, step: int):
+        """Endless batches starting at global step ``step`` (a resumed run's position)."""
+        epoch, skip = divmod(step, self.batches_per_epoch())
+        batches = self.epoch(epoch)
+        for _ in range(skip):
+            next(batches)
+        yield from batches
+        for later in itertools.count(epoch + 1):
+            yield from self.epoch(later)
+
+    def __iter__(self):
+        return self.from_step(0)

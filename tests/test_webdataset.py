@@ -1,0 +1,186 @@
+"""WebDataset tar shards, conversion, lossy BitRound, and the training loader (even DDP shares,
+DataLoader workers, training from either format)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import agd_pipeline.training as training
+from agd_pipeline.config import TrainConfig, load_config
+from agd_pipeline.loader import StepBatches, batch_sizes
+from agd_pipeline.store import MANIFEST, TrajectoryStore, convert_store
+
+from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli
+
+QUIET = dict(progress=False, log=lambda *a, **k: None)
+# chunks as large as shards: a Zarr chunk row and a tar shard are then the same loader unit
+SETTINGS = {**STORE_SETTINGS, "chunk_trajectories": 8}
+
+
+@pytest.fixture(scope="module")
+def zarr_store(tiny_base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wds") / "zarr"
+    generate_store(tiny_base_dir, root, **SETTINGS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tar_store(tiny_base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wds") / "tar"
+    generate_store(tiny_base_dir, root, **SETTINGS, format="webdataset")
+    return root
+
+
+def test_tar_shards_hold_the_same_arrays_as_zarr(zarr_store, tar_store):
+    assert sorted(p.name for p in tar_store.glob("shard-*.tar")) == [f"shard-00000{i}.tar" for i in range(3)]
+    a, b = TrajectoryStore(zarr_store), TrajectoryStore(tar_store)
+    assert [s["checksums"] for s in a.shards] == [s["checksums"] for s in b.shards]
+    assert b.problems(full=True) == []
+    for name, value in a.dask_arrays().items():
+        np.testing.assert_array_equal(value.compute(), b.dask_arrays()[name].compute(), err_msg=name)
+    # a plain WebDataset reader sees one sample per trajectory, keyed by its index
+    import webdataset as wds
+
+    keys = [s["__key__"] for s in wds.WebDataset(str(tar_store / "shard-000001.tar"), shardshuffle=False,
+                                                 empty_check=False)]
+    assert keys == [f"{i:09d}" for i in range(8, 16)]
+
+
+def test_convert_zarr_to_webdataset_and_back(zarr_store, tar_store, tmp_path):
+    result = run_cli("stages.convert", zarr_store, tmp_path / "converted", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    converted = json.loads((tmp_path / "converted" / MANIFEST).read_text())
+    assert converted["format"] == "webdataset"
+    assert [s["checksum"] for s in converted["shards"]] == \
+        [s["checksum"] for s in json.loads((tar_store / MANIFEST).read_text())["shards"]]
+    back = convert_store(tmp_path / "converted", tmp_path / "back", "zarr", **QUIET)
+    assert back["converted_shards"] == 3
+    for shard, arrays in read_all_shards(tmp_path / "back").items():
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(value, read_all_shards(zarr_store)[shard][name])
+    again = run_cli("stages.convert", zarr_store, tmp_path / "converted", "--no-progress")
+    assert again.returncode == 0 and "(already complete)" in again.stdout
+
+
+def test_damaged_tar_shards_are_named(tar_store, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(tar_store, root)
+    tar = root / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])  # truncated
+    problems = [str(p) for p in TrajectoryStore(root).problems()]  # the cheap check sees the size
+    assert problems == [f"shard-000001.tar: 3000 bytes on disk, the manifest says "
+                        f"{json.loads((tar_store / MANIFEST).read_text())['shards'][1]['bytes']} (truncated or changed)"]
+    # a flipped byte inside a compressed payload: same size, caught by the full check, named by array
+    shutil.copy(tar_store / "shard-000001.tar", tar)
+    data = bytearray(tar.read_bytes())
+    data[1536] ^= 0xFF  # inside the first sample's member, past its JSON header
+    tar.write_bytes(bytes(data))
+    assert TrajectoryStore(root).problems() == []
+    full = TrajectoryStore(root).problems(full=True)
+    assert full and {p.shard for p in full} == {"shard-000001.tar"} and all(p.array for p in full), full
+
+
+def test_bitround_is_lossy_the_same_way_in_both_formats(tiny_base_dir, zarr_store, tmp_path):
+    generate_store(tiny_base_dir, tmp_path / "z", **SETTINGS, bitround_keepbits=3)
+    generate_store(tiny_base_dir, tmp_path / "t", **SETTINGS, bitround_keepbits=3, format="webdataset")
+    lossy_z, lossy_t = TrajectoryStore(tmp_path / "z"), TrajectoryStore(tmp_path / "t")
+    assert [s["checksums"] for s in lossy_z.shards] == [s["checksums"] for s in lossy_t.shards]
+    exact = TrajectoryStore(zarr_store).dask_arrays()["guided_output"].compute().astype(np.float32)
+    rounded = lossy_z.dask_arrays()["guided_output"].compute().astype(np.float32)
+    relative = np.abs(rounded - exact) / np.maximum(np.abs(exact), 1e-3)
+    assert 0 < relative.max() <= 2.0 ** -4  # 3 mantissa bits kept: error at most half a unit in the 4th
+    assert np.array_equal(lossy_z.dask_arrays()["timesteps"].compute(),
+                          TrajectoryStore(zarr_store).dask_arrays()["timesteps"].compute())  # only latents
+    assert sum(s["bytes"] for s in lossy_z.shards) < sum(s["bytes"] for s in TrajectoryStore(zarr_store).shards)
+
+
+# ----------------------------------------------------------------------------------- loader
+
+
+@pytest.mark.parametrize("total,batch,world", [(80, 16, 2), (81, 16, 2), (97, 16, 3), (33, 16, 2), (5, 4, 5)])
+def test_batch_sizes_split_every_sample_once_into_equal_batch_counts(total, batch, world):
+    sizes = batch_sizes(total, batch, world)
+    assert sum(map(sum, sizes)) == total
+    assert len({len(s) for s in sizes}) == 1
+    assert all(0 < b <= batch for s in sizes for b in s)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "tar"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_epoch_covers_every_sample_once_across_ranks(zarr_store, tar_store, fmt, world):
+    store = TrajectoryStore(zarr_store if fmt == "zarr" else tar_store)
+    loaders = [StepBatches(store, 7, seed=3, buffer_units=2, rank=r, world_size=world) for r in range(world)]
+    for epoch in (0, 1):
+        seen, counts = [], []
+        for loader in loaders:
+            batches = list(loader.epoch(epoch))
+            counts.append(len(batches))
+            for b in batches:
+                seen += list(zip(b["trajectory_index"].tolist(), b["step_index"].tolist()))
+        assert len(set(counts)) == 1, counts
+        assert sorted(seen) == [(i, s) for i in range(20) for s in range(4)]
+    one = list(loaders[0].epoch(0))
+    assert [b["timesteps"].tolist() for b in one] == [b["timesteps"].tolist() for b in loaders[0].epoch(0)]
+
+
+def test_batches_match_their_samples_in_the_store(zarr_store):
+    """Every gathered sample is the store's (trajectory, step) row, with its own w and class."""
+    shards = read_all_shards(zarr_store)
+    data = {k: np.concatenate([shards[s][k] for s in sorted(shards)]) for k in shards["shard-000000.zarr"]}
+    batch = next(iter(StepBatches(TrajectoryStore(zarr_store), 16, seed=0)))
+    t, s = batch["trajectory_index"].numpy(), batch["step_index"].numpy()
+    np.testing.assert_array_equal(batch["model_input"].numpy(), data["model_input"][t, s])
+    np.testing.assert_array_equal(batch["guided_output"].numpy(), data["guided_output"][t, s])
+    np.testing.assert_array_equal(batch["guidance_scale"].numpy(), data["guidance_scale"][t])
+    np.testing.assert_array_equal(batch["class_label"].numpy(), data["class_label"][t])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["zarr", "tar"])
+def test_spawned_workers_give_the_same_batches(zarr_store, tar_store, fmt):
+    store = TrajectoryStore(zarr_store if fmt == "zarr" else tar_store)
+    alone = list(StepBatches(store, 8, seed=1, buffer_units=1).epoch(0))
+    workers = list(StepBatches(store, 8, seed=1, buffer_units=1, workers=2).epoch(0))
+    assert len(alone) == len(workers)
+    for a, b in zip(alone, workers):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_config(store, out, **overrides):
+    return load_config(TrainConfig, {"store": str(store), "out_dir": str(out), "steps": 12, "batch_size": 16,
+                                     "width": 8, "embed_dim": 16, "device": "cpu", "learning_rate": 0.01,
+                                     **overrides})
+
+
+def test_training_from_tar_equals_training_from_zarr(zarr_store, tar_store, tmp_path):
+    from safetensors.torch import load_file
+
+    training.train(train_config(zarr_store, tmp_path / "z"), **QUIET)
+    training.train(train_config(tar_store, tmp_path / "t"), **QUIET)
+    a, b = (load_file(tmp_path / d / "adapters.safetensors") for d in ("z", "t"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_process_training_runs_under_torchrun(tar_store, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"train": {"store": str(tar_store), "out_dir": str(tmp_path / "adapters"),
+                                            "steps": 6, "batch_size": 8, "width": 8, "embed_dim": 16,
+                                            "checkpoint_every": 3, "device": "cpu"}}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "stages.train", "--params", str(params), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 processes, 5 batches each per epoch" in result.stdout + result.stderr
+    assert (tmp_path / "adapters" / "adapters.safetensors").exists()
+    rows = (tmp_path / "adapters" / "loss.csv").read_text().splitlines()
+    assert len(rows) == 7  # header + 6 steps, written once
