@@ -32,6 +32,9 @@ ARCHITECTURES = {
     "dit-xl-2-256": Architecture("dit", "DiTTransformer2DModel", dict(
         num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
         sample_size=32, patch_size=2, num_embeds_ada_norm=1000)),
+    "dit-s-2-256": Architecture("dit", "DiTTransformer2DModel", dict(
+        num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
+        sample_size=32, patch_size=2, num_embeds_ada_norm=1000)),
     "sd-2.1-unet": Architecture("sd", "UNet2DConditionModel", dict(
         attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024,
         down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], in_channels=4, out_channels=4,

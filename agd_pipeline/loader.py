@@ -27,6 +27,7 @@ from .errors import StoreError
 from .store import TrajectoryStore, condition_arrays
 
 PER_STEP = ("model_input", "guided_output", "timesteps")
+SMALL_ROW_BYTES = 4096  # per-trajectory arrays up to this size are read whole, once per shard
 
 
 class UnitReader(Dataset):
@@ -36,9 +37,10 @@ class UnitReader(Dataset):
         self.root, self.manifest, self.buffers, self.names = root, manifest, buffers, names
         self._store = None
         self._zarr_groups = {}
+        self._small = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_store": None, "_zarr_groups": {}}
+        return {**self.__dict__, "_store": None, "_zarr_groups": {}, "_small": {}}
 
     def __len__(self) -> int:
         return len(self.buffers)
@@ -52,19 +54,34 @@ class UnitReader(Dataset):
             self._zarr_groups[name] = self._store.open_shard(name)
         return self._zarr_groups[name]
 
+    def _read(self, shard, name: str, key: str, start: int, stop: int) -> np.ndarray:
+        array = shard[key]
+        if int(np.prod(array.shape[1:])) * array.dtype.itemsize > SMALL_ROW_BYTES:
+            return np.asarray(array[start:stop])
+        # Small per-trajectory arrays (w, class, timesteps) are read once per shard: every Zarr
+        # read costs milliseconds of overhead, far more than these bytes.
+        if (name, key) not in self._small:
+            self._small[(name, key)] = np.asarray(array[:])
+        return self._small[(name, key)][start:stop]
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         parts = {k: [] for k in self.names}
         for name, start, stop in self.buffers[index]:
             shard = self._open(name)
             for key in parts:
                 try:
-                    parts[key].append(np.asarray(shard[key][start:stop]))
+                    parts[key].append(self._read(shard, name, key, start, stop))
                 except Exception as err:  # noqa: BLE001 - a damaged chunk fails inside the codec
                     raise StoreError(
                         f"{self.root}/{name}/{key}: cannot read trajectories {start}-{stop} "
                         f"({type(err).__name__}: {err}); run `python -m stages.inspect {self.root} --verify` "
                         "and `python -m stages.generate --verify full` to rewrite the damaged shards") from None
         return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _as_is(item):
+    """Keep the reader's numpy arrays as they are (DataLoader would turn them into tensors)."""
+    return item
 
 
 def batch_sizes(total: int, batch_size: int, world_size: int) -> list[list[int]]:
@@ -118,8 +135,9 @@ class StepBatches:
 
     def _gather(self, data: dict, flat: np.ndarray) -> dict[str, np.ndarray]:
         traj, step = np.divmod(flat, self.steps)
-        out = {k: data[k][traj, step] for k in PER_STEP}
-        out.update({k: data[k][traj] for k in self.per_trajectory})
+        # flat = trajectory * steps + step indexes the (trajectory, step) rows of a reshaped view
+        out = {k: np.take(data[k].reshape(-1, *data[k].shape[2:]), flat, axis=0) for k in PER_STEP}
+        out.update({k: np.take(data[k], traj, axis=0) for k in self.per_trajectory})
         out["step_index"] = step.astype(np.int64)
         return out
 
@@ -128,23 +146,26 @@ class StepBatches:
         buffers = [share[i:i + self.buffer_units] for i in range(0, len(share), self.buffer_units)]
         reader = UnitReader(self.store.root, self.store.manifest, [[unit for unit, _, _ in b] for b in buffers],
                             (*PER_STEP, *self.per_trajectory))
-        loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=self.workers,
+        loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=self.workers, collate_fn=_as_is,
                             multiprocessing_context="spawn" if self.workers else None)
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         sizes = iter(self.sizes)
         want = next(sizes)
-        carry = None
+        carry = None  # samples from the end of the previous buffer, fewer than a batch
         for buffer, data in zip(buffers, loader):
             offsets = np.cumsum([0] + [(stop - start) * self.steps for (_, start, stop), _, _ in buffer])
             flat = np.concatenate([offsets[i] + np.arange(a, b) for i, (_, a, b) in enumerate(buffer)])
-            samples = self._gather(data, flat[rng.permutation(len(flat))])
-            carry = samples if carry is None else {k: np.concatenate([carry[k], samples[k]]) for k in samples}
-            while want is not None and len(carry["timesteps"]) >= want:
-                batch = {k: torch.from_numpy(np.ascontiguousarray(v[:want])) for k, v in carry.items()}
-                carry = {k: v[want:] for k, v in carry.items()}
-                yield batch
-                want = next(sizes, None)
-        if want is not None or (carry is not None and len(carry["timesteps"])):
+            order = flat[rng.permutation(len(flat))]
+            position = 0
+            while want is not None and position < len(order):
+                have = 0 if carry is None else len(carry["timesteps"])
+                piece = self._gather(data, order[position:position + want - have])  # only this batch's rows
+                position += want - have
+                carry = piece if carry is None else {k: np.concatenate([carry[k], piece[k]]) for k in piece}
+                if len(carry["timesteps"]) == want:
+                    yield {k: torch.from_numpy(v) for k, v in carry.items()}
+                    carry, want = None, next(sizes, None)
+        if want is not None or carry is not None:
             raise StoreError("internal: the epoch's samples did not fill its batches")
 
     def from_step(self, step: int):

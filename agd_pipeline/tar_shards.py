@@ -2,8 +2,8 @@
 
 A sample's key is the trajectory index (``000000042``, no dots) and its one member,
 ``<key>.trajectory.npc``, holds every array of the trajectory, each compressed on its own with a
-numcodecs codec (4-byte header length, a JSON header with each array's dtype, shape, codec and byte
-range, then the payloads). One member per trajectory keeps tar's 512-byte headers from dominating
+numcodecs codec (4-byte header length, a JSON header with the codec and each array's name, dtype,
+shape and payload length, then the payloads). One member per trajectory keeps tar's 512-byte headers from dominating
 small latents, so a tar shard is about as compact as a Zarr one.
 The manifest is the same as the Zarr store's, with ``format: webdataset``; next to every finished
 tar lies ``<shard>.json`` with its entry (checksums), written before the tar is renamed into place.
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import struct
+import tarfile
 from pathlib import Path
 
 import numcodecs
@@ -48,17 +49,16 @@ def bitround(value: np.ndarray, keepbits: int) -> np.ndarray:
 
 
 def encode_sample(arrays: dict[str, np.ndarray], codec) -> bytes:
-    """Every array of one trajectory, each compressed on its own, in one blob."""
-    index, payloads, offset = {}, [], 0
-    config = codec.get_config() if codec is not None else None
+    """Every array of one trajectory, each compressed on its own, in one blob. The header lists
+    [name, dtype, shape, payload length] in payload order (compact: it is paid per trajectory)."""
+    index, payloads = [], []
     for name, value in arrays.items():
         value = np.array(value, order="C", copy=True)  # 0-d stays 0-d
         payload = bytes(codec.encode(value)) if codec is not None else value.tobytes()
-        index[name] = {"dtype": value.dtype.str, "shape": list(value.shape), "offset": offset,
-                       "length": len(payload)}
+        index.append([name, value.dtype.str, list(value.shape), len(payload)])
         payloads.append(payload)
-        offset += len(payload)
-    header = json.dumps({"codec": config, "arrays": index}).encode()
+    header = json.dumps({"codec": codec.get_config() if codec is not None else None, "arrays": index},
+                        separators=(",", ":")).encode()
     return struct.pack("<I", len(header)) + header + b"".join(payloads)
 
 
@@ -67,12 +67,13 @@ def decode_sample(blob: bytes, names=None) -> dict[str, np.ndarray]:
     header = json.loads(blob[4:4 + length])
     codec = numcodecs.get_codec(header["codec"]) if header["codec"] is not None else None
     body = memoryview(blob)[4 + length:]
-    out = {}
-    for name in names or header["arrays"]:
-        spec = header["arrays"][name]
-        payload = body[spec["offset"]:spec["offset"] + spec["length"]]
-        raw = codec.decode(payload) if codec is not None else payload
-        out[name] = np.frombuffer(raw, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"]).copy()
+    out, offset = {}, 0
+    for name, dtype, shape, size in header["arrays"]:
+        if names is None or name in names:
+            payload = body[offset:offset + size]
+            raw = codec.decode(payload) if codec is not None else payload
+            out[name] = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+        offset += size
     return out
 
 
@@ -101,7 +102,9 @@ class TarShardWriter:
         # the same digest as store.array_checksum over the whole shard's array
         self.digests = {name: hashlib.sha256(f"{np.dtype(dtype)}|{tuple(shape)}".encode())
                         for name, (shape, dtype) in self.specs.items()}
-        self.tar = wds.TarWriter(str(self.partial))
+        # A fixed integer mtime and plain ustar headers: no 1 KB pax header per member, and the same
+        # trajectories give byte-identical tars.
+        self.tar = wds.TarWriter(str(self.partial), mtime=0, format=tarfile.USTAR_FORMAT)
         self.written = 0
 
     def write(self, offset: int, arrays: dict[str, np.ndarray]) -> None:

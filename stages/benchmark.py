@@ -1,6 +1,12 @@
-"""Benchmarks that print a table and write JSON: the time of one sampling step, CFG against AGD,
-on full-size architectures with random weights (this machine, this run), and adapter parameter counts
-for full-size configs (built on the meta device, no weights)."""
+"""Benchmarks that print a table and write JSON (docs/benchmarks/<what>.json).
+
+  step-time   one sampling step, CFG against AGD, full-size architectures with random weights
+  parameters  adapter parameter counts for full-size configs (meta device, no weights)
+  gap-closed  how much of the guidance gap trained adapters close
+  loader      training loader samples/s: Zarr, WebDataset, the reference layout (dir per trajectory)
+  recording   stage one with recording against the same sampling loop without
+  storage     bytes per trajectory-step and files per 1,000 trajectories, per format and codec
+  lossy       adapters trained on BitRound copies of the store: gap closed against lossless"""
 
 import argparse
 import json
@@ -10,17 +16,25 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.benchmark", description=__doc__)
-    parser.add_argument("what", choices=["step-time", "parameters", "gap-closed"], help="which benchmark")
+    parser.add_argument("what", choices=["step-time", "parameters", "gap-closed", "loader", "recording", "storage",
+                                         "lossy"], help="which benchmark")
     parser.add_argument("--architectures", default="",
-                        help="comma-separated: dit-xl-2-256, sd-2.1-unet, sdxl-unet, sd3-medium, toy-dit-8x8 (step-time defaults to dit-xl-2-256,sd-2.1-unet)")
+                        help="comma-separated: dit-xl-2-256, dit-s-2-256, sd-2.1-unet, sdxl-unet, sd3-medium, toy-dit-8x8 "
+                        "(step-time defaults to dit-xl-2-256,sd-2.1-unet)")
     parser.add_argument("--batch-sizes", default="1,4", help="step-time: batch sizes (images)")
     parser.add_argument("--repeats", type=int, default=3, help="step-time: timed repeats (median)")
     parser.add_argument("--adapters", default="data/adapters",
                         help="gap-closed: comma-separated adapter folders to compare")
     parser.add_argument("--trajectories", type=int, default=400,
                         help="gap-closed: fresh CFG trajectories to measure on")
+    parser.add_argument("--store", default="data/trajectories", help="storage, lossy: the store to start from")
+    parser.add_argument("--keepbits", default="6,3", help="lossy: BitRound mantissa bits to compare")
+    parser.add_argument("--workdir", default="data/benchmarks",
+                        help="loader, storage, lossy: scratch folder (lossy keeps its stores and adapters there)")
     parser.add_argument("--out", default=None, help="JSON file (default docs/benchmarks/<what>.json)")
     args = parser.parse_args(argv)
+    if args.what in ("loader", "recording", "storage", "lossy"):
+        return data_benchmark(args)
     from agd_pipeline.benchmark import ARCHITECTURES, parameter_table, step_times
 
     default = "dit-xl-2-256,sd-2.1-unet" if args.what == "step-time" else \
@@ -65,6 +79,58 @@ def main(argv=None) -> int:
                 width = f"**{r['width']}** (~2 %)" if "reaches_target_percent" in r else r["width"]
                 print(f"| {name} | {r['kind']} | {r['placement']} | {width} | "
                       f"{r['adapter_parameters']:,} | {r['share_percent']:.2f} % |", flush=True)
+    out = Path(args.out or f"docs/benchmarks/{args.what}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"written to {out}")
+    return 0
+
+
+def data_benchmark(args) -> int:
+    from agd_pipeline import data_benchmark as bench
+    from agd_pipeline.errors import AgdError
+
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    try:
+        if args.what == "loader":
+            rows = bench.loader_table(workdir=args.workdir)
+            consumed = bench.training_consumption()
+            print(f"one adapter training step of the default consumes {consumed:,.0f} samples/s here")
+            print("| latent | Zarr loader | WebDataset loader | reference layout | Zarr / reference | "
+                  "WebDataset / reference | Zarr / training step |")
+            print("|---|---|---|---|---|---|---|")
+            for r in rows:
+                r["training_consumes_samples_per_s"] = consumed
+                print(f"| {r['latent']} | {r['zarr_samples_per_s']:,.0f}/s | {r['webdataset_samples_per_s']:,.0f}/s | "
+                      f"{r['reference_samples_per_s']:,.0f}/s | {r['zarr_over_reference']:.1f}x | "
+                      f"{r['webdataset_over_reference']:.1f}x | {r['zarr_samples_per_s'] / consumed:.1f}x |")
+        elif args.what == "recording":
+            rows = [bench.recording_overhead(),  # the embedded default: 600 trajectories of 32 steps
+                    bench.recording_overhead(batch=8, steps=8, batches=2, architecture="dit-s-2-256")]
+            print("| architecture | trajectories x steps | without recording | with recording | overhead |")
+            print("|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['architecture']} | {r['trajectories']} x {r['steps']} | "
+                      f"{r['seconds_without_recording']:.2f} s | {r['seconds_with_recording']:.2f} s | "
+                      f"{r['overhead_percent']:+.1f} % |")
+        elif args.what == "storage":
+            rows = bench.storage_table(args.store, workdir=args.workdir)
+            print("| format | codec | BitRound bits | bytes / trajectory-step | vs raw fp16 | files / 1,000 trajectories |")
+            print("|---|---|---|---|---|---|")
+            for r in rows:
+                bits = r["bitround_keepbits"] or "lossless"
+                print(f"| {r['format']} | {r['compressor']} | {bits} | {r['bytes_per_trajectory_step']:,.0f} | "
+                      f"{r['ratio_to_raw']:.2f} | {r['files_per_1000_trajectories']:,.0f} |")
+        else:
+            keepbits = [int(b) for b in args.keepbits.split(",") if b]
+            rows = bench.lossy_table(args.store, Path(args.workdir) / "lossy", keepbits)
+            print("| BitRound bits | store MiB | gap closed |")
+            print("|---|---|---|")
+            for r in rows:
+                print(f"| {r['bitround_keepbits'] or 'lossless'} | {r['store_mib']:.1f} | {r['gap_closed']:.3f} |")
+    except AgdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out or f"docs/benchmarks/{args.what}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")

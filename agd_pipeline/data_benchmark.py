@@ -1,0 +1,283 @@
+"""Benchmarks of the data path: loader throughput against the reference layout, stage one's
+recording overhead, bytes on disk per format and codec, and what lossy storage does to the
+distilled adapters. Numbers are printed and written to a file; nothing here is a test."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .store import CLASS_CONDITION, StoreWriter, TrajectoryStore, convert_store
+
+LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}
+
+
+# ------------------------------------------------------------------------------ synthetic data
+
+
+def synthetic_header(latent_shape, trajectories: int, steps: int, shard_size: int, chunk: int,
+                     fmt: str = "zarr", compressor: str = "blosc-zstd") -> dict:
+    return {
+        "base_model": {"id": "synthetic", "family": "dit", "num_classes": 10, "conditioning": "class"},
+        "sampler": {"scheduler": "none", "config": {}, "num_steps": steps},
+        "guidance": {"distribution": "uniform", "min": 1.0, "max": 6.0},
+        "seed": 0, "conditioning": "class", "classes": list(range(10)), "prompts": [], "negative_prompt": "",
+        "condition_arrays": CLASS_CONDITION, "num_trajectories": trajectories, "shard_size": shard_size,
+        "latent_shape": list(latent_shape), "output_channels": latent_shape[0], "record_branches": False,
+        "compressor": compressor, "chunk_trajectories": chunk, "format": fmt, "bitround_keepbits": 0,
+    }
+
+
+def synthetic_arrays(latent_shape, first: int, n: int, steps: int) -> dict[str, np.ndarray]:
+    """Noise-like latents (as real x_t are) and outputs, a function of the trajectory indices."""
+    rng = np.random.default_rng(first)
+    return {
+        "model_input": rng.standard_normal((n, steps, *latent_shape), dtype=np.float32).astype(np.float16),
+        "guided_output": rng.standard_normal((n, steps, *latent_shape), dtype=np.float32).astype(np.float16),
+        "timesteps": np.tile(np.linspace(999, 0, steps, dtype=np.float32), (n, 1)),
+        "guidance_scale": rng.uniform(1, 6, n).astype(np.float32),
+        "seed": np.arange(first, first + n, dtype=np.int64),
+        "class_label": np.arange(first, first + n, dtype=np.int64) % 10,
+        "trajectory_index": np.arange(first, first + n, dtype=np.int64),
+        "sample": rng.standard_normal((n, *latent_shape), dtype=np.float32).astype(np.float16),
+    }
+
+
+def write_synthetic_store(root: Path, header: dict) -> TrajectoryStore:
+    writer = StoreWriter(root, header)
+    steps, shape = header["sampler"]["num_steps"], header["latent_shape"]
+    for index in writer.pending():
+        shard = writer.begin_shard(index)
+        shard.write(0, synthetic_arrays(shape, shard.start, shard.stop - shard.start, steps))
+        shard.finish()
+    return TrajectoryStore(root)
+
+
+def write_reference_layout(root: Path, store: TrajectoryStore) -> None:
+    """The reference implementation's layout: a folder per trajectory holding a raw fp16 memmap of
+    [steps, 2, C, H, W] (model input and guided output) and a pickle of its conditioning."""
+    arrays = store.dask_arrays()
+    inputs, outputs = arrays["model_input"].compute(), arrays["guided_output"].compute()
+    for i in range(inputs.shape[0]):
+        folder = root / f"traj_{i:06d}"
+        folder.mkdir(parents=True)
+        both = np.memmap(folder / "latents.fp16", dtype=np.float16, mode="w+", shape=(inputs.shape[1], 2, *inputs.shape[2:]))
+        both[:, 0], both[:, 1] = inputs[i], outputs[i]
+        both.flush()
+        with open(folder / "cond.pkl", "wb") as f:
+            pickle.dump({"guidance_scale": float(arrays["guidance_scale"][i].compute()),
+                         "class_label": int(arrays["class_label"][i].compute()),
+                         "timesteps": arrays["timesteps"][i].compute()}, f)
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """Per-item reads of the reference layout: open the memmap and unpickle for every sample."""
+
+    def __init__(self, root: Path, trajectories: int, steps: int, latent_shape):
+        self.root, self.trajectories, self.steps, self.shape = root, trajectories, steps, tuple(latent_shape)
+
+    def __len__(self):
+        return self.trajectories * self.steps
+
+    def __getitem__(self, index):
+        traj, step = divmod(index, self.steps)
+        folder = self.root / f"traj_{traj:06d}"
+        both = np.memmap(folder / "latents.fp16", dtype=np.float16, mode="r", shape=(self.steps, 2, *self.shape))
+        with open(folder / "cond.pkl", "rb") as f:
+            cond = pickle.load(f)
+        return {"model_input": torch.from_numpy(np.array(both[step, 0])),
+                "guided_output": torch.from_numpy(np.array(both[step, 1])),
+                "timesteps": torch.tensor(float(cond["timesteps"][step])),
+                "guidance_scale": torch.tensor(cond["guidance_scale"]),
+                "class_label": torch.tensor(cond["class_label"])}
+
+
+def _rate(batches, limit_samples: int) -> float:
+    """Samples per second over the batches (up to ``limit_samples``), after the first batch."""
+    iterator = iter(batches)
+    next(iterator)  # opening files, spawning: not steady state
+    began, seen = time.perf_counter(), 0
+    for batch in iterator:
+        seen += len(batch["timesteps"])
+        if seen >= limit_samples:
+            break
+    return seen / (time.perf_counter() - began)
+
+
+def training_consumption(batch_size: int = 256, steps: int = 20) -> float:
+    """(trajectory, step) samples per second that one adapter training step of the default consumes
+    (the embedded default's architecture and adapters, forward and backward on this machine)."""
+    from .adapters import AdaptedModel, AdapterConfig
+    from .benchmark import build_base
+
+    base = build_base("toy-dit-8x8")
+    model = AdaptedModel(base, AdapterConfig(num_classes=base.num_classes)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(batch_size, *base.latent_shape)
+    t = torch.randint(0, 1000, (batch_size,))
+    labels = torch.randint(0, 10, (batch_size,))
+    w = torch.rand(batch_size) * 5 + 1
+    target = torch.randn_like(x)
+
+    def step():
+        loss = (model(x, t, labels, w) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch_size * steps / (time.perf_counter() - began)
+
+
+def loader_table(trajectories: int = 400, steps: int = 32, batch_size: int = 256, workdir: str | None = None,
+                 reference_samples: int = 20_000) -> list[dict]:
+    """Samples per second: our Zarr loader, our WebDataset loader, and the reference layout."""
+    from .loader import StepBatches
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for label, shape in LOADER_LATENTS.items():
+            root = Path(tmp) / label
+            zarr_store = write_synthetic_store(root / "zarr", synthetic_header(shape, trajectories, steps, 100, 25))
+            tar_store = write_synthetic_store(root / "tar", synthetic_header(shape, trajectories, steps, 100, 25,
+                                                                              fmt="webdataset"))
+            write_reference_layout(root / "reference", zarr_store)
+            total = trajectories * steps
+            reference = torch.utils.data.DataLoader(ReferenceDataset(root / "reference", trajectories, steps, shape),
+                                                    batch_size=batch_size, shuffle=True)
+            rates = {
+                "zarr": _rate(StepBatches(zarr_store, batch_size, seed=0), 3 * total),
+                "webdataset": _rate(StepBatches(tar_store, batch_size, seed=0), 3 * total),
+                "reference": _rate(reference, reference_samples),
+            }
+            raw = 2 * total * int(np.prod(shape)) * 2
+            size = {name: sum(s["bytes"] for s in store.shards) / 2**20
+                    for name, store in (("zarr", zarr_store), ("webdataset", tar_store))}
+            rows.append({"latent": label, "trajectories": trajectories, "steps": steps, "batch_size": batch_size,
+                         "raw_mib": raw / 2**20, "zarr_mib": size["zarr"], "webdataset_mib": size["webdataset"],
+                         **{f"{k}_samples_per_s": v for k, v in rates.items()},
+                         "zarr_over_reference": rates["zarr"] / rates["reference"],
+                         "webdataset_over_reference": rates["webdataset"] / rates["reference"]})
+    return rows
+
+
+# -------------------------------------------------------------------------------- recording
+
+
+def recording_overhead(batch: int = 200, steps: int = 32, batches: int = 3, repeats: int = 3,
+                       architecture: str = "toy-dit-8x8") -> dict:
+    """Stage one with recording (every step copied out, shards compressed and written) against
+    the same sampling loop with recording switched off. Median over repeats, alternating order."""
+    from .benchmark import build_base
+    from .config import GenerateConfig, load_config
+    from .generation import Conditions, record_batch, store_header
+    from .sampling import generators_for, initial_noise, sample
+
+    torch.manual_seed(0)
+    base = build_base(architecture)
+    total = batch * batches
+    classes = list(range(max(d for d in range(1, 11) if total % d == 0)))  # classes cycled evenly
+    conditions = Conditions("class", classes=classes, per_condition=total // len(classes))
+    config = load_config(GenerateConfig, {"num_steps": steps, "batch_size": batch, "shard_size": batch,
+                                          "trajectories_per_class": total // len(classes)})
+    plain, recorded = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats):
+            def without():
+                for b in range(batches):
+                    plan = conditions.plan(0, range(b * batch, (b + 1) * batch), 1.0, 6.0)
+                    gens = generators_for(plan["seed"].tolist())
+                    sample(base, torch.from_numpy(plan["class_label"]), initial_noise(base, gens), steps,
+                           guidance_scale=torch.from_numpy(plan["guidance_scale"]), generators=gens)
+
+            def with_recording():
+                root = Path(tmp) / f"store{repeat}"
+                writer = StoreWriter(root, store_header(config, base, conditions))
+                for b in range(batches):
+                    shard = writer.begin_shard(b)
+                    plan = conditions.plan(0, range(b * batch, (b + 1) * batch), 1.0, 6.0)
+                    shard.write(0, record_batch(base, plan, steps, False, conditions))
+                    shard.finish()
+                shutil.rmtree(root)
+
+            for fn, times in ((without, plain), (with_recording, recorded))[:: 1 if repeat % 2 == 0 else -1]:
+                began = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - began)
+    t_plain, t_recorded = float(np.median(plain)), float(np.median(recorded))
+    return {"architecture": architecture, "trajectories": batch * batches, "steps": steps,
+            "seconds_without_recording": t_plain, "seconds_with_recording": t_recorded,
+            "overhead_percent": 100 * (t_recorded / t_plain - 1)}
+
+
+# ---------------------------------------------------------------------------------- storage
+
+
+def _files(root: Path) -> int:
+    return sum(1 for p in root.rglob("*") if p.is_file())
+
+
+def storage_table(store: str | Path, variants=None, workdir: str | None = None) -> list[dict]:
+    """Bytes per (trajectory, step) on disk against raw fp16, and files per 1,000 trajectories, for
+    each format and codec: the store converted shard for shard."""
+    source = TrajectoryStore(store)
+    n, steps = source.num_trajectories, source.num_steps
+    latent = int(np.prod(source.manifest["latent_shape"]))
+    raw_per_step = 2 * latent * 2  # model input and guided output, fp16
+    variants = variants or [(fmt, codec, bits) for fmt in ("zarr", "webdataset")
+                            for codec, bits in (("none", 0), ("zstd", 0), ("blosc-zstd", 0), ("blosc-zstd", 6),
+                                                ("blosc-zstd", 3))]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for fmt, codec, bits in variants:
+            target = Path(tmp) / f"{fmt}-{codec}-{bits}"
+            convert_store(store, target, fmt, codec, bits, progress=False, log=lambda *a: None)
+            on_disk = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            rows.append({"format": fmt, "compressor": codec, "bitround_keepbits": bits,
+                         "bytes_per_trajectory_step": on_disk / (n * steps),
+                         "raw_fp16_bytes_per_trajectory_step": raw_per_step,
+                         "ratio_to_raw": on_disk / (n * steps) / raw_per_step,
+                         "files_per_1000_trajectories": _files(target) * 1000 / n})
+    rows.append({"format": "reference (dir per trajectory)", "compressor": "none", "bitround_keepbits": 0,
+                 "bytes_per_trajectory_step": raw_per_step, "raw_fp16_bytes_per_trajectory_step": raw_per_step,
+                 "ratio_to_raw": 1.0, "files_per_1000_trajectories": 2000})
+    return rows
+
+
+# ------------------------------------------------------------------------------------ lossy
+
+
+def lossy_table(store: str | Path, adapters_out: str | Path, keepbits=(6, 3), train_params="params.yaml",
+                trajectories: int = 400) -> list[dict]:
+    """Train the default adapters on BitRound copies of the store and measure the gap they close
+    (against adapters trained the same way on the lossless store)."""
+    from .config import TrainConfig, load_config
+    from .evaluation import gap_closed
+    from .training import train
+
+    rows = []
+    out = Path(adapters_out)
+    for bits in (0, *keepbits):
+        source = Path(store)
+        if bits:
+            source = out / f"store-bitround{bits}"
+            convert_store(store, source, "zarr", None, bits, progress=False, log=lambda *a: None)
+        adapters = out / f"adapters-bitround{bits}"
+        config = load_config(TrainConfig, train_params, {"store": str(source), "out_dir": str(adapters)})
+        train(config, progress=False, log=lambda *a: None)
+        result = gap_closed(adapters, trajectories)
+        size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+        rows.append({"bitround_keepbits": bits, "store_mib": size / 2**20, "gap_closed": result["overall"],
+                     "gap_closed_per_w_bin": result["per_w_bin"]})
+    (out / "lossy.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
