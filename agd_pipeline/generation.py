@@ -264,7 +264,7 @@ def _write_shard(writer: StoreWriter, index: int, config: GenerateConfig, base: 
                  conditions: Conditions, bar) -> None:
     """Sample and write one whole shard. A failing disk (full, read-only) stops the run with a
     message; the shards completed before stay valid, and the same command resumes."""
-    name = shard_name(index)
+    name = shard_name(index, writer.format)
     try:
         shard = writer.begin_shard(index)
         for batch_start in range(shard.start, shard.stop, config.batch_size):

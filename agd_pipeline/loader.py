@@ -4,8 +4,8 @@ Reads are contiguous: a *unit* is a Zarr chunk row (a block of trajectories with
 or a whole tar shard. Each epoch, the units are put in an order drawn from (seed, epoch); the
 epoch's samples, in that order, are split evenly between the ``world_size`` processes of a
 distributed run, so no sample is dropped or seen twice within an epoch. Each process reads only
-the units its share touches, ``buffer_units`` at a time, shuffles the samples of a buffer in
-memory, and cuts them into batches. Every process gets the same number of batches per epoch
+the units its share touches, ``buffer_units`` at a time (fewer if they would exceed 2 GiB),
+shuffles the samples of a buffer in memory, and cuts them into batches. Every process gets the same number of batches per epoch
 (sizes differ by at most one sample), so data-parallel training never waits on a missing batch.
 
 Per-trajectory arrays (w, class, prompt embeddings) are not repeated per step in memory: a
@@ -28,6 +28,7 @@ from .store import TrajectoryStore, condition_arrays
 
 PER_STEP = ("model_input", "guided_output", "timesteps")
 SMALL_ROW_BYTES = 4096  # per-trajectory arrays up to this size are read whole, once per shard
+BUFFER_BYTES = 2 << 30  # model inputs and targets held in memory for shuffling, at most
 
 
 class UnitReader(Dataset):
@@ -104,11 +105,16 @@ class StepBatches:
     """Endless batches (dicts of tensors) for one process; see the module docstring."""
 
     def __init__(self, store: TrajectoryStore, batch_size: int, seed: int, buffer_units: int = 16,
-                 rank: int = 0, world_size: int = 1, workers: int = 0):
+                 rank: int = 0, world_size: int = 1, workers: int = 0, buffer_bytes: int = BUFFER_BYTES):
         self.store, self.batch_size, self.seed = store, batch_size, seed
-        self.buffer_units, self.rank, self.world_size, self.workers = buffer_units, rank, world_size, workers
+        self.rank, self.world_size, self.workers = rank, world_size, workers
         self.units = store.chunk_ranges()
         self.steps = store.num_steps
+        # up to buffer_units units in memory at once, fewer where units are large (whole tar shards
+        # of SDXL latents): the buffer's model inputs and targets stay within buffer_bytes
+        largest = max((stop - start for _, start, stop in self.units), default=1)
+        unit_bytes = largest * self.steps * 2 * 2 * int(np.prod(store.manifest["latent_shape"]))
+        self.buffer_units = max(1, min(buffer_units, buffer_bytes // max(1, unit_bytes)))
         self.per_trajectory = ("guidance_scale", "trajectory_index", *condition_arrays(store.manifest))
         self.total = sum(stop - start for _, start, stop in self.units) * self.steps
         self.sizes = batch_sizes(self.total, batch_size, world_size)[rank]

@@ -184,3 +184,13 @@ def test_two_process_training_runs_under_torchrun(tar_store, tmp_path):
     assert (tmp_path / "adapters" / "adapters.safetensors").exists()
     rows = (tmp_path / "adapters" / "loss.csv").read_text().splitlines()
     assert len(rows) == 7  # header + 6 steps, written once
+
+
+def test_large_units_shrink_the_buffer(tar_store):
+    """Whole tar shards of big latents are held a few at a time, within the memory budget."""
+    store = TrajectoryStore(tar_store)
+    small = StepBatches(store, 7, seed=3, buffer_bytes=1)
+    assert small.buffer_units == 1 and StepBatches(store, 7, seed=3).buffer_units == 16
+    seen = sorted((i, s) for b in small.epoch(0)
+                  for i, s in zip(b["trajectory_index"].tolist(), b["step_index"].tolist()))
+    assert seen == [(i, s) for i in range(20) for s in range(4)]
