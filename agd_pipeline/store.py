@@ -28,7 +28,7 @@ import zarr.codecs
 import zarr.codecs.numcodecs
 
 from .errors import StoreError
-from .tar_shards import LATENT_ARRAYS, TarShard, TarShardWriter, entry_on_disk as tar_entry_on_disk
+from .tar_shards import LATENT_ARRAYS, ArrayHasher, TarShard, TarShardWriter, entry_on_disk as tar_entry_on_disk
 
 # We write consolidated metadata on purpose (one read opens a shard); zarr warns that v3 has no spec for it.
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
@@ -168,7 +168,10 @@ class ShardWriter:
         chunk = min(header["chunk_trajectories"], self.stop - self.start)
         keepbits = header.get("bitround_keepbits", 0)
         self.dtypes = {}
-        for name, (shape, dtype) in array_specs(header, self.stop - self.start).items():
+        specs = array_specs(header, self.stop - self.start)
+        self.hasher = ArrayHasher(specs, keepbits)
+        self.hashed = 0  # trajectories hashed in order so far (None: written out of order, re-read)
+        for name, (shape, dtype) in specs.items():
             lossy = keepbits and name in LATENT_ARRAYS
             filters = [zarr.codecs.numcodecs.BitRound(keepbits=keepbits)] if lossy else None
             self.group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
@@ -179,15 +182,21 @@ class ShardWriter:
     def write(self, offset: int, arrays: dict[str, np.ndarray]) -> None:
         """Write trajectories [offset, offset + n) of this shard (offset is shard-relative)."""
         n = len(next(iter(arrays.values())))
+        in_order = self.hashed is not None and offset == self.hashed and set(arrays) == set(self.dtypes)
         for name, value in arrays.items():
-            self.group[name][offset:offset + n] = np.asarray(value, dtype=self.dtypes[name])
+            value = np.asarray(value, dtype=self.dtypes[name])
+            self.group[name][offset:offset + n] = value
+            if in_order:
+                self.hasher.update(name, self.hasher.stored(name, value))
+        self.hashed = self.hashed + n if in_order else None
         self.written += n
 
     def finish(self) -> dict:
         expected = self.stop - self.start
         if self.written != expected:
             raise StoreError(f"{self.partial}: {self.written} of {expected} trajectories written")
-        sums = array_checksums(self.group)
+        # checksums of the values as written; written out of order, the stored arrays are re-read
+        sums = self.hasher.checksums() if self.hashed == expected else array_checksums(self.group)
         self.group.attrs.update({"checksum": combined_checksum(sums), "checksums": sums,
                                  "trajectories": expected})
         zarr.consolidate_metadata(str(self.partial))

@@ -48,6 +48,28 @@ def bitround(value: np.ndarray, keepbits: int) -> np.ndarray:
     return np.asarray(numcodecs.BitRound(keepbits=keepbits).encode(value)).view(value.dtype).reshape(value.shape)
 
 
+class ArrayHasher:
+    """Checksums of a shard's arrays computed from the values as they are written, in order: the
+    same digests as re-reading the stored arrays (``store.array_checksum``), without the re-read.
+    Latent arrays are hashed after BitRound, as they are stored."""
+
+    def __init__(self, specs: dict[str, tuple[tuple, str]], keepbits: int):
+        self.keepbits = keepbits
+        self.digests = {name: hashlib.sha256(f"{np.dtype(dtype)}|{tuple(shape)}".encode())
+                        for name, (shape, dtype) in specs.items()}
+
+    def stored(self, name: str, value: np.ndarray) -> np.ndarray:
+        """The values as the store keeps them."""
+        value = np.array(value, order="C", copy=True)
+        return bitround(value, self.keepbits) if name in LATENT_ARRAYS else value
+
+    def update(self, name: str, stored: np.ndarray) -> None:
+        self.digests[name].update(np.ascontiguousarray(stored).tobytes())
+
+    def checksums(self) -> dict[str, str]:
+        return {name: digest.hexdigest() for name, digest in sorted(self.digests.items())}
+
+
 def encode_sample(arrays: dict[str, np.ndarray], codec) -> bytes:
     """Every array of one trajectory, each compressed on its own, in one blob. The header lists
     [name, dtype, shape, payload length] in payload order (compact: it is paid per trajectory)."""
@@ -97,11 +119,8 @@ class TarShardWriter:
             stale.unlink(missing_ok=True)
         header = store.header
         self.codec = numcodec(header["compressor"])
-        self.keepbits = header.get("bitround_keepbits", 0)
         self.specs = array_specs(header, self.stop - self.start)
-        # the same digest as store.array_checksum over the whole shard's array
-        self.digests = {name: hashlib.sha256(f"{np.dtype(dtype)}|{tuple(shape)}".encode())
-                        for name, (shape, dtype) in self.specs.items()}
+        self.hasher = ArrayHasher(self.specs, header.get("bitround_keepbits", 0))
         # A fixed integer mtime and plain ustar headers: no 1 KB pax header per member, and the same
         # trajectories give byte-identical tars.
         self.tar = wds.TarWriter(str(self.partial), mtime=0, format=tarfile.USTAR_FORMAT)
@@ -117,9 +136,8 @@ class TarShardWriter:
         for j in range(n):
             stored = {}
             for name, value in values.items():
-                item = np.array(value[j], order="C", copy=True)
-                stored[name] = bitround(item, self.keepbits) if name in LATENT_ARRAYS else item
-                self.digests[name].update(stored[name].tobytes())
+                stored[name] = self.hasher.stored(name, value[j])
+                self.hasher.update(name, stored[name])
             self.tar.write({"__key__": f"{self.start + offset + j:09d}",
                             EXTENSION: encode_sample(stored, self.codec)})
         self.written += n
@@ -133,7 +151,7 @@ class TarShardWriter:
             raise StoreError(f"{self.partial}: {self.written} of {expected} trajectories written")
         with open(self.partial, "rb+") as f:
             os.fsync(f.fileno())
-        sums = {name: digest.hexdigest() for name, digest in sorted(self.digests.items())}
+        sums = self.hasher.checksums()
         entry = {"name": self.final.name, "first_trajectory": self.start, "trajectories": expected,
                  "status": "complete", "checksum": combined_checksum(sums), "checksums": sums,
                  "bytes": self.partial.stat().st_size}
