@@ -8,8 +8,9 @@ the units its share touches, ``buffer_units`` at a time (fewer if they would exc
 shuffles the samples of a buffer in memory, and cuts them into batches. Every process gets the same number of batches per epoch
 (sizes differ by at most one sample), so data-parallel training never waits on a missing batch.
 
-Per-trajectory arrays (w, class, prompt embeddings) are not repeated per step in memory: a
-sample is gathered from its (trajectory, step) index when its batch is built. Reading can run in
+A buffer's units are read in a few threads and kept as separate arrays; each batch gathers its
+samples from them by (trajectory, step) index, so neither the buffer nor the per-trajectory arrays
+(w, class, prompt embeddings) are ever copied or repeated per step in memory. Reading can run in
 DataLoader worker processes (spawned), which only read and decode; the order stays a function of
 (seed, epoch, rank) whatever the number of workers.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from .store import TrajectoryStore, condition_arrays
 
 PER_STEP = ("model_input", "guided_output", "timesteps")
 SMALL_ROW_BYTES = 4096  # per-trajectory arrays up to this size are read whole, once per shard
+READ_THREADS = 4
 BUFFER_BYTES = 2 << 30  # model inputs and targets held in memory for shuffling, at most
 
 
@@ -65,19 +68,34 @@ class UnitReader(Dataset):
             self._small[(name, key)] = np.asarray(array[:])
         return self._small[(name, key)][start:stop]
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        parts = {k: [] for k in self.names}
-        for name, start, stop in self.buffers[index]:
-            shard = self._open(name)
-            for key in parts:
+    def __getitem__(self, index: int) -> dict[str, list[np.ndarray]]:
+        """{array name: [the array's rows of each unit]}: kept per unit, not concatenated (a batch
+        gathers its rows from the units directly, so the buffer is never copied whole)."""
+        units = self.buffers[index]
+        if self._store is None:
+            self._store = TrajectoryStore(self.root, self.manifest)
+
+        def read(unit) -> dict[str, np.ndarray]:
+            name, start, stop = unit
+            shard = self._open(name)  # a tar shard is read once here, for all its arrays
+            out = {}
+            for key in self.names:
                 try:
-                    parts[key].append(self._read(shard, name, key, start, stop))
+                    out[key] = self._read(shard, name, key, start, stop)
                 except Exception as err:  # noqa: BLE001 - a damaged chunk fails inside the codec
                     raise StoreError(
                         f"{self.root}/{name}/{key}: cannot read trajectories {start}-{stop} "
                         f"({type(err).__name__}: {err}); run `python -m stages.inspect {self.root} --verify` "
                         "and `python -m stages.generate --verify full` to rewrite the damaged shards") from None
-        return {k: np.concatenate(v) for k, v in parts.items()}
+            return out
+
+        if self._store.format == "zarr":
+            for name, _, _ in units:  # open each Zarr shard once, before the threads share it
+                self._open(name)
+        # Units are read and decoded in a few threads (the codecs release the GIL).
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            per_unit = list(pool.map(read, units))
+        return {key: [unit[key] for unit in per_unit] for key in self.names}
 
 
 def _as_is(item):
@@ -139,11 +157,24 @@ class StepBatches:
             position += size
         return parts
 
-    def _gather(self, data: dict, flat: np.ndarray) -> dict[str, np.ndarray]:
+    def _gather(self, data: dict, first_trajectory: np.ndarray, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """The samples ``flat`` (trajectory * steps + step, counted over the buffer) from the
+        buffer's per-unit arrays; ``first_trajectory`` is each unit's first trajectory in the buffer."""
         traj, step = np.divmod(flat, self.steps)
-        # flat = trajectory * steps + step indexes the (trajectory, step) rows of a reshaped view
-        out = {k: np.take(data[k].reshape(-1, *data[k].shape[2:]), flat, axis=0) for k in PER_STEP}
-        out.update({k: np.take(data[k], traj, axis=0) for k in self.per_trajectory})
+        unit = np.searchsorted(first_trajectory, traj, side="right") - 1
+        local = traj - first_trajectory[unit]
+        masks = [(u, unit == u) for u in np.unique(unit)]
+        out = {}
+        for key, parts in data.items():
+            per_step = key in PER_STEP
+            row_shape = parts[0].shape[2:] if per_step else parts[0].shape[1:]
+            rows = np.empty((len(flat), *row_shape), parts[0].dtype)
+            for u, mask in masks:
+                if per_step:  # (trajectory, step) rows of a reshaped view of the unit
+                    rows[mask] = parts[u].reshape(-1, *row_shape)[local[mask] * self.steps + step[mask]]
+                else:
+                    rows[mask] = parts[u][local[mask]]
+            out[key] = rows
         out["step_index"] = step.astype(np.int64)
         return out
 
@@ -159,13 +190,14 @@ class StepBatches:
         want = next(sizes)
         carry = None  # samples from the end of the previous buffer, fewer than a batch
         for buffer, data in zip(buffers, loader):
-            offsets = np.cumsum([0] + [(stop - start) * self.steps for (_, start, stop), _, _ in buffer])
-            flat = np.concatenate([offsets[i] + np.arange(a, b) for i, (_, a, b) in enumerate(buffer)])
+            first_trajectory = np.cumsum([0] + [stop - start for (_, start, stop), _, _ in buffer])[:-1]
+            flat = np.concatenate([first_trajectory[i] * self.steps + np.arange(a, b)
+                                   for i, (_, a, b) in enumerate(buffer)])
             order = flat[rng.permutation(len(flat))]
             position = 0
             while want is not None and position < len(order):
                 have = 0 if carry is None else len(carry["timesteps"])
-                piece = self._gather(data, order[position:position + want - have])  # only this batch's rows
+                piece = self._gather(data, first_trajectory, order[position:position + want - have])
                 position += want - have
                 carry = piece if carry is None else {k: np.concatenate([carry[k], piece[k]]) for k in piece}
                 if len(carry["timesteps"]) == want:
