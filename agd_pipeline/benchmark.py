@@ -72,10 +72,6 @@ def build_base(name: str, device: str | torch.device = "cpu") -> BaseModel:
                      latent_channels=arch.config["in_channels"], sample_size=arch.config["sample_size"])
 
 
-def build_dit(name: str, device: str | torch.device = "cpu") -> BaseModel:
-    return build_base(name, device)
-
-
 def adapter_config(name: str, base: BaseModel, **settings) -> AdapterConfig:
     """An adapter config for this architecture: its classes or text widths, its family's defaults."""
     arch = ARCHITECTURES[name]

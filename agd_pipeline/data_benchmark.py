@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .store import CLASS_CONDITION, StoreWriter, TrajectoryStore, convert_store
+from .store import CLASS_CONDITION, StoreWriter, TrajectoryStore, _folder_bytes, convert_store
 
 LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}
 
@@ -63,8 +63,12 @@ def write_synthetic_store(root: Path, header: dict) -> TrajectoryStore:
 def write_reference_layout(root: Path, store: TrajectoryStore) -> None:
     """The reference implementation's layout: a folder per trajectory holding a raw fp16 memmap of
     [steps, 2, C, H, W] (model input and guided output) and a pickle of its conditioning."""
-    arrays = store.dask_arrays()
-    inputs, outputs = arrays["model_input"].compute(), arrays["guided_output"].compute()
+    import dask
+
+    arrays = store.dask_arrays(["model_input", "guided_output", "guidance_scale", "class_label", "timesteps"])
+    inputs, outputs, scales, labels, timesteps = dask.compute(
+        arrays["model_input"], arrays["guided_output"], arrays["guidance_scale"], arrays["class_label"],
+        arrays["timesteps"])
     for i in range(inputs.shape[0]):
         folder = root / f"traj_{i:06d}"
         folder.mkdir(parents=True)
@@ -72,9 +76,8 @@ def write_reference_layout(root: Path, store: TrajectoryStore) -> None:
         both[:, 0], both[:, 1] = inputs[i], outputs[i]
         both.flush()
         with open(folder / "cond.pkl", "wb") as f:
-            pickle.dump({"guidance_scale": float(arrays["guidance_scale"][i].compute()),
-                         "class_label": int(arrays["class_label"][i].compute()),
-                         "timesteps": arrays["timesteps"][i].compute()}, f)
+            pickle.dump({"guidance_scale": float(scales[i]), "class_label": int(labels[i]),
+                         "timesteps": timesteps[i]}, f)
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -242,7 +245,7 @@ def storage_table(store: str | Path, variants=None, workdir: str | None = None) 
         for fmt, codec, bits in variants:
             target = Path(tmp) / f"{fmt}-{codec}-{bits}"
             convert_store(store, target, fmt, codec, bits, progress=False, log=lambda *a: None)
-            on_disk = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            on_disk = _folder_bytes(target)
             rows.append({"format": fmt, "compressor": codec, "bitround_keepbits": bits,
                          "bytes_per_trajectory_step": on_disk / (n * steps),
                          "raw_fp16_bytes_per_trajectory_step": raw_per_step,
@@ -276,7 +279,7 @@ def lossy_table(store: str | Path, adapters_out: str | Path, keepbits=(6, 3), tr
         config = load_config(TrainConfig, train_params, {"store": str(source), "out_dir": str(adapters)})
         train(config, progress=False, log=lambda *a: None)
         result = gap_closed(adapters, trajectories)
-        size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+        size = _folder_bytes(source)
         rows.append({"bitround_keepbits": bits, "store_mib": size / 2**20, "gap_closed": result["overall"],
                      "gap_closed_per_w_bin": result["per_w_bin"]})
     (out / "lossy.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -77,23 +77,9 @@ def save_images(result: dict, out_dir: str | Path, columns: int = 8) -> Path:
     for i, (img, label) in enumerate(zip(pixels, labels)):
         Image.fromarray(img).save(out / f"{i:05d}_{kind}{label}.png")
     name = "AGD (1 NFE/step)" if result["method"] == "agd" else "CFG (2 NFE/step)"
-    if pixels.ndim == 3:  # greyscale: the same grid the evaluation draws
-        grid_figure({f"{name}, w={result['guidance_scale']:g}": pixels}, labels, columns,
-                    f"{len(labels)} samples, {result['steps']} steps", out / "grid.png")
-    else:  # colour: one row per prompt (or class), at full resolution
-        Image.fromarray(tile(pixels, labels, columns)).save(out / "grid.png")
+    grid_figure({f"{name}, w={result['guidance_scale']:g}": pixels}, labels, columns,
+                f"{len(labels)} samples, {result['steps']} steps", out / "grid.png")
     record = {k: v for k, v in result.items() if k not in ("images", "labels")}
     (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
-
-def tile(pixels, labels, columns: int):
-    """[B, H, W, C] uint8 images -> one array, a row per label, up to ``columns`` images each."""
-    import numpy as np
-
-    rows = []
-    for label in sorted(set(labels.tolist())):
-        picks = list(pixels[labels == label][:columns])
-        picks += [np.zeros_like(pixels[0])] * (columns - len(picks))
-        rows.append(np.concatenate([np.pad(p, ((1, 1), (1, 1), (0, 0)), constant_values=255) for p in picks], axis=1))
-    return np.concatenate(rows, axis=0)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import StoreError
-from .store import TrajectoryStore, condition_arrays
+from .store import REPAIR, TrajectoryStore, condition_arrays
 
 PER_STEP = ("model_input", "guided_output", "timesteps")
 SMALL_ROW_BYTES = 4096  # per-trajectory arrays up to this size are read whole, once per shard
@@ -49,10 +49,14 @@ class UnitReader(Dataset):
     def __len__(self) -> int:
         return len(self.buffers)
 
-    def _open(self, name: str):
-        if self._store is None:
+    @property
+    def store(self) -> TrajectoryStore:
+        if self._store is None:  # opened lazily: in each worker process, after unpickling
             self._store = TrajectoryStore(self.root, self.manifest)
-        if self._store.format == "webdataset":
+        return self._store
+
+    def _open(self, name: str):
+        if self.store.format == "webdataset":
             return self._store.open_shard(name)  # read whole, not cached: a buffer at a time in memory
         if name not in self._zarr_groups:
             self._zarr_groups[name] = self._store.open_shard(name)
@@ -72,8 +76,6 @@ class UnitReader(Dataset):
         """{array name: [the array's rows of each unit]}: kept per unit, not concatenated (a batch
         gathers its rows from the units directly, so the buffer is never copied whole)."""
         units = self.buffers[index]
-        if self._store is None:
-            self._store = TrajectoryStore(self.root, self.manifest)
 
         def read(unit) -> dict[str, np.ndarray]:
             name, start, stop = unit
@@ -85,11 +87,11 @@ class UnitReader(Dataset):
                 except Exception as err:  # noqa: BLE001 - a damaged chunk fails inside the codec
                     raise StoreError(
                         f"{self.root}/{name}/{key}: cannot read trajectories {start}-{stop} "
-                        f"({type(err).__name__}: {err}); run `python -m stages.inspect {self.root} --verify` "
-                        "and `python -m stages.generate --verify full` to rewrite the damaged shards") from None
+                        f"({type(err).__name__}: {err}); `python -m stages.inspect {self.root} --verify` "
+                        f"lists every damaged array. {REPAIR}") from None
             return out
 
-        if self._store.format == "zarr":
+        if self.store.format == "zarr":
             for name, _, _ in units:  # open each Zarr shard once, before the threads share it
                 self._open(name)
         # Units are read and decoded in a few threads (the codecs release the GIL).

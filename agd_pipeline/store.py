@@ -1,13 +1,18 @@
-"""The trajectory store: sharded Zarr v3 groups plus a JSON manifest.
+"""The trajectory store: sharded Zarr v3 groups (or WebDataset tars) plus a JSON manifest.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
-    <root>/manifest.json             settings of the run and one entry per shard (status, checksum)
+    <root>/manifest.json             settings of the run and one entry per shard (status, checksums)
     <root>/shard-000000.zarr/        one self-describing group per shard, written by one process
+    <root>/shard-000000.tar          ... or, with format webdataset, a tar (see tar_shards)
+
+Sections below: naming and schema, checksums, writer (one shard, then the store), reader
+(manifest, checks, dask arrays, loader units), conversion between formats.
 
 A shard is written under ``<name>.partial`` and renamed into place only once every trajectory in it
-is written, its metadata consolidated and its checksum computed; then the manifest (itself written
-to a temporary file and renamed) marks it complete. Anything else found on resume is rewritten.
+is written, its metadata consolidated and its checksums computed; the rename is the commit point,
+and the manifest (itself written to a temporary file and renamed) catches up. Anything else found
+on resume is rewritten.
 Trajectory i's seed, class and w depend on (run seed, i) only, so a resumed run equals an
 uninterrupted one.
 """
@@ -62,6 +67,10 @@ RUN_KEYS = ("schema_version", "base_model", "sampler", "guidance", "seed", "cond
 
 
 FORMATS = ("zarr", "webdataset")
+
+
+REPAIR = ("Repair: re-run `python -m stages.generate --verify full` with the same settings; it rewrites "
+          "only the shards that are missing, unfinished or damaged.")
 
 
 def shard_name(index: int, fmt: str = "zarr") -> str:
@@ -478,9 +487,7 @@ class TrajectoryStore:
             more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
             raise StoreError(
                 f"trajectory store {self.root} is not sound ({len(found)} problem(s)):\n  {listing}{more}\n"
-                "Repair: re-run `python -m stages.generate --verify full` with the same settings; it "
-                "rewrites only the shards that are missing, unfinished or damaged."
-            )
+                + REPAIR)
 
     def dask_arrays(self, names=None) -> dict:
         """Every array as one dask array over all shards, chunked at the shards' own chunks."""

@@ -75,7 +75,7 @@ def encode_sample(arrays: dict[str, np.ndarray], codec) -> bytes:
     [name, dtype, shape, payload length] in payload order (compact: it is paid per trajectory)."""
     index, payloads = [], []
     for name, value in arrays.items():
-        value = np.array(value, order="C", copy=True)  # 0-d stays 0-d
+        value = np.asarray(value, order="C")  # no copy when already contiguous; 0-d stays 0-d
         payload = bytes(codec.encode(value)) if codec is not None else value.tobytes()
         index.append([name, value.dtype.str, list(value.shape), len(payload)])
         payloads.append(payload)

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     args = parser.parse_args(argv)
     from agd_pipeline.inspection import format_summary, summarise
-    from agd_pipeline.store import TrajectoryStore
+    from agd_pipeline.store import REPAIR, TrajectoryStore
 
     try:
         store = TrajectoryStore(args.store)
@@ -31,8 +31,7 @@ def main(argv=None) -> int:
             print(f"{args.store}: {len(problems)} problem(s):")
             for p in problems:
                 print(f"  {p}")
-            print("Repair: re-run `python -m stages.generate --verify full` with the same settings; it "
-                  "rewrites only the shards that are missing, unfinished or damaged.")
+            print(REPAIR)
             return 1
         summary = summarise(store, bins=args.bins, scheduler=args.scheduler, workers=args.workers)
     except AgdError as err:

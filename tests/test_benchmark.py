@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agd_pipeline.adapters import AdaptedModel, AdapterConfig
-from agd_pipeline.benchmark import build_dit, parameter_table, step_times
+from agd_pipeline.benchmark import build_base, parameter_table, step_times
 from agd_pipeline.models import count_parameters
 
 from conftest import run_cli
@@ -11,7 +11,7 @@ from conftest import run_cli
 
 def test_meta_device_counts_equal_real_weights_counts():
     rows = {(r["kind"], r["placement"], r["width"]): r for r in parameter_table("toy-dit-8x8")}
-    base = build_dit("toy-dit-8x8")  # real (random) weights this time
+    base = build_base("toy-dit-8x8")  # real (random) weights this time
     for kind in ("offset", "cross_attention", "bottleneck"):
         model = AdaptedModel(base, AdapterConfig(kind=kind, placement="attention+output", width=32,
                                                  num_classes=base.num_classes))
