@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .store import CLASS_CONDITION, StoreWriter, TrajectoryStore, _folder_bytes, convert_store
+from .store import CLASS_CONDITION, StoreWriter, TrajectoryStore, folder_bytes, convert_store
 
 LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}
 
@@ -23,7 +23,7 @@ LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}
 
 
 def synthetic_header(latent_shape, trajectories: int, steps: int, shard_size: int, chunk: int,
-                     fmt: str = "zarr", compressor: str = "blosc-zstd") -> dict:
+                     fmt: str = "zarr", compressor: str = "auto") -> dict:
     return {
         "base_model": {"id": "synthetic", "family": "dit", "num_classes": 10, "conditioning": "class"},
         "sampler": {"scheduler": "none", "config": {}, "num_steps": steps},
@@ -237,15 +237,16 @@ def storage_table(store: str | Path, variants=None, workdir: str | None = None) 
     n, steps = source.num_trajectories, source.num_steps
     latent = int(np.prod(source.manifest["latent_shape"]))
     raw_per_step = 2 * latent * 2  # model input and guided output, fp16
-    variants = variants or [(fmt, codec, bits) for fmt in ("zarr", "webdataset")
-                            for codec, bits in (("none", 0), ("zstd", 0), ("blosc-zstd", 0), ("blosc-zstd", 6),
-                                                ("blosc-zstd", 3))]
+    # tar members are standard .npz files: stored or deflate only
+    variants = variants or [("zarr", codec, bits) for codec, bits in (
+        ("none", 0), ("deflate", 0), ("zstd", 0), ("blosc-zstd", 0), ("blosc-zstd", 6), ("blosc-zstd", 3))] + [
+        ("webdataset", codec, bits) for codec, bits in (("none", 0), ("deflate", 0), ("deflate", 6), ("deflate", 3))]
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for fmt, codec, bits in variants:
             target = Path(tmp) / f"{fmt}-{codec}-{bits}"
             convert_store(store, target, fmt, codec, bits, progress=False, log=lambda *a: None)
-            on_disk = _folder_bytes(target)
+            on_disk = folder_bytes(target)
             rows.append({"format": fmt, "compressor": codec, "bitround_keepbits": bits,
                          "bytes_per_trajectory_step": on_disk / (n * steps),
                          "raw_fp16_bytes_per_trajectory_step": raw_per_step,
@@ -279,7 +280,7 @@ def lossy_table(store: str | Path, adapters_out: str | Path, keepbits=(6, 3), tr
         config = load_config(TrainConfig, train_params, {"store": str(source), "out_dir": str(adapters)})
         train(config, progress=False, log=lambda *a: None)
         result = gap_closed(adapters, trajectories)
-        size = _folder_bytes(source)
+        size = folder_bytes(source)
         rows.append({"bitround_keepbits": bits, "store_mib": size / 2**20, "gap_closed": result["overall"],
                      "gap_closed_per_w_bin": result["per_w_bin"]})
     (out / "lossy.json").write_text(json.dumps(rows, indent=2) + "\n")

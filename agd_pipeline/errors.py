@@ -19,3 +19,13 @@ class StoreError(AgdError):
 
 class ModelError(AgdError):
     """A base model or adapter folder cannot be loaded or does not fit."""
+
+
+def os_reason(err: OSError) -> str:
+    """A short, plain reason for a failed file operation (disk full, permission denied, ...)."""
+    import errno
+
+    return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EROFS: "the file system is read-only", errno.ENOTDIR: "a path component is a file, not a folder",
+            errno.EISDIR: "it is a folder, not a file"}.get(err.errno, err.strerror or str(err))

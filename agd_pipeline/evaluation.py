@@ -22,7 +22,7 @@ from .adapters import load_adapted_model, read_adapter_config
 from .config import EvaluateConfig, resolve_device
 from .errors import ConfigError
 from .models import load_base_model
-from .sampling import ImageSampler, trajectory_seed
+from .sampling import ImageSampler, check_num_steps, trajectory_seed
 from . import toy
 
 METHODS = ("unguided", "cfg", "agd")
@@ -127,6 +127,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     _require_class_model(base, "evaluate")
     adapted = load_adapted_model(config.adapters, base)
     steps = config.num_steps or adapter_config["sampler"]["num_steps"]
+    check_num_steps(base, steps, "evaluate.num_steps")
     training_range = (adapter_config["guidance"]["min"], adapter_config["guidance"]["max"])
     classifier = toy.load_classifier(base_id)
     holdout = toy.load_holdout(base_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import time
@@ -15,8 +16,9 @@ from tqdm.auto import tqdm
 from .config import GenerateConfig, resolve_device, torch_dtype
 from .errors import ConfigError, StoreError
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
-from .sampling import Step, generators_for, initial_noise, sample, trajectory_seed
-from .store import StoreWriter, shard_name
+from .sampling import Step, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
+from .locks import FolderLock
+from .store import MANIFEST, StoreWriter, TrajectoryStore, recover_manifest, resolve_compressor, shard_name
 
 
 def trajectory_plan(run_seed: int, indices, conditions, w_min: float, w_max: float,
@@ -131,7 +133,7 @@ def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions
         "latent_shape": list(base.latent_shape),
         "output_channels": base.latent_channels,
         "record_branches": config.record_branches,
-        "compressor": config.compressor,
+        "compressor": resolve_compressor(config.compressor, config.format),
         "format": config.format,
         "bitround_keepbits": config.bitround_keepbits,
         "chunk_trajectories": min(config.chunk_trajectories, config.shard_size),
@@ -214,20 +216,29 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
         device = f"cuda:{local_rank}"
     base = load_base_model(config.base_model, device=device, dtype=torch_dtype(config.dtype),
                            scheduler=config.scheduler, with_vae=False)
+    check_num_steps(base, config.num_steps, "generate.num_steps")
     conditions = resolve_conditions(config, base, progress and rank == 0)
     header = store_header(config, base, conditions)
-    if world > 1:
-        # Rank 0 creates, checks or restarts the store; the others open it once that is done (or
-        # all stop with rank 0's error).
-        opened = {}
+    with contextlib.ExitStack() as held:
+        if world > 1:
+            # Rank 0 takes the folder's lock and creates, checks, recovers or restarts the store; the
+            # others open it once that is done (or all stop with rank 0's error).
+            opened = {}
 
-        def open_first() -> None:
-            opened["writer"] = StoreWriter(config.out_dir, header, 0, world, config.restart_on_mismatch)
+            def open_first() -> None:
+                held.enter_context(FolderLock(config.out_dir, "stages.generate"))
+                opened["writer"] = StoreWriter(config.out_dir, header, 0, world, config.restart_on_mismatch, log=log)
 
-        _collective(open_first)
-        writer = opened.get("writer") or StoreWriter(config.out_dir, header, rank, world)
-    else:
-        writer = StoreWriter(config.out_dir, header, restart_on_mismatch=config.restart_on_mismatch)
+            _collective(open_first)
+            writer = opened.get("writer") or StoreWriter(config.out_dir, header, rank, world, log=log)
+        else:
+            held.enter_context(FolderLock(config.out_dir, "stages.generate"))
+            writer = StoreWriter(config.out_dir, header, restart_on_mismatch=config.restart_on_mismatch, log=log)
+        return _generate(config, writer, base, conditions, rank, world, progress, log)
+
+
+def _generate(config: GenerateConfig, writer: StoreWriter, base: BaseModel, conditions: Conditions, rank: int,
+              world: int, progress: bool, log) -> dict:
     pending = writer.pending(verify=config.verify)
     total = writer.header["num_trajectories"]
     mine = writer.owned(pending)
@@ -283,3 +294,24 @@ def _write_shard(writer: StoreWriter, index: int, config: GenerateConfig, base: 
             f"{writer.root / name}: cannot write ({reason}). The shards completed before this one are "
             "intact; free space or fix permissions, then run the same command again to resume."
         ) from None
+
+
+def rebuild_manifest(out_dir: str, log=print) -> dict:
+    """Rebuild a store's lost or damaged manifest.json from its shards' own metadata (every shard
+    carries its run's settings and checksums); each shard is re-read against its checksums first."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        raise StoreError(f"{root}: no such folder")
+    with FolderLock(root, "stages.generate --rebuild-manifest"):
+        try:
+            manifest = TrajectoryStore(root).manifest
+            log(f"{root}: {MANIFEST} is readable and consistent; nothing to rebuild "
+                "(`python -m stages.inspect --verify` checks the shards against it)")
+        except StoreError as err:
+            if "schema version" in str(err):
+                raise
+            manifest = recover_manifest(root, log)
+    if manifest is None:
+        raise StoreError(f"{root}: no shards with readable settings to rebuild a manifest from")
+    done = sum(s["status"] == "complete" for s in manifest["shards"])
+    return {"complete_shards": done, "shards": len(manifest["shards"])}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store import TrajectoryStore, _folder_bytes
+from .store import TrajectoryStore
 
 
 def summarise(store: TrajectoryStore, bins: int = 10, scheduler: str | None = None, workers: int = 2) -> dict:
@@ -37,7 +37,7 @@ def _summarise(store: TrajectoryStore, bins: int, scheduler) -> dict:
         stats, finite, arrays["guidance_scale"], arrays["timesteps"][0], scheduler=scheduler)
     counts, edges = np.histogram(w, bins=bins, range=(float(w.min()), float(w.max()) + 1e-6))
     raw = sum(a.nbytes for a in arrays.values())
-    on_disk = sum(_folder_bytes(store.root / s["name"]) for s in store.shards if s.get("status") == "complete")
+    on_disk = store.bytes_on_disk()
     return {
         "trajectories": int(arrays["guidance_scale"].shape[0]),
         "steps": int(arrays["timesteps"].shape[1]),

@@ -411,7 +411,11 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"prompt file {str(path)!r} not found: give a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ModelError(f"prompt file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}): give a "
+                         "text file with one prompt per line") from None
     if not prompts:
         raise ModelError(f"prompt file {str(path)!r} holds no prompts (one per line)")
     return prompts

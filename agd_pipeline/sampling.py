@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .errors import ConfigError
 from .models import BaseModel, copy_scheduler
 
 
@@ -51,6 +52,15 @@ def initial_noise(base: BaseModel, generators, dtype: torch.dtype | None = None)
     """x_T for each generator, in the model's dtype unless told otherwise (as the pipelines do)."""
     shape = (len(generators) if isinstance(generators, list) else 1, *base.latent_shape)
     return randn_tensor(shape, generator=generators, device=base.device, dtype=dtype or base.dtype)
+
+
+def check_num_steps(base: BaseModel, steps: int, key: str) -> None:
+    """Refuse more sampling steps than the scheduler has training timesteps (diffusers would fail
+    deep inside ``set_timesteps``), before anything is written."""
+    limit = base.scheduler.config.get("num_train_timesteps") or 0
+    if limit and steps > limit:
+        raise ConfigError(f"{key}: at most {limit} sampling steps, the timesteps {base.model_id!r}'s scheduler "
+                          f"was trained with (got {steps})")
 
 
 def set_timesteps(scheduler, num_steps: int, latent_shape, patch_size: int | None, device) -> None:

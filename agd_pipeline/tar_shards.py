@@ -1,12 +1,13 @@
 """The WebDataset form of the trajectory store: one tar shard per store shard, one sample per trajectory.
 
 A sample's key is the trajectory index (``000000042``, no dots) and its one member,
-``<key>.trajectory.npc``, holds every array of the trajectory, each compressed on its own with a
-numcodecs codec (4-byte header length, a JSON header with the codec and each array's name, dtype,
-shape and payload length, then the payloads). One member per trajectory keeps tar's 512-byte headers from dominating
-small latents, so a tar shard is about as compact as a Zarr one.
+``<key>.trajectory.npz``, is a standard NumPy ``.npz`` holding every array of the trajectory
+(``model_input.npy``, ``guided_output.npy``, ...), stored or deflate-compressed. Plain
+``webdataset.WebDataset(url).decode()`` turns it into a dict of arrays, and ``numpy.load`` reads
+it too. One member per trajectory keeps tar's 512-byte headers from dominating small latents.
 The manifest is the same as the Zarr store's, with ``format: webdataset``; next to every finished
-tar lies ``<shard>.json`` with its entry (checksums), written before the tar is renamed into place.
+tar lies ``<shard>.json`` with its entry (checksums) and the run's settings, written before the tar
+is renamed into place.
 
 Checksums are computed over the stored values exactly as for Zarr shards, so converting a store
 keeps every checksum.
@@ -14,89 +15,42 @@ keeps every checksum.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
-import struct
 import tarfile
+import zipfile
 from pathlib import Path
 
-import numcodecs
 import numpy as np
 
 from .errors import StoreError
+from .store import (PARTIAL, ArrayHasher, _check_before_publish, _remove, _same_run, _write_json_atomic,
+                    array_checksum, array_specs, combined_checksum, run_header, shard_name)
 
-EXTENSION = "trajectory.npc"
-LATENT_ARRAYS = ("model_input", "guided_output", "cond_output", "uncond_output", "sample")
-
-
-def numcodec(compressor: str):
-    """The numcodecs codec matching the Zarr store's compressor names."""
-    if compressor == "blosc-zstd":
-        return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
-    if compressor == "zstd":
-        return numcodecs.Zstd(level=5)
-    if compressor == "none":
-        return None
-    raise StoreError(f"unknown compressor {compressor!r}; allowed: blosc-zstd, zstd, none")
+EXTENSION = "trajectory.npz"
+# a fixed timestamp in every zip entry: the same trajectories give byte-identical shards
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-def bitround(value: np.ndarray, keepbits: int) -> np.ndarray:
-    """Keep ``keepbits`` mantissa bits of a float array (numcodecs' BitRound); 0 keeps everything."""
-    if not keepbits or value.dtype.kind != "f":
-        return value
-    return np.asarray(numcodecs.BitRound(keepbits=keepbits).encode(value)).view(value.dtype).reshape(value.shape)
-
-
-class ArrayHasher:
-    """Checksums of a shard's arrays computed from the values as they are written, in order: the
-    same digests as re-reading the stored arrays (``store.array_checksum``), without the re-read.
-    Latent arrays are hashed after BitRound, as they are stored."""
-
-    def __init__(self, specs: dict[str, tuple[tuple, str]], keepbits: int):
-        self.keepbits = keepbits
-        self.digests = {name: hashlib.sha256(f"{np.dtype(dtype)}|{tuple(shape)}".encode())
-                        for name, (shape, dtype) in specs.items()}
-
-    def stored(self, name: str, value: np.ndarray) -> np.ndarray:
-        """The values as the store keeps them."""
-        value = np.array(value, order="C", copy=True)
-        return bitround(value, self.keepbits) if name in LATENT_ARRAYS else value
-
-    def update(self, name: str, stored: np.ndarray) -> None:
-        self.digests[name].update(np.ascontiguousarray(stored).tobytes())
-
-    def checksums(self) -> dict[str, str]:
-        return {name: digest.hexdigest() for name, digest in sorted(self.digests.items())}
-
-
-def encode_sample(arrays: dict[str, np.ndarray], codec) -> bytes:
-    """Every array of one trajectory, each compressed on its own, in one blob. The header lists
-    [name, dtype, shape, payload length] in payload order (compact: it is paid per trajectory)."""
-    index, payloads = [], []
-    for name, value in arrays.items():
-        value = np.asarray(value, order="C")  # no copy when already contiguous; 0-d stays 0-d
-        payload = bytes(codec.encode(value)) if codec is not None else value.tobytes()
-        index.append([name, value.dtype.str, list(value.shape), len(payload)])
-        payloads.append(payload)
-    header = json.dumps({"codec": codec.get_config() if codec is not None else None, "arrays": index},
-                        separators=(",", ":")).encode()
-    return struct.pack("<I", len(header)) + header + b"".join(payloads)
+def encode_sample(arrays: dict[str, np.ndarray], compression: str) -> bytes:
+    """Every array of one trajectory as one .npz (a zip of .npy files)."""
+    method = zipfile.ZIP_DEFLATED if compression == "deflate" else zipfile.ZIP_STORED
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=method) as archive:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
+            info.compress_type = method
+            with archive.open(info, "w") as member:
+                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def decode_sample(blob: bytes, names=None) -> dict[str, np.ndarray]:
-    (length,) = struct.unpack("<I", blob[:4])
-    header = json.loads(blob[4:4 + length])
-    codec = numcodecs.get_codec(header["codec"]) if header["codec"] is not None else None
-    body = memoryview(blob)[4 + length:]
-    out, offset = {}, 0
-    for name, dtype, shape, size in header["arrays"]:
-        if names is None or name in names:
-            payload = body[offset:offset + size]
-            raw = codec.decode(payload) if codec is not None else payload
-            out[name] = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
-        offset += size
-    return out
+    """The arrays (or the ``names`` among them) of one trajectory's .npz member; never unpickles."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        return {entry[:-4]: np.lib.format.read_array(archive.open(entry), allow_pickle=False)
+                for entry in archive.namelist() if names is None or entry[:-4] in names}
 
 
 def sidecar(final: Path) -> Path:
@@ -104,21 +58,20 @@ def sidecar(final: Path) -> Path:
 
 
 class TarShardWriter:
-    """Writes one tar shard under a temporary name, a sample per trajectory; ``finish`` publishes it."""
+    """Writes one tar shard under a temporary name, a sample per trajectory; ``finish`` verifies
+    and publishes it."""
 
     def __init__(self, store, index: int):
         import webdataset as wds
-
-        from .store import PARTIAL, array_specs, shard_name
 
         self.store, self.index = store, index
         self.start, self.stop = store.shard_range(index)
         self.final = store.root / shard_name(index, "webdataset")
         self.partial = store.root / (self.final.name + PARTIAL)
         for stale in (self.partial, self.final, sidecar(self.final)):
-            stale.unlink(missing_ok=True)
+            _remove(stale)
         header = store.header
-        self.codec = numcodec(header["compressor"])
+        self.compression = "deflate" if header["compressor"] == "deflate" else "stored"
         self.specs = array_specs(header, self.stop - self.start)
         self.hasher = ArrayHasher(self.specs, header.get("bitround_keepbits", 0))
         # A fixed integer mtime and plain ustar headers: no 1 KB pax header per member, and the same
@@ -139,12 +92,10 @@ class TarShardWriter:
                 stored[name] = self.hasher.stored(name, value[j])
                 self.hasher.update(name, stored[name])
             self.tar.write({"__key__": f"{self.start + offset + j:09d}",
-                            EXTENSION: encode_sample(stored, self.codec)})
+                            EXTENSION: encode_sample(stored, self.compression)})
         self.written += n
 
-    def finish(self) -> dict:
-        from .store import _write_json_atomic, combined_checksum
-
+    def finish(self, expected_checksums: dict | None = None) -> dict:
         expected = self.stop - self.start
         self.tar.close()
         if self.written != expected:
@@ -152,27 +103,42 @@ class TarShardWriter:
         with open(self.partial, "rb+") as f:
             os.fsync(f.fileno())
         sums = self.hasher.checksums()
+        # read the tar back before publishing it: its arrays must be the values written
+        try:
+            shard = TarShard(self.partial, self.specs)
+            stored = {name: array_checksum(shard[name])[0] for name in self.specs}
+        except Exception as err:  # noqa: BLE001 - whatever the reader raises, the shard is not published
+            _remove(self.partial)
+            raise StoreError(f"{self.partial}: unreadable right after it was written ({err}); not published") from None
+        _check_before_publish(self.partial, stored, sums, expected_checksums)
         entry = {"name": self.final.name, "first_trajectory": self.start, "trajectories": expected,
                  "status": "complete", "checksum": combined_checksum(sums), "checksums": sums,
                  "bytes": self.partial.stat().st_size}
-        _write_json_atomic(sidecar(self.final), entry)
+        _write_json_atomic(sidecar(self.final), {**entry, "store_header": run_header(self.store.header)})
         os.replace(self.partial, self.final)  # the commit point, as for Zarr shards
         self.store.mark_complete(self.index, entry)
         return entry
 
 
-def entry_on_disk(final: Path, trajectories: int) -> dict | None:
-    """A published tar shard's entry (from its sidecar), if it is complete."""
+def tar_entry(final: Path, header: dict, index: int) -> dict | None:
+    """A published tar shard's entry (from its sidecar), if it is complete and of this run."""
     side = sidecar(final)
     if not final.is_file() or not side.is_file():
         return None
     try:
-        entry = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(side.read_text())
+    except (OSError, ValueError):
         return None
-    if entry.get("trajectories") != trajectories or entry.get("bytes") != final.stat().st_size:
+    if not isinstance(record, dict):
         return None
-    return entry
+    start = index * header["shard_size"]
+    n = min(header["num_trajectories"], start + header["shard_size"]) - start
+    stored_header = record.pop("store_header", None)
+    if record.get("name") != final.name or record.get("trajectories") != n \
+            or record.get("bytes") != final.stat().st_size or record.get("status") != "complete" \
+            or not isinstance(stored_header, dict) or not _same_run(stored_header, header):
+        return None
+    return record
 
 
 class TarShard:
@@ -182,11 +148,11 @@ class TarShard:
 
     def __init__(self, path: Path, specs: dict[str, tuple[tuple, str]]):
         self.path, self.specs = Path(path), specs
-        self._members = None
+        self._archives = None
         self._decoded = {}
 
     def __getstate__(self):  # dask ships shards to worker processes: ship the path, not the bytes
-        return {"path": self.path, "specs": self.specs, "_members": None, "_decoded": {}}
+        return {"path": self.path, "specs": self.specs, "_archives": None, "_decoded": {}}
 
     def array_keys(self):
         return list(self.specs)
@@ -196,32 +162,36 @@ class TarShard:
             raise KeyError(name)
         return TarArray(self, name)
 
-    def members(self) -> list[dict]:
-        if self._members is None:
-            import webdataset as wds
-
-            # One named shard, read whole: our loader splits the work between processes and workers
-            # itself, so WebDataset's node and worker splitters must pass the shard through.
-            self._members = list(wds.WebDataset(str(self.path), shardshuffle=False, empty_check=False,
-                                                nodesplitter=_all, workersplitter=_all))
-            if len(self._members) != self.specs[next(iter(self.specs))][0][0]:
-                raise StoreError(f"{self.path}: {len(self._members)} samples, the manifest says "
-                                 f"{self.specs[next(iter(self.specs))][0][0]}")
-        return self._members
+    def members(self) -> list[zipfile.ZipFile]:
+        """Each trajectory's .npz, opened once (its index parsed once for every array)."""
+        if self._archives is None:
+            expected = self.specs[next(iter(self.specs))][0][0]
+            archives = []
+            with tarfile.open(self.path, mode="r:") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    if not info.name.endswith("." + EXTENSION):
+                        raise StoreError(f"{self.path}: unexpected member {info.name!r}")
+                    archives.append(zipfile.ZipFile(io.BytesIO(tar.extractfile(info).read())))
+            if len(archives) != expected:
+                raise StoreError(f"{self.path}: {len(archives)} samples, the manifest says {expected}")
+            self._archives = archives
+        return self._archives
 
     def decoded(self, name: str) -> np.ndarray:
         if name not in self._decoded:
             shape, dtype = self.specs[name]
-            values = [decode_sample(sample[EXTENSION], [name])[name] for sample in self.members()]
-            value = np.stack(values) if values else np.empty(shape, dtype)
-            if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
-                raise StoreError(f"{self.path}/{name}: {value.dtype} {value.shape}, manifest implies {dtype} {shape}")
-            self._decoded[name] = value
+            rows = np.empty(shape, dtype)
+            for i, archive in enumerate(self.members()):
+                with archive.open(f"{name}.npy") as member:
+                    value = np.lib.format.read_array(member, allow_pickle=False)
+                if value.shape != tuple(shape[1:]) or value.dtype != np.dtype(dtype):
+                    raise StoreError(f"{self.path}/{name}: {value.dtype} {value.shape} in sample {i}, "
+                                     f"the manifest implies {dtype} {tuple(shape[1:])}")
+                rows[i] = value
+            self._decoded[name] = rows
         return self._decoded[name]
-
-
-def _all(urls, *args, **kwargs):
-    return urls
 
 
 class TarArray:

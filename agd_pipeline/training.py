@@ -8,6 +8,7 @@ of every epoch and the adapters' gradients are averaged (DDP).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -18,17 +19,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, AdapterConfig, default_condition_on, resolve_placement, save_adapters
 from .config import TrainConfig, resolve_device, torch_dtype
-from .errors import AgdError, ConfigError, ModelError
+from .errors import AgdError, ConfigError, ModelError, os_reason
 from .loader import StepBatches
+from .locks import FolderLock
 from .models import load_base_model
-from .store import TrajectoryStore, condition_arrays
+from .store import TrajectoryStore, condition_arrays, differences, read_manifest
 
 CHECKPOINT = "checkpoint"
 LOSS_CSV = "loss.csv"
+CHECKPOINT_FORMAT = "agd-train-checkpoint"
+# What a checkpoint folder holds: tensors in safetensors, everything else in JSON (never a pickle).
+CHECKPOINT_FILES = ("state.json", "adapters.safetensors", "optimizer.safetensors")
+# Files of checkpoints written by earlier releases (accelerate's save_state): recognised so they can
+# be discarded on request, never loaded.
+LEGACY_CHECKPOINT_FILES = ("progress.json", "model.safetensors", "optimizer.bin", "scheduler.bin",
+                           "random_states_0.pkl", "custom_checkpoint_0.pkl")
 # Settings that may change between a checkpoint and a resumed run without changing the result
 # (not `steps`: the learning-rate schedule depends on it).
 RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch", "loader_workers")
@@ -85,6 +95,19 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
 
     device = resolve_device(config.device)
     accelerator = Accelerator(cpu=device == "cpu")
+    out, store_root = Path(config.out_dir), Path(config.store)
+    if out.resolve() == store_root.resolve() or store_root.resolve() in out.resolve().parents:
+        raise ConfigError(f"train.out_dir ({out}) must not be the store ({store_root}) or lie inside it")
+    read_manifest(store_root)  # a missing or broken store is refused before anything is created
+    with contextlib.ExitStack() as held:
+        if accelerator.is_main_process:
+            # one training run per output folder; the store must not be rewritten while it is read
+            held.enter_context(FolderLock(out, "stages.train"))
+            held.enter_context(FolderLock(store_root, "stages.train (reading the store)", shared=True, create=False))
+        return _train(config, accelerator, progress, log)
+
+
+def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     main = accelerator.is_main_process
     store = TrajectoryStore(config.store)
     store.check(full=config.verify == "full" and main)  # the other processes check presence and shapes
@@ -112,12 +135,12 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     warmup = max(1, config.steps // 20)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, config.steps, warmup))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_schedule)
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
-    start_step = _resume(accelerator, checkpoint, config, log)
+    fingerprint = store.fingerprint()
+    start_step = _resume(accelerator, checkpoint, config, fingerprint, log, model, optimizer, lr_schedule)
     losses_path = out / LOSS_CSV
     if main:
         _truncate_losses(losses_path, start_step)
@@ -159,22 +182,28 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
                 bar.set_postfix(loss=f"{np.mean(running[-25:]):.5f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 loss_file.flush()
-                _save_checkpoint(accelerator, checkpoint, config, step + 1)
+                _save_checkpoint(accelerator, checkpoint, config, fingerprint, step + 1, model, optimizer,
+                                 lr_schedule)
     seconds = time.perf_counter() - started
     final_loss = float(np.mean(running[-50:])) if running else None
     accelerator.wait_for_everyone()
     if not main:
         return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
     unwrapped = accelerator.unwrap_model(model).eval()
-    save_adapters(unwrapped, out, extra={
-        "training": config.to_dict(),
-        "store": {"path": str(config.store), "trajectories": store.num_trajectories,
-                  "shard_checksums": [s.get("checksum") for s in store.shards]},
-        "sampler": manifest["sampler"],
-        "guidance": manifest["guidance"],
-        "negative_prompt": manifest.get("negative_prompt", ""),
-        "final_loss": final_loss,
-    })
+    try:
+        save_adapters(unwrapped, out, extra={
+            "training": config.to_dict(),
+            "store": {"path": str(config.store), "trajectories": store.num_trajectories, "fingerprint": fingerprint,
+                      "shard_checksums": [s.get("checksum") for s in store.shards]},
+            "sampler": manifest["sampler"],
+            "guidance": manifest["guidance"],
+            "negative_prompt": manifest.get("negative_prompt", ""),
+            "final_loss": final_loss,
+        })
+    except OSError as err:
+        raise AgdError(f"{out}: cannot write the adapters ({os_reason(err)})"
+                       + (f"; the checkpoint in {checkpoint} is intact: fix this and run the same command to "
+                          "finish" if checkpoint.exists() else "")) from None
     shutil.rmtree(checkpoint, ignore_errors=True)
     log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
         f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
@@ -185,41 +214,119 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, step: int) -> None:
-    """Written to a temporary folder, then renamed over the previous checkpoint (by the main process)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, fingerprint: str, step: int, model,
+                     optimizer, lr_schedule) -> None:
+    """Adapters and optimizer state as safetensors, the rest as JSON (nothing that unpickles), in
+    a temporary folder renamed over the previous checkpoint once complete (by the main process)."""
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process takes part; the main one writes
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "config": _comparable(config)}, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            adapters = {k: v.detach().cpu().contiguous()
+                        for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            save_file(adapters, tmp / "adapters.safetensors")
+            tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
+            save_file(tensors, tmp / "optimizer.safetensors")
+            state = {"format": CHECKPOINT_FORMAT, "step": step, "config": _comparable(config),
+                     "store_fingerprint": fingerprint, "store_path": str(config.store),
+                     "optimizer": optimizer_meta, "lr_schedule": lr_schedule.state_dict()}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+            for name in CHECKPOINT_FILES:
+                with open(tmp / name, "rb+") as f:
+                    os.fsync(f.fileno())
+            _remove_checkpoint(folder)
+            tmp.replace(folder)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AgdError(f"{tmp}: cannot write the training checkpoint at step {step} ({os_reason(err)}). "
+                           + (f"The previous checkpoint in {folder} is intact; " if folder.exists() else "")
+                           + "free space (or fix permissions) and run the same command to resume") from None
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator, folder: Path, config: TrainConfig, log) -> int:
-    progress_file = folder / "progress.json"
-    if not progress_file.exists():
+def _split_optimizer_state(state: dict) -> tuple[dict, dict]:
+    """An optimizer state dict as (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for param, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{param}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict, meta: dict, device) -> dict:
+    state = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        param, name = key.split(".", 1)
+        state.setdefault(int(param), {})[name] = value.to(device) if torch.is_tensor(value) else value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder, which holds only our files (refuse anything else)."""
+    if not folder.exists():
+        return
+    foreign = [p.name for p in folder.iterdir() if p.name not in CHECKPOINT_FILES + LEGACY_CHECKPOINT_FILES]
+    if foreign or not folder.is_dir():
+        raise AgdError(f"{folder} holds files that are not part of a training checkpoint ({', '.join(foreign[:5])}); "
+                       "refusing to delete it: move them away or choose another train.out_dir")
+    shutil.rmtree(folder)
+
+
+def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, log, model, optimizer,
+            lr_schedule) -> int:
+    """The step to start from: a checkpoint of the same settings on the same store is loaded;
+    one of other settings, of another store or of an older release starts over (with
+    restart_on_mismatch) or is refused."""
+    state_file = folder / "state.json"
+    if not folder.exists():
         return 0
-    saved = json.loads(progress_file.read_text())
-    if saved["config"] != _comparable(config):
-        differing = sorted(k for k in saved["config"] if saved["config"][k] != _comparable(config).get(k))
+    reason = None
+    if not state_file.exists():
+        reason = ("was written by an earlier release (it is never loaded: it holds pickles)"
+                  if (folder / "progress.json").exists() else "is incomplete (no state.json)")
+        saved = None
+    else:
+        try:
+            saved = json.loads(state_file.read_text())
+            if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT or \
+                    not isinstance(saved.get("step"), int) or not isinstance(saved.get("config"), dict):
+                raise ValueError("not a checkpoint state")
+        except (ValueError, OSError) as err:
+            saved, reason = None, f"has an unreadable state.json ({err})"
+    if saved is not None:
+        if saved["config"] != _comparable(config):
+            changed = differences(saved["config"], _comparable(config))
+            reason = f"was written with other settings ({'; '.join('train.' + c for c in changed)}; checkpoint -> now)"
+        elif saved.get("store_fingerprint") != fingerprint:
+            reason = (f"was trained on another store (fingerprint {saved.get('store_fingerprint')} of "
+                      f"{saved.get('store_path')!r}; {config.store} now has {fingerprint}: it was rewritten or "
+                      "replaced since); resuming would mix two datasets")
+    if reason is not None:
         if config.restart_on_mismatch:
-            log(f"train: {folder} holds a checkpoint of other settings (train.{', train.'.join(differing)}); "
-                "starting over (restart_on_mismatch)")
+            log(f"train: {folder} {reason}; discarding it and starting over (restart_on_mismatch)")
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                shutil.rmtree(folder)
+                _remove_checkpoint(folder)
+            accelerator.wait_for_everyone()
             return 0
-        raise AgdError(
-            f"{folder} holds a checkpoint of a run with other settings (train.{', train.'.join(differing)}); "
-            f"delete {folder} to start over, or restore those settings to resume it"
-        )
+        raise AgdError(f"{folder} {reason}. Delete {folder} to start over (or pass --restart-on-mismatch true)"
+                       + (", or restore those settings to resume it" if "settings" in reason else ""))
     if saved["step"] >= config.steps:
         return 0
-    accelerator.load_state(str(folder))
+    try:
+        device = accelerator.device
+        accelerator.unwrap_model(model).load_state_dict(load_file(folder / "adapters.safetensors", device=str(device)))
+        optimizer.load_state_dict(_join_optimizer_state(load_file(folder / "optimizer.safetensors"),
+                                                        saved["optimizer"], device))
+        lr_schedule.load_state_dict(saved["lr_schedule"])
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and KeyError: all mean a damaged checkpoint
+        raise AgdError(f"{folder}: the checkpoint is damaged ({type(err).__name__}: {str(err)[:200]}); delete it "
+                       "to start over (or pass --restart-on-mismatch true)") from None
     log(f"train: resuming from {folder} at step {saved['step']}")
     return int(saved["step"])
 

@@ -152,21 +152,48 @@ def test_generate_verify_full_rewrites_only_damaged_shards(tiny_base_dir, refere
     root = tmp_path / "store"
     shutil.copytree(reference, root)
     chunk = chunk_file(root, "shard-000004.zarr", "model_input")
-    chunk.write_bytes(chunk.read_bytes()[:10])  # truncated
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, so only a full check can see it
+    chunk.write_bytes(bytes(data))
     result = run_cli("stages.train", "--store", root, "--out-dir", tmp_path / "adapters", "--steps", "1",
                      "--device", "cpu")
     assert result.returncode == 2
-    assert "shard-000004.zarr/model_input: unreadable" in result.stderr
+    assert "shard-000004.zarr/model_input: " in result.stderr
     assert "--verify full" in result.stderr and "Traceback" not in result.stderr
 
     written = []
     original = generation.record_batch
     monkeypatch.setattr(generation, "record_batch",
                         lambda *a, **k: written.append(a[1]["trajectory_index"].tolist()) or original(*a, **k))
-    generate_store(tiny_base_dir, root, **SETTINGS)  # cheap check: shapes are fine, nothing rewritten
+    generate_store(tiny_base_dir, root, **SETTINGS)  # cheap check: files and sizes are fine, nothing rewritten
     assert written == []
     generate_store(tiny_base_dir, root, **SETTINGS, verify="full")
     assert written == [[8, 9]]  # shard 4 only
+    assert_same_arrays(root, reference)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_generate_cheap_check_rewrites_truncated_or_missing_chunks(tiny_base_dir, reference, tmp_path, monkeypatch,
+                                                                    damage):
+    import agd_pipeline.generation as generation
+
+    root = tmp_path / "store"
+    shutil.copytree(reference, root)
+    chunk = chunk_file(root, "shard-000003.zarr", "guided_output")
+    if damage == "truncate":
+        chunk.write_bytes(chunk.read_bytes()[:10])
+    else:
+        chunk.unlink()
+    written, messages = [], []
+    original = generation.record_batch
+    monkeypatch.setattr(generation, "record_batch",
+                        lambda *a, **k: written.append(a[1]["trajectory_index"].tolist()) or original(*a, **k))
+    from agd_pipeline.config import GenerateConfig, load_config
+
+    config = load_config(GenerateConfig, {**SETTINGS, "base_model": str(tiny_base_dir), "out_dir": str(root)})
+    generation.generate(config, progress=False, log=messages.append)
+    assert written == [[6, 7]]  # shard 3 only
+    assert any("shard-000003.zarr: damaged" in m and "guided_output" in m for m in messages), messages
     assert_same_arrays(root, reference)
 
 

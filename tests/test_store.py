@@ -15,6 +15,7 @@ from agd_pipeline.errors import ConfigError, StoreError
 from agd_pipeline.generation import trajectory_plan
 from agd_pipeline.models import load_base_model
 from agd_pipeline.sampling import generators_for, initial_noise
+from agd_pipeline.locks import LOCK_FILE
 from agd_pipeline.store import MANIFEST, PARTIAL, StoreWriter, TrajectoryStore
 
 from conftest import STORE_SETTINGS, generate_store, read_all_shards, run_cli
@@ -233,20 +234,24 @@ def test_kill_between_publish_and_manifest_adopts_the_published_shard(tiny_base_
     assert_same_store(root, tiny_store)
 
 
-def test_rerun_on_complete_store_writes_nothing(tiny_base_dir, store_copy, monkeypatch):
-    before = {p: p.stat().st_mtime_ns for p in store_copy.rglob("*") if p.is_file()}
+@pytest.mark.parametrize("verify", ["cheap", "full"])
+def test_rerun_on_complete_store_writes_nothing(tiny_base_dir, store_copy, monkeypatch, verify):
+    # the lock file (ignored by DVC) is the one file a run touches; no file appears or disappears
+    names = sorted(p.name for p in store_copy.rglob("*"))
+    before = {p: p.stat().st_mtime_ns for p in store_copy.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     manifest = (store_copy / MANIFEST).read_text()
     fail_after(monkeypatch, generation, "record_batch", 0)
     messages = []
     from agd_pipeline.config import GenerateConfig, load_config
 
     config = load_config(GenerateConfig, {**STORE_SETTINGS, "base_model": str(tiny_base_dir),
-                                          "out_dir": str(store_copy)})
+                                          "out_dir": str(store_copy), "verify": verify})
     summary = generation.generate(config, progress=False, log=messages.append)
     assert summary["written_shards"] == 0
     assert any("nothing to do" in m for m in messages)
+    assert sorted(p.name for p in store_copy.rglob("*")) == names
     assert (store_copy / MANIFEST).read_text() == manifest
-    assert {p: p.stat().st_mtime_ns for p in store_copy.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in store_copy.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
 
 
 @pytest.mark.parametrize("change", [{"seed": 1}, {"num_steps": 5}, {"guidance_max": 4.0},

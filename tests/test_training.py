@@ -118,7 +118,8 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny_store, tmp_path, monke
         training.train(train_config(tiny_store, resumed, steps=2 * k, checkpoint_every=k), **QUIET)
     monkeypatch.undo()
     checkpoint = resumed / training.CHECKPOINT
-    assert json.loads((checkpoint / "progress.json").read_text())["step"] == k
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == k
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(training.CHECKPOINT_FILES)
     assert not (resumed / ADAPTER_WEIGHTS).exists()
 
     messages, forward_calls = [], []
@@ -148,8 +149,8 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny_store, tmp_path, monke
     assert any(got[key].abs().max() > 0 for key in got if key.endswith("up.weight"))
 
 
-def test_resume_refuses_a_checkpoint_with_other_settings(tiny_store, tmp_path, monkeypatch):
-    out = tmp_path / "adapters"
+def interrupted_training(store, out, monkeypatch, **overrides) -> None:
+    """A run of 6 steps killed right after its first checkpoint (step 2)."""
     original = training._save_checkpoint
 
     def save_then_die(*args, **kwargs):
@@ -158,8 +159,14 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tiny_store, tmp_path, m
 
     monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
-        training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), **QUIET)
+        training.train(train_config(store, out, steps=6, checkpoint_every=2, **overrides), **QUIET)
     monkeypatch.undo()
+    assert (out / training.CHECKPOINT / "state.json").exists()
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tiny_store, tmp_path, monkeypatch):
+    out = tmp_path / "adapters"
+    interrupted_training(tiny_store, out, monkeypatch)
     with pytest.raises(AgdError, match="train.learning_rate"):
         training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2, learning_rate=1e-2), **QUIET)
 
@@ -197,14 +204,33 @@ def test_corrupted_store_is_refused_with_full_verify(tiny_store, tmp_path):
         training.train(train_config(root, tmp_path / "adapters", verify="full"), **QUIET)
 
 
-def test_damaged_chunk_stops_training_clearly_even_with_cheap_check(tiny_store, tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_cheap_check_catches_truncated_and_deleted_chunks(tiny_store, tmp_path, damage):
     root = tmp_path / "store"
     shutil.copytree(tiny_store, root)
+    chunk = sorted(p for p in (root / "shard-000001.zarr" / "guided_output" / "c").rglob("*") if p.is_file())[0]
+    if damage == "truncate":
+        chunk.write_bytes(chunk.read_bytes()[:10])
+    else:
+        chunk.unlink()  # zarr would read it back as zeros
+    expected = "truncated" if damage == "truncate" else "chunk files"
+    with pytest.raises(StoreError, match=rf"shard-000001.zarr/guided_output: .*{expected}"):
+        training.train(train_config(root, tmp_path / "adapters", verify="cheap"), **QUIET)
+    assert not (tmp_path / "adapters" / ADAPTER_WEIGHTS).exists()
+
+
+def test_loader_names_a_chunk_it_cannot_read(tiny_store, tmp_path):
+    """Damage after the check (or not caught by the cheap one) stops the loader with the shard named."""
+    from agd_pipeline.loader import StepBatches
+
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
+    store = TrajectoryStore(root)
     chunk = sorted(p for p in (root / "shard-000000.zarr" / "model_input" / "c").rglob("*") if p.is_file())[0]
     chunk.write_bytes(chunk.read_bytes()[:10])
     with pytest.raises(StoreError, match=r"shard-000000.zarr/model_input.*--verify"):
-        training.train(train_config(root, tmp_path / "adapters", verify="cheap"), **QUIET)
-    assert not (tmp_path / "adapters" / ADAPTER_WEIGHTS).exists()
+        for _ in zip(range(100), StepBatches(store, 4, seed=0)):
+            pass
 
 
 def test_store_of_changed_base_is_refused(tmp_path):
