@@ -15,6 +15,7 @@ Families (all add a residual to the output of the wrapped layer, computed from i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -366,18 +367,123 @@ def save_adapters(model: AdaptedModel, folder: str | Path, extra: dict | None = 
     return folder
 
 
+RETRAIN = "the file was edited or damaged: re-run training (`python -m stages.train`) to write it again"
+MAX_ADAPTER_WIDTH = 65536  # far above anything training writes; guards the allocation on load
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _adapter_section_problem(section) -> str | None:
+    """What is wrong with the "adapter" section (the AdapterConfig fields), or None."""
+    if not isinstance(section, dict):
+        return f'"adapter" must be an object of {AdapterConfig.__name__} fields'
+    fields = [f.name for f in dataclasses.fields(AdapterConfig)]
+    missing = [name for name in fields if name not in section]
+    if missing:
+        return f'"adapter" lacks the key {missing[0]!r}'
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        return f'"adapter" has the unknown key {unknown[0]!r} (known: {", ".join(fields)})'
+    checks = {
+        "kind": (lambda v: v in ADAPTER_KINDS, f"one of {', '.join(ADAPTER_KINDS)}"),
+        "placement": (lambda v: v in ALL_PLACEMENTS[1:], f"one of {', '.join(ALL_PLACEMENTS[1:])}"),
+        "width": (lambda v: _is_int(v) and 0 < v <= MAX_ADAPTER_WIDTH, f"an integer in [1, {MAX_ADAPTER_WIDTH}]"),
+        "embed_dim": (lambda v: _is_int(v) and 0 < v <= MAX_ADAPTER_WIDTH,
+                      f"an integer in [1, {MAX_ADAPTER_WIDTH}]"),
+        "fourier_frequencies": (lambda v: _is_int(v) and 0 <= v <= 32, "an integer in [0, 32]"),
+        "condition_on": (lambda v: isinstance(v, list) and "guidance" in v and all(
+            isinstance(c, str) and c in CONDITION_SOURCES for c in v),
+            f"a list of {', '.join(CONDITION_SOURCES)} that includes guidance"),
+        "num_classes": (lambda v: _is_int(v) and 0 <= v <= 10**6, "an integer >= 0"),
+        "text_dim": (lambda v: _is_int(v) and 0 <= v <= MAX_ADAPTER_WIDTH, "an integer >= 0"),
+        "pooled_dim": (lambda v: _is_int(v) and 0 <= v <= MAX_ADAPTER_WIDTH, "an integer >= 0"),
+        "guidance_scale_unit": (lambda v: _is_number(v) and v > 0, "a positive number"),
+        "guidance_gate": (lambda v: isinstance(v, bool), "true or false"),
+    }
+    for name, (valid, allowed) in checks.items():
+        if not valid(section[name]):
+            return f'"adapter.{name}" is {json.dumps(section[name])}; it must be {allowed}'
+    used = set(section["condition_on"])
+    if used & {"text", "text_tokens"} and not section["text_dim"]:
+        return '"adapter.condition_on" names the prompt, but "adapter.text_dim" is 0 (not a text model)'
+    if "class" in used and not section["num_classes"]:
+        return '"adapter.condition_on" names the class, but "adapter.num_classes" is 0 (not a class model)'
+    return None
+
+
+def _adapter_config_problem(config) -> str | None:
+    """What is wrong with a parsed adapter_config.json, or None. Sections that training writes
+    but a bare save_adapters leaves out (sampler, guidance) are checked where present."""
+    if not isinstance(config, dict):
+        return "it must hold a JSON object"
+    if config.get("format") != FORMAT:
+        return f"not an AGD adapter config (format {json.dumps(config.get('format'))}, expected {FORMAT!r})"
+    if config.get("format_version") != FORMAT_VERSION:
+        return (f"format_version {json.dumps(config.get('format_version'))}; this version reads "
+                f"{FORMAT_VERSION}")
+    for key in ("adapter", "placements", "base_model"):
+        if key not in config:
+            return f"the key {key!r} is missing"
+    problem = _adapter_section_problem(config["adapter"])
+    if problem:
+        return problem
+    placements = config["placements"]
+    if not (isinstance(placements, list) and placements and all(isinstance(p, str) and p for p in placements)):
+        return '"placements" must be a non-empty list of layer names'
+    recorded = config["base_model"]
+    if not isinstance(recorded, dict):
+        return '"base_model" must be an object (id, class, fingerprints)'
+    for key in ("id", "class", "architecture_fingerprint", "weights_fingerprint"):
+        if not (isinstance(recorded.get(key), str) and recorded[key]):
+            return f'"base_model.{key}" must be a non-empty string (got {json.dumps(recorded.get(key))})'
+    if recorded.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
+        return f'"base_model.dtype" is {json.dumps(recorded["dtype"])}; it must be float32, float16 or bfloat16'
+    if "training" in config:  # written by stages.train, which always records these
+        for key in ("sampler", "guidance"):
+            if key not in config:
+                return f"the key {key!r} is missing"
+    if "sampler" in config:
+        sampler = config["sampler"]
+        if not (isinstance(sampler, dict) and _is_int(sampler.get("num_steps")) and
+                0 < sampler["num_steps"] <= 100_000):
+            return '"sampler.num_steps" must be a positive integer (the steps the trajectories were recorded with)'
+    if "guidance" in config:
+        guidance = config["guidance"]
+        if not (isinstance(guidance, dict) and _is_number(guidance.get("min")) and _is_number(guidance.get("max"))
+                and guidance["min"] <= guidance["max"]):
+            return '"guidance" must hold finite numbers min <= max'
+    if not isinstance(config.get("negative_prompt", ""), str):
+        return '"negative_prompt" must be a string'
+    return None
+
+
 def read_adapter_config(folder: str | Path) -> dict:
+    """The parsed, validated adapter_config.json of an adapter folder; ModelError (one line, saying
+    what is wrong) for anything training would not have written."""
     folder = Path(folder)
     path = folder / ADAPTER_CONFIG
     if not path.exists():
         raise ModelError(f"{folder}: no {ADAPTER_CONFIG}; is this an adapter folder written by "
                          "`python -m stages.train`?")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file; {RETRAIN}")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not a text file; {RETRAIN}") from None
     except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: not valid JSON ({err})") from None
-    if config.get("format") != FORMAT:
-        raise ModelError(f"{path}: not an AGD adapter config (format {config.get('format')!r})")
+        raise ModelError(f"{path}: not valid JSON ({err}); {RETRAIN}") from None
+    except RecursionError:
+        raise ModelError(f"{path}: nested too deeply to be an adapter config; {RETRAIN}") from None
+    problem = _adapter_config_problem(config)
+    if problem:
+        raise ModelError(f"{path}: {problem}; {RETRAIN}")
     return config
 
 
@@ -411,17 +517,35 @@ def load_adapted_model(folder: str | Path, base: BaseModel | None = None, device
 
 
 def _load_weights(folder: Path, base: BaseModel, config: dict) -> AdaptedModel:
+    folder = Path(folder)
+    problem = _adapter_config_problem(config)  # library callers may pass a config of their own
+    if problem:
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: {problem}; {RETRAIN}")
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (or not a file); re-run training "
+                         "(`python -m stages.train`)")
     adapter_config = AdapterConfig(**config["adapter"])
     model = AdaptedModel(base, adapter_config)
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.exists():
-        raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing")
+    if model.target_names != config["placements"]:
+        model.remove()
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: \"placements\" ({len(config['placements'])} layers) do not "
+                         f"match the layers placement {adapter_config.placement!r} wraps in {base.model_id!r} "
+                         f"({len(model.target_names)} layers); {RETRAIN}")
     try:
         state = load_file(weights, device=str(base.device))
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
+        model.remove()
         raise ModelError(f"{weights}: cannot read adapter weights ({err}); re-run training") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensor shapes differ from what the config describes
+        model.remove()
+        first = str(err).strip().splitlines()[-1].strip()
+        raise ModelError(f"{weights}: does not match {ADAPTER_CONFIG} ({first[:200]}); the config was edited "
+                         "or belongs to other weights: re-run training") from None
     if missing or unexpected:
+        model.remove()
         raise ModelError(f"{weights}: does not match {ADAPTER_CONFIG} (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); re-run training")
     return model.eval()

@@ -8,38 +8,97 @@ import sys
 from typing import Callable
 
 from .config import StageConfig, build_parser, config_from_args, write_resolved
-from .errors import AgdError
+from .errors import AgdError, os_reason
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make argparse report a bad command line as one ``error: ...`` line (exit 2), like every
+    other input error, instead of its usage block."""
+    def error(message: str):
+        parser.exit(2, f"error: {message} (see `{parser.prog} --help`)\n")
+
+    parser.error = error
+    return parser
+
+
+def os_error_line(err: OSError, path=None) -> str:
+    """``error: <path>: <reason>`` for a file-system failure (permission, disk full, not a folder).
+    ``path`` names the file when the error itself does not (a failed flush or close)."""
+    reason = " ".join(str(os_reason(err)).split()) or type(err).__name__  # one line
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None) or path or ""
+    return f"error: {where}: {reason}" if where else f"error: {reason}"
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation failure (host or GPU), as opposed to a bug that happens to raise RuntimeError."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
+
+
+def memory_error_line(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (f"error: out of memory ({first[:200]}); lower the batch size or the model/adapter size, "
+            "or use another device")
+
+
+def run_command(body: Callable[[], int | None], check: Callable[[], str | None] | None = None) -> int:
+    """Run a command: ``check`` says what is wrong with its arguments (or None), ``body`` does the
+    work and may return an exit status. Bad arguments, input and file-system errors (AgdError,
+    OSError) and running out of memory end in one ``error: ...`` line and exit status 2; any other
+    exception is a bug and keeps its traceback."""
+    try:
+        problem = check() if check else None
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        return body() or 0
+    except AgdError as err:
+        print(f"error: {err}", file=sys.stderr)
+    except OSError as err:  # also a distributed scheduler that cannot be reached (TimeoutError)
+        print(os_error_line(err), file=sys.stderr)
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        print(memory_error_line(err), file=sys.stderr)
+    return 2
 
 
 def stage_main(cls: type[StageConfig], run: Callable, argv=None, description: str | None = None,
                extend: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
-    """Parse options for ``cls``, run ``run(config, args)``, turn AgdError into a one-line message."""
-    parser = build_parser(cls, f"python -m stages.{cls.section}", description or cls.__doc__)
+    """Parse options for ``cls`` and run ``run(config, args)`` through :func:`run_command`."""
+    parser = one_line_errors(build_parser(cls, f"python -m stages.{cls.section}", description or cls.__doc__))
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if extend:
         extend(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         config = config_from_args(cls, args)
+        config.check_machine()  # e.g. --device cuda without a GPU: refused before anything loads
         run(config, args)
-    except AgdError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    try:
+        return run_command(body)
     except KeyboardInterrupt:
         print(f"\ninterrupted: re-run `python -m stages.{cls.section}` with the same settings to resume",
               file=sys.stderr)
         return 130
-    return 0
 
 
-def library_stage(cls: type[StageConfig], target: str, argv=None) -> int:
-    """A stage that calls ``module:function(config, progress=...)`` and records its resolved config.
+def library_stage(cls: type[StageConfig], target: str, argv=None, record_config: bool = True) -> int:
+    """A stage that calls ``module:function(config, progress=...)`` and, with ``record_config``,
+    records its resolved config in ``config.out_dir``. Generate passes False: its out_dir is the
+    store (a DVC output), whose manifest.json already records the settings, and a rewritten
+    resolved_config.json would change the tracked output on every re-run.
 
     The library module is imported only after the options parse, so ``--help`` stays fast.
     """
     def run(config: StageConfig, args: argparse.Namespace) -> None:
         module, function = target.split(":")
         getattr(importlib.import_module(module), function)(config, progress=not args.no_progress)
-        write_resolved(config, config.out_dir)
+        if record_config:
+            write_resolved(config, config.out_dir)
 
     return stage_main(cls, run, argv)

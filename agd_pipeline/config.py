@@ -35,9 +35,49 @@ def option(default: Any, help: str, choices: tuple | None = None) -> Any:
 @dataclass
 class StageConfig:
     section: ClassVar[str] = ""
+    # the file that marks this stage's own output folder; out_dir must not hold another stage's
+    own_marker: ClassVar[str] = ""
 
     def check(self) -> None:
-        """Cross-field checks; raise ConfigError naming the key."""
+        """Checks every stage shares (finite floats, seeds, devices, output folders); each stage's
+        own check() calls this first, then its own. Raise ConfigError naming the key."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if hint is float and not math.isfinite(value):
+                self.fail(f.name, "must be a finite number")
+            if typing.get_origin(hint) is list and typing.get_args(hint) == (float,) and \
+                    not all(math.isfinite(v) for v in value):
+                self.fail(f.name, "values must be finite numbers")
+        if hasattr(self, "seed") and not 0 <= self.seed <= MAX_SEED:
+            self.fail("seed", f"must lie in [0, {MAX_SEED}]")
+        if getattr(self, "device", "auto") not in ("auto", "cpu"):
+            parse_device(self.device, self.key("device"))
+        if hasattr(self, "out_dir"):
+            self.check_folder("out_dir", output=True)
+
+    def check_machine(self) -> None:
+        """What only this machine can answer: is the device there? Stages call it before they load
+        anything; check() leaves it out so that a params file for a GPU machine validates anywhere."""
+        if getattr(self, "device", "auto") not in ("auto", "cpu"):
+            resolve_device(self.device, self.key("device"))
+
+    def check_folder(self, name: str, output: bool = False) -> None:
+        """A folder option must be set; an output folder must not be (or lie below) an existing file."""
+        value = getattr(self, name)
+        if not value.strip():
+            self.fail(name, "must name a folder")
+        if output:
+            path = Path(value)
+            for folder in (path, *path.parents):
+                if folder.exists() or folder.is_symlink():
+                    if not folder.is_dir():
+                        self.fail(name, f"{str(folder)!r} exists and is not a folder")
+                    break
+            for marker, kind in OUTPUT_MARKERS.items():
+                if marker != self.own_marker and (path / marker).is_file():
+                    self.fail(name, f"holds {kind} ({marker}); writing {self.section} outputs into it would mix "
+                              "the two: choose another folder")
 
     def key(self, name: str) -> str:
         return f"{self.section}.{name}"
@@ -55,12 +95,56 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name or "float32"]
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
+OUTPUT_MARKERS = {"model_index.json": "a base model", "manifest.json": "a trajectory store",
+                  "adapter_config.json": "adapters", "metrics.json": "evaluation results"}
+MAX_TRAJECTORIES_PER_CONDITION = 1_000_000
+MAX_GUIDANCE = 50.0  # far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)
+MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; numpy rejects negative seeds
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def parse_device(device: str, key: str = "device"):
+    """The torch.device a device string names (None for ``auto``), if it is one we can run on
+    somewhere (cpu, cuda[:N], mps); else ConfigError naming ``key``. Whether this machine has it
+    is resolve_device's question, so a params file for a GPU machine validates anywhere."""
+    if device == "auto":
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{key}: unknown device {device!r}; allowed: {DEVICES}") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{key}: device type {parsed.type!r} is not supported; allowed: {DEVICES}")
+    return parsed
+
+
+def resolve_device(device: str, key: str = "device") -> str:
+    """``auto`` -> cuda if a GPU is there, else cpu. Any other value is checked: a device string
+    torch can parse, of a kind that is available here (and an index that exists); else ConfigError
+    naming ``key``."""
+    if device == "cpu":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    parsed = parse_device(device, key)
+    if parsed.type == "cpu":
+        return device
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}: {device!r} asked for, but torch sees no CUDA GPU here; use cpu or auto")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"{key}: {device!r} does not exist; this machine has {count} CUDA device(s) "
+                              f"(cuda:0 .. cuda:{count - 1})")
+        return device
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{key}: {device!r} asked for, but MPS is not available here; use cpu or auto")
+    return device
 
 
 # --------------------------------------------------------------------------------------- stages
@@ -71,6 +155,7 @@ class BaseStageConfig(StageConfig):
     """Stage `base`: train the embedded default model (a tiny class-conditional DiT on 8x8 digits)."""
 
     section: ClassVar[str] = "base"
+    own_marker: ClassVar[str] = "model_index.json"
     out_dir: str = option("data/base", "folder to write the model, scheduler and classifier to")
     seed: int = option(0, "seed for the data split, initialisation and training")
     holdout_fraction: float = option(0.2, "share of the digits kept out of training (FID reference)")
@@ -91,10 +176,22 @@ class BaseStageConfig(StageConfig):
     classifier_features: int = option(32, "width of the classifier's penultimate layer (FID features)")
 
     def check(self) -> None:
+        super().check()
         if not 0.05 <= self.holdout_fraction <= 0.5:
             self.fail("holdout_fraction", "must lie in [0.05, 0.5]")
-        if 8 % self.patch_size:
-            self.fail("patch_size", "must divide the image size 8")
+        if self.patch_size not in (1, 2, 4, 8):
+            self.fail("patch_size", "must divide the image size 8: one of 1, 2, 4, 8")
+        if not 0 < self.learning_rate <= 1:
+            self.fail("learning_rate", "must lie in (0, 1]")
+        for name, most in (("num_layers", 64), ("num_heads", 64), ("head_dim", 1024),
+                           ("classifier_features", 4096)):
+            if getattr(self, name) > most:
+                self.fail(name, f"must be at most {most} (the embedded default is a small model)")
+        if self.num_heads * self.head_dim % 4:
+            raise ConfigError(f"{self.key('num_heads')} x {self.key('head_dim')} = {self.num_heads * self.head_dim} "
+                              "must be divisible by 4 (DiT's 2-D sine-cosine position embedding)")
+        if self.num_train_timesteps < 2:
+            self.fail("num_train_timesteps", "must be at least 2")
         if not 0.0 < self.label_dropout < 1.0:
             self.fail("label_dropout", "must lie in (0, 1): the null class is what CFG needs")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -110,6 +207,7 @@ class GenerateConfig(StageConfig):
     """Stage `generate` (stage one): sample the base with CFG and record every step into shards."""
 
     section: ClassVar[str] = "generate"
+    own_marker: ClassVar[str] = "manifest.json"
     base_model: str = option("data/base", "base model: a local diffusers folder or a hub id")
     out_dir: str = option("data/trajectories", "trajectory store to write (resumed if present)")
     classes: list[int] = option([], "class-conditional models: class ids to sample; empty means every "
@@ -130,7 +228,9 @@ class GenerateConfig(StageConfig):
     shard_size: int = option(200, "trajectories per shard (each shard is written by one process)")
     chunk_trajectories: int = option(50, "trajectories per Zarr chunk (the unit training reads); "
                                      "independent of batch_size, so a run can resume with another batch size")
-    compressor: str = option("blosc-zstd", "on-disk codec", ("blosc-zstd", "zstd", "none"))
+    compressor: str = option("auto", "on-disk codec; auto: blosc-zstd for zarr, none for webdataset (whose tar "
+                             "members are standard .npz files: deflate or none only)",
+                             ("auto", "blosc-zstd", "zstd", "deflate", "none"))
     format: str = option("zarr", "store format: zarr (one Zarr group per shard, read by chunk rows) or "
                          "webdataset (one tar per shard, a sample per trajectory, for streaming)",
                          ("zarr", "webdataset"))
@@ -148,10 +248,14 @@ class GenerateConfig(StageConfig):
                         "the store is fp16 either way)", ("float32", "float16", "bfloat16"))
 
     def check(self) -> None:
+        super().check()
         for name in ("trajectories_per_class", "trajectories_per_prompt", "num_steps", "batch_size",
                      "shard_size", "chunk_trajectories"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be positive")
+        for name in ("trajectories_per_class", "trajectories_per_prompt"):
+            if getattr(self, name) > MAX_TRAJECTORIES_PER_CONDITION:
+                self.fail(name, f"must be at most {MAX_TRAJECTORIES_PER_CONDITION:,} (the paper records 1 to 4)")
         for name in ("guidance_min", "guidance_max"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -163,7 +267,10 @@ class GenerateConfig(StageConfig):
             )
         if not 0 <= self.bitround_keepbits <= 10:
             self.fail("bitround_keepbits", "must lie in [0, 10] (float16 has 10 mantissa bits; 0 = lossless)")
-        if self.guidance_max > 50:
+        if self.format == "webdataset" and self.compressor in ("blosc-zstd", "zstd"):
+            self.fail("compressor", "is not available for webdataset shards, whose members are standard .npz files; "
+                      "use auto, deflate or none")
+        if self.guidance_max > MAX_GUIDANCE:
             self.fail("guidance_max", "is far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)")
         if any(c < 0 for c in self.classes):
             self.fail("classes", "class ids must be >= 0")
@@ -176,6 +283,7 @@ class TrainConfig(StageConfig):
     """Stage `train` (stage two): train guidance adapters from the trajectory store alone."""
 
     section: ClassVar[str] = "train"
+    own_marker: ClassVar[str] = "adapter_config.json"
     store: str = option("data/trajectories", "trajectory store written by stage one")
     out_dir: str = option("data/adapters", "folder for adapters.safetensors, adapter_config.json, loss.csv")
     base_model: str = option("", "base model; empty takes the one named in the store's manifest (its "
@@ -218,13 +326,24 @@ class TrainConfig(StageConfig):
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
 
     def check(self) -> None:
+        super().check()
+        self.check_folder("store")
         for name in ("width", "embed_dim", "steps", "batch_size"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be positive")
+        for name in ("width", "embed_dim"):
+            if getattr(self, name) > 8192:
+                self.fail(name, "must be at most 8192 (adapters are meant to be small: about 1-5 % of the base)")
         if not 0 <= self.fourier_frequencies <= 32:
             self.fail("fourier_frequencies", "must lie in [0, 32]")
         if not self.learning_rate > 0:
             self.fail("learning_rate", "must be positive")
+        if not 0 <= self.weight_decay <= 1:
+            self.fail("weight_decay", "must lie in [0, 1] (AdamW's decoupled decay; typical values 0 to 0.1)")
+        if not 0 <= self.loader_workers <= 128:
+            self.fail("loader_workers", "must lie in [0, 128] (0 reads in the training process)")
+        if self.checkpoint_every < 0:
+            self.fail("checkpoint_every", "must be >= 0 (0: only at the end)")
         allowed = {"guidance", "timestep", "class", "text", "text_tokens"}
         unknown = set(self.condition_on) - allowed
         if unknown:
@@ -238,6 +357,7 @@ class EvaluateConfig(StageConfig):
     """Stage `evaluate`: CFG (2 evaluations per step) against AGD (1 per step) on the same seeds."""
 
     section: ClassVar[str] = "evaluate"
+    own_marker: ClassVar[str] = "metrics.json"
     adapters: str = option("data/adapters", "adapter folder written by stage two")
     base_model: str = option("", "base model; empty takes the one named in the adapter config")
     out_dir: str = option("data/eval", "folder for metrics.json, plots CSVs and sample grids")
@@ -252,10 +372,15 @@ class EvaluateConfig(StageConfig):
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
 
     def check(self) -> None:
+        super().check()
+        self.check_folder("adapters")
         if not self.guidance_scales:
             self.fail("guidance_scales", "needs at least one value")
         if any((not math.isfinite(w)) or w < 0 for w in self.guidance_scales):
             self.fail("guidance_scales", "values must be finite and >= 0")
+        if max(self.guidance_scales) > MAX_GUIDANCE:
+            self.fail("guidance_scales", f"values above {MAX_GUIDANCE:g} are far beyond any useful guidance scale "
+                      "(paper: 6 for DiT, 12 for SD)")
         for name in ("samples_per_class", "batch_size", "grid_columns"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be positive")
@@ -330,14 +455,32 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+MAX_PARAMS_BYTES = 16 * 2**20
+
+
 def read_params(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file {path} not found (run from the repository root or pass --params)")
+    if path.is_dir():
+        raise ConfigError(f"params file {path} is a folder; give a YAML file (--params)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, "rb") as f:  # bounded: /dev/zero or a huge file must not eat the memory
+            raw = f.read(MAX_PARAMS_BYTES + 1)
+        if len(raw) > MAX_PARAMS_BYTES:
+            raise ConfigError(f"params file {path} is larger than {MAX_PARAMS_BYTES // 2**20} MiB; give a YAML "
+                              "file (--params)")
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"params file {path} is not a text (UTF-8) file; give a YAML file (--params)") from None
+    except RecursionError:
+        raise ConfigError(f"params file {path} is nested too deeply to be a params file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"params file {path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]  # one line, not YAML's snippet
+        if mark is not None:
+            reason += f" (line {mark.line + 1}, column {mark.column + 1})"
+        raise ConfigError(f"params file {path} is not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"params file {path} must map stage names to sections")
     return data
@@ -358,7 +501,7 @@ def load_config(cls: type[StageConfig], params: str | os.PathLike | dict | None 
     known = {f.name: f for f in _fields(cls)}
     merged = dict(section)
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(merged) - set(known))
+    unknown = sorted(map(str, set(merged) - set(known)))  # YAML keys need not be strings
     if unknown:
         raise ConfigError(
             f"{cls.section}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(known))}"

@@ -13,10 +13,13 @@ from pathlib import Path
 import torch
 
 from .adapters import load_adapted_model, read_adapter_config
-from .config import resolve_device, torch_dtype
+from .config import MAX_GUIDANCE, MAX_SEED, resolve_device, torch_dtype
 from .errors import ConfigError
 from .models import encode_prompts, load_base_model
-from .sampling import ImageSampler, trajectory_seed
+from .sampling import ImageSampler, check_num_steps, trajectory_seed
+
+DTYPES = ("float32", "float16", "bfloat16")
+MAX_IMAGES = 1_000_000  # per call: the labels, seeds and images are all held in memory
 
 
 def sample_images(adapters: str, guidance_scale: float, classes: list[int] | None = None, per_class: int = 4,
@@ -27,11 +30,30 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
     returns images in [-1, 1] decoded with the pipeline's VAE, their labels and timing."""
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ConfigError(f"guidance_scale must be a finite number >= 0 (got {guidance_scale})")
-    if per_class <= 0 or batch_size <= 0:
-        raise ConfigError("per_class and batch_size must be positive")
+    if guidance_scale > MAX_GUIDANCE:
+        raise ConfigError(f"guidance_scale {guidance_scale:g} is far beyond any useful guidance scale (at most "
+                          f"{MAX_GUIDANCE:g}; paper: 6 for DiT, 12 for SD)")
+    for name, value in (("per_class", per_class), ("batch_size", batch_size)):
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive (got {value})")
+    if per_class > MAX_IMAGES:
+        raise ConfigError(f"per_class must be at most {MAX_IMAGES:,} (got {per_class})")
+    if steps < 0:
+        raise ConfigError(f"steps must be >= 0; 0 takes the steps of the training data (got {steps})")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must lie in [0, {MAX_SEED}] (got {seed})")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: unknown value {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if not str(adapters).strip():
+        raise ConfigError("adapters must name an adapter folder written by `python -m stages.train`")
+    device = resolve_device(device)
     adapter_config = read_adapter_config(adapters)
-    base = load_base_model(base_model or adapter_config["base_model"]["id"], device=resolve_device(device),
+    base = load_base_model(base_model or adapter_config["base_model"]["id"], device=device,
                            dtype=torch_dtype(dtype))
+    steps = steps or adapter_config.get("sampler", {}).get("num_steps", 0)
+    if not steps:
+        raise ConfigError(f"{adapters}: the adapter config records no sampling steps: give steps (--steps)")
+    check_num_steps(base, steps, "steps")
     adapted = load_adapted_model(adapters, base) if use_adapters else None
     uncond = None
     if base.conditioning == "class":
@@ -41,6 +63,7 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
         bad = [c for c in classes if not 0 <= c < base.num_classes]
         if bad:
             raise ConfigError(f"classes {bad[:5]} are not classes of the base model (0..{base.num_classes - 1})")
+        _check_total(len(classes), per_class, "classes")
         labels = torch.tensor([c for c in classes for _ in range(per_class)])
         conditions = base.class_condition(labels)
     else:
@@ -48,20 +71,27 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
             raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: give prompts, not classes")
         if not prompts:
             raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: give at least one prompt")
+        _check_total(len(prompts), per_class, "prompts")
         # CFG's unconditional branch: by default the negative prompt the adapters were distilled with
         negative_prompt = negative_prompt or adapter_config.get("negative_prompt", "")
         table, uncond = encode_prompts(base, prompts, negative_prompt)
         labels = torch.tensor([i for i in range(len(prompts)) for _ in range(per_class)])
         conditions = {name: value[labels] for name, value in table.items()}
     seeds = [trajectory_seed(seed, i) for i in range(len(labels))]
-    steps = steps or adapter_config["sampler"]["num_steps"]
     sampler = ImageSampler(base, adapted, conditions, seeds, steps, batch_size, uncond=uncond)
     method = "agd" if use_adapters else "cfg"
     images, seconds = sampler.run(method, guidance_scale)
+    guidance = adapter_config.get("guidance")
     return {"images": images, "labels": labels, "seeds": seeds, "method": method, "steps": steps,
             "guidance_scale": guidance_scale, "nfe_per_image": steps * (1 if use_adapters else 2),
             "seconds": seconds, "prompts": list(prompts or []), "negative_prompt": negative_prompt,
-            "training_range": [adapter_config["guidance"]["min"], adapter_config["guidance"]["max"]]}
+            "training_range": [guidance["min"], guidance["max"]] if guidance else None}
+
+
+def _check_total(conditions: int, per_class: int, what: str) -> None:
+    if conditions * per_class > MAX_IMAGES:
+        raise ConfigError(f"{conditions} {what} x per_class {per_class} = {conditions * per_class:,} images; "
+                          f"at most {MAX_IMAGES:,} per call")
 
 
 def save_images(result: dict, out_dir: str | Path, columns: int = 8) -> Path:

@@ -4,9 +4,54 @@ classifier-free guidance (two evaluations per step) for comparison. Class-condit
 --classes; text models (SD, SDXL, SD3) take --prompt and/or --prompts-file."""
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
-from agd_pipeline.errors import AgdError
+from agd_pipeline.cli import one_line_errors, run_command
+from agd_pipeline.config import MAX_SEED, OUTPUT_MARKERS
+
+
+def parse_classes(text: str) -> list[int] | None:
+    return [int(c) for c in text.replace(",", " ").split()] if text.strip() else None
+
+
+def check_args(args) -> str | None:
+    """What is wrong with the options, naming the option, before anything loads (or None)."""
+    if not args.adapters.strip():
+        return "--adapters: give the adapter folder written by `python -m stages.train`"
+    try:
+        parse_classes(args.classes)
+    except ValueError as err:
+        return f"--classes: must be integers, comma-separated ({err})"
+    if args.per_class <= 0:
+        return f"--per-class: must be positive (got {args.per_class})"
+    if args.batch_size <= 0:
+        return f"--batch-size: must be positive (got {args.batch_size})"
+    if args.steps < 0:
+        return f"--steps: must be >= 0; 0 takes the steps of the training data (got {args.steps})"
+    if not 0 <= args.seed <= MAX_SEED:
+        return f"--seed: must lie in [0, {MAX_SEED}] (got {args.seed})"
+    if not args.out_dir.strip():
+        return "--out-dir: give a folder for the images"
+    out = Path(args.out_dir)
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                return f"--out-dir: {str(folder)!r} exists and is not a folder"
+            break
+    for marker, kind in OUTPUT_MARKERS.items():
+        if (out / marker).is_file():
+            return f"--out-dir: {args.out_dir!r} holds {kind} ({marker}); choose another folder for the images"
+    if args.device != "auto":
+        from agd_pipeline.config import resolve_device
+        from agd_pipeline.errors import ConfigError
+
+        try:
+            resolve_device(args.device, "--device")
+        except ConfigError as err:
+            return str(err)
+    return None
 
 
 def main(argv=None) -> int:
@@ -30,32 +75,24 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype the base model runs in")
     parser.add_argument("--out-dir", default="samples", help="folder for the PNGs, grid.png, samples.json")
+    one_line_errors(parser)
     args = parser.parse_args(argv)
-    from agd_pipeline.inference import sample_images, save_images
 
-    try:
-        classes = [int(c) for c in args.classes.replace(",", " ").split()] if args.classes.strip() else None
-        prompts = list(args.prompt)
-        if args.prompts_file:
-            from agd_pipeline.models import read_prompts
+    def body() -> None:
+        from agd_pipeline.inference import sample_images, save_images
+        from agd_pipeline.models import read_prompts
 
-            prompts += read_prompts(args.prompts_file)
-        result = sample_images(args.adapters, args.guidance_scale, classes, args.per_class, args.steps,
-                               args.seed, not args.cfg, args.base_model, args.device, args.batch_size,
+        prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+        result = sample_images(args.adapters, args.guidance_scale, parse_classes(args.classes), args.per_class,
+                               args.steps, args.seed, not args.cfg, args.base_model, args.device, args.batch_size,
                                prompts=prompts, negative_prompt=args.negative_prompt, dtype=args.dtype)
         out = save_images(result, args.out_dir)
-    except ValueError as err:
-        print(f"error: --classes must be integers ({err})", file=sys.stderr)
-        return 2
-    except AgdError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    lo, hi = result["training_range"]
-    note = "" if lo <= args.guidance_scale <= hi else f" (outside the training range [{lo:g}, {hi:g}])"
-    print(f"{out}: {len(result['labels'])} images, {result['method'].upper()} w={args.guidance_scale:g}{note}, "
-          f"{result['nfe_per_image']} network evaluations per image, {result['seconds']:.1f} s")
-    return 0
+        lo, hi = result["training_range"] or (-math.inf, math.inf)
+        note = "" if lo <= args.guidance_scale <= hi else f" (outside the training range [{lo:g}, {hi:g}])"
+        print(f"{out}: {len(result['labels'])} images, {result['method'].upper()} w={args.guidance_scale:g}{note}, "
+              f"{result['nfe_per_image']} network evaluations per image, {result['seconds']:.1f} s")
 
+    return run_command(body, lambda: check_args(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,7 +70,7 @@ def test_sample_command_writes_images_and_record(trained_adapters, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--classes", "1,99"], "not classes of the base model"),
     (["-w", "nan"], "guidance_scale"),
-    (["--classes", "one"], "--classes must be integers"),
+    (["--classes", "one"], "--classes: must be integers"),
 ])
 def test_sample_command_rejects_bad_input(trained_adapters, tmp_path, args, message):
     result = run_cli("stages.sample", "--adapters", trained_adapters, "--out-dir", tmp_path / "x", *args)
