@@ -1,5 +1,6 @@
 # Two entry points: `make repro` (set up, then run the whole DVC pipeline on params.yaml)
 # and `make test` (set up, then run the test suite). Both create .venv on first use.
+# `make report` rewrites README.md's results block from data/eval/metrics.json after a run.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3.11
@@ -11,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TQDM_MININTERVAL := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test clean-venv
+.PHONY: setup repro test report clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +28,9 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest -q
+
+report: $(STAMP)
+	python -m stages.report
 
 clean-venv:
 	rm -rf $(VENV)

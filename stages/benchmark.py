@@ -1,4 +1,5 @@
-"""Benchmarks that print a table and write JSON (docs/benchmarks/<what>.json).
+"""Benchmarks that print a table and write JSON (data/benchmarks/<what>.json, not tracked; the
+README's tables come from docs/benchmarks/<what>.json, written only when asked with --out).
 
   step-time   one sampling step, CFG against AGD, full-size architectures with random weights
   parameters  adapter parameter counts for full-size configs (meta device, no weights)
@@ -14,8 +15,79 @@ import sys
 from pathlib import Path
 
 
+class UsageError(Exception):
+    """A bad command-line value: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line too, not the usage block
+        raise UsageError(message)
+
+
+def _ints(text: str, option: str, low: int, high: int | None = None) -> list[int]:
+    """Comma-separated integers in [low, high], at least one."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{option}: needs at least one value")
+    bad = [v for v in values if v < low or (high is not None and v > high)]
+    if bad:
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise UsageError(f"{option}: {bad[0]} is not allowed; values must be {allowed}")
+    return values
+
+
+def check_args(args) -> None:
+    """Every option's value, before any work starts."""
+    if args.repeats < 1:
+        raise UsageError(f"--repeats: must be >= 1 (got {args.repeats})")
+    if args.trajectories < 1:
+        raise UsageError(f"--trajectories: must be >= 1 (got {args.trajectories})")
+    args.batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1)
+    args.keepbits = _ints(args.keepbits, "--keepbits", 1, 10)  # of float16's 10 mantissa bits
+    args.architectures = [n for n in args.architectures.replace(" ", "").split(",") if n]
+    if args.architectures and args.what not in ("step-time", "parameters"):
+        raise UsageError(f"--architectures: applies to step-time and parameters, not {args.what}")
+    args.adapters = [f for f in args.adapters.split(",") if f.strip()]
+    if args.what == "gap-closed" and not args.adapters:
+        raise UsageError("--adapters: needs at least one adapter folder")
+    if args.what in ("gap-closed", "storage", "lossy"):
+        for folder in args.adapters if args.what == "gap-closed" else [args.store]:
+            if not Path(folder).is_dir():
+                option = "--adapters" if args.what == "gap-closed" else "--store"
+                raise UsageError(f"{option}: {folder} is not a folder")
+    if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+        raise UsageError(f"--workdir: {args.workdir} is not a folder")
+    args.out = Path(args.out or f"data/benchmarks/{args.what}.json")
+    if args.out.is_dir():
+        raise UsageError(f"--out: {args.out} is a folder; give a JSON file name")
+    try:  # find out now, not after a long measurement
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out: cannot create the folder {args.out.parent} ({err.strerror})") from None
+
+
+def write_json(rows, out: Path) -> None:
+    try:
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+    except OSError as err:
+        raise UsageError(f"--out: cannot write {out} ({err.strerror})") from None
+    print(f"written to {out}")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.benchmark", description=__doc__)
+    try:
+        return run(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
+    parser = Parser(prog="python -m stages.benchmark", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["step-time", "parameters", "gap-closed", "loader", "recording", "storage",
                                          "lossy"], help="which benchmark")
     parser.add_argument("--architectures", default="",
@@ -26,24 +98,26 @@ def main(argv=None) -> int:
     parser.add_argument("--adapters", default="data/adapters",
                         help="gap-closed: comma-separated adapter folders to compare")
     parser.add_argument("--trajectories", type=int, default=400,
-                        help="gap-closed: fresh CFG trajectories to measure on")
+                        help="gap-closed, lossy: fresh CFG trajectories to measure on")
     parser.add_argument("--store", default="data/trajectories", help="storage, lossy: the store to start from")
     parser.add_argument("--keepbits", default="6,3", help="lossy: BitRound mantissa bits to compare")
     parser.add_argument("--workdir", default="data/benchmarks",
                         help="loader, storage, lossy: scratch folder (lossy keeps its stores and adapters there)")
-    parser.add_argument("--out", default=None, help="JSON file (default docs/benchmarks/<what>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON file (default data/benchmarks/<what>.json, not tracked; the README's "
+                        "tables come from docs/benchmarks/<what>.json)")
     args = parser.parse_args(argv)
+    check_args(args)
     if args.what in ("loader", "recording", "storage", "lossy"):
         return data_benchmark(args)
     from agd_pipeline.benchmark import ARCHITECTURES, parameter_table, step_times
 
     default = "dit-xl-2-256,sd-2.1-unet" if args.what == "step-time" else \
         "dit-xl-2-256,sd-2.1-unet,sdxl-unet,sd3-medium,toy-dit-8x8"
-    names = [n for n in (args.architectures or default).split(",") if n]
+    names = args.architectures or default.split(",")
     unknown = [n for n in names if n not in ARCHITECTURES]
     if unknown:
-        print(f"error: unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
     rows = []
     if args.what == "gap-closed":
         from agd_pipeline.errors import AgdError
@@ -51,7 +125,7 @@ def main(argv=None) -> int:
 
         print("| adapters | gap closed | per w bin |")
         print("|---|---|---|")
-        for folder in [f for f in args.adapters.split(",") if f]:
+        for folder in args.adapters:
             try:
                 r = gap_closed(folder, args.trajectories)
             except AgdError as err:
@@ -61,7 +135,7 @@ def main(argv=None) -> int:
             bins = " ".join(f"{k}: {v:.3f}" for k, v in r["per_w_bin"].items())
             print(f"| {folder} | {r['overall']:.3f} | {bins} |", flush=True)
     elif args.what == "step-time":
-        batches = [int(b) for b in args.batch_sizes.split(",")]
+        batches = args.batch_sizes
         print("| architecture | batch | CFG s/step | AGD s/step | unguided s/step | AGD speed-up | adapter overhead |")
         print("|---|---|---|---|---|---|---|")
         for name in names:
@@ -79,10 +153,7 @@ def main(argv=None) -> int:
                 width = f"**{r['width']}** (~2 %)" if "reaches_target_percent" in r else r["width"]
                 print(f"| {name} | {r['kind']} | {r['placement']} | {width} | "
                       f"{r['adapter_parameters']:,} | {r['share_percent']:.2f} % |", flush=True)
-    out = Path(args.out or f"docs/benchmarks/{args.what}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"written to {out}")
+    write_json(rows, args.out)
     return 0
 
 
@@ -122,8 +193,8 @@ def data_benchmark(args) -> int:
                 print(f"| {r['format']} | {r['compressor']} | {bits} | {r['bytes_per_trajectory_step']:,.0f} | "
                       f"{r['ratio_to_raw']:.2f} | {r['files_per_1000_trajectories']:,.0f} |")
         else:
-            keepbits = [int(b) for b in args.keepbits.split(",") if b]
-            rows = bench.lossy_table(args.store, Path(args.workdir) / "lossy", keepbits)
+            rows = bench.lossy_table(args.store, Path(args.workdir) / "lossy", args.keepbits,
+                                     trajectories=args.trajectories)
             print("| BitRound bits | store MiB | gap closed |")
             print("|---|---|---|")
             for r in rows:
@@ -131,10 +202,7 @@ def data_benchmark(args) -> int:
     except AgdError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"docs/benchmarks/{args.what}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"written to {out}")
+    write_json(rows, args.out)
     return 0
 
 

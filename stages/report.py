@@ -1,0 +1,187 @@
+"""Render the README's results block from the evaluate stage's metrics.json.
+
+The block between <!-- results:start --> and <!-- results:end --> in README.md (the results table,
+the in-range summary that follows it, and the links to the sample grid and curves that the same
+evaluate run wrote) is generated here, so the numbers and figures come from one run and cannot
+drift apart. Run it after `dvc repro` (or `python -m stages.evaluate`); --check only compares and
+exits 1 when README.md is out of date."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+START = "<!-- results:start -->"
+END = "<!-- results:end -->"
+NOTICE = "<!-- written by `python -m stages.report` from {metrics}; edit the renderer, not this block -->"
+
+
+class ReportError(Exception):
+    pass
+
+
+def default_metrics(params: str | os.PathLike = "params.yaml") -> Path:
+    """metrics.json in params.yaml's evaluate.out_dir (data/eval when unset)."""
+    out_dir = "data/eval"
+    try:
+        section = (yaml.safe_load(Path(params).read_text()) or {}).get("evaluate") or {}
+        out_dir = section.get("out_dir") or out_dir
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return Path(out_dir) / "metrics.json"
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _w(value: float) -> str:
+    return f"{value:g}"
+
+
+def _span(values, spec: str, suffix: str = "") -> str:
+    low, high = min(values), max(values)
+    return f"{low:{spec}}{suffix}" if format(low, spec) == format(high, spec) else \
+        f"{low:{spec}}–{high:{spec}}{suffix}"
+
+
+def render(metrics: dict, metrics_path: str, link_root: Path) -> str:
+    """The block's text (markers included). Image links are relative to link_root (README's folder)."""
+    try:
+        rows = list(metrics["per_w"].values())
+        low, high = metrics["training_range"]
+        steps, samples = metrics["num_steps"], metrics["samples_per_w"]
+        summary = metrics["summary_in_training_range"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ReportError(f"{metrics_path} is not a metrics file of the evaluate stage (missing {err})") from None
+    if not rows:
+        raise ReportError(f"{metrics_path} holds no guidance scale")
+    inside = [r for r in rows if r["in_training_range"]] or rows
+    outside = [r for r in rows if not r["in_training_range"]]
+    has_classifier = rows[0].get("accuracy_cfg") is not None
+    out_dir = Path(metrics_path).parent
+
+    def link(name: str) -> str:
+        return Path(os.path.relpath(out_dir / name, link_root)).as_posix()
+
+    lines = [START, NOTICE.format(metrics=f"`{Path(metrics_path).as_posix()}`"), "",
+             f"From `{Path(metrics_path).as_posix()}`: {samples} samples per w, {steps} sampling steps; "
+             f"`*` marks a w outside the training range U[{_w(low)}, {_w(high)}].", "",
+             "| w | FID unguided | FID CFG | FID AGD | acc CFG | acc AGD | FID AGD-CFG | FID unguided-CFG "
+             "| RMSE AGD-CFG | img/s CFG | img/s AGD | speed AGD/CFG |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = "" if r["in_training_range"] else " *"
+        lines.append(
+            f"| {_w(r['w'])}{mark} | {_num(r['fid_unguided'], '.2f')} | {_num(r['fid_cfg'], '.2f')} | "
+            f"{_num(r['fid_agd'], '.2f')} | {_num(r['accuracy_cfg'], '.3f')} | {_num(r['accuracy_agd'], '.3f')} | "
+            f"{_num(r['fid_to_cfg_agd'], '.2f')} | {_num(r['fid_to_cfg_unguided'], '.2f')} | "
+            f"{r['rmse_to_cfg_agd']:.3f} | {r['images_per_second_cfg']:.0f} | {r['images_per_second_agd']:.0f} | "
+            f"{r['speed_ratio_agd_over_cfg']:.2f}x |")
+    lines.append("")
+
+    bullets = []
+    if has_classifier:
+        lines.append(f"The unguided model reaches a class accuracy of {rows[0]['accuracy_unguided']:.3f}; CFG "
+                     f"reaches {_span([r['accuracy_cfg'] for r in inside], '.3f')} in the training range. "
+                     "Across the in-range w, AGD:")
+        worst = max(inside, key=lambda r: r["accuracy_cfg"] - r["accuracy_agd"])
+        drop = 100 * (worst["accuracy_cfg"] - worst["accuracy_agd"])
+        if drop > 0:
+            bullets.append(f"matches CFG's accuracy to within {drop:.1f} point{'s' if drop >= 1.05 else ''} "
+                           f"(the worst case is w = {_w(worst['w'])}: {worst['accuracy_agd']:.3f} against "
+                           f"{worst['accuracy_cfg']:.3f});")
+        else:
+            bullets.append("is at least as accurate as CFG at every in-range w;")
+        ratios = [r["fid_agd"] / r["fid_cfg"] for r in inside]
+        lower = sum(ratio < 1 for ratio in ratios)
+        where = ("lower than CFG's at every in-range w" if lower == len(inside) else
+                 f"lower than CFG's at {lower} of {len(inside)} in-range w")
+        bullets.append(f"has an FID against real data at most {max(ratios):.2f} times CFG's ({where});")
+        worst = max(inside, key=lambda r: r["fid_to_cfg_agd"] / r["fid_to_cfg_unguided"])
+        bullets.append("is much closer to CFG than the unguided model is: FID(AGD, CFG) is at most "
+                       f"{summary['max_fidelity_ratio']:.3f} of FID(unguided, CFG) (w = {_w(worst['w'])}: "
+                       f"{worst['fid_to_cfg_agd']:.2f} against {worst['fid_to_cfg_unguided']:.2f});")
+    else:
+        lines.append("Across the in-range w, AGD:")
+    nfe_cfg, nfe_agd = inside[0]["nfe_per_image_cfg"], inside[0]["nfe_per_image_agd"]
+    bullets.append(f"samples {_span([r['speed_ratio_agd_over_cfg'] for r in inside], '.2f', 'x')} as many "
+                   f"images per second as CFG ({summary['speed_ratio_agd_over_cfg']:.2f}x over all in-range w "
+                   f"together), at 1 network evaluation per step ({nfe_agd} per image) against CFG's 2 ({nfe_cfg} per "
+                   "image).")
+    lines += ["", *(f"- {b}" for b in bullets), ""]
+    if outside and has_classifier:
+        inside_max = max(r["fid_to_cfg_agd"] for r in inside)
+        parts = [f"at w = {_w(r['w'])}, FID(AGD, CFG) is {r['fid_to_cfg_agd']:.2f} (at most {inside_max:.2f} "
+                 f"inside the range) and AGD's accuracy {r['accuracy_agd']:.3f} against CFG's "
+                 f"{r['accuracy_cfg']:.3f}" for r in outside]
+        lines += [f"Outside the training range: {'; '.join(parts)}.", ""]
+    if "targets_met" in summary:
+        lines += [f"`summary_in_training_range.targets_met`: `{str(summary['targets_met']).lower()}`.", ""]
+    if has_classifier:
+        shown = _w(min(inside, key=lambda r: abs(r["w"] - 4.0))["w"])  # w = 4 when evaluated
+        grid = link(f"grids/w{shown}.png")  # evaluate names each grid after its w
+        lines += [f"Same seeds, w = {shown}: unguided | CFG | AGD", "",
+                  f"![unguided, CFG and AGD samples at w = {shown}]({grid})", "",
+                  f"![FID and accuracy against w]({link('curves.png')})"]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str, readme: str) -> str:
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ReportError(f"{readme} needs exactly one {START} followed by one {END}")
+    return text[:text.index(START)] + block + text[text.index(END) + len(END):]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--metrics", default=None,
+                        help="metrics.json of the evaluate stage (default: evaluate.out_dir of params.yaml, "
+                        "data/eval/metrics.json)")
+    parser.add_argument("--readme", default="README.md", help="file holding the results markers")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 when the block differs from the render of the metrics")
+    args = parser.parse_args(argv)
+    metrics_path = Path(args.metrics) if args.metrics else default_metrics()
+    readme = Path(args.readme)
+    try:
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except OSError as err:
+            raise ReportError(f"cannot read {metrics_path} ({err.strerror}): run `dvc repro` or "
+                              "`python -m stages.evaluate` first") from None
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{metrics_path} is not valid JSON ({err})") from None
+        try:
+            text = readme.read_text()
+        except OSError as err:
+            raise ReportError(f"cannot read {readme} ({err.strerror})") from None
+        link_root = readme.resolve().parent
+        block = render(metrics, os.path.relpath(metrics_path.resolve(), link_root), link_root)
+        updated = replace_block(text, block, str(readme))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        if updated != text:
+            print(f"{readme} is out of date with {metrics_path}: run `python -m stages.report`", file=sys.stderr)
+            return 1
+        print(f"{readme} matches {metrics_path}")
+        return 0
+    if updated == text:
+        print(f"{readme} already matches {metrics_path}")
+    else:
+        readme.write_text(updated)
+        print(f"{readme}: results block rewritten from {metrics_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
