@@ -204,7 +204,8 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
         raise AgdError(f"{out}: cannot write the adapters ({os_reason(err)})"
                        + (f"; the checkpoint in {checkpoint} is intact: fix this and run the same command to "
                           "finish" if checkpoint.exists() else "")) from None
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    for leftover in (checkpoint, checkpoint.with_name(checkpoint.name + ".tmp")):
+        shutil.rmtree(leftover, ignore_errors=True)
     log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
         f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
     return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
@@ -283,6 +284,14 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
     one of other settings, of another store or of an older release starts over (with
     restart_on_mismatch) or is refused."""
     state_file = folder / "state.json"
+    tmp = folder.with_name(folder.name + ".tmp")
+    if not folder.exists() and (tmp / "state.json").exists():
+        # killed between removing the previous checkpoint and renaming the new, complete one
+        # (state.json is written last) into place
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            tmp.replace(folder)
+        accelerator.wait_for_everyone()
     if not folder.exists():
         return 0
     reason = None

@@ -111,7 +111,7 @@ def test_a_non_empty_folder_without_a_store_is_refused(tiny_base_dir, tmp_path):
     (root / "data.csv").write_text("x\n")
     with pytest.raises(StoreError, match="holds no trajectory store"):
         generate(generate_config(tiny_base_dir, root, restart_on_mismatch=True), **QUIET)
-    assert listing(root) == ["data.csv"]
+    assert sorted(p.name for p in root.iterdir()) == ["data.csv"]  # not even a lock file left behind
 
 
 def test_our_store_has_no_foreign_entries(tiny_store, tmp_path):
@@ -265,6 +265,19 @@ def test_a_crafted_pickle_in_a_checkpoint_folder_is_never_executed(tiny_store, t
     assert not marker.exists(), "a pickle from the output folder was executed"
 
 
+def test_a_run_killed_while_swapping_checkpoints_resumes_from_the_new_one(tiny_store, tmp_path, monkeypatch):
+    out = tmp_path / "adapters"
+    interrupted_training(tiny_store, out, monkeypatch)
+    checkpoint = out / training.CHECKPOINT
+    checkpoint.rename(checkpoint.with_name("checkpoint.tmp"))  # the old one removed, the new one not yet renamed
+    messages = []
+    training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), progress=False, log=messages.append)
+    assert any(f"resuming from {checkpoint} at step 2" in m for m in messages), messages
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == \
+        ["adapter_config.json", "adapters.safetensors", "loss.csv"]
+    assert not checkpoint.exists() and not checkpoint.with_name("checkpoint.tmp").exists()
+
+
 def test_a_damaged_checkpoint_is_a_one_line_error(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "adapters"
     interrupted_training(tiny_store, out, monkeypatch)
@@ -276,8 +289,6 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tiny_store, tmp_path, monkeypa
 def test_a_full_disk_at_the_checkpoint_stops_with_a_message(tiny_store, tmp_path, monkeypatch):
     import errno
 
-    from safetensors import torch as safetensors_torch
-
     out = tmp_path / "adapters"
 
     def full_disk(*args, **kwargs):
@@ -287,7 +298,6 @@ def test_a_full_disk_at_the_checkpoint_stops_with_a_message(tiny_store, tmp_path
     with pytest.raises(AgdError, match="cannot write the training checkpoint at step 2 .the disk is full"):
         training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), **QUIET)
     assert not (out / "checkpoint.tmp").exists()
-    del safetensors_torch
 
 
 # ---------------------------------------------------------------------------------- convert
