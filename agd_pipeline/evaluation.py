@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .models import load_base_model
 from .sampling import ImageSampler, check_num_steps, trajectory_seed
 from . import toy
+from .results import results_table
 
 METHODS = ("unguided", "cfg", "agd")
 
@@ -242,22 +243,7 @@ def _fmt(value) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(v, spec):
-        return "-" if v is None else format(v, spec)
-
-    lines = ["| w | FID unguided | FID CFG | FID AGD | acc CFG | acc AGD | FID AGD-CFG | FID unguided-CFG "
-             "| RMSE AGD-CFG | img/s CFG | img/s AGD | speed AGD/CFG |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mark = "" if r["in_training_range"] else " *"
-        lines.append(
-            f"| {r['w']:g}{mark} | {cell(r['fid_unguided'], '.2f')} | {cell(r['fid_cfg'], '.2f')} | "
-            f"{cell(r['fid_agd'], '.2f')} | {cell(r['accuracy_cfg'], '.3f')} | {cell(r['accuracy_agd'], '.3f')} | "
-            f"{cell(r['fid_to_cfg_agd'], '.2f')} | {cell(r['fid_to_cfg_unguided'], '.2f')} | "
-            f"{r['rmse_to_cfg_agd']:.3f} | {r['images_per_second_cfg']:.0f} | {r['images_per_second_agd']:.0f} | "
-            f"{r['speed_ratio_agd_over_cfg']:.2f}x |")
-    lines.append("(* outside the training range of w)")
-    return "\n".join(lines)
+    return results_table(rows) + "\n(* outside the training range of w)"
 
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from agd_pipeline.results import results_table
+
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
 NOTICE = "<!-- written by `python -m stages.report` from {metrics}; edit the renderer, not this block -->"
@@ -34,10 +36,6 @@ def default_metrics(params: str | os.PathLike = "params.yaml") -> Path:
     except (OSError, yaml.YAMLError, AttributeError):
         pass
     return Path(out_dir) / "metrics.json"
-
-
-def _num(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _w(value: float) -> str:
@@ -72,17 +70,7 @@ def render(metrics: dict, metrics_path: str, link_root: Path) -> str:
     lines = [START, NOTICE.format(metrics=f"`{Path(metrics_path).as_posix()}`"), "",
              f"From `{Path(metrics_path).as_posix()}`: {samples} samples per w, {steps} sampling steps; "
              f"`*` marks a w outside the training range U[{_w(low)}, {_w(high)}].", "",
-             "| w | FID unguided | FID CFG | FID AGD | acc CFG | acc AGD | FID AGD-CFG | FID unguided-CFG "
-             "| RMSE AGD-CFG | img/s CFG | img/s AGD | speed AGD/CFG |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mark = "" if r["in_training_range"] else " *"
-        lines.append(
-            f"| {_w(r['w'])}{mark} | {_num(r['fid_unguided'], '.2f')} | {_num(r['fid_cfg'], '.2f')} | "
-            f"{_num(r['fid_agd'], '.2f')} | {_num(r['accuracy_cfg'], '.3f')} | {_num(r['accuracy_agd'], '.3f')} | "
-            f"{_num(r['fid_to_cfg_agd'], '.2f')} | {_num(r['fid_to_cfg_unguided'], '.2f')} | "
-            f"{r['rmse_to_cfg_agd']:.3f} | {r['images_per_second_cfg']:.0f} | {r['images_per_second_agd']:.0f} | "
-            f"{r['speed_ratio_agd_over_cfg']:.2f}x |")
+             results_table(rows)]
     lines.append("")
 
     bullets = []
