@@ -545,7 +545,7 @@ def zarr_entry(final: Path, header: dict, index: int) -> dict | None:
     if not final.is_dir():
         return None
     try:
-        attrs = dict(zarr.open_group(str(final), mode="r", use_consolidated=True).attrs)
+        attrs = dict(zarr.open_group(str(final), mode="r", zarr_format=3, use_consolidated=True).attrs)
     except Exception:  # noqa: BLE001 - unreadable: not complete
         return None
     start = index * header["shard_size"]
@@ -569,7 +569,7 @@ def shard_header(path: Path) -> dict | None:
         except (OSError, ValueError, AttributeError):
             return None
     try:
-        return dict(zarr.open_group(str(path), mode="r", use_consolidated=True).attrs).get("store_header")
+        return dict(zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=True).attrs).get("store_header")
     except Exception:  # noqa: BLE001 - unreadable metadata
         return None
 
@@ -845,7 +845,8 @@ class TrajectoryStore:
 
             entry = next(e for e in self.shards if e["name"] == name)
             return TarShard(self.root / name, array_specs(self.manifest, entry["trajectories"]))
-        return zarr.open_group(str(self.root / name), mode="r", use_consolidated=True)
+        # Zarr v3 only: a v2 array could carry numcodecs' pickle filter, which would unpickle on read
+        return zarr.open_group(str(self.root / name), mode="r", zarr_format=3, use_consolidated=True)
 
     def bytes_on_disk(self) -> int:
         return sum(_bytes(self.root / s["name"]) for s in self.shards
