@@ -18,8 +18,8 @@ from .errors import ConfigError, StoreError
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import Step, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
 from .locks import FolderLock
-from .store import (MANIFEST, StoreWriter, TrajectoryStore, foreign_entries, recover_manifest, resolve_compressor,
-                    shard_name)
+from .store import (MANIFEST, StoreWriter, TrajectoryStore, recover_manifest, refuse_foreign_folder,
+                    resolve_compressor, shard_name)
 
 
 def trajectory_plan(run_seed: int, indices, conditions, w_min: float, w_max: float,
@@ -220,26 +220,21 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
     check_num_steps(base, config.num_steps, "generate.num_steps")
     conditions = resolve_conditions(config, base, progress and rank == 0)
     header = store_header(config, base, conditions)
-    root = Path(config.out_dir)
-    if rank == 0 and root.is_dir() and not (root / MANIFEST).exists() and foreign_entries(root):
-        # someone else's folder: refused before a lock file is left in it
-        raise StoreError(f"{root} exists, is not empty ({', '.join(foreign_entries(root)[:5])}) and holds no "
-                         "trajectory store: refusing to write a store into it; choose another out_dir")
     with contextlib.ExitStack() as held:
+        def open_first() -> StoreWriter:
+            """Rank 0: refuse someone else's folder (before a lock file is left in it), take the
+            folder's lock, then create, check, recover or restart the store."""
+            refuse_foreign_folder(config.out_dir)
+            held.enter_context(FolderLock(config.out_dir, "stages.generate"))
+            return StoreWriter(config.out_dir, header, 0, world, config.restart_on_mismatch, log=log)
+
         if world > 1:
-            # Rank 0 takes the folder's lock and creates, checks, recovers or restarts the store; the
-            # others open it once that is done (or all stop with rank 0's error).
+            # the others open the store once rank 0 is done (or all stop with rank 0's error)
             opened = {}
-
-            def open_first() -> None:
-                held.enter_context(FolderLock(config.out_dir, "stages.generate"))
-                opened["writer"] = StoreWriter(config.out_dir, header, 0, world, config.restart_on_mismatch, log=log)
-
-            _collective(open_first)
+            _collective(lambda: opened.update(writer=open_first()))
             writer = opened.get("writer") or StoreWriter(config.out_dir, header, rank, world, log=log)
         else:
-            held.enter_context(FolderLock(config.out_dir, "stages.generate"))
-            writer = StoreWriter(config.out_dir, header, restart_on_mismatch=config.restart_on_mismatch, log=log)
+            writer = open_first()
         return _generate(config, writer, base, conditions, rank, world, progress, log)
 
 

@@ -412,6 +412,17 @@ def foreign_entries(root: Path) -> list[str]:
     return foreign
 
 
+def refuse_foreign_folder(root: Path) -> None:
+    """A folder that holds files but no store is someone else's: refused before anything (not
+    even a lock file) is written into it."""
+    root = Path(root)
+    if root.is_dir() and not (root / MANIFEST).exists():
+        foreign = foreign_entries(root)
+        if foreign:
+            raise StoreError(f"{root} exists, is not empty ({', '.join(foreign[:5])}) and holds no trajectory "
+                             "store: refusing to write a store into it; choose another out_dir")
+
+
 def _zarr_shard_is_ours(folder: Path) -> bool:
     for entry in folder.iterdir():
         if entry.name == "zarr.json" and entry.is_file():
@@ -622,10 +633,8 @@ class StoreWriter:
                     "Resuming would mix two runs: choose another out_dir, delete this one to start over, or "
                     "pass --restart-on-mismatch true to let this run replace it.")
             remove_store(self.root, f"holds a store written with other settings ({details})", self.log)
-        elif self.root.exists() and foreign_entries(self.root):
-            foreign = foreign_entries(self.root)
-            raise StoreError(f"{self.root} exists, is not empty ({', '.join(foreign[:5])}) and holds no trajectory "
-                             f"store: refusing to write a store into it; choose another out_dir")
+        else:
+            refuse_foreign_folder(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = new_manifest(self.header)
         if self.format == "zarr":  # the store root opens as a Zarr group whose children are the shards
@@ -996,6 +1005,7 @@ def convert_store(source: str | os.PathLike, target: str | os.PathLike, fmt: str
     source, target = Path(source), Path(target)
     if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
         raise StoreError(f"the target {target} must not be the source {source} or lie inside it")
+    refuse_foreign_folder(target)
     with FolderLock(source, "convert (reading)", shared=True, create=False), FolderLock(target, "convert"):
         src = TrajectoryStore(source)
         src.check(full=False)

@@ -377,6 +377,15 @@ def test_convert_publishes_a_shard_only_when_it_matches_the_source(tiny_store, t
     assert TrajectoryStore(target).problems(full=True) == []
 
 
+def test_convert_refuses_a_foreign_target_folder_untouched(tiny_store, tmp_path):
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(StoreError, match="holds no trajectory store"):
+        convert_store(tiny_store, target, "webdataset", progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in target.iterdir()) == ["cat.jpg"]
+
+
 def test_convert_refuses_its_own_source_as_target(tiny_store):
     with pytest.raises(StoreError, match="must not be the source"):
         convert_store(tiny_store, tiny_store / "inner", "webdataset", progress=False, log=lambda *a: None)
