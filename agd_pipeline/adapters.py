@@ -5,7 +5,7 @@ to the forward hooks for that one call only, and clears it afterwards; nothing i
 modules between calls. Every adapter's output layer starts at zero, so a fresh AdaptedModel is
 exactly the base model, and the base's own call (no condition active) is never altered.
 
-Families (all add a residual to the output of the wrapped layer, computed from its input tokens):
+Kinds (all add a residual to the output of the wrapped layer, computed from its input tokens):
   * ``offset``: an MLP of the condition embedding; one vector added to every token (the paper's).
   * ``cross_attention``: the wrapped layer's input tokens attend to condition tokens (w, t, class or
     prompt; with ``text_tokens`` every prompt token is one more condition token).
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import families
 from .errors import ModelError
 from .models import BaseModel, count_parameters, load_base_model
 
@@ -208,14 +209,9 @@ ADAPTER_KINDS = {"offset": OffsetAdapter, "cross_attention": CrossAttentionAdapt
 # ------------------------------------------------------------------------------- placement
 
 
-# Where adapters may attach, per family; the first is the default ("auto").
-PLACEMENTS = {
-    "dit": ("attention+output", "attention", "block", "block+output"),
-    "sd": ("cross_attention", "block"),
-    "sdxl": ("cross_attention", "block"),
-    "sd3": ("attention", "attention+output"),
-}
-ALL_PLACEMENTS = ("auto", "attention", "attention+output", "block", "block+output", "cross_attention")
+# Where adapters may attach, per family (its module in agd_pipeline.families); the first is "auto"'s.
+PLACEMENTS = {family.name: family.placements for family in families.FAMILIES}
+ALL_PLACEMENTS = ("auto", *sorted({p for allowed in PLACEMENTS.values() for p in allowed}))
 
 
 def resolve_placement(family: str, placement: str) -> str:
@@ -228,51 +224,19 @@ def resolve_placement(family: str, placement: str) -> str:
     return placement
 
 
-def _widths(module: nn.Module) -> tuple[int, int]:
-    """Input and output token widths of an attention layer."""
-    return module.to_q.in_features, module.to_out[0].out_features
-
-
 def adapter_targets(base: BaseModel, placement: str) -> list[tuple[str, nn.Module, int, int]]:
     """(name, module, input width, output width) of every layer an adapter wraps.
 
-    DiT: ``attention`` wraps every block's self-attention (the residual then passes DiT's frozen
-    adaLN gate, which scales it per timestep and class); ``block`` wraps whole blocks; ``+output``
-    also wraps the final token projection, whose own adaLN modulation differs between the
-    conditional and unconditional branches.
-    UNets (SD 1.x/2.x, SDXL): ``cross_attention`` wraps the text cross-attention (attn2) of every
-    transformer block in the down, mid and up blocks, all of them; ``block`` wraps those blocks.
-    SD3: ``attention`` wraps every joint block's attention (its image-token output);
-    ``+output`` also wraps the final token projection.
+    Which layers each placement wraps, and why, is the family's (``adapter_targets`` in its module
+    of agd_pipeline.families); ``+output`` placements also wrap its final token projection.
     """
     placement = resolve_placement(base.family, placement)
     net = base.net
-    if base.family == "dit":
-        blocks = net.transformer_blocks
-        dim = _widths(blocks[0].attn1)[0]
-        if placement.startswith("attention"):
-            targets = [(f"transformer_blocks.{i}.attn1", b.attn1, dim, dim) for i, b in enumerate(blocks)]
-        else:
-            targets = [(f"transformer_blocks.{i}", b, dim, dim) for i, b in enumerate(blocks)]
-        output = net.proj_out_2
-    elif base.family in ("sd", "sdxl"):
-        from diffusers.models.attention import BasicTransformerBlock
-
-        blocks = [(n, m) for n, m in net.named_modules() if isinstance(m, BasicTransformerBlock)]
-        if placement == "cross_attention":
-            targets = [(f"{n}.attn2", m.attn2, *_widths(m.attn2)) for n, m in blocks if m.attn2 is not None]
-        else:
-            targets = [(n, m, m.norm1.normalized_shape[0], m.norm1.normalized_shape[0]) for n, m in blocks]
-        output = None
-    elif base.family == "sd3":
-        targets = [(f"transformer_blocks.{i}.attn", b.attn, *_widths(b.attn))
-                   for i, b in enumerate(net.transformer_blocks)]
-        output = net.proj_out
-    else:
-        raise ModelError(f"no adapter placements for the {base.family!r} family")
+    targets = base.spec.adapter_targets(net, placement)
     if not targets:
         raise ModelError(f"{base.model_id!r}: placement {placement!r} found no layers to wrap")
     if placement.endswith("+output"):
+        output = base.spec.output_layer(net)
         targets.append((_module_name(net, output), output, output.in_features, output.out_features))
     return targets
 

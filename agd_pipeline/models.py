@@ -14,6 +14,9 @@ A *condition* is a dict of batched tensors, exactly what the denoiser needs besi
 
 Text conditions come from the pipeline's own ``encode_prompt`` (:func:`encode_prompts`), once per
 prompt; the store keeps them, so stage two never loads a text encoder.
+
+Everything that differs between families lives in :mod:`agd_pipeline.families` (one module each);
+``BaseModel.spec`` is its family there.
 """
 
 from __future__ import annotations
@@ -27,26 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelError
-
-# Pipeline class -> family. The family decides how conditions are fed and which half comes first.
-PIPELINE_FAMILIES = {
-    "DiTPipeline": "dit",
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-}
-# Denoiser class -> family, for folders without model_index.json (UNets: see _unet_family).
-DENOISER_FAMILIES = {
-    "DiTTransformer2DModel": "dit",
-    "Transformer2DModel": "dit",  # the hub's DiT-XL/2 checkpoints name their transformer this way
-    "SD3Transformer2DModel": "sd3",
-    "UNet2DConditionModel": "sd",
-}
-DENOISER_FOLDER = {"dit": "transformer", "sd": "unet", "sdxl": "unet", "sd3": "transformer"}
-TEXT_FAMILIES = ("sd", "sdxl", "sd3")
-SUPPORTED = ("class-conditional DiT (DiTPipeline), Stable Diffusion 1.x/2.x (StableDiffusionPipeline), "
-             "SDXL (StableDiffusionXLPipeline), SD3 (StableDiffusion3Pipeline)")
+from . import families
+from .errors import ConfigError, ModelError
+from .families import Family
 
 
 @dataclass(eq=False)
@@ -63,11 +49,16 @@ class BaseModel:
     vae: nn.Module | None = None
     info: dict = field(default_factory=dict)
 
+    @property
+    def spec(self) -> Family:
+        """The family: everything family-specific (conditions, denoiser call, adapter targets)."""
+        return families.get(self.family)
+
     # -- conditions -------------------------------------------------------------------------
     @property
     def conditioning(self) -> str:
         """"class" (a class id per sample) or "text" (prompt embeddings per sample)."""
-        return "text" if self.family in TEXT_FAMILIES else "class"
+        return self.spec.conditioning
 
     @property
     def null_class(self) -> int:
@@ -77,10 +68,16 @@ class BaseModel:
     @property
     def cond_first(self) -> bool:
         """DiT batches [cond, null]; the SD family batches [uncond, cond]."""
-        return self.family == "dit"
+        return self.spec.cond_first
 
     def class_condition(self, class_labels: torch.Tensor) -> dict:
         return {"class_label": class_labels}
+
+    def check_classes(self, classes, key: str) -> None:
+        """Refuse class ids the model does not have, naming the setting ``key``."""
+        bad = [c for c in classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise ConfigError(f"{key}: {bad[:5]} are not classes of the base model (0..{self.num_classes - 1})")
 
     def as_condition(self, cond) -> dict:
         """A condition dict; class-conditional models also take a tensor of class ids."""
@@ -92,9 +89,7 @@ class BaseModel:
 
     @property
     def condition_names(self) -> tuple[str, ...]:
-        return {"dit": ("class_label",), "sd": ("prompt_embeds",),
-                "sdxl": ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids"),
-                "sd3": ("prompt_embeds", "pooled_prompt_embeds")}[self.family]
+        return self.spec.condition_names
 
     def null_condition(self, cond: dict) -> dict:
         """The unconditional branch's condition. Text models have none of their own: their
@@ -132,7 +127,7 @@ class BaseModel:
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
-    def to(self, device) -> "BaseModel":
+    def to(self, device) -> BaseModel:
         self.net.to(device)
         if self.vae is not None:
             self.vae.to(device)
@@ -151,17 +146,7 @@ class BaseModel:
         t = _batch_timesteps(t, x)
         x = x.to(self.dtype)
         c = self._inputs(self.as_condition(cond))
-        if self.family == "dit":
-            return self.net(x, timestep=t, class_labels=c["class_label"]).sample
-        if self.family in ("sd", "sdxl"):
-            added = None
-            if self.family == "sdxl":
-                added = {"text_embeds": c["pooled_prompt_embeds"], "time_ids": c["add_time_ids"]}
-            return self.net(x, t, encoder_hidden_states=c["prompt_embeds"], added_cond_kwargs=added).sample
-        if self.family == "sd3":
-            return self.net(hidden_states=x, timestep=t, encoder_hidden_states=c["prompt_embeds"],
-                            pooled_projections=c["pooled_prompt_embeds"]).sample
-        raise ModelError(f"unknown family {self.family!r}")
+        return self.spec.predict(self.net, x, t, c)
 
     def prediction_channels(self, output: torch.Tensor) -> torch.Tensor:
         """The channels the sampler steps with (learned-sigma models also output a variance)."""
@@ -323,6 +308,24 @@ def _diffusers_class(class_name: str, what: str, name: str):
     return cls
 
 
+def _detect_family(name: str, index: dict | None) -> tuple[Family, str]:
+    """The family (from the registry) and the denoiser class of a folder, before anything loads."""
+    denoisers = {c: _component_class(name, index, c) for c in families.DENOISER_FOLDERS}
+    pipeline_class = (index or {}).get("_class_name")
+    family = families.detect(pipeline_class, denoisers.values())
+    if family is None:
+        found = pipeline_class or next((c for c in denoisers.values() if c), None)
+        folders = " or ".join(f"{c}/" for c in denoisers)
+        raise ModelError(
+            f"base model {name!r}: unsupported model ({found or f'no model_index.json and no {folders} folder'}). "
+            f"Supported families: {families.supported()}."
+        )
+    if not denoisers[family.denoiser_folder]:
+        raise ModelError(f"base model {name!r}: a {pipeline_class or family.name} model needs a "
+                         f"{family.denoiser_folder}/ component, found none; is the folder complete?")
+    return family, denoisers[family.denoiser_folder]
+
+
 def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     scheduler: str = "", with_vae: bool = True) -> BaseModel:
     """Load a base model by local folder or hub id.
@@ -331,6 +334,7 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
     ``with_vae=False`` skips the decoder (stage two never decodes). Text encoders are never loaded
     here: :func:`encode_prompts` loads them when prompts need encoding.
     """
+    # -- where it is, and which family (from model_index.json or the denoiser's class) ----------
     if not name:
         raise ModelError("no base model given: set generate.base_model to a diffusers folder or hub id")
     path = Path(name)
@@ -343,64 +347,57 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
             "'facebook/DiT-XL-2-256'."
         )
     index = _read_model_index(name)
-    denoisers = {c: _component_class(name, index, c) for c in ("transformer", "unet")}
-    pipeline_class = (index or {}).get("_class_name")
-    family = PIPELINE_FAMILIES.get(pipeline_class)
-    if family is None:
-        family = next((DENOISER_FAMILIES[c] for c in denoisers.values() if c in DENOISER_FAMILIES), None)
-    if family is None:
-        found = pipeline_class or denoisers["transformer"] or denoisers["unet"]
-        raise ModelError(
-            f"base model {name!r}: unsupported model ({found or 'no model_index.json and no transformer/ or unet/ folder'}). "
-            f"Supported families: {SUPPORTED}."
-        )
-    denoiser = DENOISER_FOLDER[family]
-    if not denoisers[denoiser]:
-        raise ModelError(f"base model {name!r}: a {pipeline_class or family} model needs a {denoiser}/ "
-                         "component, found none; is the folder complete?")
-    net_class = _diffusers_class(denoisers[denoiser], "denoiser", name)
+    family, net_class_name = _detect_family(name, index)
+
+    # -- the denoiser, frozen and in eval() (DiT's label embedding drops labels in train mode) ----
+    denoiser = family.denoiser_folder
+    net_class = _diffusers_class(net_class_name, "denoiser", name)
     try:
         net = net_class.from_pretrained(name, subfolder=denoiser, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelError(f"base model {name!r}: cannot load its {denoiser}: {err}") from None
+    net.requires_grad_(False).eval()
+    config = net.config
+    family = families.refine(family, config)  # e.g. a bare SDXL UNet folder without model_index.json
+
+    # -- scheduler and (optionally) the VAE ---------------------------------------------------------
     sched_class_name = scheduler or _component_class(name, index, "scheduler")
     if not sched_class_name:
         raise ModelError(f"base model {name!r}: has no scheduler/ folder")
-    sched_class = _diffusers_class(sched_class_name, "scheduler", name)
-    scheduler_obj = sched_class.from_pretrained(name, subfolder="scheduler")
-    vae = None
-    vae_class_name = _component_class(name, index, "vae")
-    vae_scale_factor = 1
-    if vae_class_name:
-        vae_class = _diffusers_class(vae_class_name, "vae", name)
-        vae_scale_factor = 2 ** (len(vae_class.load_config(name, subfolder="vae")["block_out_channels"]) - 1)
-        if with_vae:
-            vae = vae_class.from_pretrained(name, subfolder="vae", dtype=dtype)
-            vae.requires_grad_(False).eval()
+    scheduler_obj = _diffusers_class(sched_class_name, "scheduler", name).from_pretrained(name, subfolder="scheduler")
+    vae, vae_scale_factor = _load_vae(name, index, dtype, with_vae)
 
-    # The base is frozen and always in eval(): DiT's label embedding drops labels in train mode.
-    net.requires_grad_(False).eval()
-    config = net.config
-    if family == "sd" and config.get("addition_embed_type") == "text_time":
-        family = "sdxl"  # a bare SDXL UNet folder without model_index.json
     sample_size = config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-    extra = {}
     agd_meta = path / "agd_base.json"
-    if agd_meta.exists():
-        extra = json.loads(agd_meta.read_text())
+    extra = json.loads(agd_meta.read_text()) if agd_meta.exists() else {}
     model = BaseModel(
         net=net,
         scheduler=scheduler_obj,
-        family=family,
+        family=family.name,
         model_id=str(name),
-        num_classes=int(config.get("num_embeds_ada_norm") or 0) if family == "dit" else 0,
+        num_classes=family.num_classes(config),
         latent_channels=int(config.in_channels),
         sample_size=int(sample_size),
         vae=vae,
         info={"meta": extra, "vae_scale_factor": vae_scale_factor},
     )
     return model.to(device)
+
+
+def _load_vae(name: str, index: dict | None, dtype: torch.dtype, with_vae: bool):
+    """(the VAE or None, pixels per latent cell). The scale factor is read from the VAE's config
+    even when the VAE itself is skipped; a pixel-space model has neither (factor 1)."""
+    vae_class_name = _component_class(name, index, "vae")
+    if not vae_class_name:
+        return None, 1
+    vae_class = _diffusers_class(vae_class_name, "vae", name)
+    vae_scale_factor = 2 ** (len(vae_class.load_config(name, subfolder="vae")["block_out_channels"]) - 1)
+    if not with_vae:
+        return None, vae_scale_factor
+    vae = vae_class.from_pretrained(name, subfolder="vae", dtype=dtype)
+    vae.requires_grad_(False).eval()
+    return vae, vae_scale_factor
 
 
 # --------------------------------------------------------------------------------- text prompts
@@ -435,7 +432,7 @@ def encode_prompts(base: BaseModel, prompts: list[str], negative_prompt: str = "
     from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
-    denoiser = DENOISER_FOLDER[base.family]
+    denoiser = base.spec.denoiser_folder
     # Components the folder records as absent (SD3 without its T5 encoder) must be passed as None;
     # the denoiser we already hold is handed over, and the VAE skipped: only text encoders load.
     absent = {name: None for name, entry in (_read_model_index(base.model_id) or {}).items()
@@ -451,7 +448,7 @@ def encode_prompts(base: BaseModel, prompts: list[str], negative_prompt: str = "
     uncond = None
     chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     for chunk in tqdm(chunks, desc="encode prompts", unit="batch", disable=not progress):
-        cond, neg = _encode_chunk(pipe, base, chunk, negative)
+        cond, neg = base.spec.encode_prompt(pipe, base, chunk, negative)
         for name, value in cond.items():
             cond_parts.setdefault(name, []).append(value.cpu())
         if uncond is None:
@@ -459,26 +456,3 @@ def encode_prompts(base: BaseModel, prompts: list[str], negative_prompt: str = "
     del pipe
     return {name: torch.cat(parts) for name, parts in cond_parts.items()}, uncond
 
-
-def _encode_chunk(pipe, base: BaseModel, prompts: list[str], negative: str | None) -> tuple[dict, dict]:
-    device = base.device
-    common = dict(device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
-    if base.family == "sd":
-        negatives = None if negative is None else [negative] * len(prompts)
-        embeds, negative_embeds = pipe.encode_prompt(prompts, negative_prompt=negatives, **common)
-        return {"prompt_embeds": embeds}, {"prompt_embeds": negative_embeds}
-    if base.family == "sdxl":
-        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompts, negative_prompt=negative, **common)
-        # original size, crop top-left, target size: the pipeline's defaults for its native resolution
-        side = base.sample_size * base.vae_scale_factor
-        time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).expand(len(prompts), 6)
-        return ({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "add_time_ids": time_ids},
-                {"prompt_embeds": negative_embeds, "pooled_prompt_embeds": negative_pooled,
-                 "add_time_ids": time_ids[:1]})
-    if base.family == "sd3":
-        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompts, None, None, negative_prompt=negative, **common)
-        return ({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
-                {"prompt_embeds": negative_embeds, "pooled_prompt_embeds": negative_pooled})
-    raise ModelError(f"no prompt encoder for family {base.family!r}")

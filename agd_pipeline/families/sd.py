@@ -1,0 +1,47 @@
+"""Stable Diffusion 1.x/2.x (StableDiffusionPipeline): a UNet conditioned on prompt token embeddings."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family, attention_widths, cfg_encode_kwargs
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    title = "Stable Diffusion 1.x/2.x"
+    pipelines = ("StableDiffusionPipeline",)
+    denoisers = ("UNet2DConditionModel",)
+    denoiser_folder = "unet"
+
+    conditioning = "text"
+    condition_names = ("prompt_embeds",)
+    cond_first = False  # the SD pipelines batch [uncond, cond]
+
+    def added_conditions(self, cond: dict) -> dict | None:
+        """The UNet's ``added_cond_kwargs``: none for SD 1.x/2.x."""
+        return None
+
+    def predict(self, net, x, t, cond):
+        return net(x, t, encoder_hidden_states=cond["prompt_embeds"],
+                   added_cond_kwargs=self.added_conditions(cond)).sample
+
+    def encode_prompt(self, pipe, base, prompts, negative):
+        negatives = None if negative is None else [negative] * len(prompts)
+        embeds, negative_embeds = pipe.encode_prompt(prompts, negative_prompt=negatives, **cfg_encode_kwargs(base))
+        return {"prompt_embeds": embeds}, {"prompt_embeds": negative_embeds}
+
+    # "cross_attention" wraps the text cross-attention (attn2) of every transformer block in the
+    # down, mid and up blocks, all of them; "block" wraps those blocks.
+    placements = ("cross_attention", "block")
+
+    def adapter_targets(self, net, placement):
+        from diffusers.models.attention import BasicTransformerBlock
+
+        blocks = [(n, m) for n, m in net.named_modules() if isinstance(m, BasicTransformerBlock)]
+        if placement == "cross_attention":
+            return [(f"{n}.attn2", m.attn2, *attention_widths(m.attn2)) for n, m in blocks if m.attn2 is not None]
+        return [(n, m, m.norm1.normalized_shape[0], m.norm1.normalized_shape[0]) for n, m in blocks]
+
+    def random_condition(self, base, batch, text_tokens=0, text_dim=0, pooled_dim=0):
+        return {"prompt_embeds": torch.randn(batch, text_tokens, text_dim)}
