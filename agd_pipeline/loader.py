@@ -1,12 +1,13 @@
 """The training loader: shuffled batches of (trajectory, step) samples from a store of either format.
 
-Reads are contiguous: a *unit* is a Zarr chunk row (a block of trajectories with all their steps)
-or a whole tar shard. Each epoch, the units are put in an order drawn from (seed, epoch); the
-epoch's samples, in that order, are split evenly between the ``world_size`` processes of a
-distributed run, so no sample is dropped or seen twice within an epoch. Each process reads only
-the units its share touches, ``buffer_units`` at a time (fewer if they would exceed 2 GiB),
-shuffles the samples of a buffer in memory, and cuts them into batches. Every process gets the same number of batches per epoch
-(sizes differ by at most one sample), so data-parallel training never waits on a missing batch.
+Reads are contiguous: a *unit* is what the store's format reads at once (``read_units``): a Zarr
+chunk row (a block of trajectories with all their steps) or a whole tar shard. Each epoch, the
+units are put in an order drawn from (seed, epoch); the epoch's samples, in that order, are split
+evenly between the ``world_size`` processes of a distributed run, so no sample is dropped or seen
+twice within an epoch. Each process reads only the units its share touches, ``buffer_units`` at a
+time (fewer if they would exceed 2 GiB), shuffles the samples of a buffer in memory, and cuts them
+into batches. Every process gets the same number of batches per epoch (sizes differ by at most one
+sample), so data-parallel training never waits on a missing batch.
 
 A buffer's units are read in a few threads and kept as separate arrays; each batch gathers its
 samples from them by (trajectory, step) index, so neither the buffer nor the per-trajectory arrays
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import StoreError
-from .store import REPAIR, TrajectoryStore, condition_arrays
+from .store import REPAIR, Manifest, TrajectoryStore
 
 PER_STEP = ("model_input", "guided_output", "timesteps")
 SMALL_ROW_BYTES = 4096  # per-trajectory arrays up to this size are read whole, once per shard
@@ -37,14 +38,14 @@ BUFFER_BYTES = 2 << 30  # model inputs and targets held in memory for shuffling,
 class UnitReader(Dataset):
     """Item g: the arrays of the g-th buffer of units, one row per trajectory (runs in workers)."""
 
-    def __init__(self, root, manifest: dict, buffers: list[list[tuple[str, int, int]]], names: tuple[str, ...]):
+    def __init__(self, root, manifest: Manifest, buffers: list[list[tuple[str, int, int]]], names: tuple[str, ...]):
         self.root, self.manifest, self.buffers, self.names = root, manifest, buffers, names
         self._store = None
-        self._zarr_groups = {}
+        self._open_shards = {}
         self._small = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_store": None, "_zarr_groups": {}, "_small": {}}
+        return {**self.__dict__, "_store": None, "_open_shards": {}, "_small": {}}
 
     def __len__(self) -> int:
         return len(self.buffers)
@@ -56,11 +57,13 @@ class UnitReader(Dataset):
         return self._store
 
     def _open(self, name: str):
-        if self.store.format == "webdataset":
-            return self._store.open_shard(name)  # read whole, not cached: a buffer at a time in memory
-        if name not in self._zarr_groups:
-            self._zarr_groups[name] = self._store.open_shard(name)
-        return self._zarr_groups[name]
+        # A Zarr group is kept for the shard's next chunk rows; a tar is read whole and not kept,
+        # so only a buffer's worth of shards is ever in memory.
+        if not self.store.shard_format.reuse_open_shards:
+            return self._store.open_shard(name)
+        if name not in self._open_shards:
+            self._open_shards[name] = self._store.open_shard(name)
+        return self._open_shards[name]
 
     def _read(self, shard, name: str, key: str, start: int, stop: int) -> np.ndarray:
         array = shard[key]
@@ -91,8 +94,8 @@ class UnitReader(Dataset):
                         f"lists every damaged array. {REPAIR}") from None
             return out
 
-        if self.store.format == "zarr":
-            for name, _, _ in units:  # open each Zarr shard once, before the threads share it
+        if self.store.shard_format.reuse_open_shards:
+            for name, _, _ in units:  # open each kept shard once, before the threads share it
                 self._open(name)
         # Units are read and decoded in a few threads (the codecs release the GIL).
         with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -105,10 +108,16 @@ def _as_is(item):
     return item
 
 
+def rank_shares(total: int, world_size: int) -> list[int]:
+    """How many of an epoch's ``total`` samples each rank gets: as even as possible, the first
+    ``total % world_size`` ranks one more."""
+    return [total // world_size + (1 if r < total % world_size else 0) for r in range(world_size)]
+
+
 def batch_sizes(total: int, batch_size: int, world_size: int) -> list[list[int]]:
     """Batch sizes of each rank for one epoch of ``total`` samples: the samples split as evenly as
     possible, and every rank given the same number of batches."""
-    shares = [total // world_size + (1 if r < total % world_size else 0) for r in range(world_size)]
+    shares = rank_shares(total, world_size)
     if min(shares) == 0:
         raise StoreError(f"the store holds {total} samples, fewer than the {world_size} processes")
     count = math.ceil(max(shares) / batch_size)
@@ -133,9 +142,9 @@ class StepBatches:
         # up to buffer_units units in memory at once, fewer where units are large (whole tar shards
         # of SDXL latents): the buffer's model inputs and targets stay within buffer_bytes
         largest = max((stop - start for _, start, stop in self.units), default=1)
-        unit_bytes = largest * self.steps * 2 * 2 * int(np.prod(store.manifest["latent_shape"]))
+        unit_bytes = largest * self.steps * 2 * 2 * int(np.prod(store.manifest.latent_shape))
         self.buffer_units = max(1, min(buffer_units, buffer_bytes // max(1, unit_bytes)))
-        self.per_trajectory = ("guidance_scale", "trajectory_index", *condition_arrays(store.manifest))
+        self.per_trajectory = ("guidance_scale", "trajectory_index", *store.manifest.condition_arrays)
         self.total = sum(stop - start for _, start, stop in self.units) * self.steps
         self.sizes = batch_sizes(self.total, batch_size, world_size)[rank]
 
@@ -145,8 +154,7 @@ class StepBatches:
     def _share(self, epoch: int) -> list[tuple[tuple[str, int, int], int, int]]:
         """This rank's part of the epoch: (unit, first sample, end sample) within each unit touched."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
-        shares = [self.total // self.world_size + (1 if r < self.total % self.world_size else 0)
-                  for r in range(self.world_size)]
+        shares = rank_shares(self.total, self.world_size)
         lo = sum(shares[:self.rank])
         hi = lo + shares[self.rank]
         parts, position = [], 0

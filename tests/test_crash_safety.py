@@ -16,9 +16,8 @@ import time
 import numpy as np
 import pytest
 
-import agd_pipeline.store as store_module
 from agd_pipeline.errors import StoreError
-from agd_pipeline.store import MANIFEST, TrajectoryStore
+from agd_pipeline.store import MANIFEST, TrajectoryStore, ZarrShardWriter
 
 from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli
 
@@ -125,7 +124,7 @@ def test_two_processes_write_the_same_store_as_one(tiny_base_dir, reference, tmp
 def test_disk_errors_stop_cleanly_and_keep_the_finished_shards(tiny_base_dir, reference, tmp_path, monkeypatch,
                                                                code, words):
     root = tmp_path / "store"
-    original = store_module.ShardWriter.write
+    original = ZarrShardWriter.write
     calls = []
 
     def failing_write(self, offset, arrays):
@@ -134,7 +133,7 @@ def test_disk_errors_stop_cleanly_and_keep_the_finished_shards(tiny_base_dir, re
             raise OSError(code, os.strerror(code))
         return original(self, offset, arrays)
 
-    monkeypatch.setattr(store_module.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(ZarrShardWriter, "write", failing_write)
     with pytest.raises(StoreError, match=f"shard-000003.zarr: cannot write \\({words}\\).*intact.*resume"):
         generate_store(tiny_base_dir, root, **SETTINGS)
     manifest = json.loads((root / MANIFEST).read_text())

@@ -114,6 +114,16 @@ def test_a_non_empty_folder_without_a_store_is_refused(tiny_base_dir, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["data.csv"]  # not even a lock file left behind
 
 
+def test_all_zero_chunks_are_written_so_a_fresh_store_checks_clean(tiny_base_dir, tmp_path):
+    """One class (label 0 everywhere): the all-zero class_label chunks must exist on disk, or the
+    cheap check would call a freshly written store damaged."""
+    root = tmp_path / "store"
+    generate_store(tiny_base_dir, root, classes=[0], trajectories_per_class=4, shard_size=4, chunk_trajectories=2)
+    chunks = sorted(p for p in (root / "shard-000000.zarr" / "class_label" / "c").rglob("*") if p.is_file())
+    assert len(chunks) == 2
+    assert TrajectoryStore(root).problems(full=False) == []
+
+
 def test_our_store_has_no_foreign_entries(tiny_store, tmp_path):
     assert foreign_entries(tiny_store) == []
     tar = tmp_path / "tar"
@@ -357,9 +367,9 @@ def test_convert_refuses_a_damaged_source_and_publishes_nothing_of_it(store_copy
 
 
 def test_convert_publishes_a_shard_only_when_it_matches_the_source(tiny_store, tmp_path, monkeypatch):
-    from agd_pipeline import tar_shards
+    from agd_pipeline.store import TarShardWriter
 
-    original = tar_shards.TarShardWriter.write
+    original = TarShardWriter.write
 
     def altering_write(self, offset, arrays):
         arrays = dict(arrays)
@@ -367,7 +377,7 @@ def test_convert_publishes_a_shard_only_when_it_matches_the_source(tiny_store, t
             arrays["guidance_scale"] = arrays["guidance_scale"] + 1  # what a failing copy would do
         return original(self, offset, arrays)
 
-    monkeypatch.setattr(tar_shards.TarShardWriter, "write", altering_write)
+    monkeypatch.setattr(TarShardWriter, "write", altering_write)
     target = tmp_path / "tar"
     with pytest.raises(StoreError, match="shard-000002.tar.partial: arrays .*guidance_scale.* differ from the source"):
         convert_store(tiny_store, target, "webdataset", progress=False, log=lambda *a: None)

@@ -112,6 +112,35 @@ def test_manifest_and_schema(tiny_store, shards):
     assert not list(Path(tiny_store).glob("*" + PARTIAL))
 
 
+def test_the_manifest_view_is_the_json_on_disk(tiny_store):
+    from agd_pipeline.store import Manifest, read_manifest
+
+    text = (tiny_store / MANIFEST).read_text()
+    raw = json.loads(text)
+    manifest = read_manifest(tiny_store)
+    assert isinstance(manifest, Manifest) and manifest == raw
+    assert json.dumps(manifest, indent=2) + "\n" == text  # written back, it is the same file
+    assert (manifest.format, manifest.compressor, manifest.num_trajectories, manifest.shard_size) == (
+        raw["format"], raw["compressor"], raw["num_trajectories"], raw["shard_size"])
+    assert manifest.num_steps == raw["sampler"]["num_steps"] == S
+    assert manifest.latent_shape == tuple(raw["latent_shape"])
+    assert (manifest.guidance_min, manifest.guidance_max) == (raw["guidance"]["min"], raw["guidance"]["max"])
+    assert manifest.base_model == raw["base_model"] and manifest.shards == raw["shards"]
+    assert manifest.condition_arrays == raw["condition_arrays"]
+    assert manifest.shard(SHARD_NAMES[1]) == raw["shards"][1] and manifest.shard("shard-000009.zarr") is None
+
+
+def test_every_registered_format_implements_the_protocol():
+    from agd_pipeline.store import FORMATS, SHARD_PATTERN, ShardFormat
+
+    required = ("begin_shard", "shard_entry", "shard_header", "open_shard", "read_units", "owns")
+    for name, fmt in FORMATS.items():
+        assert fmt.name == name and isinstance(fmt, ShardFormat)
+        assert SHARD_PATTERN.fullmatch(fmt.shard_name(7))
+        missing = [m for m in required if getattr(type(fmt), m) is getattr(ShardFormat, m)]
+        assert not missing, f"{name} does not implement {missing}"
+
+
 def test_trajectories_follow_the_plan(shards):
     plan = trajectory_plan(STORE_SETTINGS["seed"], range(N), list(range(NUM_CLASSES)),
                            STORE_SETTINGS["guidance_min"], STORE_SETTINGS["guidance_max"])
@@ -395,5 +424,5 @@ def test_classes_file_selects_the_classes(tiny_base_dir, tmp_path):
     with pytest.raises(ConfigError, match="bad.txt.*not a class id"):
         generate_store(tiny_base_dir, tmp_path / "other", classes_file=str(tmp_path / "bad.txt"))
     (tmp_path / "big.txt").write_text("3 12\n")
-    with pytest.raises(ConfigError, match=r"\[12\] are not classes of the model \(0..9\)"):
+    with pytest.raises(ConfigError, match=r"generate.classes: \[12\] are not classes of the base model \(0..9\)"):
         generate_store(tiny_base_dir, tmp_path / "other", classes_file=str(tmp_path / "big.txt"))

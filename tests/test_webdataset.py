@@ -76,8 +76,8 @@ def test_damaged_tar_shards_are_named(tar_store, tmp_path):
     tar = root / "shard-000001.tar"
     tar.write_bytes(tar.read_bytes()[:3000])  # truncated
     problems = [str(p) for p in TrajectoryStore(root).problems()]  # the cheap check sees the size
-    assert problems == [f"shard-000001.tar: 3000 bytes on disk, the manifest says "
-                        f"{json.loads((tar_store / MANIFEST).read_text())['shards'][1]['bytes']} (truncated or changed)"]
+    recorded = json.loads((tar_store / MANIFEST).read_text())["shards"][1]["bytes"]
+    assert problems == [f"shard-000001.tar: 3000 bytes on disk, the manifest says {recorded} (truncated or changed)"]
     # a flipped byte inside a compressed payload: same size, caught by the full check, named by array
     shutil.copy(tar_store / "shard-000001.tar", tar)
     data = bytearray(tar.read_bytes())

@@ -1,4 +1,4 @@
-"""The WebDataset form of the trajectory store: one tar shard per store shard, one sample per trajectory.
+"""The WebDataset format: one tar shard per store shard, one sample per trajectory.
 
 A sample's key is the trajectory index (``000000042``, no dots) and its one member,
 ``<key>.trajectory.npz``, is a standard NumPy ``.npz`` holding every array of the trajectory
@@ -18,15 +18,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError
-from .store import (PARTIAL, ArrayHasher, _check_before_publish, _remove, _same_run, _write_json_atomic,
-                    array_checksum, array_specs, combined_checksum, run_header, shard_name)
+from ...errors import StoreError
+from ..files import remove_path, write_json_atomic
+from ..schema import (SHARD_INDEX, ArrayHasher, array_checksum, array_specs, combined_checksum, row_slices, run_header,
+                      same_run, shard_range)
+from .base import ShardFormat, ShardWriter, check_before_publish
 
 EXTENSION = "trajectory.npz"
 # a fixed timestamp in every zip entry: the same trajectories give byte-identical shards
@@ -57,27 +60,86 @@ def sidecar(final: Path) -> Path:
     return final.with_name(final.name + ".json")
 
 
-class TarShardWriter:
+class WebDatasetFormat(ShardFormat):
+    name = "webdataset"
+    extension = "tar"
+    default_compressor = "none"
+    reuse_open_shards = False  # a tar is read whole into memory: kept only while its unit is read
+    codec_note = "their members are standard .npz files"
+
+    def begin_shard(self, store, index: int) -> TarShardWriter:
+        return TarShardWriter(store, index, self)
+
+    def shard_entry(self, final: Path, header: dict, index: int) -> dict | None:
+        """A published tar shard's entry (from its sidecar), if it is complete and of this run."""
+        side = sidecar(final)
+        if not final.is_file() or not side.is_file():
+            return None
+        try:
+            record = json.loads(side.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        start, stop = shard_range(header, index)
+        n = stop - start
+        stored_header = record.pop("store_header", None)
+        if record.get("name") != final.name or record.get("trajectories") != n \
+                or record.get("bytes") != final.stat().st_size or record.get("status") != "complete" \
+                or not isinstance(stored_header, dict) or not same_run(stored_header, header):
+            return None
+        return record
+
+    def shard_header(self, path: Path) -> dict | None:
+        try:
+            return json.loads(sidecar(path).read_text()).get("store_header")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]) -> TarShard:
+        return TarShard(path, specs)
+
+    def read_units(self, manifest, entry: dict) -> list[slice]:
+        return list(row_slices(entry["trajectories"], entry["trajectories"]))  # a tar shard is read whole
+
+    def file_problems(self, path: Path, entry: dict) -> list[str]:
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry.get("bytes"):
+            return [f"{size} bytes on disk, the manifest says {entry.get('bytes')} (truncated or changed)"]
+        return []
+
+    def whole_shard_problem(self, shard: TarShard) -> str | None:
+        try:
+            shard.members()
+        except Exception as err:  # noqa: BLE001 - a broken tar fails in the tar reader
+            return f"unreadable tar ({type(err).__name__}: {err})"
+        return None
+
+    def owns(self, entry: Path) -> bool:
+        """A tar shard, its partial, its sidecar or the sidecar's temporary."""
+        return entry.is_file() and bool(
+            re.fullmatch(rf"{SHARD_INDEX}\.{self.extension}(\.partial|\.json|\.json\.tmp)?", entry.name))
+
+    def remove_shard(self, path: Path) -> None:
+        remove_path(path)
+        remove_path(sidecar(path))
+
+
+class TarShardWriter(ShardWriter):
     """Writes one tar shard under a temporary name, a sample per trajectory; ``finish`` verifies
     and publishes it."""
 
-    def __init__(self, store, index: int):
+    def __init__(self, store, index: int, fmt: WebDatasetFormat):
         import webdataset as wds
 
-        self.store, self.index = store, index
-        self.start, self.stop = store.shard_range(index)
-        self.final = store.root / shard_name(index, "webdataset")
-        self.partial = store.root / (self.final.name + PARTIAL)
-        for stale in (self.partial, self.final, sidecar(self.final)):
-            _remove(stale)
+        super().__init__(store, index, fmt)
         header = store.header
-        self.compression = "deflate" if header["compressor"] == "deflate" else "stored"
+        self.compression = fmt.codec(header["compressor"])
         self.specs = array_specs(header, self.stop - self.start)
         self.hasher = ArrayHasher(self.specs, header.get("bitround_keepbits", 0))
         # A fixed integer mtime and plain ustar headers: no 1 KB pax header per member, and the same
         # trajectories give byte-identical tars.
         self.tar = wds.TarWriter(str(self.partial), mtime=0, format=tarfile.USTAR_FORMAT)
-        self.written = 0
 
     def write(self, offset: int, arrays: dict[str, np.ndarray]) -> None:
         """Write trajectories [offset, offset + n) of this shard, in order."""
@@ -96,10 +158,8 @@ class TarShardWriter:
         self.written += n
 
     def finish(self, expected_checksums: dict | None = None) -> dict:
-        expected = self.stop - self.start
         self.tar.close()
-        if self.written != expected:
-            raise StoreError(f"{self.partial}: {self.written} of {expected} trajectories written")
+        self.check_all_written()
         with open(self.partial, "rb+") as f:
             os.fsync(f.fileno())
         sums = self.hasher.checksums()
@@ -108,37 +168,16 @@ class TarShardWriter:
             shard = TarShard(self.partial, self.specs)
             stored = {name: array_checksum(shard[name])[0] for name in self.specs}
         except Exception as err:  # noqa: BLE001 - whatever the reader raises, the shard is not published
-            _remove(self.partial)
+            remove_path(self.partial)
             raise StoreError(f"{self.partial}: unreadable right after it was written ({err}); not published") from None
-        _check_before_publish(self.partial, stored, sums, expected_checksums)
-        entry = {"name": self.final.name, "first_trajectory": self.start, "trajectories": expected,
+        check_before_publish(self.partial, stored, sums, expected_checksums)
+        entry = {"name": self.final.name, "first_trajectory": self.start, "trajectories": self.stop - self.start,
                  "status": "complete", "checksum": combined_checksum(sums), "checksums": sums,
                  "bytes": self.partial.stat().st_size}
-        _write_json_atomic(sidecar(self.final), {**entry, "store_header": run_header(self.store.header)})
+        write_json_atomic(sidecar(self.final), {**entry, "store_header": run_header(self.store.header)})
         os.replace(self.partial, self.final)  # the commit point, as for Zarr shards
         self.store.mark_complete(self.index, entry)
         return entry
-
-
-def tar_entry(final: Path, header: dict, index: int) -> dict | None:
-    """A published tar shard's entry (from its sidecar), if it is complete and of this run."""
-    side = sidecar(final)
-    if not final.is_file() or not side.is_file():
-        return None
-    try:
-        record = json.loads(side.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict):
-        return None
-    start = index * header["shard_size"]
-    n = min(header["num_trajectories"], start + header["shard_size"]) - start
-    stored_header = record.pop("store_header", None)
-    if record.get("name") != final.name or record.get("trajectories") != n \
-            or record.get("bytes") != final.stat().st_size or record.get("status") != "complete" \
-            or not isinstance(stored_header, dict) or not _same_run(stored_header, header):
-        return None
-    return record
 
 
 class TarShard:
@@ -157,7 +196,7 @@ class TarShard:
     def array_keys(self):
         return list(self.specs)
 
-    def __getitem__(self, name: str) -> "TarArray":
+    def __getitem__(self, name: str) -> TarArray:
         if name not in self.specs:
             raise KeyError(name)
         return TarArray(self, name)

@@ -1,0 +1,53 @@
+"""The registry of shard formats. Adding a format: a module implementing ``ShardFormat`` (see
+base.py), one line in ``FORMATS`` below, and its column in the codec table (schema.CODECS)."""
+
+from __future__ import annotations
+
+import re
+
+from ...errors import StoreError
+from ..schema import CODECS, SHARD_INDEX
+from .base import ShardFormat, ShardWriter, check_before_publish
+from .webdataset import WebDatasetFormat
+from .zarr import ZarrFormat
+
+FORMATS: dict[str, ShardFormat] = {fmt.name: fmt for fmt in (
+    ZarrFormat(),
+    WebDatasetFormat(),
+)}
+# A shard of any format: shard-NNNNNN.<extension>, the number its index.
+SHARD_PATTERN = re.compile(rf"{SHARD_INDEX}\.({'|'.join(re.escape(f.extension) for f in FORMATS.values())})")
+
+
+def get_format(name: str) -> ShardFormat:
+    if name not in FORMATS:
+        raise StoreError(f"unknown store format {name!r}; allowed: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def format_of_shard(name: str) -> ShardFormat:
+    """The format of a shard, from its name (which must match SHARD_PATTERN)."""
+    extension = SHARD_PATTERN.fullmatch(name).group(2)
+    return next(fmt for fmt in FORMATS.values() if fmt.extension == extension)
+
+
+def shard_name(index: int, fmt: str = "zarr") -> str:
+    return get_format(fmt).shard_name(index)
+
+
+def resolve_compressor(name: str, fmt: str) -> str:
+    """The codec a store of format ``fmt`` uses for ``name`` ("auto": the format's default)."""
+    if name in ("", "auto", None):
+        return get_format(fmt).default_compressor
+    if name not in CODECS:
+        raise StoreError(f"unknown compressor {name!r}; allowed: auto, {', '.join(CODECS)}")
+    if fmt not in CODECS[name]:
+        allowed = [c for c, spec in CODECS.items() if fmt in spec]
+        note = get_format(fmt).codec_note
+        raise StoreError(f"compressor {name!r} is not available for {fmt} shards{f' ({note})' if note else ''}; "
+                         f"allowed: auto, {', '.join(allowed)}")
+    return name
+
+
+__all__ = ["FORMATS", "SHARD_PATTERN", "ShardFormat", "ShardWriter", "check_before_publish", "format_of_shard",
+           "get_format", "resolve_compressor", "shard_name"]

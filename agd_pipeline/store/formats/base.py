@@ -1,0 +1,139 @@
+"""The format protocol: what the store asks of a shard format (Zarr group, WebDataset tar, ...).
+
+A format writes a shard (``begin_shard`` -> ``write``/``finish``), finds a finished one on disk
+(``shard_entry``, ``shard_header``), opens one for reading (``open_shard``: a Zarr group or an object
+that reads like one), checks one cheaply (``file_problems``, ``array_problems``), says how the
+loader reads one (``read_units``) and which files are its own (``owns``, ``remove_shard``,
+``bytes_on_disk``). StoreWriter, TrajectoryStore, recovery, conversion and the loader only ever
+ask the format object; none of them branches on a format's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import StoreError
+from ..files import folder_bytes, remove_path
+from ..schema import CODECS, PARTIAL
+
+
+class ShardFormat:
+    """One on-disk form of a shard. Subclasses set the class attributes and implement the methods
+    that raise NotImplementedError; the others have defaults that fit most formats."""
+
+    name: str  # the manifest's "format" and the codec table's column
+    extension: str  # a shard is named shard-NNNNNN.<extension>
+    default_compressor: str  # the codec "auto" means for this format
+    reuse_open_shards: bool  # whether the loader keeps an opened shard for its next read units
+    codec_note: str = ""  # why some codecs of the table are not available, if they are not
+
+    def shard_name(self, index: int) -> str:
+        return f"shard-{index:06d}.{self.extension}"
+
+    def codec(self, compressor: str):
+        """This format's form of a codec of the codec table."""
+        return CODECS[compressor][self.name]
+
+    # ------------------------------------------------------------------ writing and finding
+
+    def prepare_root(self, root: Path) -> None:
+        """Write whatever a new store's root needs besides the manifest (nothing, by default)."""
+
+    def begin_shard(self, store, index: int) -> ShardWriter:
+        """A writer of shard ``index`` of ``store`` (a StoreWriter)."""
+        raise NotImplementedError
+
+    def shard_entry(self, final: Path, header: dict, index: int) -> dict | None:
+        """The manifest entry of a shard that is complete under its final name and belongs to the
+        run ``header`` describes, else None."""
+        raise NotImplementedError
+
+    def shard_header(self, path: Path) -> dict | None:
+        """The run settings a shard on disk carries (to rebuild a lost manifest), or None."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- reading
+
+    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]):
+        """A Zarr group, or an object that reads like one (``array_keys()``, ``shard[name]``)."""
+        raise NotImplementedError
+
+    def dask_array(self, array):
+        """One array of an open shard as a dask array, chunked at the shard's own chunks."""
+        import dask.array as da
+
+        return da.from_array(array, chunks=array.chunks, asarray=True)
+
+    def read_units(self, manifest, entry: dict) -> list[slice]:
+        """The trajectory rows of a shard the loader (and conversion) reads at once."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- checks
+
+    def file_problems(self, path: Path, entry: dict) -> list[str]:
+        """Cheap checks of a shard before it is opened (a tar's size, ...)."""
+        return []
+
+    def array_problems(self, path: Path, name: str, array, entry: dict) -> list[str]:
+        """Cheap checks of one array of an open shard beyond shape and dtype (Zarr's chunk files)."""
+        return []
+
+    def whole_shard_problem(self, shard) -> str | None:
+        """Before a full re-read: a problem reading the open shard as a whole, if any."""
+        return None
+
+    # ------------------------------------------------------------------------------ files
+
+    def owns(self, entry: Path) -> bool:
+        """Whether an entry of a store folder is a shard of this format (or its temporary or
+        companion files), holding nothing of the user's."""
+        raise NotImplementedError
+
+    def bytes_on_disk(self, path: Path) -> int:
+        return folder_bytes(path)
+
+    def remove_shard(self, path: Path) -> None:
+        """Remove a shard and its companion files."""
+        remove_path(path)
+
+
+class ShardWriter:
+    """Writes one shard under ``<name>.partial``; ``finish`` re-reads it, compares it with the
+    checksums of the values written and only then renames it into place (the commit point).
+
+    ``store`` is the StoreWriter: its ``root``, ``header``, ``shard_range`` and ``mark_complete``."""
+
+    def __init__(self, store, index: int, fmt: ShardFormat):
+        self.store, self.index = store, index
+        self.start, self.stop = store.shard_range(index)
+        self.final = store.root / fmt.shard_name(index)
+        self.partial = store.root / (self.final.name + PARTIAL)
+        remove_path(self.partial)  # a stale partial or shard of an earlier attempt
+        fmt.remove_shard(self.final)
+        self.written = 0
+
+    def write(self, offset: int, arrays: dict) -> None:
+        """Write trajectories [offset, offset + n) of this shard (offset is shard-relative)."""
+        raise NotImplementedError
+
+    def finish(self, expected_checksums: dict | None = None) -> dict:
+        """Verify and publish the shard; return its manifest entry."""
+        raise NotImplementedError
+
+    def check_all_written(self) -> None:
+        expected = self.stop - self.start
+        if self.written != expected:
+            raise StoreError(f"{self.partial}: {self.written} of {expected} trajectories written")
+
+
+def check_before_publish(partial: Path, stored: dict, written: dict, expected: dict | None) -> None:
+    """The shard as stored must read back as the values written (and equal ``expected``, the
+    source's checksums, when given); otherwise it is removed unpublished."""
+    bad = sorted(k for k in written if stored.get(k) != written[k])
+    if expected is not None:
+        bad += sorted(k for k in expected if written.get(k) != expected[k] and k not in bad)
+    if bad:
+        remove_path(partial)
+        raise StoreError(f"{partial}: arrays {bad} do not read back as written"
+                         + (" / differ from the source" if expected is not None else "")
+                         + "; the shard was not published (is the disk failing?)")

@@ -1,0 +1,185 @@
+"""The Zarr format: one self-describing Zarr v3 group per shard, the store root a group of them.
+
+A shard's arrays are chunked by ``chunk_trajectories`` rows (all steps of a block of trajectories);
+the loader reads one chunk row at a time. The group's attributes carry the shard's checksums and
+the settings of its run, so a lost manifest is rebuilt from the shards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import zarr
+import zarr.codecs.numcodecs
+
+from ...errors import StoreError
+from ..files import folder_bytes, write_json_atomic
+from ..schema import (LATENT_ARRAYS, MANIFEST, SCHEMA_VERSION, SHARD_INDEX, STORE_TYPE, ArrayHasher, array_checksum,
+                      array_specs, combined_checksum, dimension_names, row_slices, run_header, same_run,
+                      shard_range)
+from .base import ShardFormat, ShardWriter, check_before_publish
+
+# We write consolidated metadata on purpose (one read opens a shard); zarr warns that v3 has no spec for it.
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
+# BitRound (the lossy option) is a numcodecs codec, which zarr flags as outside the v3 specification.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+ARRAY_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def open_group(path: Path):
+    # Zarr v3 only: a v2 array could carry numcodecs' pickle filter, which would unpickle on read
+    return zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=True)
+
+
+def array_files(folder: Path) -> tuple[int, int]:
+    """(chunk files, bytes of every file) of one Zarr array folder."""
+    files = size = 0
+    for path in folder.rglob("*"):
+        if path.is_file():
+            size += path.stat().st_size
+            files += path.name != "zarr.json" or path.parent != folder
+    return files, size
+
+
+class ZarrFormat(ShardFormat):
+    name = "zarr"
+    extension = "zarr"
+    default_compressor = "blosc-zstd"
+    reuse_open_shards = True  # opening reads metadata only; the data is read by chunk rows
+
+    def prepare_root(self, root: Path) -> None:
+        # the store root opens as a Zarr group whose children are the shards
+        write_json_atomic(root / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {
+            "store_type": STORE_TYPE, "schema_version": SCHEMA_VERSION, "manifest": MANIFEST}})
+
+    def begin_shard(self, store, index: int) -> ZarrShardWriter:
+        return ZarrShardWriter(store, index, self)
+
+    def shard_entry(self, final: Path, header: dict, index: int) -> dict | None:
+        if not final.is_dir():
+            return None
+        try:
+            attrs = dict(open_group(final).attrs)
+        except Exception:  # noqa: BLE001 - unreadable: not complete
+            return None
+        start, stop = shard_range(header, index)
+        n = stop - start
+        stored_header = attrs.get("store_header")
+        if "checksum" not in attrs or attrs.get("trajectories") != n or not isinstance(stored_header, dict) \
+                or not same_run(stored_header, header):
+            return None
+        return {"name": final.name, "first_trajectory": start, "trajectories": n, "status": "complete",
+                "checksum": attrs["checksum"], "checksums": attrs.get("checksums", {}), "bytes": folder_bytes(final),
+                "array_bytes": {name: array_files(final / name)[1] for name in attrs.get("checksums", {})}}
+
+    def shard_header(self, path: Path) -> dict | None:
+        try:
+            return dict(open_group(path).attrs).get("store_header")
+        except Exception:  # noqa: BLE001 - unreadable metadata
+            return None
+
+    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]):
+        return open_group(path)
+
+    def dask_array(self, array):
+        import dask.array as da
+
+        return da.from_zarr(array, chunks=array.chunks)
+
+    def read_units(self, manifest, entry: dict) -> list[slice]:
+        return list(row_slices(entry["trajectories"], manifest.chunk_trajectories))
+
+    def array_problems(self, path: Path, name: str, array, entry: dict) -> list[str]:
+        """Every chunk file present (all are written, even all-zero ones) and the array's bytes
+        as recorded: a deleted or truncated chunk is caught without decoding anything."""
+        files, size = array_files(path / name)
+        expected = math.prod(-(-s // c) for s, c in zip(array.shape, array.chunks))
+        if files != expected:
+            return [f"{files} of {expected} chunk files on disk (deleted or added)"]
+        recorded = (entry.get("array_bytes") or {}).get(name)
+        if recorded is not None and size != recorded:
+            return [f"{size} bytes on disk, the manifest says {recorded} (truncated or changed)"]
+        return []
+
+    def owns(self, entry: Path) -> bool:
+        """The root group's zarr.json, or a shard folder (or its partial) holding only zarr.json
+        and array folders of ours."""
+        if entry.name == "zarr.json":
+            return True
+        if not entry.is_dir() or entry.is_symlink() \
+                or not re.fullmatch(rf"{SHARD_INDEX}\.{self.extension}(\.partial)?", entry.name):
+            return False
+        for child in entry.iterdir():
+            if child.name == "zarr.json" and child.is_file():
+                continue
+            if not child.is_dir() or child.is_symlink() or not ARRAY_NAME.fullmatch(child.name):
+                return False
+            if not {p.name for p in child.iterdir()} <= {"zarr.json", "c"}:
+                return False
+        return True
+
+
+class ZarrShardWriter(ShardWriter):
+    """Writes one Zarr shard under a temporary name; ``finish`` verifies and publishes it."""
+
+    def __init__(self, store, index: int, fmt: ZarrFormat):
+        super().__init__(store, index, fmt)
+        self.format = fmt
+        header = store.header
+        self.group = zarr.open_group(str(self.partial), mode="w", zarr_format=3,
+                                     attributes={"schema_version": SCHEMA_VERSION, "shard": index,
+                                                 "first_trajectory": self.start})
+        compressors = fmt.codec(header["compressor"])()
+        chunk = min(header["chunk_trajectories"], self.stop - self.start)
+        keepbits = header.get("bitround_keepbits", 0)
+        self.dtypes, self.arrays = {}, {}
+        specs = array_specs(header, self.stop - self.start)
+        self.hasher = ArrayHasher(specs, keepbits)
+        self.hashed = 0  # trajectories hashed in order so far (None: written out of order, re-read)
+        for name, (shape, dtype) in specs.items():
+            lossy = keepbits and name in LATENT_ARRAYS
+            filters = [zarr.codecs.numcodecs.BitRound(keepbits=keepbits)] if lossy else None
+            # every chunk is written, even all-zero ones, so a missing chunk file is always damage;
+            # writes go through the array created here (reopened by name it would forget that setting)
+            self.arrays[name] = self.group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
+                                                        compressors=compressors, filters=filters, fill_value=0,
+                                                        dimension_names=dimension_names(header, name, len(shape)),
+                                                        config={"write_empty_chunks": True})
+            self.dtypes[name] = dtype
+
+    def write(self, offset: int, arrays: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(arrays.values())))
+        in_order = self.hashed is not None and offset == self.hashed and set(arrays) == set(self.dtypes)
+        for name, value in arrays.items():
+            value = np.asarray(value, dtype=self.dtypes[name])
+            self.arrays[name][offset:offset + n] = value
+            if in_order:
+                self.hasher.update(name, self.hasher.stored(name, value))
+        self.hashed = self.hashed + n if in_order else None
+        self.written += n
+
+    def finish(self, expected_checksums: dict | None = None) -> dict:
+        """Verify the shard as stored against the checksums of the values written (and, when
+        given, against ``expected_checksums``), then publish it by renaming it into place."""
+        self.check_all_written()
+        expected = self.stop - self.start
+        stored = {name: array_checksum(self.group[name])[0] for name in sorted(self.group.array_keys())}
+        sums = self.hasher.checksums() if self.hashed == expected else stored
+        check_before_publish(self.partial, stored, sums, expected_checksums)
+        self.group.attrs.update({"checksum": combined_checksum(sums), "checksums": sums, "trajectories": expected,
+                                 "store_header": run_header(self.store.header)})
+        zarr.consolidate_metadata(str(self.partial))
+        # The rename is the commit point: a shard under its final name is complete, whatever
+        # happens to the process afterwards (the manifest catches up on the next run).
+        os.replace(self.partial, self.final)
+        entry = self.format.shard_entry(self.final, self.store.header, self.index)
+        if entry is None:
+            raise StoreError(f"{self.final}: unreadable right after it was written (is the disk failing?)")
+        self.store.mark_complete(self.index, entry)
+        return entry

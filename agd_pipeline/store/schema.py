@@ -1,0 +1,196 @@
+"""What a store holds, whatever its format: markers and names, the arrays of a shard (shapes, dtypes,
+dimension names), the one codec table, and the checksums every format computes the same way."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import zarr.codecs
+
+STORE_TYPE = "agd-trajectory-store"  # the manifest's marker: a folder holding it is one of ours
+SCHEMA_VERSION = 3  # 3: store type marker, run settings in every shard, dimension names, .npz tar members
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+SHARD_INDEX = r"shard-(\d{6})"  # a shard's name: this, a dot, and its format's extension
+# Settings that must agree between a store on disk and a run that wants to resume it.
+RUN_KEYS = ("schema_version", "base_model", "sampler", "guidance", "seed", "conditioning", "classes", "prompts",
+            "negative_prompt", "condition_arrays", "num_trajectories", "shard_size", "latent_shape",
+            "output_channels", "record_branches", "compressor", "chunk_trajectories", "format",
+            "bitround_keepbits")
+
+REPAIR = ("Repair: re-run `python -m stages.generate --verify full` with the same settings; it rewrites "
+          "only the shards that are missing, unfinished or damaged.")
+
+
+def run_header(manifest: dict) -> dict:
+    """The run settings of a manifest (everything but the marker and the shard list)."""
+    return {k: v for k, v in manifest.items() if k not in ("store_type", "shards")}
+
+
+def same_run(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in RUN_KEYS)
+
+
+def shard_range(header: dict, index: int) -> tuple[int, int]:
+    """The trajectories [start, stop) of shard ``index``."""
+    size = header["shard_size"]
+    return index * size, min(header["num_trajectories"], (index + 1) * size)
+
+
+def row_slices(length: int, step: int):
+    """Slices of ``step`` rows (the last one shorter) covering ``length`` rows."""
+    for start in range(0, length, max(1, step)):
+        yield slice(start, min(length, start + step))
+
+
+# ------------------------------------------------------------------------------ array schema
+
+# On-disk dtype of the arrays every store has (condition arrays: see the header's condition_arrays).
+# fp16 for latents: Zarr has no bfloat16.
+ARRAY_DTYPES = {
+    "model_input": "float16",
+    "guided_output": "float16",
+    "cond_output": "float16",
+    "uncond_output": "float16",
+    "timesteps": "float32",
+    "guidance_scale": "float32",
+    "seed": "int64",
+    "trajectory_index": "int64",
+    "sample": "float16",
+}
+LATENT_ARRAYS = ("model_input", "guided_output", "cond_output", "uncond_output", "sample")
+CLASS_CONDITION = {"class_label": {"dtype": "int64", "shape": []}}
+
+
+def condition_arrays(header: dict) -> dict[str, dict]:
+    """Per-trajectory condition arrays (class label, or prompt index and prompt embeddings)."""
+    return header.get("condition_arrays") or CLASS_CONDITION
+
+
+def array_specs(header: dict, n: int) -> dict[str, tuple[tuple, str]]:
+    """Name -> (shape, dtype) of every array in a shard of ``n`` trajectories."""
+    steps = header["sampler"]["num_steps"]
+    latent = tuple(header["latent_shape"])
+    out = (header["output_channels"], *latent[1:])
+    shapes = {
+        "model_input": (n, steps, *latent),
+        "guided_output": (n, steps, *out),
+        "timesteps": (n, steps),
+        "guidance_scale": (n,),
+        "seed": (n,),
+        "trajectory_index": (n,),
+        "sample": (n, *latent),
+    }
+    if header["record_branches"]:
+        shapes["cond_output"] = shapes["uncond_output"] = shapes["guided_output"]
+    specs = {name: (shape, ARRAY_DTYPES[name]) for name, shape in shapes.items()}
+    for name, spec in condition_arrays(header).items():
+        specs[name] = ((n, *spec["shape"]), spec["dtype"])
+    return specs
+
+
+def array_shapes(header: dict, n: int) -> dict[str, tuple]:
+    return {name: shape for name, (shape, _) in array_specs(header, n).items()}
+
+
+# Names of each array's axes, so xarray and other tools read a shard without our code.
+_CONDITION_DIMS = {"prompt_embeds": ("token", "text_embedding"), "pooled_prompt_embeds": ("pooled_embedding",),
+                   "add_time_ids": ("time_id",)}
+
+
+def dimension_names(header: dict, name: str, ndim: int) -> tuple[str, ...]:
+    spatial = ("y", "x") if len(header["latent_shape"]) == 3 else tuple(
+        f"latent_{i}" for i in range(1, len(header["latent_shape"])))
+    out_channel = "channel" if header["output_channels"] == header["latent_shape"][0] else "output_channel"
+    dims = {
+        "model_input": ("trajectory", "step", "channel", *spatial),
+        "guided_output": ("trajectory", "step", out_channel, *spatial),
+        "timesteps": ("trajectory", "step"),
+        "sample": ("trajectory", "channel", *spatial),
+    }
+    dims["cond_output"] = dims["uncond_output"] = dims["guided_output"]
+    if name in dims:
+        return dims[name]
+    numbered = tuple(f"{name}_{i}" for i in range(1, ndim))
+    rest = _CONDITION_DIMS.get(name, numbered)
+    return ("trajectory", *rest)[:ndim] if len(rest) == ndim - 1 else ("trajectory", *numbered)
+
+
+# --------------------------------------------------------------------------------------- codecs
+
+# The one codec table: codec name -> {format name: that format's form of it}. Zarr shards take any
+# of them (a factory of Zarr v3 compressors); a tar shard's members are standard .npz files, which
+# numpy (and webdataset's decoder) read with deflate or stored entries only.
+CODECS = {
+    "blosc-zstd": {"zarr": lambda: [zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")]},
+    "zstd": {"zarr": lambda: [zarr.codecs.ZstdCodec(level=5)]},
+    "deflate": {"zarr": lambda: [zarr.codecs.GzipCodec(level=6)], "webdataset": "deflate"},
+    "none": {"zarr": lambda: None, "webdataset": "stored"},
+}
+
+
+def codec_available(name, fmt: str) -> bool:
+    """Whether shards of format ``fmt`` can use the codec ``name``."""
+    return name in CODECS and fmt in CODECS[name]
+
+
+# ---------------------------------------------------------------------------------- checksums
+
+
+def bitround(value: np.ndarray, keepbits: int) -> np.ndarray:
+    """Keep ``keepbits`` mantissa bits of a float array (numcodecs' BitRound); 0 keeps everything."""
+    if not keepbits or value.dtype.kind != "f":
+        return value
+    import numcodecs
+
+    return np.asarray(numcodecs.BitRound(keepbits=keepbits).encode(value)).view(value.dtype).reshape(value.shape)
+
+
+def array_checksum(arr, check_finite: bool = False) -> tuple[str, bool]:
+    """SHA-256 of an array's decoded contents (dtype, shape, bytes), read chunk-row by chunk-row so
+    a large shard never sits in memory whole; and whether every value is finite (if asked)."""
+    digest = hashlib.sha256(f"{arr.dtype}|{arr.shape}".encode())
+    finite = True
+    for sl in row_slices(arr.shape[0], arr.chunks[0]):
+        block = np.ascontiguousarray(arr[sl])
+        digest.update(block.tobytes())
+        if check_finite and block.dtype.kind == "f" and not np.isfinite(block).all():
+            finite = False
+    return digest.hexdigest(), finite
+
+
+def combined_checksum(sums: dict[str, str]) -> str:
+    """One checksum for a shard, from its arrays' checksums."""
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(sums.items())).encode()).hexdigest()
+
+
+class ArrayHasher:
+    """Checksums of a shard's arrays computed from the values as they are written, in order: the
+    same digests as re-reading the stored arrays (``array_checksum``), without the re-read.
+    Latent arrays are hashed after BitRound, as they are stored."""
+
+    def __init__(self, specs: dict[str, tuple[tuple, str]], keepbits: int):
+        self.keepbits = keepbits
+        self.digests = {name: hashlib.sha256(f"{np.dtype(dtype)}|{tuple(shape)}".encode())
+                        for name, (shape, dtype) in specs.items()}
+
+    def stored(self, name: str, value: np.ndarray) -> np.ndarray:
+        """The values as the store keeps them."""
+        value = np.array(value, order="C", copy=True)
+        return bitround(value, self.keepbits) if name in LATENT_ARRAYS else value
+
+    def update(self, name: str, stored: np.ndarray) -> None:
+        self.digests[name].update(np.ascontiguousarray(stored).tobytes())
+
+    def checksums(self) -> dict[str, str]:
+        return {name: digest.hexdigest() for name, digest in sorted(self.digests.items())}
+
+
+def store_fingerprint(manifest: dict) -> str:
+    """One digest of a complete store: its run settings and every shard's checksum. A training
+    checkpoint records it, so a changed store is never resumed silently."""
+    run = {k: manifest.get(k) for k in RUN_KEYS}
+    shards = [(s["name"], s.get("checksum")) for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps([run, shards], sort_keys=True, default=str).encode()).hexdigest()[:32]
