@@ -1,13 +1,18 @@
-"""What every stage's command line shares: options from the config, clean errors, exit codes."""
+"""What every stage's command line shares: one option per config field (defaults from params.yaml),
+clean one-line errors, exit codes, and the resolved config written next to the outputs."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
+import json
+import os
 import sys
-from typing import Callable
+import typing
+from pathlib import Path
+from collections.abc import Callable
 
-from .config import StageConfig, build_parser, config_from_args, write_resolved
+from .config import DEFAULT_PARAMS, StageConfig, load_config
 from .errors import AgdError, os_reason
 
 
@@ -87,18 +92,50 @@ def stage_main(cls: type[StageConfig], run: Callable, argv=None, description: st
         return 130
 
 
-def library_stage(cls: type[StageConfig], target: str, argv=None, record_config: bool = True) -> int:
-    """A stage that calls ``module:function(config, progress=...)`` and, with ``record_config``,
-    records its resolved config in ``config.out_dir``. Generate passes False: its out_dir is the
-    store (a DVC output), whose manifest.json already records the settings, and a rewritten
-    resolved_config.json would change the tracked output on every re-run.
+def build_parser(cls: type[StageConfig], prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one option per config field; defaults come from params.yaml."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"Every option defaults to the '{cls.section}' section of params.yaml, then to the "
+        "built-in value shown. List options take comma- or space-separated values.",
+    )
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file to read")
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        help_text = field.metadata.get("help", "")
+        choices = field.metadata.get("choices")
+        if choices:
+            help_text += f" [{'|'.join(map(str, choices))}]"
+        default = getattr(defaults, field.name)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            default=None,
+            metavar=_metavar(typing.get_type_hints(cls)[field.name], choices),
+            help=f"{help_text} (built-in: {shown!r})",
+        )
+    return parser
 
-    The library module is imported only after the options parse, so ``--help`` stays fast.
-    """
-    def run(config: StageConfig, args: argparse.Namespace) -> None:
-        module, function = target.split(":")
-        getattr(importlib.import_module(module), function)(config, progress=not args.no_progress)
-        if record_config:
-            write_resolved(config, config.out_dir)
 
-    return stage_main(cls, run, argv)
+def _metavar(hint, choices) -> str:
+    if choices:
+        return "{" + ",".join(map(str, choices)) + "}"
+    if typing.get_origin(hint) is list:
+        return "LIST"
+    return {int: "N", float: "X", bool: "BOOL"}.get(hint, "TEXT")
+
+
+def config_from_args(cls: type[StageConfig], args: argparse.Namespace):
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    params = args.params if Path(args.params).exists() or args.params != DEFAULT_PARAMS else None
+    return load_config(cls, params, overrides)
+
+
+
+def write_resolved(config: StageConfig, folder: str | os.PathLike, name: str = "resolved_config.json") -> None:
+    """Write the whole resolved config next to the outputs (EDM-style), for the record."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps({config.section: config.to_dict()}, indent=2) + "\n")

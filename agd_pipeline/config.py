@@ -1,14 +1,14 @@
-"""One typed config per stage, read from its params.yaml section and overridable on the command line.
+"""The settings schemas: one typed config per stage, and how a params.yaml section becomes one.
 
 Each field carries its help text (shown by ``--help``) and, where it matters, the allowed values.
 Values are checked up front; errors name the key (``generate.guidance_max``) and what is allowed.
+The command line over these configs lives in :mod:`agd_pipeline.cli`; torch devices and dtypes in
+:mod:`agd_pipeline.devices`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import types
@@ -19,7 +19,10 @@ from typing import Any, ClassVar
 
 import yaml
 
-from .errors import ConfigError
+from .devices import parse_device, resolve_device
+from .errors import ConfigError, StoreError
+from .store.formats import FORMATS, resolve_compressor
+from .store.schema import CODECS
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -89,64 +92,11 @@ class StageConfig:
         return dataclasses.asdict(self)
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name or "float32"]
-
-
 OUTPUT_MARKERS = {"model_index.json": "a base model", "manifest.json": "a trajectory store",
                   "adapter_config.json": "adapters", "metrics.json": "evaluation results"}
 MAX_TRAJECTORIES_PER_CONDITION = 1_000_000
 MAX_GUIDANCE = 50.0  # far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; numpy rejects negative seeds
-DEVICES = "auto, cpu, cuda, cuda:N, mps"
-
-
-def parse_device(device: str, key: str = "device"):
-    """The torch.device a device string names (None for ``auto``), if it is one we can run on
-    somewhere (cpu, cuda[:N], mps); else ConfigError naming ``key``. Whether this machine has it
-    is resolve_device's question, so a params file for a GPU machine validates anywhere."""
-    if device == "auto":
-        return None
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"{key}: unknown device {device!r}; allowed: {DEVICES}") from None
-    if parsed.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"{key}: device type {parsed.type!r} is not supported; allowed: {DEVICES}")
-    return parsed
-
-
-def resolve_device(device: str, key: str = "device") -> str:
-    """``auto`` -> cuda if a GPU is there, else cpu. Any other value is checked: a device string
-    torch can parse, of a kind that is available here (and an index that exists); else ConfigError
-    naming ``key``."""
-    if device == "cpu":
-        return device
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    parsed = parse_device(device, key)
-    if parsed.type == "cpu":
-        return device
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{key}: {device!r} asked for, but torch sees no CUDA GPU here; use cpu or auto")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise ConfigError(f"{key}: {device!r} does not exist; this machine has {count} CUDA device(s) "
-                              f"(cuda:0 .. cuda:{count - 1})")
-        return device
-    if parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError(f"{key}: {device!r} asked for, but MPS is not available here; use cpu or auto")
-    return device
-
-
 # --------------------------------------------------------------------------------------- stages
 
 
@@ -229,11 +179,9 @@ class GenerateConfig(StageConfig):
     chunk_trajectories: int = option(50, "trajectories per Zarr chunk (the unit training reads); "
                                      "independent of batch_size, so a run can resume with another batch size")
     compressor: str = option("auto", "on-disk codec; auto: blosc-zstd for zarr, none for webdataset (whose tar "
-                             "members are standard .npz files: deflate or none only)",
-                             ("auto", "blosc-zstd", "zstd", "deflate", "none"))
+                             "members are standard .npz files: deflate or none only)", ("auto", *CODECS))
     format: str = option("zarr", "store format: zarr (one Zarr group per shard, read by chunk rows) or "
-                         "webdataset (one tar per shard, a sample per trajectory, for streaming)",
-                         ("zarr", "webdataset"))
+                         "webdataset (one tar per shard, a sample per trajectory, for streaming)", tuple(FORMATS))
     bitround_keepbits: int = option(0, "lossy: keep this many of float16's 10 mantissa bits of the latents "
                                     "and outputs (numcodecs BitRound; 0 = lossless)")
     record_branches: bool = option(False, "also store the conditional and unconditional outputs")
@@ -267,9 +215,10 @@ class GenerateConfig(StageConfig):
             )
         if not 0 <= self.bitround_keepbits <= 10:
             self.fail("bitround_keepbits", "must lie in [0, 10] (float16 has 10 mantissa bits; 0 = lossless)")
-        if self.format == "webdataset" and self.compressor in ("blosc-zstd", "zstd"):
-            self.fail("compressor", "is not available for webdataset shards, whose members are standard .npz files; "
-                      "use auto, deflate or none")
+        try:  # the store's one codec table says which codec each format takes
+            resolve_compressor(self.compressor, self.format)
+        except StoreError as err:
+            self.fail("compressor", str(err))
         if self.guidance_max > MAX_GUIDANCE:
             self.fail("guidance_max", "is far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)")
         if any(c < 0 for c in self.classes):
@@ -288,7 +237,7 @@ class TrainConfig(StageConfig):
     out_dir: str = option("data/adapters", "folder for adapters.safetensors, adapter_config.json, loss.csv")
     base_model: str = option("", "base model; empty takes the one named in the store's manifest (its "
                              "weights must match the manifest's fingerprint)")
-    adapter: str = option("bottleneck", "adapter family", ("bottleneck", "offset", "cross_attention"))
+    adapter: str = option("bottleneck", "adapter kind", ("bottleneck", "offset", "cross_attention"))
     placement: str = option("auto", "where adapters attach. auto: the family's default (DiT: "
                             "attention+output; SD/SDXL UNets: cross_attention, the text cross-attention of "
                             "every transformer block; SD3: attention). DiT also takes attention, block, "
@@ -510,51 +459,3 @@ def load_config(cls: type[StageConfig], params: str | os.PathLike | dict | None 
     config = cls(**values)
     config.check()
     return config
-
-
-def build_parser(cls: type[StageConfig], prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one option per config field; defaults come from params.yaml."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        epilog=f"Every option defaults to the '{cls.section}' section of params.yaml, then to the "
-        "built-in value shown. List options take comma- or space-separated values.",
-    )
-    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file to read")
-    defaults = cls()
-    for field in _fields(cls):
-        help_text = field.metadata.get("help", "")
-        choices = field.metadata.get("choices")
-        if choices:
-            help_text += f" [{'|'.join(map(str, choices))}]"
-        default = getattr(defaults, field.name)
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
-            default=None,
-            metavar=_metavar(typing.get_type_hints(cls)[field.name], choices),
-            help=f"{help_text} (built-in: {shown!r})",
-        )
-    return parser
-
-
-def _metavar(hint, choices) -> str:
-    if choices:
-        return "{" + ",".join(map(str, choices)) + "}"
-    if typing.get_origin(hint) is list:
-        return "LIST"
-    return {int: "N", float: "X", bool: "BOOL"}.get(hint, "TEXT")
-
-
-def config_from_args(cls: type[StageConfig], args: argparse.Namespace):
-    overrides = {f.name: getattr(args, f.name) for f in _fields(cls)}
-    params = args.params if Path(args.params).exists() or args.params != DEFAULT_PARAMS else None
-    return load_config(cls, params, overrides)
-
-
-def write_resolved(config: StageConfig, folder: str | os.PathLike, name: str = "resolved_config.json") -> None:
-    """Write the whole resolved config next to the outputs (EDM-style), for the record."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(json.dumps({config.section: config.to_dict()}, indent=2) + "\n")

@@ -19,10 +19,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import load_adapted_model, read_adapter_config
-from .config import EvaluateConfig, resolve_device
+from .config import EvaluateConfig
+from .devices import resolve_device
 from .errors import ConfigError
 from .models import load_base_model
-from .sampling import ImageSampler, check_num_steps, trajectory_seed
+from .sampling import AGD, CFG, ImageSampler, Unguided, check_num_steps, trajectory_seed
 from . import toy
 from .results import results_table
 
@@ -120,20 +121,43 @@ def curves_figure(rows: list[dict], training_range, path: Path) -> None:
     plt.close(fig)
 
 
+class Judges:
+    """What a sample set is measured by: class accuracy under the evaluation classifier, and FID in
+    that classifier's feature space, against the held-out digits (written once as PNGs)."""
+
+    def __init__(self, base_id: str, labels: torch.Tensor, real_dir: Path):
+        self.classifier = toy.load_classifier(base_id)
+        holdout = toy.load_holdout(base_id)
+        self.fid = CleanFid(toy.ClassifierFeatures(self.classifier)) if self.classifier is not None else None
+        self.labels, self.real_dir, self.has_real = labels, real_dir, holdout is not None
+        if holdout is not None:
+            write_pngs(to_uint8(torch.from_numpy(holdout[0])), real_dir)
+
+    def accuracy(self, images: torch.Tensor) -> float | None:
+        if self.classifier is None:
+            return None
+        with torch.no_grad():
+            return float((self.classifier(images.float().clamp(-1, 1)).argmax(1) == self.labels).float().mean())
+
+    def fid_real(self, folder: Path) -> float | None:
+        return self.fid(folder, self.real_dir) if self.fid and self.has_real else None
+
+    def fid_between(self, a: Path, b: Path) -> float | None:
+        return self.fid(a, b) if self.fid else None
+
+
 def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
-    device = resolve_device(config.device)
+    # -- the adapters and their base ----------------------------------------------------------
     adapter_config = read_adapter_config(config.adapters)
     base_id = config.base_model or adapter_config["base_model"]["id"]
-    base = load_base_model(base_id, device=device)
+    base = load_base_model(base_id, device=resolve_device(config.device))
     _require_class_model(base, "evaluate")
     adapted = load_adapted_model(config.adapters, base)
     steps = config.num_steps or adapter_config["sampler"]["num_steps"]
     check_num_steps(base, steps, "evaluate.num_steps")
     training_range = (adapter_config["guidance"]["min"], adapter_config["guidance"]["max"])
-    classifier = toy.load_classifier(base_id)
-    holdout = toy.load_holdout(base_id)
-    fid = CleanFid(toy.ClassifierFeatures(classifier)) if classifier is not None else None
 
+    # -- the same seeds (and classes) for every method ------------------------------------------
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples_dir, grids_dir = out / "samples", out / "grids"
@@ -142,63 +166,29 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     n = config.samples_per_class * base.num_classes
     labels = torch.arange(n) % base.num_classes
     seeds = [trajectory_seed(config.seed, i) for i in range(n)]
-    sampler = ImageSampler(base, adapted, base.class_condition(labels), seeds, steps, config.batch_size)
-    if holdout is not None:
-        write_pngs(to_uint8(torch.from_numpy(holdout[0])), samples_dir / "real")
+    sampler = ImageSampler(base, base.class_condition(labels), seeds, steps, config.batch_size)
+    judges = Judges(base_id, labels, samples_dir / "real")
 
-    def accuracy(images: torch.Tensor) -> float | None:
-        if classifier is None:
-            return None
-        with torch.no_grad():
-            return float((classifier(images.float().clamp(-1, 1)).argmax(1) == labels).float().mean())
-
-    def fid_real(folder: Path) -> float | None:
-        return fid(folder, samples_dir / "real") if fid and holdout is not None else None
-
-    unguided, unguided_seconds = sampler.run("unguided", None)
-    unguided_pixels = to_uint8(unguided)
-    write_pngs(unguided_pixels, samples_dir / "unguided")
-    unguided_fid, unguided_acc = fid_real(samples_dir / "unguided"), accuracy(unguided)
-    rows, per_w = [], {}
+    # -- unguided once, then CFG (2 NFE/step) against AGD (1 NFE/step) at every w --------------
+    unguided, unguided_seconds = sampler.run(Unguided(base))
+    baseline = {"images": unguided, "pixels": to_uint8(unguided)}
+    write_pngs(baseline["pixels"], samples_dir / "unguided")
+    baseline.update(fid=judges.fid_real(samples_dir / "unguided"), accuracy=judges.accuracy(unguided))
+    rows = []
     for w in tqdm(config.guidance_scales, desc="evaluate: guidance scales", disable=not progress):
-        tag = f"w{w:g}"
         # Alternate which method runs first, so drift in a shared machine's speed hits both alike.
-        if len(rows) % 2 == 0:
-            cfg_images, cfg_seconds = sampler.run("cfg", w)
-            agd_images, agd_seconds = sampler.run("agd", w)
-        else:
-            agd_images, agd_seconds = sampler.run("agd", w)
-            cfg_images, cfg_seconds = sampler.run("cfg", w)
-        cfg_pixels, agd_pixels = to_uint8(cfg_images), to_uint8(agd_images)
-        write_pngs(cfg_pixels, samples_dir / "cfg" / tag)
-        write_pngs(agd_pixels, samples_dir / "agd" / tag)
-        paired = lambda a: float(((a - cfg_images) ** 2).flatten(1).mean(1).sqrt().mean())  # noqa: E731
-        row = {
-            "w": w,
-            "in_training_range": training_range[0] <= w <= training_range[1],
-            "fid_unguided": unguided_fid, "fid_cfg": fid_real(samples_dir / "cfg" / tag),
-            "fid_agd": fid_real(samples_dir / "agd" / tag),
-            "accuracy_unguided": unguided_acc, "accuracy_cfg": accuracy(cfg_images),
-            "accuracy_agd": accuracy(agd_images),
-            "fid_to_cfg_unguided": fid(samples_dir / "unguided", samples_dir / "cfg" / tag) if fid else None,
-            "fid_to_cfg_agd": fid(samples_dir / "agd" / tag, samples_dir / "cfg" / tag) if fid else None,
-            "rmse_to_cfg_unguided": paired(unguided), "rmse_to_cfg_agd": paired(agd_images),
-            "nfe_per_image_cfg": 2 * steps, "nfe_per_image_agd": steps,
-            "images_per_second_cfg": n / cfg_seconds, "images_per_second_agd": n / agd_seconds,
-            "speed_ratio_agd_over_cfg": cfg_seconds / agd_seconds,
-        }
+        row = _compare_at(w, sampler, base, adapted, judges, baseline, samples_dir, steps,
+                          cfg_first=len(rows) % 2 == 0, in_range=training_range[0] <= w <= training_range[1])
+        panels = {"unguided (1 NFE/step)": baseline["pixels"], f"CFG w={w:g} (2 NFE/step)": row.pop("cfg_pixels"),
+                  f"AGD w={w:g} (1 NFE/step)": row.pop("agd_pixels")}
+        grid_figure(panels, labels.numpy(), config.grid_columns, f"same seeds, w = {w:g}", grids_dir / f"w{w:g}.png")
         rows.append(row)
-        per_w[tag] = row
-        panels = {"unguided (1 NFE/step)": unguided_pixels, f"CFG w={w:g} (2 NFE/step)": cfg_pixels,
-                  f"AGD w={w:g} (1 NFE/step)": agd_pixels}
-        grid_figure(panels, labels.numpy(), config.grid_columns, f"same seeds, w = {w:g}",
-                    grids_dir / f"{tag}.png")
 
-    summary = summarise(rows)
+    # -- metrics, plots and the table -----------------------------------------------------------
     metrics = {
         "num_steps": steps, "samples_per_w": n, "batch_size": config.batch_size,
         "training_range": list(training_range), "unguided_images_per_second": n / unguided_seconds,
-        "summary_in_training_range": summary, "per_w": per_w,
+        "summary_in_training_range": summarise(rows), "per_w": {f"w{r['w']:g}": r for r in rows},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_csv(out / "fid_vs_w.csv", rows, {"unguided": "fid_unguided", "cfg": "fid_cfg", "agd": "fid_agd"})
@@ -206,10 +196,42 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
                {"unguided": "accuracy_unguided", "cfg": "accuracy_cfg", "agd": "accuracy_agd"})
     _write_csv(out / "fidelity_vs_w.csv", rows,
                {"agd_to_cfg": "fid_to_cfg_agd", "unguided_to_cfg": "fid_to_cfg_unguided"})
-    if classifier is not None:
+    if judges.classifier is not None:
         curves_figure(rows, training_range, out / "curves.png")
     log(format_table(rows))
     return metrics
+
+
+def _compare_at(w: float, sampler: ImageSampler, base, adapted, judges: Judges, baseline: dict, samples_dir: Path,
+                steps: int, cfg_first: bool, in_range: bool) -> dict:
+    """CFG and AGD at one w from the same seeds: samples as PNGs, and the row of metrics.json
+    (plus both pixel sets, for the grid)."""
+    tag = f"w{w:g}"
+    if cfg_first:
+        cfg_images, cfg_seconds = sampler.run(CFG(base, w))
+        agd_images, agd_seconds = sampler.run(AGD(adapted, w))
+    else:
+        agd_images, agd_seconds = sampler.run(AGD(adapted, w))
+        cfg_images, cfg_seconds = sampler.run(CFG(base, w))
+    cfg_pixels, agd_pixels = to_uint8(cfg_images), to_uint8(agd_images)
+    cfg_dir, agd_dir = samples_dir / "cfg" / tag, samples_dir / "agd" / tag
+    write_pngs(cfg_pixels, cfg_dir)
+    write_pngs(agd_pixels, agd_dir)
+    n = len(cfg_images)
+    return {
+        "w": w, "in_training_range": in_range,
+        "fid_unguided": baseline["fid"], "fid_cfg": judges.fid_real(cfg_dir), "fid_agd": judges.fid_real(agd_dir),
+        "accuracy_unguided": baseline["accuracy"], "accuracy_cfg": judges.accuracy(cfg_images),
+        "accuracy_agd": judges.accuracy(agd_images),
+        "fid_to_cfg_unguided": judges.fid_between(samples_dir / "unguided", cfg_dir),
+        "fid_to_cfg_agd": judges.fid_between(agd_dir, cfg_dir),
+        "rmse_to_cfg_unguided": paired_rmse(baseline["images"], cfg_images),
+        "rmse_to_cfg_agd": paired_rmse(agd_images, cfg_images),
+        "nfe_per_image_cfg": 2 * steps, "nfe_per_image_agd": steps,
+        "images_per_second_cfg": n / cfg_seconds, "images_per_second_agd": n / agd_seconds,
+        "speed_ratio_agd_over_cfg": cfg_seconds / agd_seconds,
+        "cfg_pixels": cfg_pixels, "agd_pixels": agd_pixels,
+    }
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -240,6 +262,11 @@ def _write_csv(path: Path, rows: list[dict], columns: dict[str, str]) -> None:
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.6g}"
+
+
+def paired_rmse(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples of the RMSE between each image and the one from the same seed."""
+    return float(((images - reference) ** 2).flatten(1).mean(1).sqrt().mean())
 
 
 def format_table(rows: list[dict]) -> str:
@@ -284,8 +311,8 @@ def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 99
         err_agd.add_(((out - step.guided_output) ** 2).flatten(1).mean(1).cpu())
         err_cond.add_(((step.cond_output - step.guided_output) ** 2).flatten(1).mean(1).cpu())
 
-    sample(base, cond, initial_noise(base, gens), steps or config["sampler"]["num_steps"], guidance_scale=w,
-           generators=gens, observer=observe, record_branches=True)
+    sample(base, cond, initial_noise(base, gens), steps or config["sampler"]["num_steps"], CFG(base, w),
+           generators=gens, observer=observe)
     edges = np.arange(np.floor(w_min), np.ceil(w_max) + 1)
     w_cpu = w.cpu()
     bins = {}

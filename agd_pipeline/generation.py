@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import GenerateConfig, resolve_device, torch_dtype
+from .config import GenerateConfig
+from .devices import resolve_device, torch_dtype
 from .errors import ConfigError, StoreError
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
-from .sampling import Step, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
+from .sampling import CFG, Step, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
 from .locks import FolderLock
 from .store import (MANIFEST, StoreWriter, TrajectoryStore, recover_manifest, refuse_foreign_folder,
                     resolve_compressor, shard_name)
@@ -99,9 +100,7 @@ def resolve_conditions(config: GenerateConfig, base: BaseModel, progress: bool =
                               f"{base.family} model: give generate.classes (or classes_file) instead")
         classes = read_class_file(config.classes_file) if config.classes_file else list(config.classes)
         classes = classes or list(range(base.num_classes))
-        bad = [c for c in classes if not 0 <= c < base.num_classes]
-        if bad:
-            raise ConfigError(f"generate.classes: {bad[:5]} are not classes of the model (0..{base.num_classes - 1})")
+        base.check_classes(classes, "generate.classes")
         return Conditions("class", classes=classes, per_condition=config.trajectories_per_class)
     if config.classes or config.classes_file:
         raise ConfigError(f"generate.classes is set, but {base.model_id!r} is a text-to-image {base.family} "
@@ -167,8 +166,7 @@ def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: b
             out["cond_output"][:, step.index] = step.cond_output.to("cpu", torch.float16).numpy()
             out["uncond_output"][:, step.index] = step.uncond_output.to("cpu", torch.float16).numpy()
 
-    final = sample(base, cond, noise, num_steps, guidance_scale=w, uncond=conditions.uncond, generators=gens,
-                   observer=observe, record_branches=record_branches)
+    final = sample(base, cond, noise, num_steps, CFG(base, w, conditions.uncond), generators=gens, observer=observe)
     out["sample"] = final.to("cpu", torch.float16).numpy()
     return {**out, **stored, **plan}
 
@@ -266,7 +264,8 @@ def _generate(config: GenerateConfig, writer: StoreWriter, base: BaseModel, cond
             if left:
                 raise StoreError(f"{config.out_dir}: shards {left[:5]} are still missing after every rank finished")
     if todo:
-        log(f"{config.out_dir}: {'rank %d wrote ' % rank if world > 1 else 'wrote '}{len(mine)} shard(s), "
+        who = f"rank {rank} wrote " if world > 1 else "wrote "
+        log(f"{config.out_dir}: {who}{len(mine)} shard(s), "
             f"{todo} trajectories x {config.num_steps} steps in {seconds:.1f} s ({todo / seconds:.1f} trajectories/s)")
     return {"written_shards": len(mine), "trajectories": total, "seconds": seconds, "rank": rank,
             "world_size": world}
@@ -314,5 +313,5 @@ def rebuild_manifest(out_dir: str, log=print) -> dict:
             manifest = recover_manifest(root, log)
     if manifest is None:
         raise StoreError(f"{root}: no shards with readable settings to rebuild a manifest from")
-    done = sum(s["status"] == "complete" for s in manifest["shards"])
-    return {"complete_shards": done, "shards": len(manifest["shards"])}
+    done = sum(s["status"] == "complete" for s in manifest.shards)
+    return {"complete_shards": done, "shards": len(manifest.shards)}

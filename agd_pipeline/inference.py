@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from .adapters import load_adapted_model, read_adapter_config
-from .config import MAX_GUIDANCE, MAX_SEED, resolve_device, torch_dtype
+from .config import MAX_GUIDANCE, MAX_SEED
+from .devices import resolve_device, torch_dtype
 from .errors import ConfigError
 from .models import encode_prompts, load_base_model
-from .sampling import ImageSampler, check_num_steps, trajectory_seed
+from .sampling import AGD, CFG, ImageSampler, check_num_steps, trajectory_seed
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_IMAGES = 1_000_000  # per call: the labels, seeds and images are all held in memory
@@ -28,6 +29,30 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
                   negative_prompt: str = "", dtype: str = "float32") -> dict:
     """Sample ``per_class`` images of each class (class models) or of each prompt (text models);
     returns images in [-1, 1] decoded with the pipeline's VAE, their labels and timing."""
+    _check_arguments(adapters, guidance_scale, per_class, steps, seed, batch_size, dtype)
+    adapter_config = read_adapter_config(adapters)
+    base = load_base_model(base_model or adapter_config["base_model"]["id"], device=resolve_device(device),
+                           dtype=torch_dtype(dtype))
+    steps = steps or adapter_config.get("sampler", {}).get("num_steps", 0)
+    if not steps:
+        raise ConfigError(f"{adapters}: the adapter config records no sampling steps: give steps (--steps)")
+    check_num_steps(base, steps, "steps")
+    adapted = load_adapted_model(adapters, base) if use_adapters else None
+    # CFG's unconditional branch: by default the negative prompt the adapters were distilled with
+    negative_prompt = negative_prompt or adapter_config.get("negative_prompt", "")
+    labels, conditions, uncond = _conditions(base, classes, prompts, per_class, negative_prompt)
+    seeds = [trajectory_seed(seed, i) for i in range(len(labels))]
+    denoiser = AGD(adapted, guidance_scale) if use_adapters else CFG(base, guidance_scale, uncond)
+    images, seconds = ImageSampler(base, conditions, seeds, steps, batch_size).run(denoiser)
+    guidance = adapter_config.get("guidance")
+    return {"images": images, "labels": labels, "seeds": seeds, "method": denoiser.name, "steps": steps,
+            "guidance_scale": guidance_scale, "nfe_per_image": steps * denoiser.evaluations_per_step,
+            "seconds": seconds, "prompts": list(prompts or []), "negative_prompt": negative_prompt,
+            "training_range": [guidance["min"], guidance["max"]] if guidance else None}
+
+
+def _check_arguments(adapters, guidance_scale, per_class, steps, seed, batch_size, dtype) -> None:
+    """Every argument checked before anything loads; ConfigError naming the argument."""
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ConfigError(f"guidance_scale must be a finite number >= 0 (got {guidance_scale})")
     if guidance_scale > MAX_GUIDANCE:
@@ -46,46 +71,27 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
         raise ConfigError(f"dtype: unknown value {dtype!r}; allowed: {', '.join(DTYPES)}")
     if not str(adapters).strip():
         raise ConfigError("adapters must name an adapter folder written by `python -m stages.train`")
-    device = resolve_device(device)
-    adapter_config = read_adapter_config(adapters)
-    base = load_base_model(base_model or adapter_config["base_model"]["id"], device=device,
-                           dtype=torch_dtype(dtype))
-    steps = steps or adapter_config.get("sampler", {}).get("num_steps", 0)
-    if not steps:
-        raise ConfigError(f"{adapters}: the adapter config records no sampling steps: give steps (--steps)")
-    check_num_steps(base, steps, "steps")
-    adapted = load_adapted_model(adapters, base) if use_adapters else None
-    uncond = None
+
+
+def _conditions(base, classes, prompts, per_class: int, negative_prompt: str):
+    """(label per image, the model's conditions per image, CFG's unconditional condition): classes
+    for class models, prompts (encoded once each) for text models."""
     if base.conditioning == "class":
         if prompts:
             raise ConfigError(f"{base.model_id!r} is class-conditional: give classes, not prompts")
         classes = list(classes) if classes else list(range(base.num_classes))
-        bad = [c for c in classes if not 0 <= c < base.num_classes]
-        if bad:
-            raise ConfigError(f"classes {bad[:5]} are not classes of the base model (0..{base.num_classes - 1})")
+        base.check_classes(classes, "classes")
         _check_total(len(classes), per_class, "classes")
         labels = torch.tensor([c for c in classes for _ in range(per_class)])
-        conditions = base.class_condition(labels)
-    else:
-        if classes:
-            raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: give prompts, not classes")
-        if not prompts:
-            raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: give at least one prompt")
-        _check_total(len(prompts), per_class, "prompts")
-        # CFG's unconditional branch: by default the negative prompt the adapters were distilled with
-        negative_prompt = negative_prompt or adapter_config.get("negative_prompt", "")
-        table, uncond = encode_prompts(base, prompts, negative_prompt)
-        labels = torch.tensor([i for i in range(len(prompts)) for _ in range(per_class)])
-        conditions = {name: value[labels] for name, value in table.items()}
-    seeds = [trajectory_seed(seed, i) for i in range(len(labels))]
-    sampler = ImageSampler(base, adapted, conditions, seeds, steps, batch_size, uncond=uncond)
-    method = "agd" if use_adapters else "cfg"
-    images, seconds = sampler.run(method, guidance_scale)
-    guidance = adapter_config.get("guidance")
-    return {"images": images, "labels": labels, "seeds": seeds, "method": method, "steps": steps,
-            "guidance_scale": guidance_scale, "nfe_per_image": steps * (1 if use_adapters else 2),
-            "seconds": seconds, "prompts": list(prompts or []), "negative_prompt": negative_prompt,
-            "training_range": [guidance["min"], guidance["max"]] if guidance else None}
+        return labels, base.class_condition(labels), None
+    if classes:
+        raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: give prompts, not classes")
+    if not prompts:
+        raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: give at least one prompt")
+    _check_total(len(prompts), per_class, "prompts")
+    table, uncond = encode_prompts(base, prompts, negative_prompt)
+    labels = torch.tensor([i for i in range(len(prompts)) for _ in range(per_class)])
+    return labels, {name: value[labels] for name, value in table.items()}, uncond
 
 
 def _check_total(conditions: int, per_class: int, what: str) -> None:

@@ -61,7 +61,7 @@ class FolderLock:
         self.create = create
         self._file = None
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         if self.folder.exists() and not self.folder.is_dir():
             raise LockError(f"{self.folder} is a file, not a folder: choose another path for the {self.purpose} output")
         try:
@@ -108,7 +108,7 @@ class FolderLock:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -1,17 +1,18 @@
-"""One sampling loop over a diffusers scheduler, shared by generate and evaluate.
+"""One sampling loop over a diffusers scheduler, shared by generate, evaluate and sample.
 
-Three ways to get the model output at each step:
-  * unguided: one conditional evaluation;
-  * CFG: conditional and unconditional halves in one batched call, with a per-sample scale w;
-  * AGD: one call of an :class:`~agd_pipeline.adapters.AdaptedModel` that was given w.
-An optional observer sees every step's model input and guided output: that is how stage one records.
+The loop takes a *denoiser*: a callable ``denoiser(x_t, t, cond) -> Prediction`` that gives the
+output the scheduler steps with. Guidance lives in the denoisers, not in the loop (k-diffusion's
+way): :class:`Unguided` (1 evaluation per step), :class:`CFG` (conditional and unconditional halves
+in one batched call, with a per-sample scale w; 2 per step) and :class:`AGD` (one call of an
+:class:`~agd_pipeline.adapters.AdaptedModel` given w; 1 per step). An optional observer sees every
+step's model input and prediction: that is how stage one records.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -80,56 +81,83 @@ def set_timesteps(scheduler, num_steps: int, latent_shape, patch_size: int | Non
     scheduler.set_timesteps(num_steps, device=device, **kwargs)
 
 
-@torch.no_grad()
-def sample(
-    base: BaseModel,
-    cond: dict,
-    noise: torch.Tensor,
-    num_steps: int,
-    *,
-    guidance_scale: torch.Tensor | float | None = None,
-    uncond: dict | None = None,
-    adapted: Callable | None = None,
-    scheduler=None,
-    generators=None,
-    observer: Callable[[Step], None] | None = None,
-    record_branches: bool = False,
-) -> torch.Tensor:
-    """Sample a batch and return the final latents.
+@dataclass
+class Prediction:
+    """A denoiser's output at one step: the prediction channels the scheduler steps with, and for
+    CFG its two branches."""
 
-    ``cond`` holds one condition row per sample (see :mod:`agd_pipeline.models`); ``uncond`` is the
-    unconditional branch's (the null class by default; text models pass the negative prompt's).
-    guidance_scale None and adapted None: unguided (1 evaluation per step).
-    guidance_scale given, adapted None: CFG (2 evaluations per step, batched as one call).
-    adapted given: AGD, ``adapted(x, t, cond, w)`` (1 evaluation per step).
-    """
-    batch = noise.shape[0]
+    guided: torch.Tensor
+    cond: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+
+
+def _per_sample(guidance_scale, x: torch.Tensor) -> torch.Tensor:
+    """w as one float32 value per sample of the batch ``x`` (a scalar is shared)."""
+    w = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
+    return w.expand(x.shape[0]) if w.dim() == 0 else w
+
+
+class Unguided:
+    """The conditional model alone."""
+
+    name, evaluations_per_step = "unguided", 1
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+
+    def __call__(self, x, t, cond: dict) -> Prediction:
+        return Prediction(self.base.prediction_channels(self.base.predict(x, t, cond)))
+
+
+class CFG:
+    """Classifier-free guidance: uncond + w * (cond - uncond), both halves in one batched call.
+    ``uncond`` is the unconditional branch's condition: the null class by default, the negative
+    prompt's embeddings for text models (one row, shared, or one per sample)."""
+
+    name, evaluations_per_step = "cfg", 2
+
+    def __init__(self, base: BaseModel, guidance_scale, uncond: dict | None = None):
+        self.base, self.guidance_scale, self.uncond = base, guidance_scale, uncond
+
+    def __call__(self, x, t, cond: dict) -> Prediction:
+        guided, cond_out, uncond_out = self.base.cfg_predict(x, t, cond, _per_sample(self.guidance_scale, x),
+                                                             self.uncond)
+        return Prediction(guided, cond_out, uncond_out)
+
+
+class AGD:
+    """Adapter guidance distillation: one call of the adapted model, told w."""
+
+    name, evaluations_per_step = "agd", 1
+
+    def __init__(self, adapted, guidance_scale):
+        if guidance_scale is None:
+            raise ValueError("AGD sampling needs the guidance scale the adapters are conditioned on")
+        self.adapted, self.guidance_scale = adapted, guidance_scale
+
+    def __call__(self, x, t, cond: dict) -> Prediction:
+        output = self.adapted(x, t, cond, _per_sample(self.guidance_scale, x))
+        return Prediction(self.adapted.base.prediction_channels(output))
+
+
+@torch.no_grad()
+def sample(base: BaseModel, cond: dict, noise: torch.Tensor, num_steps: int, denoiser: Callable, *,
+           scheduler=None, generators=None, observer: Callable[[Step], None] | None = None) -> torch.Tensor:
+    """Sample a batch with ``denoiser`` (:class:`Unguided`, :class:`CFG` or :class:`AGD`) and return
+    the final latents. ``cond`` holds one condition row per sample (see :mod:`agd_pipeline.models`)."""
     device = noise.device
     scheduler = copy_scheduler(scheduler if scheduler is not None else base.scheduler)
     set_timesteps(scheduler, num_steps, noise.shape, getattr(base.net.config, "patch_size", None), device)
     cond = {name: torch.as_tensor(value).to(device) for name, value in base.as_condition(cond).items()}
-    if guidance_scale is not None:
-        guidance_scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device)
-        guidance_scale = guidance_scale.expand(batch) if guidance_scale.dim() == 0 else guidance_scale
-    if adapted is not None and guidance_scale is None:
-        raise ValueError("AGD sampling needs the guidance scale the adapters are conditioned on")
-
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from plain noise
     step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
     scale_input = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers have none
     for index, t in enumerate(scheduler.timesteps):
         model_input = scale_input(x, t) if scale_input is not None else x
-        cond_out = uncond_out = None
-        if adapted is not None:
-            guided = base.prediction_channels(adapted(model_input, t, cond, guidance_scale))
-        elif guidance_scale is None:
-            guided = base.prediction_channels(base.predict(model_input, t, cond))
-        else:
-            guided, cond_out, uncond_out = base.cfg_predict(model_input, t, cond, guidance_scale, uncond)
+        prediction = denoiser(model_input, t, cond)
         if observer is not None:
-            observer(Step(index, t, model_input, guided,
-                          cond_out if record_branches else None, uncond_out if record_branches else None))
-        x = scheduler.step(guided, t, x, **step_kwargs).prev_sample
+            observer(Step(index, t, model_input, prediction.guided, prediction.cond, prediction.uncond))
+        x = scheduler.step(prediction.guided, t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -140,22 +168,16 @@ def _accepts_generator(scheduler) -> bool:
 
 
 class ImageSampler:
-    """Samples a fixed set of (condition, seed) pairs in batches with one method, decodes, and times it.
+    """Samples a fixed set of (condition, seed) pairs in batches with a denoiser, decodes, and times it.
+    Each sample's noise comes from its own seed, so every denoiser sees the same starting points.
+    ``conditions`` holds one row per sample."""
 
-    Methods: "unguided" (1 NFE/step), "cfg" (2 NFE/step), "agd" (1 NFE/step, needs ``adapted``).
-    Each sample's noise comes from its own seed, so every method sees the same starting points.
-    ``conditions`` holds one row per sample; ``uncond`` the unconditional branch's (see ``sample``).
-    """
+    def __init__(self, base: BaseModel, conditions: dict, seeds: list[int], steps: int, batch_size: int):
+        self.base, self.conditions, self.seeds = base, conditions, seeds
+        self.steps, self.batch_size = steps, batch_size
 
-    def __init__(self, base: BaseModel, adapted, conditions: dict, seeds: list[int], steps: int,
-                 batch_size: int, uncond: dict | None = None):
-        self.base, self.adapted, self.conditions, self.seeds = base, adapted, conditions, seeds
-        self.steps, self.batch_size, self.uncond = steps, batch_size, uncond
-
-    def run(self, method: str, w: float | None) -> tuple[torch.Tensor, float]:
+    def run(self, denoiser: Callable) -> tuple[torch.Tensor, float]:
         """Images in [-1, 1] on the CPU, and the seconds spent sampling and decoding them."""
-        if method not in ("unguided", "cfg", "agd"):
-            raise ValueError(f"unknown sampling method {method!r}")
         outputs, seconds = [], 0.0
         for start in range(0, len(self.seeds), self.batch_size):
             stop = min(len(self.seeds), start + self.batch_size)
@@ -163,9 +185,7 @@ class ImageSampler:
             noise = initial_noise(self.base, gens)
             cond = {name: value[start:stop] for name, value in self.conditions.items()}
             began = time.perf_counter()
-            latents = sample(self.base, cond, noise, self.steps, generators=gens, uncond=self.uncond,
-                             guidance_scale=None if method == "unguided" else w,
-                             adapted=self.adapted if method == "agd" else None)
+            latents = sample(self.base, cond, noise, self.steps, denoiser, generators=gens)
             with torch.no_grad():
                 images = self.base.decode(latents)
             seconds += time.perf_counter() - began

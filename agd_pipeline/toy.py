@@ -9,7 +9,6 @@ are the feature space of this default's FID, and the held-out real digits as FID
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import BaseStageConfig
+from .optim import cosine_with_warmup
 from .errors import ModelError
 from .models import save_dit_folder
 
@@ -74,13 +74,6 @@ def build_scheduler(config: BaseStageConfig):
     )
 
 
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
     """Train the default base model and its evaluation classifier; write them to config.out_dir."""
     from diffusers.training_utils import EMAModel
@@ -99,7 +92,7 @@ def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
     ema = EMAModel(net.parameters(), decay=config.ema_decay)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _cosine_lr(s, config.train_steps, max(1, config.train_steps // 20)))
+        optimizer, lambda s: cosine_with_warmup(s, config.train_steps, max(1, config.train_steps // 20)))
     alphas = scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(config.seed)
     losses = []
@@ -207,7 +200,7 @@ def load_classifier(base_dir: str | Path) -> DigitClassifier | None:
     try:
         model.load_state_dict(load_file(folder / "model.safetensors"))
     except Exception as err:  # noqa: BLE001
-        raise ModelError(f"{folder}: cannot load the evaluation classifier ({err}); re-run the base stage")
+        raise ModelError(f"{folder}: cannot load the evaluation classifier ({err}); re-run the base stage") from None
     return model.eval()
 
 

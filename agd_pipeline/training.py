@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 import shutil
 import time
@@ -23,12 +22,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapters import AdaptedModel, AdapterConfig, default_condition_on, resolve_placement, save_adapters
-from .config import TrainConfig, resolve_device, torch_dtype
+from .config import TrainConfig
+from .devices import resolve_device, torch_dtype
 from .errors import AgdError, ConfigError, ModelError, os_reason
 from .loader import StepBatches
 from .locks import FolderLock
 from .models import load_base_model
-from .store import TrajectoryStore, condition_arrays, differences, read_manifest
+from .optim import cosine_with_warmup
+from .store import Manifest, TrajectoryStore, differences, read_manifest
 
 CHECKPOINT = "checkpoint"
 LOSS_CSV = "loss.csv"
@@ -44,12 +45,6 @@ LEGACY_CHECKPOINT_FILES = ("progress.json", "model.safetensors", "optimizer.bin"
 RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch", "loader_workers")
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def weighted_mse(output, target, guidance_scale, weighting: str) -> torch.Tensor:
     per_sample = (output - target).pow(2).flatten(1).mean(1)
     if weighting == "uniform":
@@ -58,10 +53,10 @@ def weighted_mse(output, target, guidance_scale, weighting: str) -> torch.Tensor
     return (weights * per_sample).sum() / weights.sum()
 
 
-def adapter_config_for(config: TrainConfig, manifest: dict) -> AdapterConfig:
+def adapter_config_for(config: TrainConfig, manifest: Manifest) -> AdapterConfig:
     """The adapter architecture for this store's base: family defaults filled in, text widths read
     from the recorded prompt embeddings."""
-    recorded = manifest["base_model"]
+    recorded = manifest.base_model
     family = recorded.get("family", "dit")
     conditioning = recorded.get("conditioning", "class")
     condition_on = list(config.condition_on) or default_condition_on(conditioning)
@@ -69,7 +64,7 @@ def adapter_config_for(config: TrainConfig, manifest: dict) -> AdapterConfig:
     if wrong & set(condition_on):
         raise ConfigError(f"train.condition_on: {sorted(wrong & set(condition_on))} do not apply to this "
                           f"{conditioning}-conditional {family} store; use {default_condition_on(conditioning)}")
-    arrays = condition_arrays(manifest)
+    arrays = manifest.condition_arrays
     try:
         placement = resolve_placement(family, config.placement)
     except ModelError as err:
@@ -80,7 +75,7 @@ def adapter_config_for(config: TrainConfig, manifest: dict) -> AdapterConfig:
         num_classes=recorded["num_classes"],
         text_dim=arrays["prompt_embeds"]["shape"][-1] if "prompt_embeds" in arrays else 0,
         pooled_dim=arrays["pooled_prompt_embeds"]["shape"][-1] if "pooled_prompt_embeds" in arrays else 0,
-        guidance_scale_unit=max(1.0, manifest["guidance"]["max"] - 1.0),
+        guidance_scale_unit=max(1.0, manifest.guidance_max - 1.0),
         guidance_gate=config.guidance_gate,
     )
 
@@ -109,12 +104,62 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
 
 def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     main = accelerator.is_main_process
+    if not main:
+        log = _silent
+
+    # -- the store (verified) and the frozen base it was recorded with ------------------------
     store = TrajectoryStore(config.store)
     store.check(full=config.verify == "full" and main)  # the other processes check presence and shapes
     accelerator.wait_for_everyone()
-    manifest = store.manifest
-    recorded = manifest["base_model"]
-    base = load_base_model(config.base_model or recorded["id"], device=accelerator.device, with_vae=False,
+    base = _recorded_base(config, store.manifest, accelerator.device)
+
+    # -- adapters, optimizer, learning-rate schedule ----------------------------------------
+    adapter_config = adapter_config_for(config, store.manifest)
+    torch.manual_seed(config.seed)
+    model = AdaptedModel(base, adapter_config)
+    report = model.parameter_report()
+    log(f"adapters: {config.adapter} at {adapter_config.placement} x{len(model.adapters)}, "
+        f"{report['adapter']:,} parameters = {100 * report['share']:.2f} % of the base's {report['base']:,}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    warmup = max(1, config.steps // 20)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, config.steps, warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # -- resume from a checkpoint of the same settings on the same store ----------------------
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT
+    fingerprint = store.fingerprint()
+    start_step = _resume(accelerator, checkpoint, config, fingerprint, log, model, optimizer, lr_schedule)
+    if main:
+        _truncate_losses(out / LOSS_CSV, start_step)
+
+    # -- the optimisation loop ----------------------------------------------------------------
+    loader = StepBatches(store, config.batch_size, config.seed, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, workers=config.loader_workers)
+    if accelerator.num_processes > 1:
+        log(f"train: {accelerator.num_processes} processes, {loader.batches_per_epoch()} batches each per epoch")
+    started = time.perf_counter()
+    running = _optimise(config, accelerator, model, optimizer, lr_schedule, loader.from_step(start_step),
+                        store.manifest, base.latent_channels, start_step, fingerprint, progress)
+    seconds = time.perf_counter() - started
+    final_loss = float(np.mean(running[-50:])) if running else None
+    accelerator.wait_for_everyone()
+
+    # -- the adapters, with everything they were trained from -----------------------------------
+    if main:
+        _save_trained(accelerator.unwrap_model(model).eval(), config, store, fingerprint, final_loss)
+        log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
+            f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
+    return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
+
+
+def _recorded_base(config: TrainConfig, manifest, device):
+    """The base the store names (or train.base_model), refused unless its weights are the ones the
+    targets were recorded with."""
+    recorded = manifest.base_model
+    base = load_base_model(config.base_model or recorded["id"], device=device, with_vae=False,
                            dtype=torch_dtype(config.dtype or recorded.get("dtype", "float32")))
     if base.weights_fingerprint() != recorded["weights_fingerprint"]:
         raise ModelError(
@@ -122,55 +167,35 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
             f"but {base.model_id!r} has weights {base.weights_fingerprint()}: the targets do not belong to this "
             "base. Re-run stage one (generate) for this base, or point train.base_model at the recorded one."
         )
-    adapter_config = adapter_config_for(config, manifest)
-    torch.manual_seed(config.seed)
-    model = AdaptedModel(base, adapter_config)
-    report = model.parameter_report()
-    if not main:
-        log = _silent
-    log(f"adapters: {config.adapter} at {adapter_config.placement} x{len(model.adapters)}, "
-        f"{report['adapter']:,} parameters = {100 * report['share']:.2f} % of the base's {report['base']:,}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    warmup = max(1, config.steps // 20)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, config.steps, warmup))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    return base
 
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / CHECKPOINT
-    fingerprint = store.fingerprint()
-    start_step = _resume(accelerator, checkpoint, config, fingerprint, log, model, optimizer, lr_schedule)
-    losses_path = out / LOSS_CSV
-    if main:
-        _truncate_losses(losses_path, start_step)
 
-    loader = StepBatches(store, config.batch_size, config.seed, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, workers=config.loader_workers)
-    batches = loader.from_step(start_step)  # the same batches as an uninterrupted run
-    if accelerator.num_processes > 1:
-        log(f"train: {accelerator.num_processes} processes, {loader.batches_per_epoch()} batches each per epoch")
-    channels = base.latent_channels
-    started = time.perf_counter()
+def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, batches, manifest, channels: int,
+              start_step: int, fingerprint: str, progress: bool) -> list[float]:
+    """Steps start_step .. config.steps: loss.csv rows, the progress bar, checkpoints. Returns the
+    losses of this run (the mean over processes)."""
+    main = accelerator.is_main_process
+    checkpoint = Path(config.out_dir) / CHECKPOINT
     model.train()
-    with open(losses_path if main else os.devnull, "a", newline="") as loss_file, \
+    running = []
+    with open(Path(config.out_dir) / LOSS_CSV if main else os.devnull, "a", newline="") as loss_file, \
             tqdm(range(start_step, config.steps), desc="train: adapters", unit="step",
                  disable=not progress or not main, initial=start_step, total=config.steps) as bar:
         writer = csv.writer(loss_file)
         if start_step == 0:
             writer.writerow(["step", "loss", "lr"])
-        running = []
         for step in bar:
             batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
             x = batch["model_input"].float()
             target = batch["guided_output"].float()
-            cond = {k: batch[k] for k in condition_arrays(manifest)}
+            cond = {k: batch[k] for k in manifest.condition_arrays}
             output = model(x, batch["timesteps"], cond, batch["guidance_scale"])
             loss = weighted_mse(output[:, :channels].float(), target, batch["guidance_scale"],
                                 config.loss_weighting)
             if not torch.isfinite(loss):
                 raise AgdError(f"train: loss became {loss.item()} at step {step}; lower train.learning_rate "
-                               f"(now {config.learning_rate}) or check the store with `python -m stages.inspect --verify`")
+                               f"(now {config.learning_rate}) or check the store with "
+                               "`python -m stages.inspect --verify`")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -184,20 +209,24 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
                 loss_file.flush()
                 _save_checkpoint(accelerator, checkpoint, config, fingerprint, step + 1, model, optimizer,
                                  lr_schedule)
-    seconds = time.perf_counter() - started
-    final_loss = float(np.mean(running[-50:])) if running else None
-    accelerator.wait_for_everyone()
-    if not main:
-        return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
-    unwrapped = accelerator.unwrap_model(model).eval()
+    return running
+
+
+def _save_trained(model: AdaptedModel, config: TrainConfig, store: TrajectoryStore, fingerprint: str,
+                  final_loss: float | None) -> None:
+    """adapters.safetensors and adapter_config.json (with the store they were trained on); then the
+    checkpoint, no longer needed, is removed."""
+    out = Path(config.out_dir)
+    checkpoint = out / CHECKPOINT
+    manifest = store.manifest
     try:
-        save_adapters(unwrapped, out, extra={
+        save_adapters(model, out, extra={
             "training": config.to_dict(),
             "store": {"path": str(config.store), "trajectories": store.num_trajectories, "fingerprint": fingerprint,
                       "shard_checksums": [s.get("checksum") for s in store.shards]},
-            "sampler": manifest["sampler"],
-            "guidance": manifest["guidance"],
-            "negative_prompt": manifest.get("negative_prompt", ""),
+            "sampler": manifest.sampler,
+            "guidance": manifest.guidance,
+            "negative_prompt": manifest.negative_prompt,
             "final_loss": final_loss,
         })
     except OSError as err:
@@ -206,9 +235,6 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
                           "finish" if checkpoint.exists() else "")) from None
     for leftover in (checkpoint, checkpoint.with_name(checkpoint.name + ".tmp")):
         shutil.rmtree(leftover, ignore_errors=True)
-    log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
-        f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
-    return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
 
 
 def _silent(*args, **kwargs) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .store import CLASS_CONDITION, StoreWriter, TrajectoryStore, folder_bytes, convert_store
+from agd_pipeline.store import CLASS_CONDITION, StoreWriter, TrajectoryStore, folder_bytes, convert_store
 
 LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}
 
@@ -72,7 +72,8 @@ def write_reference_layout(root: Path, store: TrajectoryStore) -> None:
     for i in range(inputs.shape[0]):
         folder = root / f"traj_{i:06d}"
         folder.mkdir(parents=True)
-        both = np.memmap(folder / "latents.fp16", dtype=np.float16, mode="w+", shape=(inputs.shape[1], 2, *inputs.shape[2:]))
+        both = np.memmap(folder / "latents.fp16", dtype=np.float16, mode="w+",
+                         shape=(inputs.shape[1], 2, *inputs.shape[2:]))
         both[:, 0], both[:, 1] = inputs[i], outputs[i]
         both.flush()
         with open(folder / "cond.pkl", "wb") as f:
@@ -117,8 +118,8 @@ def _rate(batches, limit_samples: int) -> float:
 def training_consumption(batch_size: int = 256, steps: int = 20) -> float:
     """(trajectory, step) samples per second that one adapter training step of the default consumes
     (the embedded default's architecture and adapters, forward and backward on this machine)."""
-    from .adapters import AdaptedModel, AdapterConfig
-    from .benchmark import build_base
+    from agd_pipeline.adapters import AdaptedModel, AdapterConfig
+    from benchmarks.models import build_base
 
     base = build_base("toy-dit-8x8")
     model = AdaptedModel(base, AdapterConfig(num_classes=base.num_classes)).train()
@@ -145,7 +146,7 @@ def training_consumption(batch_size: int = 256, steps: int = 20) -> float:
 def loader_table(trajectories: int = 400, steps: int = 32, batch_size: int = 256, workdir: str | None = None,
                  reference_samples: int = 20_000) -> list[dict]:
     """Samples per second: our Zarr loader, our WebDataset loader, and the reference layout."""
-    from .loader import StepBatches
+    from agd_pipeline.loader import StepBatches
 
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -181,10 +182,10 @@ def recording_overhead(batch: int = 200, steps: int = 32, batches: int = 3, repe
                        architecture: str = "toy-dit-8x8") -> dict:
     """Stage one with recording (every step copied out, shards compressed and written) against
     the same sampling loop with recording switched off. Median over repeats, alternating order."""
-    from .benchmark import build_base
-    from .config import GenerateConfig, load_config
-    from .generation import Conditions, record_batch, store_header
-    from .sampling import generators_for, initial_noise, sample
+    from benchmarks.models import build_base
+    from agd_pipeline.config import GenerateConfig, load_config
+    from agd_pipeline.generation import Conditions, record_batch, store_header
+    from agd_pipeline.sampling import CFG, generators_for, initial_noise, sample
 
     torch.manual_seed(0)
     base = build_base(architecture)
@@ -201,10 +202,9 @@ def recording_overhead(batch: int = 200, steps: int = 32, batches: int = 3, repe
                     plan = conditions.plan(0, range(b * batch, (b + 1) * batch), 1.0, 6.0)
                     gens = generators_for(plan["seed"].tolist())
                     sample(base, torch.from_numpy(plan["class_label"]), initial_noise(base, gens), steps,
-                           guidance_scale=torch.from_numpy(plan["guidance_scale"]), generators=gens)
+                           CFG(base, torch.from_numpy(plan["guidance_scale"])), generators=gens)
 
-            def with_recording():
-                root = Path(tmp) / f"store{repeat}"
+            def with_recording(root=Path(tmp) / f"store{repeat}"):
                 writer = StoreWriter(root, store_header(config, base, conditions))
                 for b in range(batches):
                     shard = writer.begin_shard(b)
@@ -235,7 +235,7 @@ def storage_table(store: str | Path, variants=None, workdir: str | None = None) 
     each format and codec: the store converted shard for shard."""
     source = TrajectoryStore(store)
     n, steps = source.num_trajectories, source.num_steps
-    latent = int(np.prod(source.manifest["latent_shape"]))
+    latent = int(np.prod(source.manifest.latent_shape))
     raw_per_step = 2 * latent * 2  # model input and guided output, fp16
     # tar members are standard .npz files: stored or deflate only
     variants = variants or [("zarr", codec, bits) for codec, bits in (
@@ -265,9 +265,9 @@ def lossy_table(store: str | Path, adapters_out: str | Path, keepbits=(6, 3), tr
                 trajectories: int = 400) -> list[dict]:
     """Train the default adapters on BitRound copies of the store and measure the gap they close
     (against adapters trained the same way on the lossless store)."""
-    from .config import TrainConfig, load_config
-    from .evaluation import gap_closed
-    from .training import train
+    from agd_pipeline.config import TrainConfig, load_config
+    from agd_pipeline.evaluation import gap_closed
+    from agd_pipeline.training import train
 
     rows = []
     out = Path(adapters_out)

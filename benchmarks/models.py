@@ -6,21 +6,23 @@ Nothing here is a test: numbers depend on the machine, so they are printed and w
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .adapters import PLACEMENTS, AdaptedModel, AdapterConfig, default_condition_on
-from .models import BaseModel, count_parameters
+from agd_pipeline import families
+from agd_pipeline.adapters import AdaptedModel, AdapterConfig, default_condition_on
+from agd_pipeline.models import BaseModel, count_parameters
 
 
 @dataclass(frozen=True)
 class Architecture:
     """A published denoiser config (diffusers' config.json of the checkpoint), so no weights are needed."""
 
-    family: str
+    family: str  # a name in the families registry
     denoiser: str  # diffusers class
     config: dict
     text_tokens: int = 0  # prompt tokens the text encoders produce
@@ -63,19 +65,19 @@ def build_base(name: str, device: str | torch.device = "cpu") -> BaseModel:
     import diffusers
 
     arch = ARCHITECTURES[name]
+    family = families.get(arch.family)
     with torch.device(device):
         net = getattr(diffusers, arch.denoiser)(**arch.config)
     net.requires_grad_(False).eval()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler() if arch.family == "sd3" else diffusers.DDIMScheduler()
-    return BaseModel(net=net, scheduler=scheduler, family=arch.family, model_id=f"config:{name}",
-                     num_classes=arch.config.get("num_embeds_ada_norm", 0) if arch.family == "dit" else 0,
+    return BaseModel(net=net, scheduler=family.default_scheduler(), family=family.name, model_id=f"config:{name}",
+                     num_classes=family.num_classes(arch.config),
                      latent_channels=arch.config["in_channels"], sample_size=arch.config["sample_size"])
 
 
 def adapter_config(name: str, base: BaseModel, **settings) -> AdapterConfig:
     """An adapter config for this architecture: its classes or text widths, its family's defaults."""
     arch = ARCHITECTURES[name]
-    settings.setdefault("placement", PLACEMENTS[arch.family][0])
+    settings.setdefault("placement", families.get(arch.family).placements[0])
     settings.setdefault("condition_on", default_condition_on(base.conditioning))
     return AdapterConfig(num_classes=base.num_classes, text_dim=arch.text_dim, pooled_dim=arch.pooled_dim,
                          **settings)
@@ -97,7 +99,7 @@ def parameter_table(name: str, kinds=("offset", "cross_attention", "bottleneck")
         return params
 
     rows = []
-    for placement in placements or PLACEMENTS[ARCHITECTURES[name].family]:
+    for placement in placements or families.get(ARCHITECTURES[name].family).placements:
         for kind in kinds:
             for width in widths:
                 params = count(kind, placement, width)
@@ -126,15 +128,7 @@ def _time(fn, repeats: int) -> float:
 def random_condition(name: str, base: BaseModel, batch: int) -> dict:
     """A condition of the right shapes: class ids, or random prompt embeddings."""
     arch = ARCHITECTURES[name]
-    if arch.family == "dit":
-        return base.class_condition(torch.randint(0, base.num_classes, (batch,)))
-    cond = {"prompt_embeds": torch.randn(batch, arch.text_tokens, arch.text_dim)}
-    if arch.pooled_dim:
-        cond["pooled_prompt_embeds"] = torch.randn(batch, arch.pooled_dim)
-    if arch.family == "sdxl":
-        side = float(8 * base.sample_size)
-        cond["add_time_ids"] = torch.tensor([[side, side, 0.0, 0.0, side, side]]).expand(batch, 6)
-    return cond
+    return base.spec.random_condition(base, batch, arch.text_tokens, arch.text_dim, arch.pooled_dim)
 
 
 @torch.no_grad()
@@ -154,9 +148,9 @@ def step_times(name: str, batch_sizes=(1, 4), repeats: int = 3, adapter: Adapter
         cond = random_condition(name, base, batch)
         uncond = None if base.conditioning == "class" else random_condition(name, base, 1)
         w = torch.full((batch,), 4.0)
-        cfg = _time(lambda: base.cfg_predict(x, t, cond, w, uncond), repeats)
-        agd = _time(lambda: adapted(x, t, cond, w), repeats)
-        unguided = _time(lambda: base.predict(x, t, cond), repeats)
+        cfg = _time(functools.partial(base.cfg_predict, x, t, cond, w, uncond), repeats)
+        agd = _time(functools.partial(adapted, x, t, cond, w), repeats)
+        unguided = _time(functools.partial(base.predict, x, t, cond), repeats)
         rows.append({"architecture": name, "batch": batch, "cfg_seconds": cfg, "agd_seconds": agd,
                      "unguided_seconds": unguided, "speedup_agd_over_cfg": cfg / agd,
                      "adapter_overhead_percent": 100 * (agd / unguided - 1),

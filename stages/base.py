@@ -2,8 +2,8 @@
 
 import sys
 
-from agd_pipeline.cli import stage_main
-from agd_pipeline.config import BaseStageConfig, write_resolved
+from agd_pipeline.cli import stage_main, write_resolved
+from agd_pipeline.config import BaseStageConfig
 
 
 def run(config: BaseStageConfig, args) -> None:

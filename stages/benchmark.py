@@ -85,14 +85,13 @@ def main(argv=None) -> int:
         return 2
 
 
-def run(argv=None) -> int:
+def parser() -> Parser:
     parser = Parser(prog="python -m stages.benchmark", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["step-time", "parameters", "gap-closed", "loader", "recording", "storage",
-                                         "lossy"], help="which benchmark")
+    parser.add_argument("what", choices=list(BENCHMARKS), help="which benchmark")
     parser.add_argument("--architectures", default="",
-                        help="comma-separated: dit-xl-2-256, dit-s-2-256, sd-2.1-unet, sdxl-unet, sd3-medium, toy-dit-8x8 "
-                        "(step-time defaults to dit-xl-2-256,sd-2.1-unet)")
+                        help="comma-separated: dit-xl-2-256, dit-s-2-256, sd-2.1-unet, sdxl-unet, sd3-medium, "
+                        "toy-dit-8x8 (step-time defaults to dit-xl-2-256,sd-2.1-unet)")
     parser.add_argument("--batch-sizes", default="1,4", help="step-time: batch sizes (images)")
     parser.add_argument("--repeats", type=int, default=3, help="step-time: timed repeats (median)")
     parser.add_argument("--adapters", default="data/adapters",
@@ -106,104 +105,141 @@ def run(argv=None) -> int:
     parser.add_argument("--out", default=None,
                         help="JSON file (default data/benchmarks/<what>.json, not tracked; the README's "
                         "tables come from docs/benchmarks/<what>.json)")
-    args = parser.parse_args(argv)
-    check_args(args)
-    if args.what in ("loader", "recording", "storage", "lossy"):
-        return data_benchmark(args)
-    from agd_pipeline.benchmark import ARCHITECTURES, parameter_table, step_times
-
-    default = "dit-xl-2-256,sd-2.1-unet" if args.what == "step-time" else \
-        "dit-xl-2-256,sd-2.1-unet,sdxl-unet,sd3-medium,toy-dit-8x8"
-    names = args.architectures or default.split(",")
-    unknown = [n for n in names if n not in ARCHITECTURES]
-    if unknown:
-        raise UsageError(f"unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
-    rows = []
-    if args.what == "gap-closed":
-        from agd_pipeline.errors import AgdError
-        from agd_pipeline.evaluation import gap_closed
-
-        print("| adapters | gap closed | per w bin |")
-        print("|---|---|---|")
-        for folder in args.adapters:
-            try:
-                r = gap_closed(folder, args.trajectories)
-            except AgdError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
-            rows.append(r)
-            bins = " ".join(f"{k}: {v:.3f}" for k, v in r["per_w_bin"].items())
-            print(f"| {folder} | {r['overall']:.3f} | {bins} |", flush=True)
-    elif args.what == "step-time":
-        batches = args.batch_sizes
-        print("| architecture | batch | CFG s/step | AGD s/step | unguided s/step | AGD speed-up | adapter overhead |")
-        print("|---|---|---|---|---|---|---|")
-        for name in names:
-            for r in step_times(name, batches, args.repeats):
-                rows.append(r)
-                print(f"| {name} | {r['batch']} | {r['cfg_seconds']:.4f} | {r['agd_seconds']:.4f} | "
-                      f"{r['unguided_seconds']:.4f} | {r['speedup_agd_over_cfg']:.2f}x | "
-                      f"{r['adapter_overhead_percent']:+.1f} % |", flush=True)
-    else:
-        print("| architecture | adapter | placement | width | parameters | share of base |")
-        print("|---|---|---|---|---|---|")
-        for name in names:
-            for r in parameter_table(name):
-                rows.append(r)
-                width = f"**{r['width']}** (~2 %)" if "reaches_target_percent" in r else r["width"]
-                print(f"| {name} | {r['kind']} | {r['placement']} | {width} | "
-                      f"{r['adapter_parameters']:,} | {r['share_percent']:.2f} % |", flush=True)
-    write_json(rows, args.out)
-    return 0
+    return parser
 
 
-def data_benchmark(args) -> int:
-    from agd_pipeline import data_benchmark as bench
+def run(argv=None) -> int:
     from agd_pipeline.errors import AgdError
 
+    args = parser().parse_args(argv)
+    check_args(args)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     try:
-        if args.what == "loader":
-            rows = bench.loader_table(workdir=args.workdir)
-            consumed = bench.training_consumption()
-            print(f"one adapter training step of the default consumes {consumed:,.0f} samples/s here")
-            print("| latent | Zarr loader | WebDataset loader | reference layout | Zarr / reference | "
-                  "WebDataset / reference | Zarr / training step |")
-            print("|---|---|---|---|---|---|---|")
-            for r in rows:
-                r["training_consumes_samples_per_s"] = consumed
-                print(f"| {r['latent']} | {r['zarr_samples_per_s']:,.0f}/s | {r['webdataset_samples_per_s']:,.0f}/s | "
-                      f"{r['reference_samples_per_s']:,.0f}/s | {r['zarr_over_reference']:.1f}x | "
-                      f"{r['webdataset_over_reference']:.1f}x | {r['zarr_samples_per_s'] / consumed:.1f}x |")
-        elif args.what == "recording":
-            rows = [bench.recording_overhead(),  # the embedded default: 600 trajectories of 32 steps
-                    bench.recording_overhead(batch=8, steps=8, batches=2, architecture="dit-s-2-256")]
-            print("| architecture | trajectories x steps | without recording | with recording | overhead |")
-            print("|---|---|---|---|---|")
-            for r in rows:
-                print(f"| {r['architecture']} | {r['trajectories']} x {r['steps']} | "
-                      f"{r['seconds_without_recording']:.2f} s | {r['seconds_with_recording']:.2f} s | "
-                      f"{r['overhead_percent']:+.1f} % |")
-        elif args.what == "storage":
-            rows = bench.storage_table(args.store, workdir=args.workdir)
-            print("| format | codec | BitRound bits | bytes / trajectory-step | vs raw fp16 | files / 1,000 trajectories |")
-            print("|---|---|---|---|---|---|")
-            for r in rows:
-                bits = r["bitround_keepbits"] or "lossless"
-                print(f"| {r['format']} | {r['compressor']} | {bits} | {r['bytes_per_trajectory_step']:,.0f} | "
-                      f"{r['ratio_to_raw']:.2f} | {r['files_per_1000_trajectories']:,.0f} |")
-        else:
-            rows = bench.lossy_table(args.store, Path(args.workdir) / "lossy", args.keepbits,
-                                     trajectories=args.trajectories)
-            print("| BitRound bits | store MiB | gap closed |")
-            print("|---|---|---|")
-            for r in rows:
-                print(f"| {r['bitround_keepbits'] or 'lossless'} | {r['store_mib']:.1f} | {r['gap_closed']:.3f} |")
+        rows = BENCHMARKS[args.what](args)
     except AgdError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_json(rows, args.out)
     return 0
+
+
+def table(header: list[str]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header), flush=True)
+
+
+# ------------------------------------------------------------------------------ model benchmarks
+
+
+def architectures(args, default: str) -> list[str]:
+    from benchmarks.models import ARCHITECTURES
+
+    names = args.architectures or default.split(",")
+    unknown = [n for n in names if n not in ARCHITECTURES]
+    if unknown:
+        raise UsageError(f"unknown architecture {unknown[0]!r}; known: {', '.join(ARCHITECTURES)}")
+    return names
+
+
+def step_time(args) -> list[dict]:
+    from benchmarks.models import step_times
+
+    names, rows = architectures(args, "dit-xl-2-256,sd-2.1-unet"), []
+    table(["architecture", "batch", "CFG s/step", "AGD s/step", "unguided s/step", "AGD speed-up",
+           "adapter overhead"])
+    for name in names:
+        for r in step_times(name, args.batch_sizes, args.repeats):
+            rows.append(r)
+            print(f"| {name} | {r['batch']} | {r['cfg_seconds']:.4f} | {r['agd_seconds']:.4f} | "
+                  f"{r['unguided_seconds']:.4f} | {r['speedup_agd_over_cfg']:.2f}x | "
+                  f"{r['adapter_overhead_percent']:+.1f} % |", flush=True)
+    return rows
+
+
+def parameters(args) -> list[dict]:
+    from benchmarks.models import parameter_table
+
+    names, rows = architectures(args, "dit-xl-2-256,sd-2.1-unet,sdxl-unet,sd3-medium,toy-dit-8x8"), []
+    table(["architecture", "adapter", "placement", "width", "parameters", "share of base"])
+    for name in names:
+        for r in parameter_table(name):
+            rows.append(r)
+            width = f"**{r['width']}** (~2 %)" if "reaches_target_percent" in r else r["width"]
+            print(f"| {name} | {r['kind']} | {r['placement']} | {width} | "
+                  f"{r['adapter_parameters']:,} | {r['share_percent']:.2f} % |", flush=True)
+    return rows
+
+
+def gap_closed(args) -> list[dict]:
+    from agd_pipeline.evaluation import gap_closed as measure
+
+    rows = []
+    table(["adapters", "gap closed", "per w bin"])
+    for folder in args.adapters:
+        r = measure(folder, args.trajectories)
+        rows.append(r)
+        bins = " ".join(f"{k}: {v:.3f}" for k, v in r["per_w_bin"].items())
+        print(f"| {folder} | {r['overall']:.3f} | {bins} |", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------- data benchmarks
+
+
+def loader(args) -> list[dict]:
+    from benchmarks import data_path
+
+    rows = data_path.loader_table(workdir=args.workdir)
+    consumed = data_path.training_consumption()
+    print(f"one adapter training step of the default consumes {consumed:,.0f} samples/s here")
+    table(["latent", "Zarr loader", "WebDataset loader", "reference layout", "Zarr / reference",
+           "WebDataset / reference", "Zarr / training step"])
+    for r in rows:
+        r["training_consumes_samples_per_s"] = consumed
+        print(f"| {r['latent']} | {r['zarr_samples_per_s']:,.0f}/s | {r['webdataset_samples_per_s']:,.0f}/s | "
+              f"{r['reference_samples_per_s']:,.0f}/s | {r['zarr_over_reference']:.1f}x | "
+              f"{r['webdataset_over_reference']:.1f}x | {r['zarr_samples_per_s'] / consumed:.1f}x |")
+    return rows
+
+
+def recording(args) -> list[dict]:
+    from benchmarks import data_path
+
+    rows = [data_path.recording_overhead(),  # the embedded default: 600 trajectories of 32 steps
+            data_path.recording_overhead(batch=8, steps=8, batches=2, architecture="dit-s-2-256")]
+    table(["architecture", "trajectories x steps", "without recording", "with recording", "overhead"])
+    for r in rows:
+        print(f"| {r['architecture']} | {r['trajectories']} x {r['steps']} | "
+              f"{r['seconds_without_recording']:.2f} s | {r['seconds_with_recording']:.2f} s | "
+              f"{r['overhead_percent']:+.1f} % |")
+    return rows
+
+
+def storage(args) -> list[dict]:
+    from benchmarks import data_path
+
+    rows = data_path.storage_table(args.store, workdir=args.workdir)
+    table(["format", "codec", "BitRound bits", "bytes / trajectory-step", "vs raw fp16", "files / 1,000 trajectories"])
+    for r in rows:
+        bits = r["bitround_keepbits"] or "lossless"
+        print(f"| {r['format']} | {r['compressor']} | {bits} | {r['bytes_per_trajectory_step']:,.0f} | "
+              f"{r['ratio_to_raw']:.2f} | {r['files_per_1000_trajectories']:,.0f} |")
+    return rows
+
+
+def lossy(args) -> list[dict]:
+    from benchmarks import data_path
+
+    rows = data_path.lossy_table(args.store, Path(args.workdir) / "lossy", args.keepbits,
+                                 trajectories=args.trajectories)
+    table(["BitRound bits", "store MiB", "gap closed"])
+    for r in rows:
+        print(f"| {r['bitround_keepbits'] or 'lossless'} | {r['store_mib']:.1f} | {r['gap_closed']:.3f} |")
+    return rows
+
+
+BENCHMARKS = {"step-time": step_time, "parameters": parameters, "gap-closed": gap_closed, "loader": loader,
+              "recording": recording, "storage": storage, "lossy": lossy}
 
 
 if __name__ == "__main__":

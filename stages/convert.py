@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from agd_pipeline.cli import one_line_errors, run_command
+from agd_pipeline.store.formats import FORMATS
+from agd_pipeline.store.schema import CODECS
 
 
 def check_args(args) -> str | None:
@@ -40,8 +42,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.convert", description=__doc__)
     parser.add_argument("source", help="a complete store (written by stages.generate)")
     parser.add_argument("target", help="folder for the converted store")
-    parser.add_argument("--format", default="webdataset", choices=["webdataset", "zarr"], help="target format")
-    parser.add_argument("--compressor", default=None, choices=["auto", "blosc-zstd", "zstd", "deflate", "none"],
+    parser.add_argument("--format", default="webdataset", choices=list(FORMATS), help="target format")
+    parser.add_argument("--compressor", default=None, choices=["auto", *CODECS],
                         help="target codec (default: the source's where the target format has it, else auto: "
                         "blosc-zstd for zarr, none for webdataset, whose .npz members allow deflate or none)")
     parser.add_argument("--bitround-keepbits", type=int, default=None,

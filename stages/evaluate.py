@@ -2,12 +2,19 @@
 
 import sys
 
-from agd_pipeline.cli import library_stage
+from agd_pipeline.cli import stage_main, write_resolved
 from agd_pipeline.config import EvaluateConfig
 
 
+def run(config: EvaluateConfig, args) -> None:
+    from agd_pipeline.evaluation import evaluate  # imported here: --help stays fast
+
+    evaluate(config, progress=not args.no_progress)
+    write_resolved(config, config.out_dir)
+
+
 def main(argv=None) -> int:
-    return library_stage(EvaluateConfig, "agd_pipeline.evaluation:evaluate", argv)
+    return stage_main(EvaluateConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -64,20 +64,35 @@ def render(metrics: dict, metrics_path: str, link_root: Path) -> str:
     has_classifier = rows[0].get("accuracy_cfg") is not None
     out_dir = Path(metrics_path).parent
 
-    def link(name: str) -> str:
-        return Path(os.path.relpath(out_dir / name, link_root)).as_posix()
-
     lines = [START, NOTICE.format(metrics=f"`{Path(metrics_path).as_posix()}`"), "",
              f"From `{Path(metrics_path).as_posix()}`: {samples} samples per w, {steps} sampling steps; "
              f"`*` marks a w outside the training range U[{_w(low)}, {_w(high)}].", "",
-             results_table(rows)]
-    lines.append("")
-
-    bullets = []
+             results_table(rows), ""]
     if has_classifier:
         lines.append(f"The unguided model reaches a class accuracy of {rows[0]['accuracy_unguided']:.3f}; CFG "
                      f"reaches {_span([r['accuracy_cfg'] for r in inside], '.3f')} in the training range. "
                      "Across the in-range w, AGD:")
+    else:
+        lines.append("Across the in-range w, AGD:")
+    lines += ["", *(f"- {b}" for b in _bullets(inside, summary, has_classifier)), ""]
+    if outside and has_classifier:
+        inside_max = max(r["fid_to_cfg_agd"] for r in inside)
+        parts = [f"at w = {_w(r['w'])}, FID(AGD, CFG) is {r['fid_to_cfg_agd']:.2f} (at most {inside_max:.2f} "
+                 f"inside the range) and AGD's accuracy {r['accuracy_agd']:.3f} against CFG's "
+                 f"{r['accuracy_cfg']:.3f}" for r in outside]
+        lines += [f"Outside the training range: {'; '.join(parts)}.", ""]
+    if "targets_met" in summary:
+        lines += [f"`summary_in_training_range.targets_met`: `{str(summary['targets_met']).lower()}`.", ""]
+    if has_classifier:
+        lines += _figures(inside, out_dir, link_root)
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _bullets(inside: list[dict], summary: dict, has_classifier: bool) -> list[str]:
+    """What AGD does across the in-range w: accuracy, FID, closeness to CFG (with a classifier), speed."""
+    bullets = []
+    if has_classifier:
         worst = max(inside, key=lambda r: r["accuracy_cfg"] - r["accuracy_agd"])
         drop = 100 * (worst["accuracy_cfg"] - worst["accuracy_agd"])
         if drop > 0:
@@ -95,30 +110,25 @@ def render(metrics: dict, metrics_path: str, link_root: Path) -> str:
         bullets.append("is much closer to CFG than the unguided model is: FID(AGD, CFG) is at most "
                        f"{summary['max_fidelity_ratio']:.3f} of FID(unguided, CFG) (w = {_w(worst['w'])}: "
                        f"{worst['fid_to_cfg_agd']:.2f} against {worst['fid_to_cfg_unguided']:.2f});")
-    else:
-        lines.append("Across the in-range w, AGD:")
     nfe_cfg, nfe_agd = inside[0]["nfe_per_image_cfg"], inside[0]["nfe_per_image_agd"]
     bullets.append(f"samples {_span([r['speed_ratio_agd_over_cfg'] for r in inside], '.2f', 'x')} as many "
                    f"images per second as CFG ({summary['speed_ratio_agd_over_cfg']:.2f}x over all in-range w "
                    f"together), at 1 network evaluation per step ({nfe_agd} per image) against CFG's 2 ({nfe_cfg} per "
                    "image).")
-    lines += ["", *(f"- {b}" for b in bullets), ""]
-    if outside and has_classifier:
-        inside_max = max(r["fid_to_cfg_agd"] for r in inside)
-        parts = [f"at w = {_w(r['w'])}, FID(AGD, CFG) is {r['fid_to_cfg_agd']:.2f} (at most {inside_max:.2f} "
-                 f"inside the range) and AGD's accuracy {r['accuracy_agd']:.3f} against CFG's "
-                 f"{r['accuracy_cfg']:.3f}" for r in outside]
-        lines += [f"Outside the training range: {'; '.join(parts)}.", ""]
-    if "targets_met" in summary:
-        lines += [f"`summary_in_training_range.targets_met`: `{str(summary['targets_met']).lower()}`.", ""]
-    if has_classifier:
-        shown = _w(min(inside, key=lambda r: abs(r["w"] - 4.0))["w"])  # w = 4 when evaluated
-        grid = link(f"grids/w{shown}.png")  # evaluate names each grid after its w
-        lines += [f"Same seeds, w = {shown}: unguided | CFG | AGD", "",
-                  f"![unguided, CFG and AGD samples at w = {shown}]({grid})", "",
-                  f"![FID and accuracy against w]({link('curves.png')})"]
-    lines.append(END)
-    return "\n".join(lines)
+    return bullets
+
+
+def _figures(inside: list[dict], out_dir: Path, link_root: Path) -> list[str]:
+    """The grid at w = 4 (or the nearest evaluated w) and the curves, linked from the evaluate stage's
+    own files."""
+    def link(name: str) -> str:
+        return Path(os.path.relpath(out_dir / name, link_root)).as_posix()
+
+    shown = _w(min(inside, key=lambda r: abs(r["w"] - 4.0))["w"])
+    grid = link(f"grids/w{shown}.png")  # evaluate names each grid after its w
+    return [f"Same seeds, w = {shown}: unguided | CFG | AGD", "",
+            f"![unguided, CFG and AGD samples at w = {shown}]({grid})", "",
+            f"![FID and accuracy against w]({link('curves.png')})"]
 
 
 def replace_block(text: str, block: str, readme: str) -> str:

@@ -44,7 +44,7 @@ def check_args(args) -> str | None:
         if (out / marker).is_file():
             return f"--out-dir: {args.out_dir!r} holds {kind} ({marker}); choose another folder for the images"
     if args.device != "auto":
-        from agd_pipeline.config import resolve_device
+        from agd_pipeline.devices import resolve_device
         from agd_pipeline.errors import ConfigError
 
         try:

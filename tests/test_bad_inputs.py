@@ -20,8 +20,8 @@ import stages.inspect
 import stages.sample
 import stages.train
 from agd_pipeline.adapters import ADAPTER_CONFIG, AdaptedModel, AdapterConfig, save_adapters
-from agd_pipeline.cli import library_stage, stage_main
-from agd_pipeline.config import BaseStageConfig, TrainConfig
+from agd_pipeline.cli import stage_main
+from agd_pipeline.config import BaseStageConfig
 
 MAIN = {"base": stages.base.main, "generate": stages.generate.main, "train": stages.train.main,
         "evaluate": stages.evaluate.main, "sample": stages.sample.main, "inspect": stages.inspect.main,
@@ -78,7 +78,8 @@ CASES = [
     case("sample", "--device", "banana", expect="--device"),
     case("sample", "--device", "cuda", expect="--device", marks=no_gpu),
     # output folders that are files, empty, or another stage's output
-    *[case(stage, "--out-dir", "{file}", expect=f"{stage}.out_dir") for stage in ("base", "generate", "train", "evaluate")],
+    *[case(stage, "--out-dir", "{file}", expect=f"{stage}.out_dir")
+      for stage in ("base", "generate", "train", "evaluate")],
     case("generate", "--out-dir", "{file}/sub", expect="generate.out_dir"),
     case("train", "--out-dir", "", expect="train.out_dir"),
     case("train", "--store", "", expect="train.store"),
@@ -269,7 +270,7 @@ def test_unreadable_adapter_config_is_one_error_line(text, fresh_adapters, tmp_p
 
 def test_device_index_must_exist(monkeypatch):
     """The GPU branch of resolve_device, on a machine that pretends to have one GPU."""
-    from agd_pipeline.config import resolve_device
+    from agd_pipeline.devices import resolve_device
     from agd_pipeline.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -310,15 +311,16 @@ def test_real_bugs_keep_their_traceback(bug, tmp_path, monkeypatch):
         stage_main(BaseStageConfig, run, ["--out-dir", str(tmp_path / "out")])
 
 
-def record_nothing(config, progress=True):
-    """A stand-in library function for library_stage."""
+@pytest.mark.parametrize("stage, module, function", [("train", "agd_pipeline.training", "train"),
+                                                    ("generate", "agd_pipeline.generation", "generate")])
+def test_resolved_config_is_written_except_into_a_store(stage, module, function, tmp_path, monkeypatch):
+    """train records its resolved config next to its outputs; generate does not write into the
+    store (its manifest records the settings, and a DVC-tracked output must not change on a re-run)."""
+    import importlib
 
-
-@pytest.mark.parametrize("record", [True, False])
-def test_library_stage_writes_resolved_config_only_when_asked(record, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "adapters"
-    rc = library_stage(TrainConfig, f"{__name__}:record_nothing", ["--out-dir", str(out), "--no-progress"],
-                       record_config=record)
+    monkeypatch.setattr(importlib.import_module(module), function, lambda config, progress=True: None)
+    out = tmp_path / "out"
+    rc = importlib.import_module(f"stages.{stage}").main(["--out-dir", str(out), "--no-progress"])
     assert rc == 0
-    assert (out / "resolved_config.json").exists() == record
+    assert (out / "resolved_config.json").exists() == (stage == "train")

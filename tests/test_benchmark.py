@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agd_pipeline.adapters import AdaptedModel, AdapterConfig
-from agd_pipeline.benchmark import build_base, parameter_table, step_times
+from benchmarks.models import build_base, parameter_table, step_times
 from agd_pipeline.models import count_parameters
 
 from conftest import run_cli
@@ -65,7 +65,7 @@ def test_data_benchmarks_run_on_small_inputs(tiny_store, tmp_path):
     """The data-path benchmarks work end to end (their numbers are not judged here)."""
     import numpy as np
 
-    from agd_pipeline import data_benchmark as bench
+    from benchmarks import data_path as bench
     from agd_pipeline.store import TrajectoryStore
 
     rows = bench.storage_table(tiny_store, variants=[("zarr", "none", 0), ("webdataset", "deflate", 3)],

@@ -66,7 +66,7 @@ def test_dvc_tracks_exactly_the_config_keys_that_change_results():
 def test_params_yaml_writes_out_every_tracked_key_and_no_restart():
     # DVC refuses to run a stage whose listed key is missing from params.yaml.
     params = params_yaml()
-    for stage, keys in listed_params(dvc_yaml()).items():
+    for keys in listed_params(dvc_yaml()).values():
         for key in keys:
             section, name = key.split(".")
             assert name in (params.get(section) or {}), f"{key} is listed in dvc.yaml but not in params.yaml"

@@ -13,7 +13,7 @@ from agd_pipeline.adapters import load_adapted_model
 from agd_pipeline.config import TrainConfig, load_config
 from agd_pipeline.inference import sample_images
 from agd_pipeline.models import load_base_model
-from agd_pipeline.sampling import generators_for, initial_noise, sample, trajectory_seed
+from agd_pipeline.sampling import AGD, CFG, Unguided, generators_for, initial_noise, sample, trajectory_seed
 
 from conftest import run_cli
 
@@ -33,8 +33,8 @@ def trained_adapters(tiny_store, tmp_path_factory):
 def reference(base, labels, w, steps, adapted=None):
     seeds = [trajectory_seed(0, i) for i in range(len(labels))]
     gens = generators_for(seeds)
-    return sample(base, labels, initial_noise(base, gens), steps, guidance_scale=w, generators=gens,
-                  adapted=adapted)
+    denoiser = AGD(adapted, w) if adapted is not None else CFG(base, w)
+    return sample(base, labels, initial_noise(base, gens), steps, denoiser, generators=gens)
 
 
 def test_sample_images_runs_agd_or_cfg_from_the_same_seeds(trained_adapters, tiny_base_dir):
@@ -48,7 +48,7 @@ def test_sample_images_runs_agd_or_cfg_from_the_same_seeds(trained_adapters, tin
     assert torch.allclose(agd["images"], reference(base, labels, 3.0, 4, adapted), atol=1e-6)
     assert torch.allclose(cfg["images"], reference(base, labels, 3.0, 4), atol=1e-6)
     # The trained adapters do something, and it is not plain CFG.
-    unguided = sample(base, labels, initial_noise(base, generators_for(agd["seeds"])), 4)
+    unguided = sample(base, labels, initial_noise(base, generators_for(agd["seeds"])), 4, Unguided(base))
     assert not torch.allclose(agd["images"], unguided, atol=1e-4)
     assert not torch.allclose(agd["images"], cfg["images"], atol=1e-6)
 

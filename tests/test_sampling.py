@@ -8,7 +8,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from agd_pipeline.models import load_base_model
-from agd_pipeline.sampling import generators_for, initial_noise, sample, trajectory_seed
+from agd_pipeline.sampling import AGD, CFG, Unguided, generators_for, initial_noise, sample, trajectory_seed
 
 from conftest import make_dit, make_scheduler
 
@@ -68,7 +68,7 @@ def test_cfg_loop_reproduces_dit_pipeline(pipe, base, w):
     # DiTPipeline draws the whole batch's noise from one generator.
     noise = randn_tensor((len(LABELS), *base.latent_shape), generator=torch.Generator().manual_seed(seed),
                          dtype=torch.float32)
-    latents = sample(base, torch.tensor(LABELS), noise, steps, guidance_scale=w)
+    latents = sample(base, torch.tensor(LABELS), noise, steps, CFG(base, w))
     with torch.no_grad():
         ours = postprocess(base.decode(latents))
     assert ours.shape == expected.shape
@@ -80,9 +80,9 @@ def test_cfg_loop_reproduces_dit_pipeline(pipe, base, w):
 def test_cfg_differs_from_unguided_and_w1_is_unguided(base):
     labels = torch.tensor(LABELS)
     noise = initial_noise(base, generators_for([1, 2, 3]))
-    unguided = sample(base, labels, noise, 4)
-    guided = sample(base, labels, noise, 4, guidance_scale=4.0)
-    w_one = sample(base, labels, noise, 4, guidance_scale=1.0)
+    unguided = sample(base, labels, noise, 4, Unguided(base))
+    guided = sample(base, labels, noise, 4, CFG(base, 4.0))
+    w_one = sample(base, labels, noise, 4, CFG(base, 1.0))
     assert (guided - unguided).abs().max() > 1e-3, "CFG at w=4 gave the unguided result"
     # w = 1 is no guidance: uncond + 1 * (cond - uncond) = cond
     torch.testing.assert_close(w_one, unguided, atol=1e-5, rtol=1e-5)
@@ -92,12 +92,12 @@ def test_per_sample_guidance_equals_separate_runs(base):
     labels = torch.tensor(LABELS)
     ws = [1.5, 4.0, 7.0]
     noise = initial_noise(base, generators_for([11, 12, 13]))
-    together = sample(base, labels, noise, 4, guidance_scale=torch.tensor(ws))
+    together = sample(base, labels, noise, 4, CFG(base, torch.tensor(ws)))
     for i, w in enumerate(ws):
-        alone = sample(base, labels[i:i + 1], noise[i:i + 1], 4, guidance_scale=w)
+        alone = sample(base, labels[i:i + 1], noise[i:i + 1], 4, CFG(base, w))
         torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
     # and the scales really act per sample: a shared scale gives other results for the others
-    shared = sample(base, labels, noise, 4, guidance_scale=ws[0])
+    shared = sample(base, labels, noise, 4, CFG(base, ws[0]))
     assert (shared[1:] - together[1:]).abs().max() > 1e-3
 
 
@@ -142,7 +142,7 @@ def test_observer_sees_every_step_and_branches(base):
     noise = initial_noise(base, generators_for([5, 6, 7]))
     w = torch.tensor([2.0, 3.0, 4.0])
     steps = []
-    final = sample(base, labels, noise, 3, guidance_scale=w, observer=steps.append, record_branches=True)
+    final = sample(base, labels, noise, 3, CFG(base, w), observer=steps.append)
     assert [s.index for s in steps] == [0, 1, 2]
     scheduler = make_scheduler()
     scheduler.set_timesteps(3)
@@ -172,10 +172,9 @@ def test_trajectory_seed_depends_on_run_seed_and_index():
     assert trajectory_seed(0, 5) != trajectory_seed(1, 5)
 
 
-def test_agd_sampling_requires_guidance_scale(base):
-    noise = initial_noise(base, generators_for([1]))
-    with pytest.raises(ValueError):
-        sample(base, torch.tensor([1]), noise, 2, adapted=lambda *a: None)
+def test_agd_sampling_requires_guidance_scale():
+    with pytest.raises(ValueError, match="guidance scale"):
+        AGD(lambda *a: None, None)
 
 
 def test_component_folders_without_model_index_load_the_same_model(tiny_base_dir, tmp_path):
@@ -203,7 +202,7 @@ def test_scheduler_can_be_swapped(tiny_base_dir):
     assert base.scheduler.config.num_train_timesteps == 1000
     noise = initial_noise(base, generators_for([1, 2]))
     steps = []
-    out = sample(base, torch.tensor([1, 2]), noise, 3, guidance_scale=3.0, observer=steps.append)
+    out = sample(base, torch.tensor([1, 2]), noise, 3, CFG(base, 3.0), observer=steps.append)
     assert torch.isfinite(out).all()
     # Euler scales the initial noise and the model input: the observer sees what the model saw
     scheduler = base.scheduler.__class__.from_config(base.scheduler.config)

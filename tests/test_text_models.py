@@ -16,7 +16,7 @@ from agd_pipeline.adapters import (PLACEMENTS, AdaptedModel, AdapterConfig, adap
                                    save_adapters)
 from agd_pipeline.errors import ModelError
 from agd_pipeline.models import encode_prompts, load_base_model
-from agd_pipeline.sampling import generators_for, initial_noise, sample
+from agd_pipeline.sampling import CFG, generators_for, initial_noise, sample
 
 from conftest import read_all_shards, run_cli
 from tiny_pipelines import make_sd3_pipeline, make_sd_pipeline, make_sdxl_pipeline, null_component_kwargs
@@ -78,7 +78,7 @@ def test_cfg_loop_reproduces_the_diffusers_pipeline(pipeline_dirs, family, sched
     cond, uncond = encode_prompts(base, PROMPTS, "blurry")
     seeds = [11, 12, 13]
     noise = initial_noise(base, generators_for(seeds))
-    ours = sample(base, cond, noise, 4, guidance_scale=4.5, uncond=uncond, generators=generators_for(seeds))
+    ours = sample(base, cond, noise, 4, CFG(base, 4.5, uncond), generators=generators_for(seeds))
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **null_component_kwargs(folder))
     if scheduler:
@@ -90,7 +90,7 @@ def test_cfg_loop_reproduces_the_diffusers_pipeline(pipeline_dirs, family, sched
     assert expected.abs().mean() > 0.1
     assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), (ours - expected).abs().max()
     # and guidance matters on these models: w = 1 gives another result
-    plain = sample(base, cond, noise, 4, guidance_scale=1.0, uncond=uncond, generators=generators_for(seeds))
+    plain = sample(base, cond, noise, 4, CFG(base, 1.0, uncond), generators=generators_for(seeds))
     assert (plain - ours).abs().max() > 1e-2
 
 

@@ -1,0 +1,133 @@
+"""The library's shape: no import cycles inside agd_pipeline/ (lazy imports inside functions
+included), benchmarks outside it, and the linter clean."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from conftest import REPO
+
+PACKAGE = REPO / "agd_pipeline"
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, object]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(path, name: str, known: set[str]) -> set[str]:
+    """Every agd_pipeline module ``path`` imports, at the top or inside a function."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            # `from package import submodule` imports the submodule; other names come from the module
+            targets = [f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in known else origin
+                       for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def test_no_import_cycle_in_the_library():
+    found = modules()
+    graph = {name: imports_of(path, name, set(found)) for name, path in found.items()}
+    assert "agd_pipeline.store" in graph and len(graph) > 10, sorted(graph)  # the walk found the library
+    state, stack, cycles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
+    """Not vacuous: two modules importing each other lazily are caught."""
+    package = tmp_path / "agd_pipeline"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from .b import g\n")
+    (package / "b.py").write_text("from agd_pipeline import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
+    found = modules()
+    assert imports_of(found["agd_pipeline.a"], "agd_pipeline.a", set(found)) == {"agd_pipeline.b"}
+    assert imports_of(found["agd_pipeline.b"], "agd_pipeline.b", set(found)) == {"agd_pipeline.a"}
+
+
+# Modules that cannot change a stage's outputs: a change to them re-runs nothing under DVC.
+NO_EFFECT_ON_OUTPUTS = {"agd_pipeline.errors", "agd_pipeline.locks"}
+
+
+def test_dvc_lists_every_library_module_a_stage_runs():
+    """A stage's deps in dvc.yaml cover every agd_pipeline module its command imports (directly,
+    lazily or through other modules), so a code change re-runs the stages it affects."""
+    import yaml
+
+    found = modules()
+    graph = {name: imports_of(path, name, set(found)) for name, path in found.items()}
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage, spec in stages.items():
+        entry = REPO / "stages" / f"{stage}.py"
+        reached, todo = set(), list(imports_of(entry, f"stages.{stage}", set(found)))
+        while todo:
+            name = todo.pop()
+            if name not in reached:
+                reached.add(name)
+                todo.extend(graph[name])
+        deps = [REPO / d for d in spec["deps"] if not d.startswith("${")]
+        assert REPO / "stages" / f"{stage}.py" in deps, f"{stage}: its own command is not a dependency"
+        missing = sorted(name for name in reached - NO_EFFECT_ON_OUTPUTS
+                         if not any(found[name] == d or d in found[name].parents for d in deps))
+        assert not missing, f"dvc.yaml, stage {stage}: add {missing} to its deps"
+
+
+def test_settings_name_what_the_registries_hold():
+    """train.adapter and train.placement list exactly the adapter kinds and placements the library
+    has (config.py does not import torch, so the lists are written out there and checked here)."""
+    import dataclasses
+
+    from agd_pipeline.adapters import ADAPTER_KINDS, ALL_PLACEMENTS
+    from agd_pipeline.config import TrainConfig
+
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
+    assert set(choices["adapter"]) == set(ADAPTER_KINDS)
+    assert set(choices["placement"]) == set(ALL_PLACEMENTS)
+
+
+def test_benchmarks_live_outside_the_library():
+    assert not list(PACKAGE.rglob("*benchmark*.py")), "measurement code belongs in benchmarks/"
+    assert (REPO / "benchmarks" / "__init__.py").is_file()
+
+
+def test_the_linter_is_clean():
+    """ruff (a dev dependency, configured in pyproject.toml) over the whole repository."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
