@@ -15,6 +15,7 @@ Kinds (all add a residual to the output of the wrapped layer, computed from its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,7 +30,7 @@ from torch import nn
 
 from . import families
 from .errors import ModelError
-from .models import BaseModel, count_parameters, load_base_model
+from .models import BaseModel, count_parameters, load_base_model, recorded_hub_options
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,18 +60,27 @@ class AdapterConfig:
 # ------------------------------------------------------------------------------- embedding
 
 
-CONDITION_SOURCES = ("guidance", "timestep", "class", "text", "text_tokens")
+CONDITION_SOURCES = ("guidance", "timestep", "class", "text", "text_tokens", "negative_text")
+# The sources that read the prompt (text models only), and the one that reads the negative prompt
+# per sample (stores written with generate.negative_prompts_file only).
+TEXT_SOURCES = ("text", "text_tokens", "negative_text")
 
 
-def default_condition_on(conditioning: str) -> list[str]:
-    return ["guidance", "timestep", "class" if conditioning == "class" else "text"]
+def default_condition_on(conditioning: str, negative_prompts: bool = False) -> list[str]:
+    """What adapters see by default: w, t and the class or prompt; plus the negative prompt where
+    the training data has one per trajectory (``negative_prompts``, text models)."""
+    if conditioning == "class":
+        return ["guidance", "timestep", "class"]
+    return ["guidance", "timestep", "text", *(["negative_text"] if negative_prompts else [])]
 
 
 class ConditionEmbedding(nn.Module):
     """Embeds w (Fourier features) and optionally t, the class or the prompt into one vector and a
     few condition tokens. ``text`` is the pooled prompt embedding where the model has one (SDXL,
     SD3), else the mean of the prompt tokens (SD 1.x/2.x); ``text_tokens`` adds every prompt token as
-    a condition token (for the cross-attention adapter)."""
+    a condition token (for the cross-attention adapter); ``negative_text`` is the negative prompt's
+    embedding, pooled or averaged like ``text``, read from the condition's ``negative_prompt_embeds``
+    (and ``negative_pooled_prompt_embeds``): the unconditional branch that CFG would have used."""
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
@@ -87,7 +97,8 @@ class ConditionEmbedding(nn.Module):
         self.use_class = "class" in used
         self.use_text = "text" in used
         self.use_text_tokens = "text_tokens" in used
-        if (self.use_text or self.use_text_tokens) and not config.text_dim:
+        self.use_negative_text = "negative_text" in used
+        if used & set(TEXT_SOURCES) and not config.text_dim:
             raise ModelError("adapters conditioned on the prompt need a text model (text_dim is 0)")
         if self.use_class and not config.num_classes:
             raise ModelError("adapters conditioned on the class need a class-conditional model (num_classes is 0)")
@@ -101,6 +112,10 @@ class ConditionEmbedding(nn.Module):
         if self.use_text_tokens:
             self.text_tokens = nn.Sequential(nn.LayerNorm(config.text_dim, elementwise_affine=False),
                                              nn.Linear(config.text_dim, dim))
+        if self.use_negative_text:  # its own projection: the negative prompt acts against the prompt
+            source = config.pooled_dim or config.text_dim
+            self.negative_text = nn.Sequential(nn.LayerNorm(source, elementwise_affine=False),
+                                               nn.Linear(source, dim))
 
     def fourier(self, w: torch.Tensor) -> torch.Tensor:
         u = ((w.float() - 1.0) / self.config.guidance_scale_unit)[:, None]
@@ -119,6 +134,13 @@ class ConditionEmbedding(nn.Module):
             else:
                 source = cond["prompt_embeds"].float().mean(dim=1)
             tokens.append(self.text(source.float()))
+        if self.use_negative_text:
+            key = "negative_pooled_prompt_embeds" if self.config.pooled_dim else "negative_prompt_embeds"
+            if key not in cond:
+                raise ModelError(f"these adapters condition on the negative prompt (negative_text): the condition "
+                                 f"needs {key}, one row per sample (the negative prompt's embeddings)")
+            source = cond[key] if self.config.pooled_dim else cond[key].float().mean(dim=1)
+            tokens.append(self.negative_text(source.float()))
         tokens = torch.stack(tokens, dim=1)  # [B, K, dim]
         vector = F.silu(tokens.sum(dim=1))
         if self.use_text_tokens:
@@ -278,17 +300,30 @@ class AdaptedModel(nn.Module):
             return output + residual
         return hook
 
-    def forward(self, x, t, cond: dict, guidance_scale):
+    def embed(self, x, t, cond: dict, guidance_scale) -> tuple[Condition, dict]:
+        """The adapters' condition for one call of the base on ``x`` (w shared or one per sample),
+        and ``cond`` as a condition dict on x's device."""
         guidance_scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
         if guidance_scale.dim() == 0:
             guidance_scale = guidance_scale.expand(x.shape[0])
         cond = {name: torch.as_tensor(value).to(x.device) for name, value in self.base.as_condition(cond).items()}
-        condition = self.embedding(guidance_scale, t, cond)
+        return self.embedding(guidance_scale, t, cond), cond
+
+    @contextlib.contextmanager
+    def conditioned(self, condition: Condition):
+        """The hooks see ``condition`` inside this block only; afterwards the base is itself again.
+        ``forward`` uses it around its one call; so does a pipeline's denoiser call
+        (:mod:`agd_pipeline.pipelines`)."""
         self._condition = condition
         try:
-            return self.base.predict(x, t, cond)
+            yield
         finally:
             self._condition = None
+
+    def forward(self, x, t, cond: dict, guidance_scale):
+        condition, cond = self.embed(x, t, cond, guidance_scale)
+        with self.conditioned(condition):
+            return self.base.predict(x, t, cond)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -328,7 +363,60 @@ def save_adapters(model: AdaptedModel, folder: str | Path, extra: dict | None = 
     tmp = folder / (ADAPTER_CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(folder / ADAPTER_CONFIG)
+    write_model_card(folder, config)
     return folder
+
+
+MODEL_CARD = "README.md"
+
+
+def write_model_card(folder: str | Path, config: dict, metrics: dict | None = None) -> Path:
+    """The adapter folder's README.md, hub style: what the adapters are for, what they were trained
+    from, how to use them, and (when given ``metrics.json`` of ``stages.evaluate``) how they did."""
+    folder = Path(folder)
+    base, adapter, parameters = config["base_model"], config["adapter"], config.get("parameters", {})
+    guidance, sampler = config.get("guidance") or {}, config.get("sampler") or {}
+    hub = "".join(f", {k} `{base[k]}`" for k in ("revision", "variant") if base.get(k))
+    lines = [
+        "---", "library_name: diffusers", f"base_model: {base['id']}", "tags: [guidance-distillation, agd]", "---", "",
+        f"# AGD adapters for `{base['id']}`", "",
+        "Adapter guidance distillation (Jensen & Sadat, arXiv 2503.07274): small adapters on the frozen base,",
+        "conditioned on the guidance scale w, so that one network evaluation per sampling step reproduces",
+        "classifier-free guidance (CFG, two evaluations per step). Off, they give back the base exactly.", "",
+        f"- base: `{base['id']}` ({base.get('class')}, family `{base.get('family')}`, {base.get('dtype')}{hub}); "
+        f"weights fingerprint `{base.get('weights_fingerprint')}`",
+        f"- adapters: {adapter['kind']}, width {adapter['width']}, at `{adapter['placement']}` "
+        f"({len(config.get('placements', []))} layers), conditioned on {', '.join(adapter['condition_on'])}",
+    ]
+    if parameters:
+        lines.append(f"- parameters: {parameters['adapter']:,} ({100 * parameters['share']:.2f} % of the base's "
+                     f"{parameters['base']:,})")
+    if "min" in guidance and "max" in guidance:
+        lines.append(f"- trained for w in [{guidance['min']:g}, {guidance['max']:g}]; outside that range they follow "
+                     "CFG less closely")
+    if sampler.get("scheduler"):
+        lines.append(f"- distilled from {sampler['scheduler']} trajectories of {sampler.get('num_steps')} steps: "
+                     "sample with that scheduler (the default of this tool's commands)")
+    if guidance.get("negative_prompts"):
+        lines.append(f"- distilled with {len(guidance['negative_prompts'])} negative prompts (and the empty one "
+                     f"with probability {guidance.get('empty_negative_probability', 0):g}): pass yours as "
+                     "`negative_prompt`" + (" (the adapters see it)" if "negative_text" in adapter["condition_on"]
+                                           else ""))
+    elif config.get("negative_prompt"):
+        lines.append(f"- negative prompt of the recorded CFG: `{config['negative_prompt']}`")
+    lines += ["", "Files: `adapters.safetensors` (adapter weights only), `adapter_config.json` (everything above, "
+              "and the training settings and store they came from).", ""]
+    if metrics:
+        lines += ["## Evaluation", "", f"From `stages.evaluate` ({metrics['samples_per_w']} samples per w, "
+                  f"{metrics['num_steps']} steps); FIDs in the evaluation classifier's feature space:", "",
+                  "| w | FID CFG | FID AGD | FID AGD-CFG | speed AGD/CFG |", "|---|---|---|---|---|"]
+        for row in metrics["per_w"].values():
+            fid = [("-" if row[k] is None else f"{row[k]:.2f}") for k in ("fid_cfg", "fid_agd", "fid_to_cfg_agd")]
+            lines.append(f"| {row['w']:g} | {' | '.join(fid)} | {row['speed_ratio_agd_over_cfg']:.2f}x |")
+        lines.append("")
+    path = folder / MODEL_CARD
+    path.write_text("\n".join(lines))
+    return path
 
 
 RETRAIN = "the file was edited or damaged: re-run training (`python -m stages.train`) to write it again"
@@ -374,7 +462,7 @@ def _adapter_section_problem(section) -> str | None:
         if not valid(section[name]):
             return f'"adapter.{name}" is {json.dumps(section[name])}; it must be {allowed}'
     used = set(section["condition_on"])
-    if used & {"text", "text_tokens"} and not section["text_dim"]:
+    if used & set(TEXT_SOURCES) and not section["text_dim"]:
         return '"adapter.condition_on" names the prompt, but "adapter.text_dim" is 0 (not a text model)'
     if "class" in used and not section["num_classes"]:
         return '"adapter.condition_on" names the class, but "adapter.num_classes" is 0 (not a class model)'
@@ -457,7 +545,7 @@ def load_adapted_model(folder: str | Path, base: BaseModel | None = None, device
     config = read_adapter_config(folder)
     recorded = config["base_model"]
     if base is None:
-        base = load_base_model(recorded["id"], device=device)
+        base = load_base_model(recorded["id"], device=device, **recorded_hub_options(recorded))
     if base.architecture_fingerprint() != recorded["architecture_fingerprint"]:
         raise ModelError(
             f"{folder}: these adapters were trained for {recorded['class']} {recorded['id']!r} "

@@ -97,6 +97,9 @@ OUTPUT_MARKERS = {"model_index.json": "a base model", "manifest.json": "a trajec
 MAX_TRAJECTORIES_PER_CONDITION = 1_000_000
 MAX_GUIDANCE = 50.0  # far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; numpy rejects negative seeds
+# a share of trajectories keeps the pipeline's default negative prompt, so that sampling without one
+# stays distilled too
+DEFAULT_EMPTY_NEGATIVE_PROBABILITY = 0.25
 # --------------------------------------------------------------------------------------- stages
 
 
@@ -168,6 +171,15 @@ class GenerateConfig(StageConfig):
     prompts_file: str = option("", "text models (SD, SDXL, SD3): a text file with one prompt per line")
     negative_prompt: str = option("", "text models: negative prompt of the unconditional branch; empty "
                                   "uses the pipeline's default (empty text, or zeros for SDXL)")
+    negative_prompts_file: str = option(
+        "", "text models: a text file with one negative prompt per line, instead of negative_prompt. Each "
+        "trajectory's unconditional branch uses one of them (or the pipeline's default, see "
+        "empty_negative_probability), drawn from (seed, i); the store keeps each trajectory's negative "
+        "embeddings, so adapters can follow negative prompts (train.condition_on negative_text)")
+    empty_negative_probability: float = option(
+        DEFAULT_EMPTY_NEGATIVE_PROBABILITY, "text models, with negative_prompts_file: the chance that a "
+        "trajectory uses the empty negative prompt, i.e. the pipeline's default unconditional branch (the "
+        "empty prompt for SD and SD3, zeros for SDXL) instead of a line of the file")
     trajectories_per_prompt: int = option(1, "text models: trajectories recorded per prompt")
     guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
     guidance_max: float = option(6.0, "upper end of the guidance scale range")
@@ -194,6 +206,10 @@ class GenerateConfig(StageConfig):
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
     dtype: str = option("float32", "dtype the base model runs in (float16/bfloat16 halve GPU memory and time; "
                         "the store is fp16 either way)", ("float32", "float16", "bfloat16"))
+    revision: str = option("", "hub base models: the branch, tag or commit to load (recorded in the store, so "
+                           "training and sampling load the same weights); empty: the default branch")
+    variant: str = option("", "base weights variant to load, e.g. fp16 (files named *.fp16.safetensors); "
+                          "empty: the plain weights")
 
     def check(self) -> None:
         super().check()
@@ -225,6 +241,15 @@ class GenerateConfig(StageConfig):
             self.fail("classes", "class ids must be >= 0")
         if self.classes and self.classes_file:
             raise ConfigError(f"{self.key('classes')} and {self.key('classes_file')} are both set: give one")
+        if not 0.0 <= self.empty_negative_probability <= 1.0:
+            self.fail("empty_negative_probability", "must lie in [0, 1]")
+        if self.negative_prompts_file and self.negative_prompt:
+            raise ConfigError(f"{self.key('negative_prompt')} and {self.key('negative_prompts_file')} are both set: "
+                              "give one (the file's trajectories use the pipeline's default negative prompt with "
+                              "empty_negative_probability)")
+        if not self.negative_prompts_file and self.empty_negative_probability != DEFAULT_EMPTY_NEGATIVE_PROBABILITY:
+            self.fail("empty_negative_probability", f"applies only with {self.key('negative_prompts_file')}, "
+                      f"which is empty (leave it at {DEFAULT_EMPTY_NEGATIVE_PROBABILITY})")
 
 
 @dataclass
@@ -250,7 +275,9 @@ class TrainConfig(StageConfig):
     condition_on: list[str] = option(
         [], "what the adapter sees besides the tokens: guidance (required), timestep, class (class "
         "models), text (pooled prompt embedding, or the mean of the prompt tokens), text_tokens (every "
-        "prompt token, for the cross_attention adapter). Empty: guidance, timestep and class or text"
+        "prompt token, for the cross_attention adapter), negative_text (the negative prompt's pooled "
+        "embedding, or the mean of its tokens; needs a store written with generate.negative_prompts_file). "
+        "Empty: guidance, timestep and class or text, plus negative_text on a store with negative prompts"
     )
     guidance_gate: bool = option(True, "scale each adapter's residual by (w - 1): exactly off at w = 1")
     loss_weighting: str = option(
@@ -293,7 +320,7 @@ class TrainConfig(StageConfig):
             self.fail("loader_workers", "must lie in [0, 128] (0 reads in the training process)")
         if self.checkpoint_every < 0:
             self.fail("checkpoint_every", "must be >= 0 (0: only at the end)")
-        allowed = {"guidance", "timestep", "class", "text", "text_tokens"}
+        allowed = {"guidance", "timestep", "class", "text", "text_tokens", "negative_text"}
         unknown = set(self.condition_on) - allowed
         if unknown:
             self.fail("condition_on", f"unknown entries {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -315,6 +342,8 @@ class EvaluateConfig(StageConfig):
     )
     samples_per_class: int = option(50, "samples per class and guidance scale")
     num_steps: int = option(0, "sampling steps; 0 takes the steps the trajectories were recorded with")
+    scheduler: str = option("", "diffusers scheduler class to sample with; empty: the one the adapters' "
+                            "trajectories were recorded with (another one warns)")
     seed: int = option(1234, "seed of the evaluation noise (the same for every method)")
     batch_size: int = option(500, "images sampled together; the speed ratio is measured at this size")
     grid_columns: int = option(6, "samples per class shown in the PNG grids")

@@ -22,8 +22,9 @@ from .adapters import load_adapted_model, read_adapter_config
 from .config import EvaluateConfig
 from .devices import resolve_device
 from .errors import ConfigError
-from .models import load_base_model
-from .sampling import AGD, CFG, ImageSampler, Unguided, check_num_steps, trajectory_seed
+from .models import load_base_model, recorded_hub_options
+from .sampling import (AGD, CFG, ImageSampler, Unguided, check_num_steps, generators_for, initial_noise, sample,
+                       scheduler_for, trajectory_seed)
 from . import toy
 from .results import results_table
 
@@ -150,7 +151,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     # -- the adapters and their base ----------------------------------------------------------
     adapter_config = read_adapter_config(config.adapters)
     base_id = config.base_model or adapter_config["base_model"]["id"]
-    base = load_base_model(base_id, device=resolve_device(config.device))
+    recorded = {} if config.base_model else recorded_hub_options(adapter_config["base_model"])
+    base = load_base_model(base_id, device=resolve_device(config.device), **recorded)
     _require_class_model(base, "evaluate")
     adapted = load_adapted_model(config.adapters, base)
     steps = config.num_steps or adapter_config["sampler"]["num_steps"]
@@ -166,7 +168,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     n = config.samples_per_class * base.num_classes
     labels = torch.arange(n) % base.num_classes
     seeds = [trajectory_seed(config.seed, i) for i in range(n)]
-    sampler = ImageSampler(base, base.class_condition(labels), seeds, steps, config.batch_size)
+    scheduler = scheduler_for(base, adapter_config.get("sampler"), config.scheduler, "evaluate.scheduler")
+    sampler = ImageSampler(base, base.class_condition(labels), seeds, steps, config.batch_size, scheduler)
     judges = Judges(base_id, labels, samples_dir / "real")
 
     # -- unguided once, then CFG (2 NFE/step) against AGD (1 NFE/step) at every w --------------
@@ -292,7 +295,6 @@ def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 99
     of |AGD - CFG|^2 against |cond - CFG|^2, overall and per unit bin of w. 1 = CFG, 0 = unguided.
     """
     from .generation import trajectory_plan
-    from .sampling import generators_for, initial_noise, sample
 
     config = read_adapter_config(adapters)
     adapted = load_adapted_model(adapters, device=device)
@@ -312,7 +314,7 @@ def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 99
         err_cond.add_(((step.cond_output - step.guided_output) ** 2).flatten(1).mean(1).cpu())
 
     sample(base, cond, initial_noise(base, gens), steps or config["sampler"]["num_steps"], CFG(base, w),
-           generators=gens, observer=observe)
+           scheduler=scheduler_for(base, config.get("sampler")), generators=gens, observer=observe)
     edges = np.arange(np.floor(w_min), np.ceil(w_max) + 1)
     w_cpu = w.cpu()
     bins = {}

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import GenerateConfig
 from .devices import resolve_device, torch_dtype
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, ModelError, StoreError
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import CFG, Step, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
 from .locks import FolderLock
@@ -40,9 +40,29 @@ def trajectory_plan(run_seed: int, indices, conditions, w_min: float, w_max: flo
     }
 
 
+EMPTY_NEGATIVE = -1  # negative_prompt_index of the pipeline's default (empty) negative prompt
+# The negative conditions a store keeps per trajectory (SDXL's time ids are the same in both halves).
+NEGATIVE_ARRAYS = {"prompt_embeds": "negative_prompt_embeds", "pooled_prompt_embeds": "negative_pooled_prompt_embeds"}
+
+
+def negative_prompt_plan(run_seed: int, indices, count: int, empty_probability: float) -> np.ndarray:
+    """Each trajectory's negative prompt: ``EMPTY_NEGATIVE`` (the pipeline's default) with probability
+    ``empty_probability``, else one of the ``count`` negative prompts, uniformly. A function of
+    (run seed, index) only, like the rest of the plan (its own random stream, so seeds and w are
+    those of a run without negative prompts)."""
+    chosen = []
+    for i in indices:
+        rng = np.random.default_rng([run_seed, int(i), 2])
+        empty = rng.random() < empty_probability
+        index = int(rng.integers(count))  # drawn either way: one stream layout whatever the probability
+        chosen.append(EMPTY_NEGATIVE if empty else index)
+    return np.asarray(chosen, dtype=np.int64)
+
+
 @dataclass
 class Conditions:
-    """What stage one conditions on: class ids, or prompts with their encoded embeddings."""
+    """What stage one conditions on: class ids, or prompts with their encoded embeddings, and
+    optionally a negative prompt per trajectory."""
 
     kind: str  # "class" or "text"
     classes: list[int] = field(default_factory=list)
@@ -51,6 +71,15 @@ class Conditions:
     per_condition: int = 1
     table: dict = field(default_factory=dict)  # text: name -> tensor with one row per prompt
     uncond: dict | None = None  # text: the negative prompt's condition (one row)
+    # text, with generate.negative_prompts_file: the negative prompts, and their conditions with one
+    # row per negative prompt plus a last row for the pipeline's default (EMPTY_NEGATIVE = -1 indexes it)
+    negative_prompts: list[str] = field(default_factory=list)
+    empty_negative_probability: float = 0.0
+    negative_table: dict = field(default_factory=dict)
+
+    @property
+    def per_trajectory_negatives(self) -> bool:
+        return bool(self.negative_prompts)
 
     @property
     def count(self) -> int:
@@ -62,15 +91,27 @@ class Conditions:
 
     def plan(self, run_seed: int, indices, w_min: float, w_max: float) -> dict[str, np.ndarray]:
         ids = self.classes if self.kind == "class" else list(range(len(self.prompts)))
-        return trajectory_plan(run_seed, indices, ids, w_min, w_max, key=self.key)
+        plan = trajectory_plan(run_seed, indices, ids, w_min, w_max, key=self.key)
+        if self.per_trajectory_negatives:
+            plan["negative_prompt_index"] = negative_prompt_plan(run_seed, indices, len(self.negative_prompts),
+                                                                 self.empty_negative_probability)
+        return plan
 
-    def for_batch(self, plan: dict) -> tuple[dict, dict]:
-        """(arrays the store keeps per trajectory, the model's condition tensors) for one batch."""
+    def for_batch(self, plan: dict) -> tuple[dict, dict, dict | None]:
+        """(arrays the store keeps per trajectory, the model's condition tensors, the unconditional
+        branch's condition: one row shared, or one row per trajectory) for one batch."""
         if self.kind == "class":
-            return {}, {"class_label": torch.from_numpy(plan["class_label"])}
+            return {}, {"class_label": torch.from_numpy(plan["class_label"])}, None
         index = torch.from_numpy(plan["prompt_index"])
         cond = {name: table[index] for name, table in self.table.items()}
-        return {name: value.float().numpy() for name, value in cond.items()}, cond
+        stored = {name: value.float().numpy() for name, value in cond.items()}
+        if not self.per_trajectory_negatives:
+            return stored, cond, self.uncond
+        negative = torch.from_numpy(plan["negative_prompt_index"])  # -1: the last row, the default
+        uncond = {name: table[negative] for name, table in self.negative_table.items()}
+        stored.update({NEGATIVE_ARRAYS[name]: uncond[name].float().numpy() for name in NEGATIVE_ARRAYS
+                       if name in uncond})
+        return stored, cond, uncond
 
     def array_specs(self) -> dict[str, dict]:
         """Per-trajectory condition arrays of the store: name -> dtype and shape (without N)."""
@@ -80,6 +121,11 @@ class Conditions:
         for name, table in self.table.items():
             dtype = "float32" if name == "add_time_ids" else "float16"  # sizes, exact in float32
             specs[name] = {"dtype": dtype, "shape": list(table.shape[1:])}
+        if self.per_trajectory_negatives:
+            specs["negative_prompt_index"] = {"dtype": "int64", "shape": []}
+            for name, stored in NEGATIVE_ARRAYS.items():
+                if name in self.negative_table:
+                    specs[stored] = {"dtype": "float16", "shape": list(self.negative_table[name].shape[1:])}
         return specs
 
 
@@ -98,6 +144,10 @@ def resolve_conditions(config: GenerateConfig, base: BaseModel, progress: bool =
         if config.prompts_file:
             raise ConfigError(f"generate.prompts_file is set, but {base.model_id!r} is a class-conditional "
                               f"{base.family} model: give generate.classes (or classes_file) instead")
+        if config.negative_prompts_file:
+            raise ConfigError(f"generate.negative_prompts_file is set, but {base.model_id!r} is a class-conditional "
+                              f"{base.family} model: its unconditional branch is the null class, it takes no "
+                              "negative prompts")
         classes = read_class_file(config.classes_file) if config.classes_file else list(config.classes)
         classes = classes or list(range(base.num_classes))
         base.check_classes(classes, "generate.classes")
@@ -109,19 +159,43 @@ def resolve_conditions(config: GenerateConfig, base: BaseModel, progress: bool =
         raise ConfigError(f"{base.model_id!r} is a text-to-image {base.family} model: set generate.prompts_file "
                           "to a text file with one prompt per line")
     prompts = read_prompts(config.prompts_file)
-    table, uncond = encode_prompts(base, prompts, config.negative_prompt, progress=progress)
-    return Conditions("text", prompts=prompts, negative_prompt=config.negative_prompt,
-                      per_condition=config.trajectories_per_prompt, table=table, uncond=uncond)
+    if not config.negative_prompts_file:
+        table, uncond = encode_prompts(base, prompts, config.negative_prompt, progress=progress)
+        return Conditions("text", prompts=prompts, negative_prompt=config.negative_prompt,
+                          per_condition=config.trajectories_per_prompt, table=table, uncond=uncond)
+    negatives = read_negative_prompts(config.negative_prompts_file)
+    # one row per negative prompt, then the pipeline's default (index -1); each distinct one encoded once
+    table, negative_table = encode_prompts(base, prompts, [*negatives, ""], progress=progress)
+    return Conditions("text", prompts=prompts, per_condition=config.trajectories_per_prompt, table=table,
+                      uncond={name: value[-1:] for name, value in negative_table.items()},
+                      negative_prompts=negatives, empty_negative_probability=config.empty_negative_probability,
+                      negative_table=negative_table)
+
+
+def read_negative_prompts(path: str) -> list[str]:
+    """One negative prompt per line (blank lines skipped), as generate.negative_prompts_file."""
+    try:
+        return read_prompts(path)
+    except ModelError as err:
+        raise ConfigError(f"generate.negative_prompts_file: {str(err).replace('prompt file', 'negative prompt file')}"
+                          ) from None
 
 
 def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions) -> dict:
     scheduler = base.scheduler
+    guidance = {"distribution": "uniform", "min": config.guidance_min, "max": config.guidance_max,
+                "formula": "uncond + w * (cond - uncond)"}
+    if conditions.per_trajectory_negatives:
+        # the unconditional branch's prompts (part of the run's settings: a store of other negative
+        # prompts is never resumed); negative_prompt_index i >= 0 is negative_prompts[i], -1 the
+        # pipeline's default
+        guidance["negative_prompts"] = conditions.negative_prompts
+        guidance["empty_negative_probability"] = conditions.empty_negative_probability
     return json.loads(json.dumps({
         "base_model": base.describe(),
         "sampler": {"scheduler": type(scheduler).__name__, "config": dict(scheduler.config),
                     "num_steps": config.num_steps},
-        "guidance": {"distribution": "uniform", "min": config.guidance_min, "max": config.guidance_max,
-                     "formula": "uncond + w * (cond - uncond)"},
+        "guidance": guidance,
         "seed": config.seed,
         "conditioning": conditions.kind,
         "classes": conditions.classes,
@@ -148,7 +222,7 @@ def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: b
     device = base.device
     gens = generators_for(plan["seed"].tolist())
     noise = initial_noise(base, gens)
-    stored, cond = conditions.for_batch(plan)
+    stored, cond, uncond = conditions.for_batch(plan)
     w = torch.from_numpy(plan["guidance_scale"]).to(device)
     c, h, wd = base.latent_shape
     out = {"model_input": np.empty((n, num_steps, c, h, wd), np.float16),
@@ -166,7 +240,7 @@ def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: b
             out["cond_output"][:, step.index] = step.cond_output.to("cpu", torch.float16).numpy()
             out["uncond_output"][:, step.index] = step.uncond_output.to("cpu", torch.float16).numpy()
 
-    final = sample(base, cond, noise, num_steps, CFG(base, w, conditions.uncond), generators=gens, observer=observe)
+    final = sample(base, cond, noise, num_steps, CFG(base, w, uncond), generators=gens, observer=observe)
     out["sample"] = final.to("cpu", torch.float16).numpy()
     return {**out, **stored, **plan}
 
@@ -214,7 +288,7 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
     if world > 1 and device.startswith("cuda") and ":" not in device:
         device = f"cuda:{local_rank}"
     base = load_base_model(config.base_model, device=device, dtype=torch_dtype(config.dtype),
-                           scheduler=config.scheduler, with_vae=False)
+                           scheduler=config.scheduler, with_vae=False, revision=config.revision, variant=config.variant)
     check_num_steps(base, config.num_steps, "generate.num_steps")
     conditions = resolve_conditions(config, base, progress and rank == 0)
     header = store_header(config, base, conditions)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,8 +17,8 @@ from .adapters import load_adapted_model, read_adapter_config
 from .config import MAX_GUIDANCE, MAX_SEED
 from .devices import resolve_device, torch_dtype
 from .errors import ConfigError
-from .models import encode_prompts, load_base_model
-from .sampling import AGD, CFG, ImageSampler, check_num_steps, trajectory_seed
+from .models import encode_prompts, load_base_model, recorded_hub_options
+from .sampling import AGD, CFG, ImageSampler, check_num_steps, scheduler_for, trajectory_seed
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_IMAGES = 1_000_000  # per call: the labels, seeds and images are all held in memory
@@ -26,12 +27,17 @@ MAX_IMAGES = 1_000_000  # per call: the labels, seeds and images are all held in
 def sample_images(adapters: str, guidance_scale: float, classes: list[int] | None = None, per_class: int = 4,
                   steps: int = 0, seed: int = 0, use_adapters: bool = True, base_model: str = "",
                   device: str = "auto", batch_size: int = 64, prompts: list[str] | None = None,
-                  negative_prompt: str = "", dtype: str = "float32") -> dict:
+                  negative_prompt: str = "", dtype: str = "float32", scheduler: str = "") -> dict:
     """Sample ``per_class`` images of each class (class models) or of each prompt (text models);
-    returns images in [-1, 1] decoded with the pipeline's VAE, their labels and timing."""
+    returns images in [-1, 1] decoded with the pipeline's VAE, their labels and timing. The
+    scheduler is the one the adapters' trajectories were recorded with, unless ``scheduler`` names
+    another diffusers scheduler class (which warns)."""
     _check_arguments(adapters, guidance_scale, per_class, steps, seed, batch_size, dtype)
+    if not isinstance(negative_prompt, str):
+        raise ConfigError(f"negative_prompt must be a string (got {type(negative_prompt).__name__})")
     adapter_config = read_adapter_config(adapters)
-    base = load_base_model(base_model or adapter_config["base_model"]["id"], device=resolve_device(device),
+    recorded = {} if base_model else recorded_hub_options(adapter_config["base_model"])
+    base = load_base_model(base_model or adapter_config["base_model"]["id"], device=resolve_device(device), **recorded,
                            dtype=torch_dtype(dtype))
     steps = steps or adapter_config.get("sampler", {}).get("num_steps", 0)
     if not steps:
@@ -41,9 +47,18 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
     # CFG's unconditional branch: by default the negative prompt the adapters were distilled with
     negative_prompt = negative_prompt or adapter_config.get("negative_prompt", "")
     labels, conditions, uncond = _conditions(base, classes, prompts, per_class, negative_prompt)
+    if "negative_text" in adapter_config["adapter"]["condition_on"]:
+        # adapters distilled with negative prompts see the negative prompt's embeddings, one row per image
+        conditions = {**conditions, **negative_conditions(uncond, len(labels))}
+    elif use_adapters and negative_prompt and negative_prompt != adapter_config.get("negative_prompt", ""):
+        warnings.warn(f"{adapters}: these adapters were not distilled with negative prompts (their condition_on "
+                      "has no negative_text), so the negative prompt changes nothing in AGD samples; use --cfg, "
+                      "or train on a store written with generate.negative_prompts_file", stacklevel=2)
     seeds = [trajectory_seed(seed, i) for i in range(len(labels))]
     denoiser = AGD(adapted, guidance_scale) if use_adapters else CFG(base, guidance_scale, uncond)
-    images, seconds = ImageSampler(base, conditions, seeds, steps, batch_size).run(denoiser)
+    # the sampler the adapters learned, unless another is asked for (then with a warning)
+    sampling_scheduler = scheduler_for(base, adapter_config.get("sampler"), scheduler, "scheduler")
+    images, seconds = ImageSampler(base, conditions, seeds, steps, batch_size, sampling_scheduler).run(denoiser)
     guidance = adapter_config.get("guidance")
     return {"images": images, "labels": labels, "seeds": seeds, "method": denoiser.name, "steps": steps,
             "guidance_scale": guidance_scale, "nfe_per_image": steps * denoiser.evaluations_per_step,
@@ -92,6 +107,15 @@ def _conditions(base, classes, prompts, per_class: int, negative_prompt: str):
     table, uncond = encode_prompts(base, prompts, negative_prompt)
     labels = torch.tensor([i for i in range(len(prompts)) for _ in range(per_class)])
     return labels, {name: value[labels] for name, value in table.items()}, uncond
+
+
+def negative_conditions(uncond: dict, count: int) -> dict:
+    """The adapters' view of the negative prompt: ``negative_prompt_embeds`` (and, where the family
+    has one, ``negative_pooled_prompt_embeds``) with ``count`` rows, from CFG's unconditional
+    condition (one row, or one per image). The same keys a store written with
+    generate.negative_prompts_file holds per trajectory."""
+    return {f"negative_{name}": value.expand(count, *value.shape[1:]) if value.shape[0] == 1 else value
+            for name, value in uncond.items() if name in ("prompt_embeds", "pooled_prompt_embeds")}
 
 
 def _check_total(conditions: int, per_class: int, what: str) -> None:

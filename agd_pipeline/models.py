@@ -174,8 +174,11 @@ class BaseModel:
         out = self.prediction_channels(self.predict(torch.cat([x, x]), torch.cat([t, t]), joined))
         first, second = out[:batch], out[batch:]
         cond_out, uncond_out = (first, second) if self.cond_first else (second, first)
-        w = guidance_scale.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
-        return uncond_out + w * (cond_out - uncond_out), cond_out, uncond_out
+        # the combination in float32 with the exact w the adapters are conditioned on (w rounded to
+        # float16 would shift a half-precision target by up to ~0.1 % of w)
+        w = guidance_scale.to(torch.float32).view(-1, *([1] * (out.dim() - 1)))
+        guided = uncond_out.float() + w * (cond_out.float() - uncond_out.float())
+        return guided.to(out.dtype), cond_out, uncond_out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1]. Pixel-space models return the latents themselves."""
@@ -183,8 +186,17 @@ class BaseModel:
             return latents
         scale = self.vae.config.get("scaling_factor", 1.0) or 1.0
         shift = self.vae.config.get("shift_factor", None) or 0.0  # SD3's VAE latents are shifted
-        latents = latents.to(self.vae.dtype) / scale + shift
-        return self.vae.decode(latents).sample.clamp(-1, 1)
+        # VAEs marked force_upcast (SDXL's) overflow in float16: decode in float32, as the pipelines do
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+        dtype = self.vae.dtype
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            latents = latents.to(self.vae.dtype) / scale + shift
+            return self.vae.decode(latents).sample.clamp(-1, 1)
+        finally:
+            if upcast:
+                self.vae.to(dtype)
 
     # -- identity ---------------------------------------------------------------------------
     def architecture_fingerprint(self) -> str:
@@ -210,8 +222,14 @@ class BaseModel:
             self.info["weights_fingerprint"] = digest.hexdigest()[:16]
         return self.info["weights_fingerprint"]
 
+    @property
+    def hub_options(self) -> dict:
+        """The revision and variant the base was loaded with (only those given)."""
+        return dict(self.info.get("hub", {}))
+
     def describe(self) -> dict:
-        """What the store manifest and adapter config record about the base."""
+        """What the store manifest and adapter config record about the base. A revision or
+        variant is recorded only when one was given, so records of plain loads stay as they were."""
         return {
             "id": self.model_id,
             "family": self.family,
@@ -225,7 +243,13 @@ class BaseModel:
             "architecture_fingerprint": self.architecture_fingerprint(),
             "weights_fingerprint": self.weights_fingerprint(),
             "parameters": count_parameters(self.net),
+            **self.hub_options,
         }
+
+
+def recorded_hub_options(recorded: dict) -> dict:
+    """The revision and variant a record of ``describe()`` says the base was loaded with."""
+    return {k: recorded[k] for k in ("revision", "variant") if recorded.get(k)}
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -271,7 +295,7 @@ def save_dit_folder(folder, net: nn.Module, scheduler, meta: dict | None = None)
 # --------------------------------------------------------------------------------------- loading
 
 
-def _read_model_index(name: str) -> dict | None:
+def _read_model_index(name: str, revision: str | None = None) -> dict | None:
     path = Path(name)
     if path.is_dir():
         index = path / "model_index.json"
@@ -279,7 +303,7 @@ def _read_model_index(name: str) -> dict | None:
     from diffusers import DiffusionPipeline
 
     try:
-        return dict(DiffusionPipeline.load_config(name))
+        return dict(DiffusionPipeline.load_config(name, revision=revision))
     except Exception as err:  # noqa: BLE001 - hub errors come in many classes
         raise ModelError(
             f"base model {name!r}: not a local folder, and loading it as a hub id failed "
@@ -327,13 +351,16 @@ def _detect_family(name: str, index: dict | None) -> tuple[Family, str]:
 
 
 def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    scheduler: str = "", with_vae: bool = True) -> BaseModel:
+                    scheduler: str = "", with_vae: bool = True, revision: str = "", variant: str = "") -> BaseModel:
     """Load a base model by local folder or hub id.
 
     ``scheduler`` optionally swaps the scheduler class (any diffusers scheduler the pipeline accepts);
     ``with_vae=False`` skips the decoder (stage two never decodes). Text encoders are never loaded
-    here: :func:`encode_prompts` loads them when prompts need encoding.
+    here: :func:`encode_prompts` loads them when prompts need encoding. ``revision`` (a hub branch,
+    tag or commit) and ``variant`` (weights saved as ``*.fp16.safetensors`` and the like) are
+    diffusers' own options, recorded with the base so later stages load the same weights.
     """
+    hub = {k: v for k, v in (("revision", revision), ("variant", variant)) if v}
     # -- where it is, and which family (from model_index.json or the denoiser's class) ----------
     if not name:
         raise ModelError("no base model given: set generate.base_model to a diffusers folder or hub id")
@@ -346,14 +373,14 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
             "(or `dvc repro base`) first; otherwise give a diffusers model folder or a hub id like "
             "'facebook/DiT-XL-2-256'."
         )
-    index = _read_model_index(name)
+    index = _read_model_index(name, revision or None)
     family, net_class_name = _detect_family(name, index)
 
     # -- the denoiser, frozen and in eval() (DiT's label embedding drops labels in train mode) ----
     denoiser = family.denoiser_folder
     net_class = _diffusers_class(net_class_name, "denoiser", name)
     try:
-        net = net_class.from_pretrained(name, subfolder=denoiser, dtype=dtype)
+        net = net_class.from_pretrained(name, subfolder=denoiser, dtype=dtype, **hub)
     except (OSError, ValueError) as err:
         raise ModelError(f"base model {name!r}: cannot load its {denoiser}: {err}") from None
     net.requires_grad_(False).eval()
@@ -364,8 +391,9 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
     sched_class_name = scheduler or _component_class(name, index, "scheduler")
     if not sched_class_name:
         raise ModelError(f"base model {name!r}: has no scheduler/ folder")
-    scheduler_obj = _diffusers_class(sched_class_name, "scheduler", name).from_pretrained(name, subfolder="scheduler")
-    vae, vae_scale_factor = _load_vae(name, index, dtype, with_vae)
+    scheduler_obj = _diffusers_class(sched_class_name, "scheduler", name).from_pretrained(
+        name, subfolder="scheduler", **({"revision": revision} if revision else {}))
+    vae, vae_scale_factor = _load_vae(name, index, dtype, with_vae, hub)
 
     sample_size = config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
@@ -380,22 +408,24 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
         latent_channels=int(config.in_channels),
         sample_size=int(sample_size),
         vae=vae,
-        info={"meta": extra, "vae_scale_factor": vae_scale_factor},
+        info={"meta": extra, "vae_scale_factor": vae_scale_factor, "hub": hub},
     )
     return model.to(device)
 
 
-def _load_vae(name: str, index: dict | None, dtype: torch.dtype, with_vae: bool):
+def _load_vae(name: str, index: dict | None, dtype: torch.dtype, with_vae: bool, hub: dict):
     """(the VAE or None, pixels per latent cell). The scale factor is read from the VAE's config
     even when the VAE itself is skipped; a pixel-space model has neither (factor 1)."""
     vae_class_name = _component_class(name, index, "vae")
     if not vae_class_name:
         return None, 1
     vae_class = _diffusers_class(vae_class_name, "vae", name)
-    vae_scale_factor = 2 ** (len(vae_class.load_config(name, subfolder="vae")["block_out_channels"]) - 1)
+    revision = {"revision": hub["revision"]} if "revision" in hub else {}
+    config = vae_class.load_config(name, subfolder="vae", **revision)
+    vae_scale_factor = 2 ** (len(config["block_out_channels"]) - 1)
     if not with_vae:
         return None, vae_scale_factor
-    vae = vae_class.from_pretrained(name, subfolder="vae", dtype=dtype)
+    vae = vae_class.from_pretrained(name, subfolder="vae", dtype=dtype, **hub)
     vae.requires_grad_(False).eval()
     return vae, vae_scale_factor
 
@@ -419,13 +449,15 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 @torch.no_grad()
-def encode_prompts(base: BaseModel, prompts: list[str], negative_prompt: str = "", batch_size: int = 16,
+def encode_prompts(base: BaseModel, prompts: list[str], negative_prompt: str | list[str] = "", batch_size: int = 16,
                    progress: bool = False) -> tuple[dict, dict]:
     """Encode prompts with the pipeline's own text encoders (its ``encode_prompt``), once each.
 
     Returns (conditions with one row per prompt, the negative prompt's condition with one row), as
     CPU tensors keyed like :meth:`BaseModel.predict` expects. An empty negative prompt means the
-    pipeline's default (SDXL then uses zeros, as its pipeline does).
+    pipeline's default (SDXL then uses zeros, as its pipeline does). ``negative_prompt`` may also be
+    a list: the negative conditions then have one row per entry, each distinct one encoded once, as
+    the pipeline encodes a negative prompt ("" is again the pipeline's default).
     """
     if base.conditioning != "text":
         raise ModelError(f"{base.model_id!r} is class-conditional: it takes class ids, not prompts")
@@ -435,15 +467,17 @@ def encode_prompts(base: BaseModel, prompts: list[str], negative_prompt: str = "
     denoiser = base.spec.denoiser_folder
     # Components the folder records as absent (SD3 without its T5 encoder) must be passed as None;
     # the denoiser we already hold is handed over, and the VAE skipped: only text encoders load.
-    absent = {name: None for name, entry in (_read_model_index(base.model_id) or {}).items()
-              if isinstance(entry, list) and entry[:1] == [None]}
+    index = _read_model_index(base.model_id, base.hub_options.get("revision")) or {}
+    absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[:1] == [None]}
     try:
         pipe = DiffusionPipeline.from_pretrained(base.model_id, **{**absent, denoiser: base.net, "vae": None},
+                                                 **base.hub_options,
                                                  dtype=base.dtype)
     except (OSError, ValueError, TypeError) as err:
         raise ModelError(f"base model {base.model_id!r}: cannot load its text encoders ({err})") from None
     pipe.to(base.device)
-    negative = negative_prompt or None
+    several = isinstance(negative_prompt, list)
+    negative = None if several else negative_prompt or None
     cond_parts: dict[str, list] = {}
     uncond = None
     chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
@@ -453,6 +487,15 @@ def encode_prompts(base: BaseModel, prompts: list[str], negative_prompt: str = "
             cond_parts.setdefault(name, []).append(value.cpu())
         if uncond is None:
             uncond = {name: value[:1].cpu() for name, value in neg.items()}
+    if several:  # uncond above is the pipeline's default; every other negative prompt once, as a negative
+        distinct = [text for text in dict.fromkeys(negative_prompt) if text]
+        rows = {"": uncond}
+        for start in range(0, len(distinct), batch_size):
+            chunk = distinct[start:start + batch_size]
+            _, neg = base.spec.encode_prompt(pipe, base, chunk, chunk)
+            rows.update({text: {name: value[i:i + 1].cpu() for name, value in neg.items()}
+                         for i, text in enumerate(chunk)})
+        uncond = {name: torch.cat([value[:0], *(rows[text][name] for text in negative_prompt)])
+                  for name, value in uncond.items()}
     del pipe
     return {name: torch.cat(parts) for name, parts in cond_parts.items()}, uncond
-

@@ -64,6 +64,32 @@ def check_num_steps(base: BaseModel, steps: int, key: str) -> None:
                           f"was trained with (got {steps})")
 
 
+def scheduler_for(base: BaseModel, recorded: dict | None, override: str = "", key: str = "scheduler"):
+    """The scheduler to sample with. By default the one the adapters' trajectories were recorded
+    with (its class and config, from the store via the adapter config): the adapters learned that
+    sampler's states. ``override`` names another diffusers scheduler class, built from the same
+    config, with a warning when it is not the recorded one."""
+    import warnings
+
+    import diffusers
+
+    if not (recorded and recorded.get("scheduler") and isinstance(recorded.get("config"), dict)):
+        recorded = None  # adapters saved without a recorded sampler: the base's own
+    if not recorded and not override:
+        return base.scheduler
+    config = dict(recorded["config"]) if recorded else dict(base.scheduler.config)
+    name = override or recorded["scheduler"]
+    cls = getattr(diffusers, name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_config") or "Scheduler" not in name:
+        raise ConfigError(f"{key}: {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, "
+                          "EulerDiscreteScheduler, DPMSolverMultistepScheduler)")
+    if recorded and override and override != recorded["scheduler"]:
+        warnings.warn(f"{key}: sampling with {override}, but the adapters were distilled from "
+                      f"{recorded['scheduler']} trajectories; they may reproduce CFG less closely with another "
+                      "sampler (leave the setting empty to use the recorded one)", stacklevel=2)
+    return cls.from_config(config)
+
+
 def set_timesteps(scheduler, num_steps: int, latent_shape, patch_size: int | None, device) -> None:
     """``scheduler.set_timesteps`` as the pipelines call it; flow-matching schedulers with dynamic
     shifting get the resolution-dependent shift ``mu`` that SD3's pipeline computes."""
@@ -170,11 +196,12 @@ def _accepts_generator(scheduler) -> bool:
 class ImageSampler:
     """Samples a fixed set of (condition, seed) pairs in batches with a denoiser, decodes, and times it.
     Each sample's noise comes from its own seed, so every denoiser sees the same starting points.
-    ``conditions`` holds one row per sample."""
+    ``conditions`` holds one row per sample; ``scheduler`` defaults to the base's own."""
 
-    def __init__(self, base: BaseModel, conditions: dict, seeds: list[int], steps: int, batch_size: int):
+    def __init__(self, base: BaseModel, conditions: dict, seeds: list[int], steps: int, batch_size: int,
+                 scheduler=None):
         self.base, self.conditions, self.seeds = base, conditions, seeds
-        self.steps, self.batch_size = steps, batch_size
+        self.steps, self.batch_size, self.scheduler = steps, batch_size, scheduler
 
     def run(self, denoiser: Callable) -> tuple[torch.Tensor, float]:
         """Images in [-1, 1] on the CPU, and the seconds spent sampling and decoding them."""
@@ -185,7 +212,7 @@ class ImageSampler:
             noise = initial_noise(self.base, gens)
             cond = {name: value[start:stop] for name, value in self.conditions.items()}
             began = time.perf_counter()
-            latents = sample(self.base, cond, noise, self.steps, denoiser, generators=gens)
+            latents = sample(self.base, cond, noise, self.steps, denoiser, scheduler=self.scheduler, generators=gens)
             with torch.no_grad():
                 images = self.base.decode(latents)
             seconds += time.perf_counter() - began

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .adapters import AdaptedModel, AdapterConfig, default_condition_on, resolve_placement, save_adapters
+from .adapters import (TEXT_SOURCES, AdaptedModel, AdapterConfig, default_condition_on, resolve_placement,
+                       save_adapters)
 from .config import TrainConfig
 from .devices import resolve_device, torch_dtype
 from .errors import AgdError, ConfigError, ModelError, os_reason
 from .loader import StepBatches
 from .locks import FolderLock
-from .models import load_base_model
+from .models import load_base_model, recorded_hub_options
 from .optim import cosine_with_warmup
 from .store import Manifest, TrajectoryStore, differences, read_manifest
 
@@ -59,12 +61,23 @@ def adapter_config_for(config: TrainConfig, manifest: Manifest) -> AdapterConfig
     recorded = manifest.base_model
     family = recorded.get("family", "dit")
     conditioning = recorded.get("conditioning", "class")
-    condition_on = list(config.condition_on) or default_condition_on(conditioning)
-    wrong = {"class"} if conditioning == "text" else {"text", "text_tokens"}
+    arrays = manifest.condition_arrays
+    # a store written with generate.negative_prompts_file keeps each trajectory's negative prompt
+    negatives = conditioning == "text" and "negative_prompt_embeds" in arrays
+    default = default_condition_on(conditioning, negatives)
+    condition_on = list(config.condition_on) or default
+    wrong = {"class"} if conditioning == "text" else set(TEXT_SOURCES)
     if wrong & set(condition_on):
         raise ConfigError(f"train.condition_on: {sorted(wrong & set(condition_on))} do not apply to this "
-                          f"{conditioning}-conditional {family} store; use {default_condition_on(conditioning)}")
-    arrays = manifest.condition_arrays
+                          f"{conditioning}-conditional {family} store; use {default}")
+    if "negative_text" in condition_on and not negatives:
+        raise ConfigError(f"train.condition_on: negative_text needs a store that records each trajectory's negative "
+                          f"prompt, and {config.store} has none (no negative_prompt_embeds): write it with "
+                          "generate.negative_prompts_file, or leave negative_text out")
+    if negatives and "negative_text" not in condition_on:
+        warnings.warn(f"{config.store} records a negative prompt per trajectory, but train.condition_on "
+                      f"{condition_on} leaves out negative_text: these adapters will not follow negative prompts "
+                      "(add negative_text, or leave train.condition_on empty)", stacklevel=2)
     try:
         placement = resolve_placement(family, config.placement)
     except ModelError as err:
@@ -160,7 +173,8 @@ def _recorded_base(config: TrainConfig, manifest, device):
     targets were recorded with."""
     recorded = manifest.base_model
     base = load_base_model(config.base_model or recorded["id"], device=device, with_vae=False,
-                           dtype=torch_dtype(config.dtype or recorded.get("dtype", "float32")))
+                           dtype=torch_dtype(config.dtype or recorded.get("dtype", "float32")),
+                           **({} if config.base_model else recorded_hub_options(recorded)))
     if base.weights_fingerprint() != recorded["weights_fingerprint"]:
         raise ModelError(
             f"{config.store} was recorded with weights {recorded['weights_fingerprint']} of {recorded['id']!r}, "

@@ -137,6 +137,22 @@ def replace_block(text: str, block: str, readme: str) -> str:
     return text[:text.index(START)] + block + text[text.index(END) + len(END):]
 
 
+def model_card(folder: str, metrics: dict, metrics_path: Path) -> int:
+    """The adapter folder's model card, rewritten with the evaluation numbers."""
+    from agd_pipeline.adapters import read_adapter_config, write_model_card
+    from agd_pipeline.errors import AgdError
+
+    try:
+        config = read_adapter_config(folder)
+        path = write_model_card(folder, config, metrics)
+    except (AgdError, KeyError, TypeError) as err:
+        raise ReportError(f"{folder}: cannot write its model card ({err})") from None
+    except OSError as err:
+        raise ReportError(f"{folder}: cannot write its model card ({err.strerror})") from None
+    print(f"{path}: model card with the evaluation numbers of {metrics_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +162,9 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", default="README.md", help="file holding the results markers")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when the block differs from the render of the metrics")
+    parser.add_argument("--model-card", metavar="ADAPTERS", default=None,
+                        help="instead, rewrite the README.md model card of this adapter folder with the "
+                        "evaluation numbers (for publishing; under DVC, `dvc commit train` afterwards)")
     args = parser.parse_args(argv)
     metrics_path = Path(args.metrics) if args.metrics else default_metrics()
     readme = Path(args.readme)
@@ -157,6 +176,8 @@ def main(argv=None) -> int:
                               "`python -m stages.evaluate` first") from None
         except json.JSONDecodeError as err:
             raise ReportError(f"{metrics_path} is not valid JSON ({err})") from None
+        if args.model_card:
+            return model_card(args.model_card, metrics, metrics_path)
         try:
             text = readme.read_text()
         except OSError as err:

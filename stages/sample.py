@@ -63,15 +63,20 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", action="append", default=[],
                         help="text models: a prompt (repeat the option for several)")
     parser.add_argument("--prompts-file", default="", help="text models: a file with one prompt per line")
-    parser.add_argument("--negative-prompt", default="", help="text models, with --cfg: negative prompt of "
-                        "CFG's unconditional branch; empty takes the one the adapters were distilled with "
-                        "(AGD itself makes no unconditional call)")
+    parser.add_argument("--negative-prompt", default="", help="text models: the negative prompt. Adapters "
+                        "distilled from a store with negative prompts (generate.negative_prompts_file; "
+                        "condition_on negative_text) are given its embeddings; with --cfg it is the "
+                        "unconditional branch's prompt. Empty takes the one the adapters were distilled with "
+                        "(the pipeline's default unless generate.negative_prompt was set). Other adapters "
+                        "ignore it (AGD itself makes no unconditional call)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (or per prompt)")
     parser.add_argument("--steps", type=int, default=0, help="sampling steps; 0 takes the training data's")
     parser.add_argument("--seed", type=int, default=0, help="seed; image i's noise depends on (seed, i)")
     parser.add_argument("--cfg", action="store_true", help="adapters off: plain CFG, 2 evaluations per step")
     parser.add_argument("--batch-size", type=int, default=64, help="images sampled together")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, ...")
+    parser.add_argument("--scheduler", default="", help="diffusers scheduler class to sample with; empty: the "
+                        "one the adapters' trajectories were recorded with (another one warns)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype the base model runs in")
     parser.add_argument("--out-dir", default="samples", help="folder for the PNGs, grid.png, samples.json")
@@ -85,7 +90,8 @@ def main(argv=None) -> int:
         prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         result = sample_images(args.adapters, args.guidance_scale, parse_classes(args.classes), args.per_class,
                                args.steps, args.seed, not args.cfg, args.base_model, args.device, args.batch_size,
-                               prompts=prompts, negative_prompt=args.negative_prompt, dtype=args.dtype)
+                               prompts=prompts, negative_prompt=args.negative_prompt, dtype=args.dtype,
+                               scheduler=args.scheduler)
         out = save_images(result, args.out_dir)
         lo, hi = result["training_range"] or (-math.inf, math.inf)
         note = "" if lo <= args.guidance_scale <= hi else f" (outside the training range [{lo:g}, {hi:g}])"

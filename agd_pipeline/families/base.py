@@ -47,8 +47,16 @@ class Family:
         """One call of the denoiser: timesteps batched, inputs on its device and dtype."""
         raise NotImplementedError
 
-    def encode_prompt(self, pipe, base, prompts: list[str], negative: str | None) -> tuple[dict, dict]:
-        """(conditions, negative conditions) for one chunk of prompts, from ``pipe.encode_prompt``."""
+    def condition_from_call(self, call: dict) -> dict:
+        """The condition dict (as ``predict`` takes it) from the named arguments of a diffusers
+        pipeline's call of this family's denoiser: the inverse of ``predict`` (used to put AGD
+        adapters on a user's pipeline)."""
+        raise NotImplementedError(f"{self.title}: no mapping from its pipeline's denoiser call")
+
+    def encode_prompt(self, pipe, base, prompts: list[str], negative: str | list[str] | None) -> tuple[dict, dict]:
+        """(conditions, negative conditions), one row per prompt each, for one chunk of prompts, from
+        ``pipe.encode_prompt``. ``negative`` is one negative prompt for the whole chunk, one per prompt
+        (a list as long as ``prompts``), or None for the pipeline's default (SDXL: zeros)."""
         raise ModelError(f"no prompt encoder for family {self.name!r}")
 
     # -- adapters -----------------------------------------------------------------------------

@@ -25,6 +25,9 @@ class DiT(Family):
     def predict(self, net, x, t, cond):
         return net(x, timestep=t, class_labels=cond["class_label"]).sample
 
+    def condition_from_call(self, call):
+        return {"class_label": call["class_labels"]}
+
     # "attention" wraps every block's self-attention (the residual then passes DiT's frozen adaLN
     # gate, which scales it per timestep and class); "block" wraps whole blocks; "+output" also
     # wraps the final token projection, whose own adaLN modulation differs between the branches.

@@ -26,8 +26,11 @@ class StableDiffusion(Family):
         return net(x, t, encoder_hidden_states=cond["prompt_embeds"],
                    added_cond_kwargs=self.added_conditions(cond)).sample
 
+    def condition_from_call(self, call):
+        return {"prompt_embeds": call["encoder_hidden_states"]}
+
     def encode_prompt(self, pipe, base, prompts, negative):
-        negatives = None if negative is None else [negative] * len(prompts)
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else negative
         embeds, negative_embeds = pipe.encode_prompt(prompts, negative_prompt=negatives, **cfg_encode_kwargs(base))
         return {"prompt_embeds": embeds}, {"prompt_embeds": negative_embeds}
 

@@ -22,6 +22,9 @@ class StableDiffusion3(Family):
         return net(hidden_states=x, timestep=t, encoder_hidden_states=cond["prompt_embeds"],
                    pooled_projections=cond["pooled_prompt_embeds"]).sample
 
+    def condition_from_call(self, call):
+        return {"prompt_embeds": call["encoder_hidden_states"], "pooled_prompt_embeds": call["pooled_projections"]}
+
     def encode_prompt(self, pipe, base, prompts, negative):
         # the two None: prompt_2 and prompt_3 default to the prompt
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(

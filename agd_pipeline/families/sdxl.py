@@ -25,6 +25,11 @@ class StableDiffusionXL(StableDiffusion):
 
     condition_names = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
 
+    def condition_from_call(self, call):
+        added = call.get("added_cond_kwargs") or {}
+        return {"prompt_embeds": call["encoder_hidden_states"], "pooled_prompt_embeds": added["text_embeds"],
+                "add_time_ids": added["time_ids"]}
+
     def added_conditions(self, cond):
         return {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]}
 
@@ -34,7 +39,7 @@ class StableDiffusionXL(StableDiffusion):
         ids = time_ids(base.sample_size * base.vae_scale_factor, len(prompts))
         return ({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "add_time_ids": ids},
                 {"prompt_embeds": negative_embeds, "pooled_prompt_embeds": negative_pooled,
-                 "add_time_ids": ids[:1]})
+                 "add_time_ids": ids})  # the same time ids in both halves, as the pipeline does
 
     def random_condition(self, base, batch, text_tokens=0, text_dim=0, pooled_dim=0):
         cond = super().random_condition(base, batch, text_tokens, text_dim)

@@ -97,7 +97,8 @@ def array_shapes(header: dict, n: int) -> dict[str, tuple]:
 
 # Names of each array's axes, so xarray and other tools read a shard without our code.
 _CONDITION_DIMS = {"prompt_embeds": ("token", "text_embedding"), "pooled_prompt_embeds": ("pooled_embedding",),
-                   "add_time_ids": ("time_id",)}
+                   "add_time_ids": ("time_id",), "negative_prompt_embeds": ("token", "text_embedding"),
+                   "negative_pooled_prompt_embeds": ("pooled_embedding",)}
 
 
 def dimension_names(header: dict, name: str, ndim: int) -> tuple[str, ...]:
