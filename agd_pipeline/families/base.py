@@ -8,6 +8,8 @@ talks to; it asks its family (``base.spec``) for these parts and nothing else.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -17,8 +19,9 @@ from ..errors import ModelError
 Target = tuple[str, nn.Module, int, int]
 
 
-class Family:
-    """One base family. Subclasses set the attributes and override what their family needs."""
+class Family(abc.ABC):
+    """One base family. Subclasses set the attributes, implement the abstract methods and override
+    what else their family needs."""
 
     # -- identity and detection -------------------------------------------------------------
     name: str  # recorded in store manifests and adapter configs: never rename one
@@ -43,15 +46,16 @@ class Family:
         """Classes of a class-conditional denoiser (its config), without the null class."""
         return 0
 
+    @abc.abstractmethod
     def predict(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """One call of the denoiser: timesteps batched, inputs on its device and dtype."""
-        raise NotImplementedError
 
     def condition_from_call(self, call: dict) -> dict:
         """The condition dict (as ``predict`` takes it) from the named arguments of a diffusers
         pipeline's call of this family's denoiser: the inverse of ``predict`` (used to put AGD
-        adapters on a user's pipeline)."""
-        raise NotImplementedError(f"{self.title}: no mapping from its pipeline's denoiser call")
+        adapters on a user's pipeline; a family without it is refused there)."""
+        raise ModelError(f"AGD adapters cannot be put on a {self.title} pipeline yet (its family defines no "
+                         "condition_from_call)")
 
     def encode_prompt(self, pipe, base, prompts: list[str], negative: str | list[str] | None) -> tuple[dict, dict]:
         """(conditions, negative conditions), one row per prompt each, for one chunk of prompts, from
@@ -62,9 +66,9 @@ class Family:
     # -- adapters -----------------------------------------------------------------------------
     placements: tuple[str, ...]  # where adapters may attach; the first is "auto"'s choice
 
+    @abc.abstractmethod
     def adapter_targets(self, net: nn.Module, placement: str) -> list[Target]:
         """The layers a resolved placement wraps (without the "+output" layer)."""
-        raise NotImplementedError
 
     def output_layer(self, net: nn.Module) -> nn.Module | None:
         """The final token projection that "+output" placements also wrap."""
@@ -76,10 +80,10 @@ class Family:
 
         return DDIMScheduler()
 
+    @abc.abstractmethod
     def random_condition(self, base, batch: int, text_tokens: int = 0, text_dim: int = 0,
                          pooled_dim: int = 0) -> dict:
         """A condition of the right shapes for a step-time measurement."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

@@ -10,6 +10,8 @@ ask the format object; none of them branches on a format's name.
 
 from __future__ import annotations
 
+import abc
+
 from pathlib import Path
 
 from ...errors import StoreError
@@ -17,9 +19,9 @@ from ..files import folder_bytes, remove_path
 from ..schema import CODECS, PARTIAL
 
 
-class ShardFormat:
-    """One on-disk form of a shard. Subclasses set the class attributes and implement the methods
-    that raise NotImplementedError; the others have defaults that fit most formats."""
+class ShardFormat(abc.ABC):
+    """One on-disk form of a shard. Subclasses set the class attributes and implement the abstract
+    methods; the others have defaults that fit most formats."""
 
     name: str  # the manifest's "format" and the codec table's column
     extension: str  # a shard is named shard-NNNNNN.<extension>
@@ -38,25 +40,26 @@ class ShardFormat:
 
     def prepare_root(self, root: Path) -> None:
         """Write whatever a new store's root needs besides the manifest (nothing, by default)."""
+        return None
 
+    @abc.abstractmethod
     def begin_shard(self, store, index: int) -> ShardWriter:
         """A writer of shard ``index`` of ``store`` (a StoreWriter)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def shard_entry(self, final: Path, header: dict, index: int) -> dict | None:
         """The manifest entry of a shard that is complete under its final name and belongs to the
         run ``header`` describes, else None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def shard_header(self, path: Path) -> dict | None:
         """The run settings a shard on disk carries (to rebuild a lost manifest), or None."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------------------- reading
 
+    @abc.abstractmethod
     def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]):
         """A Zarr group, or an object that reads like one (``array_keys()``, ``shard[name]``)."""
-        raise NotImplementedError
 
     def dask_array(self, array):
         """One array of an open shard as a dask array, chunked at the shard's own chunks."""
@@ -64,9 +67,9 @@ class ShardFormat:
 
         return da.from_array(array, chunks=array.chunks, asarray=True)
 
+    @abc.abstractmethod
     def read_units(self, manifest, entry: dict) -> list[slice]:
         """The trajectory rows of a shard the loader (and conversion) reads at once."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------- checks
 
@@ -84,10 +87,10 @@ class ShardFormat:
 
     # ------------------------------------------------------------------------------ files
 
+    @abc.abstractmethod
     def owns(self, entry: Path) -> bool:
         """Whether an entry of a store folder is a shard of this format (or its temporary or
         companion files), holding nothing of the user's."""
-        raise NotImplementedError
 
     def bytes_on_disk(self, path: Path) -> int:
         return folder_bytes(path)
@@ -97,7 +100,7 @@ class ShardFormat:
         remove_path(path)
 
 
-class ShardWriter:
+class ShardWriter(abc.ABC):
     """Writes one shard under ``<name>.partial``; ``finish`` re-reads it, compares it with the
     checksums of the values written and only then renames it into place (the commit point).
 
@@ -112,13 +115,13 @@ class ShardWriter:
         fmt.remove_shard(self.final)
         self.written = 0
 
+    @abc.abstractmethod
     def write(self, offset: int, arrays: dict) -> None:
         """Write trajectories [offset, offset + n) of this shard (offset is shard-relative)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(self, expected_checksums: dict | None = None) -> dict:
         """Verify and publish the shard; return its manifest entry."""
-        raise NotImplementedError
 
     def check_all_written(self) -> None:
         expected = self.stop - self.start
