@@ -118,6 +118,15 @@ def tiny_base_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_pipeline_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD, SDXL and SD3 pipeline folders, built once. Tests read them, never write into them."""
+    from tiny_pipelines import TEXT_BUILDERS
+
+    root = tmp_path_factory.mktemp("text_pipelines")
+    return {family: build(root / family) for family, build in TEXT_BUILDERS.items()}
+
+
+@pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_base_dir) -> Path:
     """A complete store. Tests must not modify it: copy it (shutil.copytree) first."""
     root = tmp_path_factory.mktemp("tiny_store") / "store"

@@ -23,16 +23,11 @@ from agd_pipeline.models import encode_prompts, load_base_model
 from agd_pipeline.store import TrajectoryStore
 
 from conftest import read_all_shards
-from tiny_pipelines import make_sd3_pipeline, make_sd_pipeline, make_sdxl_pipeline, null_component_kwargs
+from tiny_pipelines import TEXT_BUILDERS, null_component_kwargs
 
 PROMPTS = ["a red cat", "blue sky", "an old oak"]
 NEGATIVES = ["blurry", "low quality"]
-BUILDERS = {
-    "sd": lambda folder: make_sd_pipeline(folder, prediction_type="v_prediction"),
-    "sdxl": make_sdxl_pipeline,
-    "sd3": make_sd3_pipeline,
-}
-FAMILIES = tuple(BUILDERS)
+FAMILIES = tuple(TEXT_BUILDERS)
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 LEGACY_TEXT_ARRAYS = {"model_input", "guided_output", "timesteps", "guidance_scale", "seed", "trajectory_index",
                       "sample", "prompt_index", "prompt_embeds"}
@@ -44,9 +39,8 @@ EMPTY_PROBABILITY = 0.3
 
 
 @pytest.fixture(scope="module")
-def pipeline_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("negative_pipelines")
-    return {family: build(root / family) for family, build in BUILDERS.items()}
+def pipeline_dirs(text_pipeline_dirs):
+    return text_pipeline_dirs
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from agd_pipeline.pipelines import AGDAdapters
 from agd_pipeline.sampling import AGD, Unguided, generators_for, initial_noise, sample
 
 from conftest import REPO, make_dit, make_scheduler
-from tiny_pipelines import make_sd3_pipeline, make_sd_pipeline, make_sdxl_pipeline, null_component_kwargs
+from tiny_pipelines import null_component_kwargs
 
 FAMILIES = ("dit", "sd", "sdxl", "sd3")
 TEXT_FAMILIES = ("sd", "sdxl", "sd3")
@@ -46,18 +46,10 @@ def make_dit_pipeline(folder: Path) -> Path:
     return folder
 
 
-BUILDERS = {
-    "dit": make_dit_pipeline,
-    "sd": lambda folder: make_sd_pipeline(folder, prediction_type="v_prediction"),  # DDIM
-    "sdxl": make_sdxl_pipeline,  # Euler
-    "sd3": make_sd3_pipeline,  # flow-match Euler
-}
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {family: build(root / family) for family, build in BUILDERS.items()}
+def folders(tmp_path_factory, text_pipeline_dirs):
+    """DiT plus the shared text pipelines: SD (DDIM), SDXL (Euler), SD3 (flow-match Euler)."""
+    return {"dit": make_dit_pipeline(tmp_path_factory.mktemp("pipelines") / "dit"), **text_pipeline_dirs}
 
 
 @pytest.fixture(scope="module")

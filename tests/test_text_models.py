@@ -19,21 +19,16 @@ from agd_pipeline.models import encode_prompts, load_base_model
 from agd_pipeline.sampling import CFG, generators_for, initial_noise, sample
 
 from conftest import read_all_shards, run_cli
-from tiny_pipelines import make_sd3_pipeline, make_sd_pipeline, make_sdxl_pipeline, null_component_kwargs
+from tiny_pipelines import TEXT_BUILDERS, null_component_kwargs
 
 PROMPTS = ["a red cat", "blue sky", "an old oak"]
-BUILDERS = {
-    "sd": lambda folder, seed=0: make_sd_pipeline(folder, prediction_type="v_prediction", seed=seed),
-    "sdxl": lambda folder, seed=0: make_sdxl_pipeline(folder, seed=seed),
-    "sd3": lambda folder, seed=0: make_sd3_pipeline(folder, seed=seed),
-}
+BUILDERS = TEXT_BUILDERS
 FAMILIES = tuple(BUILDERS)
 
 
 @pytest.fixture(scope="module")
-def pipeline_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text_pipelines")
-    return {family: build(root / family) for family, build in BUILDERS.items()}
+def pipeline_dirs(text_pipeline_dirs):
+    return text_pipeline_dirs
 
 
 @pytest.fixture(scope="module")

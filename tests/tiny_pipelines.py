@@ -333,3 +333,12 @@ if __name__ == "__main__":
             ("sd3", make_sd3_pipeline, StableDiffusion3Pipeline),
         ]:
             _smoke_test(build, pipeline_class, Path(root) / name)
+
+
+# The tiny text pipelines the suite shares (conftest's session fixture text_pipeline_dirs builds them
+# once): SD with v-prediction (DDIM), SDXL (Euler), SD3 (flow-match Euler).
+TEXT_BUILDERS = {
+    "sd": lambda folder, seed=0: make_sd_pipeline(folder, prediction_type="v_prediction", seed=seed),
+    "sdxl": lambda folder, seed=0: make_sdxl_pipeline(folder, seed=seed),
+    "sd3": lambda folder, seed=0: make_sd3_pipeline(folder, seed=seed),
+}
