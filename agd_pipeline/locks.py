@@ -19,11 +19,13 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from .errors import AgdError
 
 LOCK_FILE = ".agd.lock"
+HOLDER_WAIT_POLLS = 20  # x 50 ms: how long an empty lock file is read again before it counts as a reader's
 
 
 class LockError(AgdError):
@@ -78,8 +80,7 @@ class FolderLock:
         try:
             fcntl.flock(self._file.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._file.seek(0)
-            holder = _describe_holder(self._file.read())
+            holder = _describe_holder(self._holder_record())
             self._file.close()
             self._file = None
             verb = "read" if self.shared else "written"
@@ -95,6 +96,17 @@ class FolderLock:
                 "command": " ".join(sys.argv)[:300]}) + "\n")
             self._file.flush()
         return self
+
+    def _holder_record(self) -> str:
+        """What the holder wrote into the lock file. A writer writes it right after taking the
+        lock, so an empty file is read again for a moment before it is taken for a reader's."""
+        for _ in range(HOLDER_WAIT_POLLS):
+            self._file.seek(0)
+            text = self._file.read()
+            if text.strip():
+                return text
+            time.sleep(0.05)
+        return text
 
     def release(self) -> None:
         if self._file is None:
