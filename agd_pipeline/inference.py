@@ -126,7 +126,7 @@ def _check_total(conditions: int, per_class: int, what: str) -> None:
 
 def save_images(result: dict, out_dir: str | Path, columns: int = 8) -> Path:
     """PNG per image (``00003_class1.png``), a grid, and a JSON record of how they were made."""
-    from .evaluation import grid_figure, to_uint8
+    from .figures import grid_figure, to_uint8
     from PIL import Image
 
     out = Path(out_dir)

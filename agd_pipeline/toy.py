@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import BaseStageConfig
-from .optim import cosine_with_warmup
+from .optim import cosine_with_warmup, descent_step
 from .errors import ModelError
 from .models import save_dit_folder
 
@@ -89,8 +89,9 @@ def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
     # (it has no dropout) and drop the label once, here, to the null class.
     net.eval()
     scheduler = build_scheduler(config)
-    ema = EMAModel(net.parameters(), decay=config.ema_decay)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    parameters = list(net.parameters())
+    ema = EMAModel(parameters, decay=config.ema_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, config.train_steps, max(1, config.train_steps // 20)))
     alphas = scheduler.alphas_cumprod
@@ -107,14 +108,7 @@ def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = net(x_t, timestep=t, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        ema.step(net.parameters())
-        losses.append(loss.item())
+        losses.append(descent_step(F.mse_loss(pred, noise), parameters, optimizer, lr_schedule, ema))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     ema.copy_to(net.parameters())
