@@ -1,6 +1,7 @@
 # Two entry points: `make repro` (set up, then run the whole DVC pipeline on params.yaml)
 # and `make test` (set up, then run the test suite). Both create .venv on first use.
 # `make report` rewrites README.md's results block from data/eval/metrics.json after a run.
+# `make repro-text` runs the text-to-image defaults' pipeline (pipelines/text/dvc.yaml) and their tables.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3.11
@@ -12,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TQDM_MININTERVAL := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test report clean-venv
+.PHONY: setup repro repro-text test report clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +26,13 @@ $(STAMP): pyproject.toml
 
 repro: $(STAMP)
 	dvc repro
+
+# the embedded text-to-image defaults (SD, SDXL, SD3): their own DVC pipeline, then README's tables
+repro-text: $(STAMP)
+	dvc repro pipelines/text/dvc.yaml
+	for family in sd sdxl sd3; do \
+		python -m stages.report --metrics data/text/$$family/eval/metrics.json --block text-$$family || exit 1; \
+	done
 
 test: $(STAMP)
 	python -m pytest -q

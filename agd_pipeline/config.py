@@ -82,6 +82,11 @@ class StageConfig:
                     self.fail(name, f"holds {kind} ({marker}); writing {self.section} outputs into it would mix "
                               "the two: choose another folder")
 
+    def require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                self.fail(name, "must be positive")
+
     def key(self, name: str) -> str:
         return f"{self.section}.{name}"
 
@@ -93,7 +98,8 @@ class StageConfig:
 
 
 OUTPUT_MARKERS = {"model_index.json": "a base model", "manifest.json": "a trajectory store",
-                  "adapter_config.json": "adapters", "metrics.json": "evaluation results"}
+                  "adapter_config.json": "adapters", "metrics.json": "evaluation results",
+                  "digits.npz": "the text defaults' shared data"}
 MAX_TRAJECTORIES_PER_CONDITION = 1_000_000
 MAX_GUIDANCE = 50.0  # far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; numpy rejects negative seeds
@@ -149,10 +155,92 @@ class BaseStageConfig(StageConfig):
             self.fail("label_dropout", "must lie in (0, 1): the null class is what CFG needs")
         if not 0.0 <= self.ema_decay < 1.0:
             self.fail("ema_decay", "must lie in [0, 1)")
-        for name in ("num_layers", "num_heads", "head_dim", "train_steps", "batch_size",
-                     "classifier_steps", "classifier_features", "num_train_timesteps"):
-            if getattr(self, name) <= 0:
-                self.fail(name, "must be positive")
+        self.require_positive("num_layers", "num_heads", "head_dim", "train_steps", "batch_size", "classifier_steps",
+                              "classifier_features", "num_train_timesteps")
+
+
+@dataclass
+class TextDataConfig(StageConfig):
+    """Stage `text_data`: what the embedded text-to-image defaults share (VAE, classifier, prompts)."""
+
+    section: ClassVar[str] = "text_data"
+    own_marker: ClassVar[str] = "digits.npz"
+    out_dir: str = option("data/text/shared", "folder to write the VAE, classifier, digits and prompt sets to")
+    seed: int = option(0, "seed for the data split, captions and training")
+    holdout_fraction: float = option(0.2, "share of the digits kept out of training (FID reference, eval prompts)")
+    vae_channels: int = option(32, "channels of the VAE's first level (the second has twice as many)")
+    vae_steps: int = option(1500, "VAE training steps")
+    vae_batch_size: int = option(64, "images per VAE training step")
+    vae_learning_rate: float = option(2e-3, "VAE AdamW learning rate")
+    vae_kl_weight: float = option(1e-3, "weight of the KL term per latent value")
+    classifier_steps: int = option(800, "training steps of the evaluation classifier")
+    classifier_features: int = option(32, "width of the classifier's penultimate layer (FID features)")
+    generate_prompts: int = option(1500, "training prompts written for stage one (prompts/train.txt)")
+    eval_prompts_per_digit: int = option(30, "held-out prompts per digit written for evaluate (prompts/eval.tsv)")
+    agnostic_share: float = option(0.15, "share of captions and prompts that name no digit")
+
+    def check(self) -> None:
+        super().check()
+        if not 0.05 <= self.holdout_fraction <= 0.5:
+            self.fail("holdout_fraction", "must lie in [0.05, 0.5]")
+        if not 0.0 <= self.agnostic_share < 1.0:
+            self.fail("agnostic_share", "must lie in [0, 1)")
+        if self.vae_channels % 8 or not 8 <= self.vae_channels <= 512:
+            self.fail("vae_channels", "must be a multiple of 8 (group norm) in [8, 512]")
+        if not 0 < self.vae_learning_rate <= 1:
+            self.fail("vae_learning_rate", "must lie in (0, 1]")
+        if self.vae_kl_weight < 0:
+            self.fail("vae_kl_weight", "must be >= 0")
+        self.require_positive("vae_steps", "vae_batch_size", "classifier_steps", "classifier_features",
+                              "generate_prompts", "eval_prompts_per_digit")
+
+
+@dataclass
+class TextBaseConfig(StageConfig):
+    """Stage `text_base`: train one embedded text-to-image default (SD, SDXL or SD3 in tiny form)."""
+
+    section: ClassVar[str] = "text_base"
+    own_marker: ClassVar[str] = "model_index.json"
+    family: str = option("sd", "architecture to build and train", ("sd", "sdxl", "sd3"))
+    shared: str = option("data/text/shared", "the text_data stage's output folder")
+    out_dir: str = option("data/text/sd/base", "folder to write the pipeline to")
+    seed: int = option(0, "seed for initialisation, captions and training")
+    channels: int = option(32, "UNet: channels of the first level (the second has twice as many); SD3: token width")
+    head_dim: int = option(8, "channels per attention head")
+    num_layers: int = option(4, "SD3: joint-attention blocks (the UNets have one block per level)")
+    cross_attention_levels: int = option(1, "SD, SDXL: UNet levels with cross-attention blocks besides the mid "
+                                         "block: 1 (the 8x8 level) or 2 (also the 4x4 level)", (1, 2))
+    text_hidden: int = option(32, "width of each frozen CLIP text encoder")
+    flow_shift: float = option(3.0, "SD3: timestep shift of the flow-matching schedule (SD3's own is 3)")
+    captions_per_image: int = option(4, "captions generated per training image")
+    agnostic_share: float = option(0.15, "share of training captions that name no digit")
+    caption_dropout: float = option(0.1, "probability of training on the empty prompt (what CFG needs)")
+    train_steps: int = option(1200, "optimiser steps for the denoiser")
+    batch_size: int = option(256, "(image, caption) pairs per step")
+    learning_rate: float = option(2e-3, "peak AdamW learning rate (cosine decay, short warm-up)")
+    ema_decay: float = option(0.995, "decay of the exponential moving average of the weights")
+
+    def check(self) -> None:
+        super().check()
+        self.check_folder("shared")
+        self.require_positive("head_dim", "num_layers", "text_hidden", "captions_per_image", "train_steps",
+                              "batch_size")
+        if self.channels % 8 or not 8 <= self.channels <= 1024:
+            self.fail("channels", "must be a multiple of 8 (group norm) in [8, 1024]")
+        if self.channels % self.head_dim:
+            self.fail("head_dim", f"must divide channels ({self.channels})")
+        if not 0.0 < self.caption_dropout < 1.0:
+            self.fail("caption_dropout", "must lie in (0, 1): the empty prompt is what CFG needs")
+        if not 0.0 <= self.agnostic_share < 1.0:
+            self.fail("agnostic_share", "must lie in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            self.fail("ema_decay", "must lie in [0, 1)")
+        if not 0 < self.learning_rate <= 1:
+            self.fail("learning_rate", "must lie in (0, 1]")
+        if not 0.1 <= self.flow_shift <= 100:
+            self.fail("flow_shift", "must lie in [0.1, 100]")
+        if self.text_hidden % 2:
+            self.fail("text_hidden", "must be even (two attention heads)")
 
 
 @dataclass
@@ -340,18 +428,33 @@ class EvaluateConfig(StageConfig):
     guidance_scales: list[float] = option(
         [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0], "guidance scales to evaluate (may exceed the training range)"
     )
-    samples_per_class: int = option(50, "samples per class and guidance scale")
+    samples_per_class: int = option(50, "samples per class and guidance scale (class models; at least 2 for FID "
+                                    "statistics), or per evaluation prompt (text models)")
     num_steps: int = option(0, "sampling steps; 0 takes the steps the trajectories were recorded with")
     scheduler: str = option("", "diffusers scheduler class to sample with; empty: the one the adapters' "
                             "trajectories were recorded with (another one warns)")
     seed: int = option(1234, "seed of the evaluation noise (the same for every method)")
     batch_size: int = option(500, "images sampled together; the speed ratio is measured at this size")
     grid_columns: int = option(6, "samples per class shown in the PNG grids")
+    prompts_file: str = option("", "text models: evaluation prompts, one per line, or 'digit<TAB>prompt' lines "
+                               "(then prompt accuracy is measured); empty: the base folder's prompts/eval.tsv")
+    negative_check_scale: float = option(0.0, "text defaults: w of the negative-prompt check (a digit-agnostic "
+                                         "prompt, a negative prompt naming a digit); 0 skips it")
+    negative_check_samples: int = option(30, "negative-prompt check: samples per negative digit")
+    fid_reference: str = option("", "real models: a folder of reference images, or an .npz of clean-fid statistics "
+                                "(mu, sigma; see agd_pipeline.real_metrics.reference_statistics): Inception FID of "
+                                "every sample set against it")
+    clip_model: str = option("", "real text models: a CLIP model (folder or hub id, transformers' CLIPModel): the "
+                             "CLIP score of every sample set against its prompts")
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
 
     def check(self) -> None:
         super().check()
         self.check_folder("adapters")
+        if self.negative_check_scale < 0 or self.negative_check_scale > MAX_GUIDANCE:
+            self.fail("negative_check_scale", f"must lie in [0, {MAX_GUIDANCE:g}] (0 skips the check)")
+        if self.negative_check_samples <= 0:
+            self.fail("negative_check_samples", "must be positive")
         if not self.guidance_scales:
             self.fail("guidance_scales", "needs at least one value")
         if any((not math.isfinite(w)) or w < 0 for w in self.guidance_scales):
@@ -362,8 +465,6 @@ class EvaluateConfig(StageConfig):
         for name in ("samples_per_class", "batch_size", "grid_columns"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be positive")
-        if self.samples_per_class < 2:
-            self.fail("samples_per_class", "needs at least 2 for FID statistics")
         if self.num_steps < 0:
             self.fail("num_steps", "must be >= 0")
 

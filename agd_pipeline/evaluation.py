@@ -25,16 +25,11 @@ from .errors import ConfigError
 from .models import load_base_model, recorded_hub_options
 from .sampling import (AGD, CFG, ImageSampler, Unguided, check_num_steps, generators_for, initial_noise, sample,
                        scheduler_for, trajectory_seed)
-from . import toy
+from . import textdigits, toy
+from .figures import grid_figure, to_uint8
 from .results import results_table
 
 METHODS = ("unguided", "cfg", "agd")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] images [B, C, H, W] -> uint8 [B, H, W] (grey) or [B, H, W, C]."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    return arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
 
 
 def write_pngs(images: np.ndarray, folder: Path) -> None:
@@ -71,35 +66,6 @@ class CleanFid:
         return float(fid.fid_from_feats(self.features(folder_a), self.features(folder_b)))
 
 
-MAX_GRID_ROWS = 16  # classes shown in a grid (ImageNet has 1,000)
-
-
-def grid_figure(panels: dict[str, np.ndarray], labels: np.ndarray, columns: int, title: str, path: Path):
-    """One PNG: a block per method (rows = classes, columns = samples), side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    classes = sorted(set(labels.tolist()))[:MAX_GRID_ROWS]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
-    for ax, (name, images) in zip(np.atleast_1d(axes), panels.items()):
-        rows = []
-        border = ((0, 0), (1, 1), (1, 1)) + (((0, 0),) if images.ndim == 4 else ())  # grey or colour
-        for c in classes:
-            picks = images[labels == c][:columns]
-            rows.append(np.concatenate(list(np.pad(picks, border, constant_values=64)), axis=1))
-        grey = images.ndim == 3
-        ax.imshow(np.concatenate(rows, axis=0), cmap="gray" if grey else None, vmin=0, vmax=255,
-                  interpolation="nearest")
-        ax.set_title(name)
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def curves_figure(rows: list[dict], training_range, path: Path) -> None:
     import matplotlib
 
@@ -126,25 +92,43 @@ class Judges:
     """What a sample set is measured by: class accuracy under the evaluation classifier, and FID in
     that classifier's feature space, against the held-out digits (written once as PNGs)."""
 
-    def __init__(self, base_id: str, labels: torch.Tensor, real_dir: Path):
-        self.classifier = toy.load_classifier(base_id)
+    def __init__(self, base_id: str, labels: torch.Tensor | None, real_dir: Path, fid_reference: str = "",
+                 clip_model: str = "", prompts: list[str] | None = None, device="cpu"):
+        self.fid_reference, self.clip_model, self.prompts, self.device = fid_reference, clip_model, prompts, device
+        self.classifier = textdigits.load_judge(base_id)
         holdout = toy.load_holdout(base_id)
         self.fid = CleanFid(toy.ClassifierFeatures(self.classifier)) if self.classifier is not None else None
         self.labels, self.real_dir, self.has_real = labels, real_dir, holdout is not None
         if holdout is not None:
             write_pngs(to_uint8(torch.from_numpy(holdout[0])), real_dir)
 
-    def accuracy(self, images: torch.Tensor) -> float | None:
-        if self.classifier is None:
-            return None
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return float((self.classifier(images.float().clamp(-1, 1)).argmax(1) == self.labels).float().mean())
+            return self.classifier(images.float().clamp(-1, 1)).argmax(1)
+
+    def accuracy(self, images: torch.Tensor) -> float | None:
+        if self.classifier is None or self.labels is None:
+            return None
+        return float((self.predict(images) == self.labels).float().mean())
 
     def fid_real(self, folder: Path) -> float | None:
         return self.fid(folder, self.real_dir) if self.fid and self.has_real else None
 
     def fid_between(self, a: Path, b: Path) -> float | None:
         return self.fid(a, b) if self.fid else None
+
+    def real_model_metrics(self, method: str, folder: Path, pixels: np.ndarray) -> dict:
+        """Inception FID against ``evaluate.fid_reference`` and the CLIP score under
+        ``evaluate.clip_model``, where set (real checkpoints)."""
+        from . import real_metrics
+
+        out = {}
+        if self.fid_reference:
+            out[f"inception_fid_{method}"] = real_metrics.inception_fid(folder, self.fid_reference, device=self.device)
+        if self.clip_model:
+            out[f"clip_score_{method}"] = real_metrics.clip_score(pixels, self.prompts, self.clip_model,
+                                                                  device=self.device)
+        return out
 
 
 def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
@@ -153,7 +137,6 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     base_id = config.base_model or adapter_config["base_model"]["id"]
     recorded = {} if config.base_model else recorded_hub_options(adapter_config["base_model"])
     base = load_base_model(base_id, device=resolve_device(config.device), **recorded)
-    _require_class_model(base, "evaluate")
     adapted = load_adapted_model(config.adapters, base)
     steps = config.num_steps or adapter_config["sampler"]["num_steps"]
     check_num_steps(base, steps, "evaluate.num_steps")
@@ -165,34 +148,49 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     samples_dir, grids_dir = out / "samples", out / "grids"
     shutil.rmtree(grids_dir, ignore_errors=True)
     grids_dir.mkdir(parents=True)
-    n = config.samples_per_class * base.num_classes
-    labels = torch.arange(n) % base.num_classes
+    labels, conditions, uncond, prompts_file, prompts = evaluation_set(config, base, base_id, adapter_config)
+    n = len(labels)
     seeds = [trajectory_seed(config.seed, i) for i in range(n)]
     scheduler = scheduler_for(base, adapter_config.get("sampler"), config.scheduler, "evaluate.scheduler")
-    sampler = ImageSampler(base, base.class_condition(labels), seeds, steps, config.batch_size, scheduler)
-    judges = Judges(base_id, labels, samples_dir / "real")
+    sampler = ImageSampler(base, conditions, seeds, steps, config.batch_size, scheduler)
+    if config.clip_model and prompts is None:
+        raise ConfigError("evaluate.clip_model: the CLIP score compares images with their prompts; "
+                          f"{base.model_id!r} is class-conditional")
+    judges = Judges(base_id, labels if labels.min() >= 0 else None, samples_dir / "real", config.fid_reference,
+                    config.clip_model, prompts, base.device)
 
     # -- unguided once, then CFG (2 NFE/step) against AGD (1 NFE/step) at every w --------------
     unguided, unguided_seconds = sampler.run(Unguided(base))
     baseline = {"images": unguided, "pixels": to_uint8(unguided)}
     write_pngs(baseline["pixels"], samples_dir / "unguided")
-    baseline.update(fid=judges.fid_real(samples_dir / "unguided"), accuracy=judges.accuracy(unguided))
+    baseline.update(fid=judges.fid_real(samples_dir / "unguided"), accuracy=judges.accuracy(unguided),
+                    real=judges.real_model_metrics("unguided", samples_dir / "unguided", baseline["pixels"]))
     rows = []
     for w in tqdm(config.guidance_scales, desc="evaluate: guidance scales", disable=not progress):
         # Alternate which method runs first, so drift in a shared machine's speed hits both alike.
-        row = _compare_at(w, sampler, base, adapted, judges, baseline, samples_dir, steps,
+        row = _compare_at(w, sampler, base, adapted, judges, baseline, samples_dir, steps, uncond,
                           cfg_first=len(rows) % 2 == 0, in_range=training_range[0] <= w <= training_range[1])
         panels = {"unguided (1 NFE/step)": baseline["pixels"], f"CFG w={w:g} (2 NFE/step)": row.pop("cfg_pixels"),
                   f"AGD w={w:g} (1 NFE/step)": row.pop("agd_pixels")}
-        grid_figure(panels, labels.numpy(), config.grid_columns, f"same seeds, w = {w:g}", grids_dir / f"w{w:g}.png")
+        title = f"same seeds, w = {w:g}" + (": rows ask for the digits 0-9 in held-out prompts" if prompts_file else "")
+        grid_figure(panels, labels.numpy(), config.grid_columns, title, grids_dir / f"w{w:g}.png")
         rows.append(row)
+    negative = None
+    if base.conditioning == "text" and config.negative_check_scale > 0:
+        negative = negative_prompt_check(config, base, adapted, base_id, steps, scheduler, judges, grids_dir)
 
     # -- metrics, plots and the table -----------------------------------------------------------
     metrics = {
         "num_steps": steps, "samples_per_w": n, "batch_size": config.batch_size,
         "training_range": list(training_range), "unguided_images_per_second": n / unguided_seconds,
-        "summary_in_training_range": summarise(rows), "per_w": {f"w{r['w']:g}": r for r in rows},
+        "conditioning": base.conditioning,
+        "summary_in_training_range": summarise(rows, negative, ACCURACY_TOLERANCE[base.conditioning]),
+        "per_w": {f"w{r['w']:g}": r for r in rows},
     }
+    if prompts_file:
+        metrics["prompts_file"] = str(prompts_file)
+    if negative is not None:
+        metrics["negative_prompt_check"] = negative
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_csv(out / "fid_vs_w.csv", rows, {"unguided": "fid_unguided", "cfg": "fid_cfg", "agd": "fid_agd"})
     _write_csv(out / "accuracy_vs_w.csv", rows,
@@ -202,20 +200,118 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     if judges.classifier is not None:
         curves_figure(rows, training_range, out / "curves.png")
     log(format_table(rows))
+    if negative is not None:
+        log(format_negative_check(negative))
     return metrics
 
 
+# accuracy drop (points) that AGD may show against CFG: the class default's target, the text defaults'
+ACCURACY_TOLERANCE = {"class": 1.0, "text": 2.0}
+
+
+def evaluation_set(config: EvaluateConfig, base, base_id: str, adapter_config: dict):
+    """(label per sample, conditions per sample, CFG's unconditional condition, the prompts file, the
+    prompt per sample); the last three are None for class models.
+
+    Class models: ``samples_per_class`` samples of every class, classes cycled. Text models: every
+    prompt of ``evaluate.prompts_file`` (default: the base folder's prompts/eval.tsv)
+    ``samples_per_class`` times; the label is the digit a ``digit<TAB>prompt`` line asks for (-1
+    when the file gives none: no accuracy then). CFG's unconditional branch is the negative prompt
+    the adapters were distilled with (empty: the pipeline's default); adapters that see the
+    negative prompt get its embeddings per sample."""
+    from .inference import negative_conditions
+    from .models import encode_prompts
+
+    if base.conditioning == "class":
+        for key in ("prompts_file", "negative_check_scale"):
+            if getattr(config, key):
+                raise ConfigError(f"evaluate.{key}: {base.model_id!r} is class-conditional; prompts and the "
+                                  "negative-prompt check are for text-to-image models (leave it empty or 0)")
+        if config.samples_per_class < 2:
+            raise ConfigError(f"evaluate.samples_per_class: needs at least 2 for FID statistics per class (got "
+                              f"{config.samples_per_class})")
+        labels = torch.arange(config.samples_per_class * base.num_classes) % base.num_classes
+        return labels, base.class_condition(labels), None, None, None
+    prompts_file = Path(config.prompts_file) if config.prompts_file else \
+        Path(base_id) / textdigits.PROMPTS_DIR / textdigits.EVAL_PROMPTS
+    if not config.prompts_file and not prompts_file.is_file():
+        raise ConfigError(f"evaluate.prompts_file: {base.model_id!r} is a text-to-image model without its own "
+                          f"evaluation prompts ({prompts_file} is missing): give a file with one prompt per line, "
+                          "or 'digit<TAB>prompt' lines for the embedded defaults")
+    prompts, digits = textdigits.read_eval_prompts(prompts_file)
+    table, uncond = encode_prompts(base, prompts, adapter_config.get("negative_prompt", ""))
+    index = torch.arange(len(prompts)).repeat_interleave(config.samples_per_class)
+    conditions = {name: value[index] for name, value in table.items()}
+    if "negative_text" in adapter_config["adapter"]["condition_on"]:
+        conditions.update(negative_conditions(uncond, len(index)))
+    if len(index) < 2:
+        raise ConfigError(f"{prompts_file}: one prompt x samples_per_class 1 is one image; FID needs at least 2")
+    labels = torch.tensor(digits)[index] if digits is not None else torch.full((len(index),), -1)
+    return labels, conditions, uncond, prompts_file, [prompts[i] for i in index.tolist()]
+
+
+def negative_prompt_check(config: EvaluateConfig, base, adapted, base_id: str, steps: int, scheduler, judges: Judges,
+                          grids_dir: Path) -> dict:
+    """How often the digit a negative prompt names still appears, under a prompt that names no digit.
+
+    For each digit d of the base's prompts/negative_check.json: ``negative_check_samples`` samples of
+    its digit-agnostic prompt with the negative prompt naming d, at w = ``negative_check_scale``:
+    unguided (the prompt alone), CFG (the negative prompt as its unconditional branch) and AGD (the
+    adapters told the negative prompt). Avoidance = the unguided rate of d minus the method's rate."""
+    from .inference import negative_conditions
+    from .models import encode_prompts
+
+    path = Path(base_id) / textdigits.PROMPTS_DIR / textdigits.NEGATIVE_CHECK
+    if not path.is_file() or judges.classifier is None:
+        raise ConfigError(f"evaluate.negative_check_scale: {base.model_id!r} has no negative-prompt check "
+                          f"({path} and an evaluation classifier: the embedded text defaults have both); set it to 0")
+    check = json.loads(path.read_text())
+    digits = sorted(int(d) for d in check["negatives"])
+    per = config.negative_check_samples
+    targets = torch.tensor(digits).repeat_interleave(per)
+    negatives = [check["negatives"][str(int(d))] for d in targets]
+    table, uncond = encode_prompts(base, [check["prompt"]], negatives)
+    conditions = {name: value.expand(len(targets), *value.shape[1:]) for name, value in table.items()}
+    with_negative = {**conditions, **negative_conditions(uncond, len(targets))}
+    w = config.negative_check_scale
+    seeds = [trajectory_seed(config.seed + 1, i) for i in range(len(targets))]
+    images, rates = {}, {}
+    for method, denoiser, conds in (("unguided", Unguided(base), conditions), ("cfg", CFG(base, w, uncond), conditions),
+                                    ("agd", AGD(adapted, w), with_negative)):
+        sampler = ImageSampler(base, conds, seeds, steps, config.batch_size, scheduler)
+        images[method], _ = sampler.run(denoiser)
+        rates[method] = float((judges.predict(images[method]) == targets).float().mean())
+    avoid_cfg, avoid_agd = rates["unguided"] - rates["cfg"], rates["unguided"] - rates["agd"]
+    panels = {f"unguided: '{check['prompt']}'": to_uint8(images["unguided"]),
+              f"CFG w={w:g}, negative 'the digit <row>'": to_uint8(images["cfg"]),
+              f"AGD w={w:g}, same negative": to_uint8(images["agd"])}
+    grid_figure(panels, targets.numpy(), config.grid_columns, "negative prompt naming the row's digit",
+                grids_dir / "negative_prompt.png")
+    return {"w": w, "prompt": check["prompt"], "samples_per_digit": per,
+            "negative_digit_rate": rates, "avoidance_cfg": avoid_cfg, "avoidance_agd": avoid_agd,
+            "avoidance_ratio_agd_over_cfg": avoid_agd / avoid_cfg if avoid_cfg > 0 else None}
+
+
+def format_negative_check(check: dict) -> str:
+    rates = check["negative_digit_rate"]
+    ratio = check["avoidance_ratio_agd_over_cfg"]
+    return (f"negative-prompt check (w={check['w']:g}, prompt {check['prompt']!r}, negative naming a digit): "
+            f"that digit appears in {100 * rates['unguided']:.1f} % unguided, {100 * rates['cfg']:.1f} % CFG, "
+            f"{100 * rates['agd']:.1f} % AGD; AGD avoids it "
+            + (f"{ratio:.2f}x as well as CFG" if ratio is not None else "(CFG does not avoid it at all)"))
+
+
 def _compare_at(w: float, sampler: ImageSampler, base, adapted, judges: Judges, baseline: dict, samples_dir: Path,
-                steps: int, cfg_first: bool, in_range: bool) -> dict:
+                steps: int, uncond: dict | None, cfg_first: bool, in_range: bool) -> dict:
     """CFG and AGD at one w from the same seeds: samples as PNGs, and the row of metrics.json
     (plus both pixel sets, for the grid)."""
     tag = f"w{w:g}"
     if cfg_first:
-        cfg_images, cfg_seconds = sampler.run(CFG(base, w))
+        cfg_images, cfg_seconds = sampler.run(CFG(base, w, uncond))
         agd_images, agd_seconds = sampler.run(AGD(adapted, w))
     else:
         agd_images, agd_seconds = sampler.run(AGD(adapted, w))
-        cfg_images, cfg_seconds = sampler.run(CFG(base, w))
+        cfg_images, cfg_seconds = sampler.run(CFG(base, w, uncond))
     cfg_pixels, agd_pixels = to_uint8(cfg_images), to_uint8(agd_images)
     cfg_dir, agd_dir = samples_dir / "cfg" / tag, samples_dir / "agd" / tag
     write_pngs(cfg_pixels, cfg_dir)
@@ -233,13 +329,16 @@ def _compare_at(w: float, sampler: ImageSampler, base, adapted, judges: Judges, 
         "nfe_per_image_cfg": 2 * steps, "nfe_per_image_agd": steps,
         "images_per_second_cfg": n / cfg_seconds, "images_per_second_agd": n / agd_seconds,
         "speed_ratio_agd_over_cfg": cfg_seconds / agd_seconds,
+        **baseline["real"], **judges.real_model_metrics("cfg", cfg_dir, cfg_pixels),
+        **judges.real_model_metrics("agd", agd_dir, agd_pixels),
         "cfg_pixels": cfg_pixels, "agd_pixels": agd_pixels,
     }
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], negative: dict | None = None, accuracy_tolerance: float = 1.0) -> dict:
     """Worst case over the evaluated w inside the training range (speed: pooled over them), against
-    the acceptance targets."""
+    the acceptance targets (AGD's accuracy at most ``accuracy_tolerance`` points below CFG's; with a
+    negative-prompt check, AGD avoiding the negative digit at least 80 % as well as CFG)."""
     inside = [r for r in rows if r["in_training_range"]] or rows
     # Speed: all in-range sampling time of CFG over that of AGD (one w's few seconds are noisy here).
     summary = {"speed_ratio_agd_over_cfg": sum(1 / r["images_per_second_cfg"] for r in inside)
@@ -249,9 +348,14 @@ def summarise(rows: list[dict]) -> dict:
         summary["max_accuracy_drop_points"] = max(100 * (r["accuracy_cfg"] - r["accuracy_agd"]) for r in inside)
         summary["max_fid_ratio_agd_over_cfg"] = max(r["fid_agd"] / r["fid_cfg"] for r in inside)
         summary["max_fidelity_ratio"] = max(r["fid_to_cfg_agd"] / r["fid_to_cfg_unguided"] for r in inside)
-        summary["targets_met"] = bool(
-            summary["max_accuracy_drop_points"] <= 1.0 and summary["max_fid_ratio_agd_over_cfg"] <= 1.10
-            and summary["max_fidelity_ratio"] <= 0.25 and summary["speed_ratio_agd_over_cfg"] >= 1.8)
+        met = (summary["max_accuracy_drop_points"] <= accuracy_tolerance
+               and summary["max_fid_ratio_agd_over_cfg"] <= 1.10 and summary["max_fidelity_ratio"] <= 0.25
+               and summary["speed_ratio_agd_over_cfg"] >= 1.8)
+        if negative is not None:
+            ratio = negative["avoidance_ratio_agd_over_cfg"]
+            summary["negative_avoidance_ratio"] = ratio
+            met = met and ratio is not None and ratio >= 0.8
+        summary["targets_met"] = bool(met)
     return summary
 
 

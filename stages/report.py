@@ -20,6 +20,11 @@ from agd_pipeline.results import results_table
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
+
+
+def markers(block: str = "") -> tuple[str, str]:
+    """The README markers of a results block: the class default's, or a named one (``text-sd``)."""
+    return (START, END) if not block else (f"<!-- results:{block}:start -->", f"<!-- results:{block}:end -->")
 NOTICE = "<!-- written by `python -m stages.report` from {metrics}; edit the renderer, not this block -->"
 
 
@@ -48,8 +53,9 @@ def _span(values, spec: str, suffix: str = "") -> str:
         f"{low:{spec}}–{high:{spec}}{suffix}"
 
 
-def render(metrics: dict, metrics_path: str, link_root: Path) -> str:
+def render(metrics: dict, metrics_path: str, link_root: Path, block: str = "") -> str:
     """The block's text (markers included). Image links are relative to link_root (README's folder)."""
+    start, end = markers(block)
     try:
         rows = list(metrics["per_w"].values())
         low, high = metrics["training_range"]
@@ -64,12 +70,14 @@ def render(metrics: dict, metrics_path: str, link_root: Path) -> str:
     has_classifier = rows[0].get("accuracy_cfg") is not None
     out_dir = Path(metrics_path).parent
 
-    lines = [START, NOTICE.format(metrics=f"`{Path(metrics_path).as_posix()}`"), "",
+    text_model = metrics.get("conditioning") == "text"
+    what = "prompt accuracy" if text_model else "class accuracy"
+    lines = [start, NOTICE.format(metrics=f"`{Path(metrics_path).as_posix()}`"), "",
              f"From `{Path(metrics_path).as_posix()}`: {samples} samples per w, {steps} sampling steps; "
              f"`*` marks a w outside the training range U[{_w(low)}, {_w(high)}].", "",
              results_table(rows), ""]
     if has_classifier:
-        lines.append(f"The unguided model reaches a class accuracy of {rows[0]['accuracy_unguided']:.3f}; CFG "
+        lines.append(f"The unguided model reaches a {what} of {rows[0]['accuracy_unguided']:.3f}; CFG "
                      f"reaches {_span([r['accuracy_cfg'] for r in inside], '.3f')} in the training range. "
                      "Across the in-range w, AGD:")
     else:
@@ -81,11 +89,20 @@ def render(metrics: dict, metrics_path: str, link_root: Path) -> str:
                  f"inside the range) and AGD's accuracy {r['accuracy_agd']:.3f} against CFG's "
                  f"{r['accuracy_cfg']:.3f}" for r in outside]
         lines += [f"Outside the training range: {'; '.join(parts)}.", ""]
+    negative = metrics.get("negative_prompt_check")
+    if negative:
+        rates = negative["negative_digit_rate"]
+        ratio = negative["avoidance_ratio_agd_over_cfg"]
+        lines += [f"Negative-prompt check (w = {_w(negative['w'])}, prompt \"{negative['prompt']}\", the negative "
+                  f"prompt naming a digit, {negative['samples_per_digit']} samples per digit): that digit appears in "
+                  f"{100 * rates['unguided']:.1f} % of unguided samples, {100 * rates['cfg']:.1f} % with CFG and "
+                  f"{100 * rates['agd']:.1f} % with AGD; AGD avoids it "
+                  + (f"{ratio:.2f} times as well as CFG." if ratio is not None else "(CFG does not avoid it)."), ""]
     if "targets_met" in summary:
         lines += [f"`summary_in_training_range.targets_met`: `{str(summary['targets_met']).lower()}`.", ""]
     if has_classifier:
-        lines += _figures(inside, out_dir, link_root)
-    lines.append(END)
+        lines += _figures(inside, out_dir, link_root, bool(negative))
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -118,7 +135,7 @@ def _bullets(inside: list[dict], summary: dict, has_classifier: bool) -> list[st
     return bullets
 
 
-def _figures(inside: list[dict], out_dir: Path, link_root: Path) -> list[str]:
+def _figures(inside: list[dict], out_dir: Path, link_root: Path, negative: bool = False) -> list[str]:
     """The grid at w = 4 (or the nearest evaluated w) and the curves, linked from the evaluate stage's
     own files."""
     def link(name: str) -> str:
@@ -126,15 +143,20 @@ def _figures(inside: list[dict], out_dir: Path, link_root: Path) -> list[str]:
 
     shown = _w(min(inside, key=lambda r: abs(r["w"] - 4.0))["w"])
     grid = link(f"grids/w{shown}.png")  # evaluate names each grid after its w
-    return [f"Same seeds, w = {shown}: unguided | CFG | AGD", "",
-            f"![unguided, CFG and AGD samples at w = {shown}]({grid})", "",
-            f"![FID and accuracy against w]({link('curves.png')})"]
+    figures = [f"Same seeds, w = {shown}: unguided | CFG | AGD", "",
+               f"![unguided, CFG and AGD samples at w = {shown}]({grid})", "",
+               f"![FID and accuracy against w]({link('curves.png')})"]
+    if negative:
+        figures += ["", "![negative prompt naming each row's digit: unguided, CFG, AGD]"
+                    f"({link('grids/negative_prompt.png')})"]
+    return figures
 
 
-def replace_block(text: str, block: str, readme: str) -> str:
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ReportError(f"{readme} needs exactly one {START} followed by one {END}")
-    return text[:text.index(START)] + block + text[text.index(END) + len(END):]
+def replace_block(text: str, block: str, readme: str, name: str = "") -> str:
+    start, end = markers(name)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ReportError(f"{readme} needs exactly one {start} followed by one {end}")
+    return text[:text.index(start)] + block + text[text.index(end) + len(end):]
 
 
 def model_card(folder: str, metrics: dict, metrics_path: Path) -> int:
@@ -160,6 +182,8 @@ def main(argv=None) -> int:
                         help="metrics.json of the evaluate stage (default: evaluate.out_dir of params.yaml, "
                         "data/eval/metrics.json)")
     parser.add_argument("--readme", default="README.md", help="file holding the results markers")
+    parser.add_argument("--block", default="", help="a named results block, e.g. text-sd for "
+                        "<!-- results:text-sd:start --> (default: the class default's block)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when the block differs from the render of the metrics")
     parser.add_argument("--model-card", metavar="ADAPTERS", default=None,
@@ -183,8 +207,8 @@ def main(argv=None) -> int:
         except OSError as err:
             raise ReportError(f"cannot read {readme} ({err.strerror})") from None
         link_root = readme.resolve().parent
-        block = render(metrics, os.path.relpath(metrics_path.resolve(), link_root), link_root)
-        updated = replace_block(text, block, str(readme))
+        block = render(metrics, os.path.relpath(metrics_path.resolve(), link_root), link_root, args.block)
+        updated = replace_block(text, block, str(readme), args.block)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

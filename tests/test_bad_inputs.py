@@ -259,6 +259,21 @@ def test_edited_adapter_config_is_one_error_line(name, stage, fresh_adapters, tm
     assert "re-run training" in line
 
 
+@pytest.mark.parametrize("args, expect", [
+    (["--samples-per-class", "1"], "at least 2 for FID statistics per class"),
+    (["--negative-check-scale", "-1"], "evaluate.negative_check_scale"),
+    (["--prompts-file", "prompts.txt"], "class-conditional"),
+    (["--clip-model", "some/clip"], "evaluate.clip_model"),
+])
+def test_evaluate_refuses_text_options_on_a_class_model(args, expect, fresh_adapters, tmp_path, capsys):
+    """The text-model options of evaluate on the class default: one error line, nothing sampled."""
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    rc = call(stages.evaluate.main, ["--adapters", str(fresh_adapters), "--out-dir", str(tmp_path / "eval"),
+                                     "--device", "cpu", "--guidance-scales", "2", "--samples-per-class", "2", *args])
+    assert_one_error_line(rc, capsys.readouterr(), expect)
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("text", [b"", b"\xff\xfe", b"[1, 2]", b"[" * 100_000])
 def test_unreadable_adapter_config_is_one_error_line(text, fresh_adapters, tmp_path, capsys):
     folder = tmp_path / "adapters"

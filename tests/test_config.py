@@ -80,7 +80,7 @@ def test_guidance_min_above_max():
     (TrainConfig, {"condition_on": ["timestep"]}, "train.condition_on"),
     (TrainConfig, {"condition_on": ["guidance", "weather"]}, "train.condition_on"),
     (TrainConfig, {"learning_rate": 0.0}, "train.learning_rate"),
-    (EvaluateConfig, {"samples_per_class": 1}, "evaluate.samples_per_class"),
+    (EvaluateConfig, {"samples_per_class": 0}, "evaluate.samples_per_class"),
     (BaseStageConfig, {"patch_size": 3}, "base.patch_size"),
     (BaseStageConfig, {"label_dropout": 0.0}, "base.label_dropout"),
 ])

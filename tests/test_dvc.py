@@ -110,10 +110,35 @@ def test_hand_run_outputs_are_git_ignored():
     assert ignored.stdout.split() == ["samples/x.png", "dvc_plots/index.html", "data/benchmarks/loader.json"]
 
 
-def test_readme_results_block_is_the_render_of_the_committed_metrics():
-    result = subprocess.run([sys.executable, "-m", "stages.report", "--check"], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+@pytest.mark.parametrize("block", ["", "text-sd", "text-sdxl", "text-sd3"])
+def test_readme_results_block_is_the_render_of_the_committed_metrics(block):
+    extra = ["--block", block, "--metrics", f"data/text/{block[5:]}/eval/metrics.json"] if block else []
+    result = subprocess.run([sys.executable, "-m", "stages.report", "--check", *extra], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_report_writes_a_named_block_with_the_negative_prompt_check(tmp_path):
+    (tmp_path / "eval").mkdir()
+    metrics = tmp_path / "eval" / "metrics.json"
+    negative = {"w": 4.0, "prompt": "a handwritten digit", "samples_per_digit": 30,
+                "negative_digit_rate": {"unguided": 0.1, "cfg": 0.02, "agd": 0.04}, "avoidance_cfg": 0.08,
+                "avoidance_agd": 0.06, "avoidance_ratio_agd_over_cfg": 0.75}
+    metrics.write_text(json.dumps({**METRICS, "conditioning": "text", "negative_prompt_check": negative}))
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- results:start -->old<!-- results:end -->\n"
+                      "<!-- results:text-sd:start -->\n<!-- results:text-sd:end -->\nb\n")
+    result = report("--metrics", metrics, "--readme", readme, "--block", "text-sd", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = readme.read_text()
+    assert "<!-- results:start -->old<!-- results:end -->" in text  # the other block untouched
+    block = text[text.index("<!-- results:text-sd:start -->"):text.index("<!-- results:text-sd:end -->")]
+    assert "prompt accuracy of 0.900" in block and "10.0 % of unguided samples" in block
+    assert "0.75 times as well as CFG" in block and "eval/grids/negative_prompt.png" in block
+    assert report("--metrics", metrics, "--readme", readme, "--block", "text-sd", "--check",
+                  cwd=tmp_path).returncode == 0
+    missing = report("--metrics", metrics, "--readme", readme, "--block", "text-sdxl", cwd=tmp_path)
+    assert missing.returncode == 2 and "<!-- results:text-sdxl:start -->" in missing.stderr
 
 
 # ------------------------------------------------------------------------ stages.report

@@ -92,20 +92,28 @@ def test_dvc_lists_every_library_module_a_stage_runs():
 
     found = modules()
     graph = {name: imports_of(path, name, set(found)) for name, path in found.items()}
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for stage, spec in stages.items():
-        entry = REPO / "stages" / f"{stage}.py"
-        reached, todo = set(), list(imports_of(entry, f"stages.{stage}", set(found)))
-        while todo:
-            name = todo.pop()
-            if name not in reached:
-                reached.add(name)
-                todo.extend(graph[name])
-        deps = [REPO / d for d in spec["deps"] if not d.startswith("${")]
-        assert REPO / "stages" / f"{stage}.py" in deps, f"{stage}: its own command is not a dependency"
-        missing = sorted(name for name in reached - NO_EFFECT_ON_OUTPUTS
-                         if not any(found[name] == d or d in found[name].parents for d in deps))
-        assert not missing, f"dvc.yaml, stage {stage}: add {missing} to its deps"
+    text_commands = {"data": "text_data", "base": "text_base"}  # stage name -> stages/<command>.py
+    pipelines = [(REPO / "dvc.yaml", {}), (REPO / "pipelines/text/dvc.yaml", text_commands)]
+    for dvc_yaml, commands in pipelines:
+        stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+        for stage, spec in stages.items():
+            _check_stage_deps(dvc_yaml, commands.get(stage, stage), spec.get("do", spec), found, graph)
+
+
+def _check_stage_deps(dvc_yaml, stage: str, spec: dict, found: dict, graph: dict) -> None:
+    """One stage (the ``do`` of a foreach stage): its deps cover what its command imports."""
+    entry = REPO / "stages" / f"{stage}.py"
+    reached, todo = set(), list(imports_of(entry, f"stages.{stage}", set(found)))
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(graph[name])
+    deps = [REPO / d for d in spec["deps"] if "${" not in d]
+    assert REPO / "stages" / f"{stage}.py" in deps, f"{dvc_yaml}, {stage}: its own command is not a dependency"
+    missing = sorted(name for name in reached - NO_EFFECT_ON_OUTPUTS
+                     if not any(found[name] == d or d in found[name].parents for d in deps))
+    assert not missing, f"{dvc_yaml}, stage {stage}: add {missing} to its deps"
 
 
 def test_settings_name_what_the_registries_hold():

@@ -26,9 +26,13 @@ class StableDiffusion3(Family):
         return {"prompt_embeds": call["encoder_hidden_states"], "pooled_prompt_embeds": call["pooled_projections"]}
 
     def encode_prompt(self, pipe, base, prompts, negative):
+        # A base may record the T5 sequence length it was trained with (the embedded SD3 default has
+        # no T5, whose part of the prompt is then zero padding of that length); else the pipeline's 256.
+        meta = (getattr(base, "info", None) or {}).get("meta") or {}
+        length = {"max_sequence_length": int(meta["max_sequence_length"])} if meta.get("max_sequence_length") else {}
         # the two None: prompt_2 and prompt_3 default to the prompt
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompts, None, None, negative_prompt=negative, **cfg_encode_kwargs(base))
+            prompts, None, None, negative_prompt=negative, **cfg_encode_kwargs(base), **length)
         return ({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
                 {"prompt_embeds": negative_embeds, "pooled_prompt_embeds": negative_pooled})
 
