@@ -459,9 +459,11 @@ def _check_replaceable(out: Path) -> None:
     """Refuse, before any training, to replace a folder this stage did not write."""
     if not out.exists() or not any(out.iterdir()):
         return
-    meta = out / "agd_base.json"
-    ours = meta.is_file() and json.loads(meta.read_text() or "{}").get("description", "").startswith(
-        "embedded default: tiny")
+    try:
+        meta = json.loads((out / "agd_base.json").read_text())
+        ours = isinstance(meta, dict) and str(meta.get("description", "")).startswith("embedded default: tiny")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ours = False  # missing or unreadable: not provably this stage's folder
     foreign = sorted(p.name for p in out.iterdir() if p.name not in BASE_ENTRIES)
     if not ours or foreign:
         why = f"it holds {', '.join(foreign[:3])}" if ours else "it is not a text_base output (no agd_base.json)"

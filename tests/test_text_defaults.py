@@ -251,3 +251,9 @@ def test_text_base_never_replaces_a_folder_it_did_not_write(shared_dir, tmp_path
     again = run_cli("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
                     "--out-dir", ours, "--no-progress", *TINY_BASE)
     assert again.returncode == 2 and "extra.txt" in again.stderr and (ours / "extra.txt").is_file()
+    (ours / "extra.txt").unlink()
+    (ours / "agd_base.json").write_bytes(b"\xff{ not json")
+    damaged = run_cli("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
+                      "--out-dir", ours, "--no-progress", *TINY_BASE)
+    assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1 and "not a text_base output" in damaged.stderr
+    assert (ours / "model_index.json").is_file()
