@@ -357,7 +357,7 @@ def build_pipeline(family: str, config, vae, scratch: Path):
     import diffusers
 
     words = vocabulary()
-    hidden, hidden_2 = config.text_hidden, config.text_hidden
+    hidden = config.text_hidden  # every encoder has this width
     tokenizer = make_word_tokenizer(scratch / "tokenizer", words)
     torch.manual_seed(config.seed)
     if family == "sd":
@@ -367,11 +367,11 @@ def build_pipeline(family: str, config, vae, scratch: Path):
             feature_extractor=None, requires_safety_checker=False)
     tokenizer_2 = make_word_tokenizer(scratch / "tokenizer_2", words, pad_token="!" if family == "sdxl" else
                                       "<|endoftext|>")
-    encoder_2 = make_text_encoder(tokenizer_2, hidden_2, config.seed + 2, True)
+    encoder_2 = make_text_encoder(tokenizer_2, hidden, config.seed + 2, True)
     if family == "sdxl":
         time_dim = 8
-        unet = _unet(config, hidden + hidden_2, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-                     projection_class_embeddings_input_dim=6 * time_dim + hidden_2)
+        unet = _unet(config, 2 * hidden, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                     projection_class_embeddings_input_dim=6 * time_dim + hidden)
         return diffusers.StableDiffusionXLPipeline(
             vae=vae, text_encoder=make_text_encoder(tokenizer, hidden, config.seed + 1, False),
             text_encoder_2=encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
@@ -381,7 +381,7 @@ def build_pipeline(family: str, config, vae, scratch: Path):
             sample_size=LATENT_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
             num_layers=config.num_layers, num_attention_heads=config.channels // config.head_dim,
             attention_head_dim=config.head_dim, caption_projection_dim=config.channels,
-            joint_attention_dim=hidden + hidden_2, pooled_projection_dim=hidden + hidden_2,
+            joint_attention_dim=2 * hidden, pooled_projection_dim=2 * hidden,
             pos_embed_max_size=LATENT_SIZE)
         return diffusers.StableDiffusion3Pipeline(
             transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000,
@@ -498,13 +498,16 @@ def _fit(family, net, latents, owners, table, uncond, scheduler, config, progres
         optimizer, lambda s: cosine_with_warmup(s, config.train_steps, max(1, config.train_steps // 20)))
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
+    image_of = torch.from_numpy(owners)
     bar = tqdm(range(config.train_steps), desc=f"text_base: train {family.name}", disable=not progress, unit="step")
     for step in bar:
         pick = torch.randint(0, len(owners), (config.batch_size,), generator=gen)
-        x0 = latents[torch.from_numpy(owners)[pick]]
+        x0 = latents[image_of[pick]]
         drop = torch.rand(config.batch_size, generator=gen) < config.caption_dropout
-        cond = {name: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), uncond[name].expand_as(v[pick]), v[pick])
-                for name, v in table.items()}
+        cond = {}
+        for name, rows in table.items():
+            picked = rows[pick]
+            cond[name] = torch.where(drop.view(-1, *[1] * (picked.dim() - 1)), uncond[name].expand_as(picked), picked)
         noise = torch.randn(x0.shape, generator=gen)
         if flow:
             u = torch.rand(config.batch_size, generator=gen)
