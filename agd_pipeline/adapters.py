@@ -60,27 +60,37 @@ class AdapterConfig:
 # ------------------------------------------------------------------------------- embedding
 
 
-CONDITION_SOURCES = ("guidance", "timestep", "class", "text", "text_tokens", "negative_text")
-# The sources that read the prompt (text models only), and the one that reads the negative prompt
+CONDITION_SOURCES = ("guidance", "timestep", "class", "text", "text_tokens", "negative_text", "text_mean",
+                     "negative_text_mean")
+# The sources that read the prompt (text models only), and the ones that read the negative prompt
 # per sample (stores written with generate.negative_prompts_file only).
-TEXT_SOURCES = ("text", "text_tokens", "negative_text")
+TEXT_SOURCES = ("text", "text_tokens", "negative_text", "text_mean", "negative_text_mean")
+NEGATIVE_SOURCES = ("negative_text", "negative_text_mean")
+# Read the mean of the prompt tokens beside the pooled embedding: models with a pooled one only.
+MEAN_SOURCES = ("text_mean", "negative_text_mean")
 
 
-def default_condition_on(conditioning: str, negative_prompts: bool = False) -> list[str]:
+def default_condition_on(conditioning: str, negative_prompts: bool = False, pooled: bool = False) -> list[str]:
     """What adapters see by default: w, t and the class or prompt; plus the negative prompt where
-    the training data has one per trajectory (``negative_prompts``, text models)."""
+    the training data has one per trajectory (``negative_prompts``, text models). On a model with a
+    pooled prompt embedding (``pooled``: SDXL, SD3) also the mean of the prompt's tokens: the pooled
+    embedding of a CLIP encoder can carry the prompt's content poorly (see README, SDXL)."""
     if conditioning == "class":
         return ["guidance", "timestep", "class"]
-    return ["guidance", "timestep", "text", *(["negative_text"] if negative_prompts else [])]
+    text = ["text", *(["text_mean"] if pooled else [])]
+    negative = ["negative_text", *(["negative_text_mean"] if pooled else [])] if negative_prompts else []
+    return ["guidance", "timestep", *text, *negative]
 
 
 class ConditionEmbedding(nn.Module):
     """Embeds w (Fourier features) and optionally t, the class or the prompt into one vector and a
     few condition tokens. ``text`` is the pooled prompt embedding where the model has one (SDXL,
-    SD3), else the mean of the prompt tokens (SD 1.x/2.x); ``text_tokens`` adds every prompt token as
-    a condition token (for the cross-attention adapter); ``negative_text`` is the negative prompt's
-    embedding, pooled or averaged like ``text``, read from the condition's ``negative_prompt_embeds``
-    (and ``negative_pooled_prompt_embeds``): the unconditional branch that CFG would have used."""
+    SD3), else the mean of the prompt tokens (SD 1.x/2.x); ``text_mean`` adds that mean beside the
+    pooled embedding (models with one only); ``text_tokens`` adds every prompt token as a condition
+    token (for the cross-attention adapter); ``negative_text`` (``negative_text_mean``) is the
+    negative prompt's embedding, pooled or averaged like ``text`` (``text_mean``), read from the
+    condition's ``negative_prompt_embeds`` (and ``negative_pooled_prompt_embeds``): the
+    unconditional branch that CFG would have used."""
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
@@ -98,8 +108,13 @@ class ConditionEmbedding(nn.Module):
         self.use_text = "text" in used
         self.use_text_tokens = "text_tokens" in used
         self.use_negative_text = "negative_text" in used
+        self.use_text_mean = "text_mean" in used
+        self.use_negative_text_mean = "negative_text_mean" in used
         if used & set(TEXT_SOURCES) and not config.text_dim:
             raise ModelError("adapters conditioned on the prompt need a text model (text_dim is 0)")
+        if used & set(MEAN_SOURCES) and not config.pooled_dim:
+            raise ModelError(f"{sorted(used & set(MEAN_SOURCES))} read the prompt tokens' mean beside a pooled "
+                             "embedding; this model has none (text already reads that mean)")
         if self.use_class and not config.num_classes:
             raise ModelError("adapters conditioned on the class need a class-conditional model (num_classes is 0)")
         if self.use_timestep:
@@ -116,6 +131,12 @@ class ConditionEmbedding(nn.Module):
             source = config.pooled_dim or config.text_dim
             self.negative_text = nn.Sequential(nn.LayerNorm(source, elementwise_affine=False),
                                                nn.Linear(source, dim))
+        if self.use_text_mean:
+            self.text_mean = nn.Sequential(nn.LayerNorm(config.text_dim, elementwise_affine=False),
+                                           nn.Linear(config.text_dim, dim))
+        if self.use_negative_text_mean:
+            self.negative_text_mean = nn.Sequential(nn.LayerNorm(config.text_dim, elementwise_affine=False),
+                                                    nn.Linear(config.text_dim, dim))
 
     def fourier(self, w: torch.Tensor) -> torch.Tensor:
         u = ((w.float() - 1.0) / self.config.guidance_scale_unit)[:, None]
@@ -141,6 +162,13 @@ class ConditionEmbedding(nn.Module):
                                  f"needs {key}, one row per sample (the negative prompt's embeddings)")
             source = cond[key] if self.config.pooled_dim else cond[key].float().mean(dim=1)
             tokens.append(self.negative_text(source.float()))
+        if self.use_text_mean:
+            tokens.append(self.text_mean(cond["prompt_embeds"].float().mean(dim=1)))
+        if self.use_negative_text_mean:
+            if "negative_prompt_embeds" not in cond:
+                raise ModelError("these adapters condition on the negative prompt (negative_text_mean): the "
+                                 "condition needs negative_prompt_embeds, one row per sample")
+            tokens.append(self.negative_text_mean(cond["negative_prompt_embeds"].float().mean(dim=1)))
         tokens = torch.stack(tokens, dim=1)  # [B, K, dim]
         vector = F.silu(tokens.sum(dim=1))
         if self.use_text_tokens:
@@ -259,7 +287,11 @@ def adapter_targets(base: BaseModel, placement: str) -> list[tuple[str, nn.Modul
         raise ModelError(f"{base.model_id!r}: placement {placement!r} found no layers to wrap")
     if placement.endswith("+output"):
         output = base.spec.output_layer(net)
-        targets.append((_module_name(net, output), output, output.in_features, output.out_features))
+        if isinstance(output, nn.Conv2d):  # a UNet's conv_out: the adapter sees each pixel as a token
+            widths = output.in_channels, output.out_channels
+        else:
+            widths = output.in_features, output.out_features
+        targets.append((_module_name(net, output), output, *widths))
     return targets
 
 
@@ -291,10 +323,17 @@ class AdaptedModel(nn.Module):
             condition = self._condition
             if condition is None:  # the base called on its own: leave it exactly as it is
                 return None
-            tokens = args[0] if args else kwargs["hidden_states"]
+            tokens = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))  # ResnetBlock2D's
+            spatial = tokens.dim() == 4  # a convolution's [B, C, H, W] input: one token per pixel
+            if spatial:
+                height, width = tokens.shape[2:]
+                tokens = tokens.flatten(2).transpose(1, 2)
             residual = self.adapters[index](tokens, condition)
             if condition.gate is not None:
                 residual = residual * condition.gate.to(residual.dtype)
+            if spatial:  # back to [B, C, H, W] ([B, C, 1, 1] for a residual shared by every pixel)
+                size = (height, width) if residual.shape[1] > 1 else (1, 1)
+                residual = residual.transpose(1, 2).reshape(residual.shape[0], -1, *size)
             if isinstance(output, tuple):  # SD3's joint attention: (image tokens, text tokens)
                 return (output[0] + residual, *output[1:])
             return output + residual
@@ -464,6 +503,9 @@ def _adapter_section_problem(section) -> str | None:
     used = set(section["condition_on"])
     if used & set(TEXT_SOURCES) and not section["text_dim"]:
         return '"adapter.condition_on" names the prompt, but "adapter.text_dim" is 0 (not a text model)'
+    if used & set(MEAN_SOURCES) and not section["pooled_dim"]:
+        return (f'"adapter.condition_on" names {sorted(used & set(MEAN_SOURCES))[0]}, but "adapter.pooled_dim" '
+                'is 0 (a model without a pooled prompt embedding: text already reads the mean)')
     if "class" in used and not section["num_classes"]:
         return '"adapter.condition_on" names the class, but "adapter.num_classes" is 0 (not a class model)'
     return None

@@ -269,6 +269,13 @@ class GenerateConfig(StageConfig):
         "trajectory uses the empty negative prompt, i.e. the pipeline's default unconditional branch (the "
         "empty prompt for SD and SD3, zeros for SDXL) instead of a line of the file")
     trajectories_per_prompt: int = option(1, "text models: trajectories recorded per prompt")
+    source: str = option("trajectories", "what stage one records: trajectories (the teacher's own CFG sampling "
+                         "trajectories, AGD's data) or forward_noised (real latents noised by the forward process "
+                         "at the sampler's timesteps, labelled with CFG's output there: standard guidance "
+                         "distillation's data, for the ablation; class models, needs real_data)",
+                         ("trajectories", "forward_noised"))
+    real_data: str = option("", "source forward_noised: an .npz of real latents [N, C, H, W] and integer labels "
+                            "[N] (the embedded default writes data/base/train.npz)")
     guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
     guidance_max: float = option(6.0, "upper end of the guidance scale range")
     num_steps: int = option(32, "sampling steps per trajectory")
@@ -325,6 +332,9 @@ class GenerateConfig(StageConfig):
             self.fail("compressor", str(err))
         if self.guidance_max > MAX_GUIDANCE:
             self.fail("guidance_max", "is far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)")
+        if self.real_data and self.source != "forward_noised":
+            self.fail("real_data", f"applies only with {self.key('source')} forward_noised (it is {self.source!r}); "
+                      "leave it empty")
         if any(c < 0 for c in self.classes):
             self.fail("classes", "class ids must be >= 0")
         if self.classes and self.classes_file:
@@ -354,9 +364,11 @@ class TrainConfig(StageConfig):
     placement: str = option("auto", "where adapters attach. auto: the family's default (DiT: "
                             "attention+output; SD/SDXL UNets: cross_attention, the text cross-attention of "
                             "every transformer block; SD3: attention). DiT also takes attention, block, "
-                            "block+output; UNets block; SD3 attention+output (+output also wraps the "
-                            "final token projection)",
-                            ("auto", "attention", "attention+output", "block", "block+output", "cross_attention"))
+                            "block+output; UNets cross_attention+output, cross_attention+resnet+output "
+                            "(also every ResNet block), block, block+output; SD3 attention+output (+output "
+                            "also wraps the final token projection, on a UNet its conv_out)",
+                            ("auto", "attention", "attention+output", "block", "block+output", "cross_attention",
+                             "cross_attention+output", "cross_attention+resnet+output"))
     width: int = option(32, "adapter hidden width (bottleneck rank, offset MLP width, attention width)")
     embed_dim: int = option(64, "width of the condition embedding")
     fourier_frequencies: int = option(3, "Fourier frequencies of the guidance-scale embedding")
@@ -364,8 +376,10 @@ class TrainConfig(StageConfig):
         [], "what the adapter sees besides the tokens: guidance (required), timestep, class (class "
         "models), text (pooled prompt embedding, or the mean of the prompt tokens), text_tokens (every "
         "prompt token, for the cross_attention adapter), negative_text (the negative prompt's pooled "
-        "embedding, or the mean of its tokens; needs a store written with generate.negative_prompts_file). "
-        "Empty: guidance, timestep and class or text, plus negative_text on a store with negative prompts"
+        "embedding, or the mean of its tokens; needs a store written with generate.negative_prompts_file), "
+        "text_mean and negative_text_mean (the mean of the tokens beside the pooled embedding; SDXL, SD3). "
+        "Empty: guidance, timestep and class or text (+ text_mean on pooled models), plus the negative "
+        "prompt's on a store with negative prompts"
     )
     guidance_gate: bool = option(True, "scale each adapter's residual by (w - 1): exactly off at w = 1")
     loss_weighting: str = option(
@@ -408,7 +422,8 @@ class TrainConfig(StageConfig):
             self.fail("loader_workers", "must lie in [0, 128] (0 reads in the training process)")
         if self.checkpoint_every < 0:
             self.fail("checkpoint_every", "must be >= 0 (0: only at the end)")
-        allowed = {"guidance", "timestep", "class", "text", "text_tokens", "negative_text"}
+        allowed = {"guidance", "timestep", "class", "text", "text_tokens", "negative_text", "text_mean",
+                   "negative_text_mean"}
         unknown = set(self.condition_on) - allowed
         if unknown:
             self.fail("condition_on", f"unknown entries {sorted(unknown)}; allowed: {sorted(allowed)}")

@@ -192,6 +192,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     if negative is not None:
         metrics["negative_prompt_check"] = negative
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    summary = summary_metrics(metrics, config, adapted)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     _write_csv(out / "fid_vs_w.csv", rows, {"unguided": "fid_unguided", "cfg": "fid_cfg", "agd": "fid_agd"})
     _write_csv(out / "accuracy_vs_w.csv", rows,
                {"unguided": "accuracy_unguided", "cfg": "accuracy_cfg", "agd": "accuracy_agd"})
@@ -203,6 +205,33 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     if negative is not None:
         log(format_negative_check(negative))
     return metrics
+
+
+SUMMARY = "summary.json"  # DVC's metrics file: the run in a few numbers (per-w detail: metrics.json, the CSVs)
+GAP_CLOSED_TRAJECTORIES = 400
+
+
+def summary_metrics(metrics: dict, config: EvaluateConfig, adapted) -> dict:
+    """What ``dvc exp show`` lists per run: the in-range summary, the unguided accuracy, and for
+    class models the gap closed on fresh CFG trajectories (:func:`gap_closed`)."""
+    rows = list(metrics["per_w"].values())
+    summary = {"accuracy_unguided": rows[0]["accuracy_unguided"] if rows else None,
+               **metrics["summary_in_training_range"]}
+    in_range = [r for r in rows if r["in_training_range"]]
+    outside = [r for r in rows if not r["in_training_range"]]
+    for key in ("accuracy_cfg", "accuracy_agd", "fid_cfg", "fid_agd", "rmse_to_cfg_agd"):
+        values = [r.get(key) for r in in_range]  # None where the run has no judge for it
+        summary[f"mean_{key}"] = float(np.mean(values)) if values and None not in values else None
+    # the w evaluated outside the training range (unseen w), worst case over them
+    summary["outside_max_accuracy_drop_points"] = max(
+        (100 * (r["accuracy_cfg"] - r["accuracy_agd"]) for r in outside if r["accuracy_cfg"] is not None),
+        default=None)
+    summary["outside_max_fidelity_ratio"] = max(
+        (r["fid_to_cfg_agd"] / r["fid_to_cfg_unguided"] for r in outside if r["fid_to_cfg_unguided"]), default=None)
+    if adapted.base.conditioning == "class":  # on the base evaluated (evaluate.base_model, if given)
+        result = gap_closed(config.adapters, GAP_CLOSED_TRAJECTORIES, steps=config.num_steps, adapted=adapted)
+        summary["gap_closed"] = result["overall"]
+    return summary
 
 
 # accuracy drop (points) that AGD may show against CFG: the class default's target, the text defaults'
@@ -392,7 +421,7 @@ def _require_class_model(base, what: str) -> None:
 
 @torch.no_grad()
 def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 999, steps: int = 0,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", adapted=None) -> dict:
     """Share of the per-step gap between the conditional and the CFG output that AGD removes.
 
     On fresh CFG trajectories (new seeds, w ~ U[training range], classes cycled): the sum over steps
@@ -401,7 +430,7 @@ def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 99
     from .generation import trajectory_plan
 
     config = read_adapter_config(adapters)
-    adapted = load_adapted_model(adapters, device=device)
+    adapted = adapted if adapted is not None else load_adapted_model(adapters, device=device)
     base = adapted.base
     _require_class_model(base, "gap-closed")
     w_min, w_max = config["guidance"]["min"], config["guidance"]["max"]

@@ -17,7 +17,8 @@ from .config import GenerateConfig
 from .devices import resolve_device, torch_dtype
 from .errors import ConfigError, ModelError, StoreError
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
-from .sampling import CFG, Step, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
+from .sampling import CFG, StepRecord, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
+from .forward_noised import RealData, load_real_data, record_forward_noised_batch
 from .locks import FolderLock
 from .store import (MANIFEST, StoreWriter, TrajectoryStore, recover_manifest, refuse_foreign_folder,
                     resolve_compressor, shard_name)
@@ -181,7 +182,7 @@ def read_negative_prompts(path: str) -> list[str]:
                           ) from None
 
 
-def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions) -> dict:
+def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions, real: RealData | None = None) -> dict:
     scheduler = base.scheduler
     guidance = {"distribution": "uniform", "min": config.guidance_min, "max": config.guidance_max,
                 "formula": "uncond + w * (cond - uncond)"}
@@ -191,7 +192,11 @@ def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions
         # pipeline's default
         guidance["negative_prompts"] = conditions.negative_prompts
         guidance["empty_negative_probability"] = conditions.empty_negative_probability
+    # forward-noised stores say so (and which real data they noise); trajectory stores keep the
+    # header they always had, so stores written before this key existed still resume
+    source = {"source": real.describe()} if real is not None else {}
     return json.loads(json.dumps({
+        **source,
         "base_model": base.describe(),
         "sampler": {"scheduler": type(scheduler).__name__, "config": dict(scheduler.config),
                     "num_steps": config.num_steps},
@@ -224,24 +229,9 @@ def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: b
     noise = initial_noise(base, gens)
     stored, cond, uncond = conditions.for_batch(plan)
     w = torch.from_numpy(plan["guidance_scale"]).to(device)
-    c, h, wd = base.latent_shape
-    out = {"model_input": np.empty((n, num_steps, c, h, wd), np.float16),
-           "guided_output": np.empty((n, num_steps, base.latent_channels, h, wd), np.float16),
-           "timesteps": np.empty((n, num_steps), np.float32)}
-    if record_branches:
-        out["cond_output"] = np.empty_like(out["guided_output"])
-        out["uncond_output"] = np.empty_like(out["guided_output"])
-
-    def observe(step: Step) -> None:
-        out["model_input"][:, step.index] = step.model_input.to("cpu", torch.float16).numpy()
-        out["guided_output"][:, step.index] = step.guided_output.to("cpu", torch.float16).numpy()
-        out["timesteps"][:, step.index] = float(step.timestep)
-        if record_branches:
-            out["cond_output"][:, step.index] = step.cond_output.to("cpu", torch.float16).numpy()
-            out["uncond_output"][:, step.index] = step.uncond_output.to("cpu", torch.float16).numpy()
-
-    final = sample(base, cond, noise, num_steps, CFG(base, w, uncond), generators=gens, observer=observe)
-    out["sample"] = final.to("cpu", torch.float16).numpy()
+    record = StepRecord(base, n, num_steps, record_branches)
+    final = sample(base, cond, noise, num_steps, CFG(base, w, uncond), generators=gens, observer=record)
+    out = {**record.arrays, "sample": final.to("cpu", torch.float16).numpy()}
     return {**out, **stored, **plan}
 
 
@@ -291,7 +281,10 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
                            scheduler=config.scheduler, with_vae=False, revision=config.revision, variant=config.variant)
     check_num_steps(base, config.num_steps, "generate.num_steps")
     conditions = resolve_conditions(config, base, progress and rank == 0)
-    header = store_header(config, base, conditions)
+    real = load_real_data(config.real_data, base) if config.source == "forward_noised" else None
+    if real is not None:
+        real.by_class(conditions.classes)  # every class sampled has real data, before anything is written
+    header = store_header(config, base, conditions, real)
     with contextlib.ExitStack() as held:
         def open_first() -> StoreWriter:
             """Rank 0: refuse someone else's folder (before a lock file is left in it), take the
@@ -307,11 +300,11 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
             writer = opened.get("writer") or StoreWriter(config.out_dir, header, rank, world, log=log)
         else:
             writer = open_first()
-        return _generate(config, writer, base, conditions, rank, world, progress, log)
+        return _generate(config, writer, base, conditions, rank, world, progress, log, real)
 
 
 def _generate(config: GenerateConfig, writer: StoreWriter, base: BaseModel, conditions: Conditions, rank: int,
-              world: int, progress: bool, log) -> dict:
+              world: int, progress: bool, log, real: RealData | None = None) -> dict:
     pending = writer.pending(verify=config.verify)
     total = writer.header["num_trajectories"]
     mine = writer.owned(pending)
@@ -324,10 +317,20 @@ def _generate(config: GenerateConfig, writer: StoreWriter, base: BaseModel, cond
                 "already complete")
     todo = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in mine)
     started = time.perf_counter()
-    desc = "generate: CFG trajectories" + (f" (rank {rank}/{world})" if world > 1 else "")
+    if real is None:
+        def record(plan):
+            return record_batch(base, plan, config.num_steps, config.record_branches, conditions)
+    else:
+        by_class = real.by_class(conditions.classes)
+
+        def record(plan):
+            return record_forward_noised_batch(base, plan, config.num_steps, config.record_branches, real, by_class,
+                                               config.seed)
+    what = "CFG trajectories" if real is None else "forward-noised real data"
+    desc = f"generate: {what}" + (f" (rank {rank}/{world})" if world > 1 else "")
     with tqdm(total=todo, desc=desc, unit="traj", disable=not progress or not mine, position=rank) as bar:
         for index in mine:
-            _write_shard(writer, index, config, base, conditions, bar)
+            _write_shard(writer, index, config, conditions, bar, record)
     seconds = time.perf_counter() - started
     if world > 1:
         import torch.distributed as dist
@@ -345,8 +348,8 @@ def _generate(config: GenerateConfig, writer: StoreWriter, base: BaseModel, cond
             "world_size": world}
 
 
-def _write_shard(writer: StoreWriter, index: int, config: GenerateConfig, base: BaseModel,
-                 conditions: Conditions, bar) -> None:
+def _write_shard(writer: StoreWriter, index: int, config: GenerateConfig, conditions: Conditions, bar,
+                 record) -> None:
     """Sample and write one whole shard. A failing disk (full, read-only) stops the run with a
     message; the shards completed before stay valid, and the same command resumes."""
     name = shard_name(index, writer.format)
@@ -356,7 +359,7 @@ def _write_shard(writer: StoreWriter, index: int, config: GenerateConfig, base: 
             batch_stop = min(shard.stop, batch_start + config.batch_size)
             plan = conditions.plan(config.seed, range(batch_start, batch_stop),
                                    config.guidance_min, config.guidance_max)
-            arrays = record_batch(base, plan, config.num_steps, config.record_branches, conditions)
+            arrays = record(plan)
             shard.write(batch_start - shard.start, arrays)
             bar.update(batch_stop - batch_start)
         shard.finish()

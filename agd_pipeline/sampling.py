@@ -34,6 +34,29 @@ class Step:
     uncond_output: torch.Tensor | None = None
 
 
+class StepRecord:
+    """What stage one keeps of each step of ``n`` trajectories, filled one :class:`Step` at a time:
+    model input, guided output (and with ``branches`` both CFG halves) as float16, and the timestep."""
+
+    def __init__(self, base: BaseModel, n: int, num_steps: int, branches: bool):
+        c, h, w = base.latent_shape
+        self.arrays = {"model_input": np.empty((n, num_steps, c, h, w), np.float16),
+                       "guided_output": np.empty((n, num_steps, base.latent_channels, h, w), np.float16),
+                       "timesteps": np.empty((n, num_steps), np.float32)}
+        if branches:
+            self.arrays["cond_output"] = np.empty_like(self.arrays["guided_output"])
+            self.arrays["uncond_output"] = np.empty_like(self.arrays["guided_output"])
+
+    def __call__(self, step: Step) -> None:
+        arrays = self.arrays
+        arrays["model_input"][:, step.index] = step.model_input.to("cpu", torch.float16).numpy()
+        arrays["guided_output"][:, step.index] = step.guided_output.to("cpu", torch.float16).numpy()
+        arrays["timesteps"][:, step.index] = float(step.timestep)
+        if "cond_output" in arrays:
+            arrays["cond_output"][:, step.index] = step.cond_output.to("cpu", torch.float16).numpy()
+            arrays["uncond_output"][:, step.index] = step.uncond_output.to("cpu", torch.float16).numpy()
+
+
 def trajectory_seed(run_seed: int, index: int) -> int:
     """Seed of trajectory ``index``: a function of (run seed, index) only, never of batching."""
     return int(np.random.SeedSequence([run_seed, index]).generate_state(1, np.uint32)[0])

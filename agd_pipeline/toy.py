@@ -27,6 +27,9 @@ IMAGE_SIZE = 8
 NUM_CLASSES = 10
 CLASSIFIER_DIR = "classifier"
 HOLDOUT_FILE = "holdout.npz"
+# The digits the base trained on, as its latents (the DiT is pixel-space: [N, 1, 8, 8] in [-1, 1])
+# with their labels: the real data of generate.source forward_noised (the paper's ablation).
+TRAIN_FILE = "train.npz"
 
 
 def load_digits_split(seed: int, holdout_fraction: float):
@@ -120,6 +123,7 @@ def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
         "parameters": sum(p.numel() for p in net.parameters()),
     })
     np.savez_compressed(out / HOLDOUT_FILE, images=x_hold, labels=y_hold)
+    np.savez_compressed(out / TRAIN_FILE, latents=x_train, labels=y_train)
 
     classifier, accuracy = train_classifier(x_train, y_train, x_hold, y_hold, config, progress)
     save_classifier(classifier, out / CLASSIFIER_DIR, {"holdout_accuracy": accuracy})

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .adapters import (TEXT_SOURCES, AdaptedModel, AdapterConfig, default_condition_on, resolve_placement,
-                       save_adapters)
+from .adapters import (MEAN_SOURCES, NEGATIVE_SOURCES, TEXT_SOURCES, AdaptedModel, AdapterConfig,
+                       default_condition_on, resolve_placement, save_adapters)
 from .config import TrainConfig
 from .devices import resolve_device, torch_dtype
 from .errors import AgdError, ConfigError, ModelError, os_reason
@@ -64,16 +64,22 @@ def adapter_config_for(config: TrainConfig, manifest: Manifest) -> AdapterConfig
     arrays = manifest.condition_arrays
     # a store written with generate.negative_prompts_file keeps each trajectory's negative prompt
     negatives = conditioning == "text" and "negative_prompt_embeds" in arrays
-    default = default_condition_on(conditioning, negatives)
+    pooled = "pooled_prompt_embeds" in arrays
+    default = default_condition_on(conditioning, negatives, pooled)
     condition_on = list(config.condition_on) or default
     wrong = {"class"} if conditioning == "text" else set(TEXT_SOURCES)
     if wrong & set(condition_on):
         raise ConfigError(f"train.condition_on: {sorted(wrong & set(condition_on))} do not apply to this "
                           f"{conditioning}-conditional {family} store; use {default}")
-    if "negative_text" in condition_on and not negatives:
-        raise ConfigError(f"train.condition_on: negative_text needs a store that records each trajectory's negative "
+    asked = [name for name in NEGATIVE_SOURCES if name in condition_on]
+    if asked and not negatives:
+        raise ConfigError(f"train.condition_on: {asked[0]} needs a store that records each trajectory's negative "
                           f"prompt, and {config.store} has none (no negative_prompt_embeds): write it with "
-                          "generate.negative_prompts_file, or leave negative_text out")
+                          f"generate.negative_prompts_file, or leave {' and '.join(asked)} out")
+    means = [name for name in MEAN_SOURCES if name in condition_on]
+    if means and not pooled:
+        raise ConfigError(f"train.condition_on: {means[0]} reads the prompt tokens' mean beside a pooled embedding, "
+                          f"and this {family} model has none (text already reads that mean); leave it out")
     if negatives and "negative_text" not in condition_on:
         warnings.warn(f"{config.store} records a negative prompt per trajectory, but train.condition_on "
                       f"{condition_on} leaves out negative_text: these adapters will not follow negative prompts "

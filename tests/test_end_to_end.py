@@ -75,3 +75,10 @@ def test_pipeline_end_to_end(tmp_path):
     assert metrics["per_w"]["w2"]["in_training_range"] and not metrics["per_w"]["w7"]["in_training_range"]
     for name in ("fid_vs_w.csv", "accuracy_vs_w.csv", "fidelity_vs_w.csv", "curves.png"):
         assert (evaluation / name).exists(), name
+    # summary.json (DVC's metrics): the in-range summary in a few numbers, and the gap closed
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert {k: summary[k] for k in metrics["summary_in_training_range"]} == metrics["summary_in_training_range"]
+    assert summary["mean_accuracy_agd"] == metrics["per_w"]["w2"]["accuracy_agd"]  # w2 is the one in range
+    assert summary["accuracy_unguided"] == metrics["per_w"]["w7"]["accuracy_unguided"]
+    assert isinstance(summary["gap_closed"], float) and summary["gap_closed"] <= 1.0
+    assert len(summary) < 20 and not any(isinstance(v, (dict, list)) for v in summary.values())

@@ -316,6 +316,36 @@ def test_negative_text_is_validated_like_the_other_prompt_sources():
         "condition_on"]
 
 
+def test_text_mean_reads_the_prompt_tokens_beside_the_pooled_embedding():
+    """Pooled models (SDXL, SD3) also see the mean of the prompt tokens by default: the vector changes
+    with the tokens when the pooled embedding stays, and models without a pooled embedding refuse it."""
+    assert default_condition_on("text", pooled=True) == ["guidance", "timestep", "text", "text_mean"]
+    assert default_condition_on("text", negative_prompts=True, pooled=True) == [
+        "guidance", "timestep", "text", "text_mean", "negative_text", "negative_text_mean"]
+    assert default_condition_on("class", pooled=True) == ["guidance", "timestep", "class"]
+    sources = ["guidance", "text", "text_mean", "negative_text", "negative_text_mean"]
+    section = dataclasses.asdict(AdapterConfig(condition_on=sources, text_dim=16, pooled_dim=8))
+    assert _adapter_section_problem(section) is None
+    section["pooled_dim"] = 0
+    assert "text_mean" in _adapter_section_problem(section)
+    with pytest.raises(ModelError, match="text_mean.*has none"):
+        ConditionEmbedding(AdapterConfig(condition_on=["guidance", "text_mean"], text_dim=16))
+    torch.manual_seed(0)
+    embedding = ConditionEmbedding(AdapterConfig(condition_on=sources, text_dim=16, pooled_dim=8, embed_dim=16))
+    for layer in embedding.modules():  # random output layers: every source reaches the vector
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight)
+    w, t = torch.tensor([3.0, 3.0]), torch.tensor([500, 500])
+    cond = {"prompt_embeds": torch.randn(2, 5, 16), "pooled_prompt_embeds": torch.randn(2, 8),
+            "negative_prompt_embeds": torch.randn(2, 5, 16), "negative_pooled_prompt_embeds": torch.randn(2, 8)}
+    reference = embedding(w, t, cond).vector
+    for key in ("prompt_embeds", "negative_prompt_embeds"):
+        changed = dict(cond, **{key: cond[key] + torch.randn(2, 5, 16)})  # same pooled embeddings
+        assert not torch.allclose(embedding(w, t, changed).vector, reference), key
+    with pytest.raises(ModelError, match="negative_text_mean.*negative_prompt_embeds"):
+        embedding(w, t, {k: v for k, v in cond.items() if k != "negative_prompt_embeds"})
+
+
 def train_config(store, out_dir, **overrides) -> TrainConfig:
     return load_config(TrainConfig, {"store": str(store), "out_dir": str(out_dir), "steps": 12, "batch_size": 8,
                                       "width": 8, "embed_dim": 16, "checkpoint_every": 0, "device": "cpu",

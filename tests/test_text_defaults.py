@@ -168,8 +168,13 @@ def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, fa
     assert set(check["negative_digit_rate"]) == {"unguided", "cfg", "agd"}
     assert "negative_avoidance_ratio" in metrics["summary_in_training_range"]
     assert (evaluation / "grids" / "w2.png").is_file() and (evaluation / "grids" / "negative_prompt.png").is_file()
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert summary["negative_avoidance_ratio"] == metrics["summary_in_training_range"]["negative_avoidance_ratio"]
+    assert "gap_closed" not in summary  # measured on class models only
     config = json.loads((adapters / "adapter_config.json").read_text())
     assert "negative_text" in config["adapter"]["condition_on"]  # the store holds negative prompts
+    if family != "sd":  # pooled models also see the mean of the prompt tokens, by default
+        assert {"text_mean", "negative_text_mean"} <= set(config["adapter"]["condition_on"])
 
     pipe = _load_pipeline(base)
     assert type(pipe).__name__ == {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",

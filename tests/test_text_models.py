@@ -163,6 +163,53 @@ def test_unet_placement_wraps_every_cross_attention(bases):
         adapter_targets(bases["sd"], "attention+output")
 
 
+def test_unet_output_placement_adapts_every_pixel_of_conv_out(bases, encoded):
+    """"+output" on a UNet wraps conv_out last; its adapter acts on each pixel's features as a token
+    and adds exactly its (gated) residual to that pixel of the UNet's output."""
+    for family in ("sd", "sdxl"):
+        base = bases[family]
+        cond, _ = encoded[family]
+        names = [name for name, *_ in adapter_targets(base, "cross_attention+output")]
+        assert names == [name for name, *_ in adapter_targets(base, "cross_attention")] + ["conv_out"]
+        assert [n for n, *_ in adapter_targets(base, "block+output")][-1] == "conv_out"
+        # "+resnet" adds every ResNet block; the targets keep the UNet's module order
+        from diffusers.models.resnet import ResnetBlock2D
+
+        resnets = [n for n, m in base.net.named_modules() if isinstance(m, ResnetBlock2D)]
+        with_resnets = [n for n, *_ in adapter_targets(base, "cross_attention+resnet+output")]
+        assert resnets and [n for n in with_resnets if n in resnets] == resnets
+        assert [n for n in with_resnets if n not in resnets] == names
+        module_order = [n for n, _ in base.net.named_modules()]
+        assert with_resnets[:-1] == sorted(with_resnets[:-1], key=module_order.index) and with_resnets[-1] == "conv_out"
+        model = AdaptedModel(base, adapter_config(base, "bottleneck", "cross_attention+output"))
+        captured = {}
+        handle = base.net.conv_out.register_forward_pre_hook(
+            lambda module, args, store=captured: store.update(x=args[0]))
+        try:
+            x = torch.randn(len(PROMPTS), *base.latent_shape, generator=torch.Generator().manual_seed(1))
+            t, w = torch.tensor([900, 500, 20]), torch.tensor([2.0, 3.0, 7.5])
+            output_adapter = model.adapters[-1]
+            with torch.no_grad():
+                torch.nn.init.normal_(output_adapter.up.weight, std=0.1)
+                torch.nn.init.normal_(output_adapter.up.bias, std=0.1)
+                condition, cond_on_device = model.embed(x, t, cond, w)
+                with model.conditioned(condition):
+                    adapted = base.predict(x, t, cond_on_device)
+                reference = base.predict(x, t, cond_on_device)  # outside conditioned(): the base alone
+                features = captured["x"]
+                assert features.dim() == 4 and features.shape[0] == len(PROMPTS)
+                for i in range(features.shape[2]):
+                    for j in range(features.shape[3]):
+                        pixel = features[:, :, i, j][:, None, :]  # [B, 1, C]: one token
+                        expected = (output_adapter(pixel, condition) * condition.gate)[:, 0]
+                        torch.testing.assert_close(adapted[:, :, i, j] - reference[:, :, i, j], expected,
+                                                   atol=1e-5, rtol=1e-4)
+                assert not torch.allclose(adapted, reference)
+        finally:
+            handle.remove()
+            model.remove()
+
+
 def test_adapters_refuse_another_architecture_and_warn_on_other_weights(bases, pipeline_dirs, tmp_path):
     sd = bases["sd"]
     model = AdaptedModel(sd, adapter_config(sd, "offset"))

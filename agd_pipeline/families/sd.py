@@ -35,16 +35,31 @@ class StableDiffusion(Family):
         return {"prompt_embeds": embeds}, {"prompt_embeds": negative_embeds}
 
     # "cross_attention" wraps the text cross-attention (attn2) of every transformer block in the
-    # down, mid and up blocks, all of them; "block" wraps those blocks.
-    placements = ("cross_attention", "block")
+    # down, mid and up blocks, all of them; "block" wraps those blocks. "+output" also wraps the
+    # UNet's final convolution (conv_out); "cross_attention+resnet+output" wraps every ResNet block
+    # besides (in module order). On a convolution or ResNet block the adapter acts on each pixel's
+    # features as a token.
+    placements = ("cross_attention", "cross_attention+output", "cross_attention+resnet+output", "block",
+                  "block+output")
 
     def adapter_targets(self, net, placement):
         from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
 
-        blocks = [(n, m) for n, m in net.named_modules() if isinstance(m, BasicTransformerBlock)]
-        if placement == "cross_attention":
-            return [(f"{n}.attn2", m.attn2, *attention_widths(m.attn2)) for n, m in blocks if m.attn2 is not None]
-        return [(n, m, m.norm1.normalized_shape[0], m.norm1.normalized_shape[0]) for n, m in blocks]
+        if placement.startswith("block"):
+            return [(n, m, m.norm1.normalized_shape[0], m.norm1.normalized_shape[0])
+                    for n, m in net.named_modules() if isinstance(m, BasicTransformerBlock)]
+        resnets = "+resnet" in placement
+        targets = []
+        for n, m in net.named_modules():
+            if isinstance(m, BasicTransformerBlock) and m.attn2 is not None:
+                targets.append((f"{n}.attn2", m.attn2, *attention_widths(m.attn2)))
+            elif resnets and isinstance(m, ResnetBlock2D):
+                targets.append((n, m, m.in_channels, m.out_channels))
+        return targets
+
+    def output_layer(self, net):
+        return net.conv_out
 
     def random_condition(self, base, batch, text_tokens=0, text_dim=0, pooled_dim=0):
         return {"prompt_embeds": torch.randn(batch, text_tokens, text_dim)}

@@ -18,7 +18,10 @@ SHARD_INDEX = r"shard-(\d{6})"  # a shard's name: this, a dot, and its format's 
 RUN_KEYS = ("schema_version", "base_model", "sampler", "guidance", "seed", "conditioning", "classes", "prompts",
             "negative_prompt", "condition_arrays", "num_trajectories", "shard_size", "latent_shape",
             "output_channels", "record_branches", "compressor", "chunk_trajectories", "format",
-            "bitround_keepbits")
+            "bitround_keepbits", "source")
+# Run keys that older stores lack (absent means the default: a CFG trajectory store). The
+# fingerprint leaves them out while absent, so it stays what it was for every store written before.
+OPTIONAL_RUN_KEYS = ("source",)
 
 REPAIR = ("Repair: re-run `python -m stages.generate --verify full` with the same settings; it rewrites "
           "only the shards that are missing, unfinished or damaged.")
@@ -192,6 +195,6 @@ class ArrayHasher:
 def store_fingerprint(manifest: dict) -> str:
     """One digest of a complete store: its run settings and every shard's checksum. A training
     checkpoint records it, so a changed store is never resumed silently."""
-    run = {k: manifest.get(k) for k in RUN_KEYS}
+    run = {k: manifest.get(k) for k in RUN_KEYS if k in manifest or k not in OPTIONAL_RUN_KEYS}
     shards = [(s["name"], s.get("checksum")) for s in manifest["shards"]]
     return hashlib.sha256(json.dumps([run, shards], sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -1,0 +1,109 @@
+"""stages.experiments: the variants as `dvc exp run` commands, and the table and plot from
+`dvc exp show --json` (DVC's own output format, as dvc 3 prints it)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agd_pipeline.errors import AgdError, ConfigError
+from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, readme_block, run, run_commands,
+                                      write_results)
+
+from conftest import REPO, run_cli
+
+
+def fake_show(summaries: dict[str, dict]) -> list:
+    """`dvc exp show --json` with one baseline commit and a named experiment per entry."""
+    def data(summary):
+        return {"rev": "x", "params": {"params.yaml": {"data": {}}},
+                "metrics": {"data/eval/summary.json": {"data": summary},
+                            "data/text/sd/eval/summary.json": {"data": {"gap_closed": -1.0}}}}
+    return [
+        {"rev": "workspace", "name": None, "data": data({"gap_closed": 0.0}), "error": None, "experiments": None},
+        {"rev": "abc", "name": "main", "data": data({"gap_closed": 0.0}), "error": None,
+         "experiments": [{"revs": [{"rev": f"r{i}", "name": name, "data": data(summary), "error": None,
+                                    "experiments": None}], "executor": None, "name": name}
+                         for i, (name, summary) in enumerate(summaries.items())]},
+    ]
+
+
+def test_every_variant_sets_params_the_default_pipeline_tracks():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    tracked = {p for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+               for p in stage.get("params", []) if isinstance(p, str)}
+    for experiment in EXPERIMENTS.values():
+        for variant in experiment.variants:
+            for key in variant.params:
+                section, name = key.split(".")
+                assert name in params[section], key  # -S would otherwise add a key nothing reads
+                assert key in tracked, key  # and DVC would not re-run the stage that reads it
+
+
+def test_run_commands_are_temp_dvc_experiments_with_quoted_params():
+    experiment = get_experiment("trajectories-vs-forward-noised")
+    commands = run_commands(experiment)
+    assert commands[1] == ["dvc", "exp", "run", "--temp", "-n", "trajectories-vs-forward-noised-forward-noised",
+                           "-S", 'generate.source="forward_noised"', "-S",
+                           'generate.real_data="data/base/train.npz"', "dvc.yaml"]
+    assert 'generate.real_data=""' in commands[0]
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'"):
+        get_experiment("nope")
+
+
+def test_run_replaces_earlier_runs_and_stops_on_a_failure():
+    experiment = get_experiment("trajectories-vs-forward-noised")
+    calls = []
+
+    def runner(command, **kwargs):
+        calls.append(command)
+        if command[:3] == ["dvc", "exp", "show"]:
+            out = json.dumps(fake_show({"trajectories-vs-forward-noised-trajectories": {"gap_closed": 0.5}}))
+            return subprocess.CompletedProcess(command, 0, out, "")
+        failing = command[:3] == ["dvc", "exp", "run"] and command[5].endswith("-noised-forward-noised")
+        return subprocess.CompletedProcess(command, 1 if failing else 0, "", "")
+
+    with pytest.raises(AgdError, match="failed.*run the same command again"):
+        run(experiment, log=lambda *a: None, runner=runner)
+    assert calls[1] == ["dvc", "exp", "remove", "trajectories-vs-forward-noised-trajectories"]
+    assert [c[5] for c in calls[2:]] == [experiment.run_name(v) for v in experiment.variants]
+
+
+def test_collect_writes_table_plot_and_readme_block(tmp_path):
+    experiment = get_experiment("trajectories-vs-forward-noised")
+    shown = fake_show({
+        "trajectories-vs-forward-noised-trajectories": {"gap_closed": 0.81, "mean_accuracy_agd": 0.99,
+                                                        "max_fidelity_ratio": 0.05},
+        "trajectories-vs-forward-noised-forward-noised": {"gap_closed": 0.42, "mean_accuracy_agd": 0.95,
+                                                          "max_fidelity_ratio": 0.3},
+    })
+    rows = collect(experiment, shown)
+    assert [r["gap_closed"] for r in rows] == [0.81, 0.42]  # the root pipeline's summary, not a text one
+    assert rows[0]["mean_fid_agd"] is None  # a metric the run lacks is shown as n/a
+    folder = write_results(experiment, rows, tmp_path)
+    with open(folder / "results.csv") as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == ["trajectories", "forward-noised"]
+    table = (folder / "results.md").read_text()
+    assert "| CFG trajectories (AGD) | 0.810 | 0.990 |" in table and "n/a" in table
+    assert (folder / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    block = readme_block(experiment, folder)
+    assert block.startswith("<!-- results:experiment-trajectories-vs-forward-noised:start -->")
+    assert "python -m stages.experiments run trajectories-vs-forward-noised" in block and table.strip() in block
+    with pytest.raises(AgdError, match="no finished DVC experiment 'trajectories-vs-forward-noised-trajectories'"):
+        collect(experiment, fake_show({}))
+
+
+def test_cli_lists_and_prints_commands_without_running_anything(tmp_path):
+    listed = run_cli("stages.experiments", "list", cwd=REPO)
+    assert listed.returncode == 0 and "trajectories-vs-forward-noised" in listed.stdout
+    printed = run_cli("stages.experiments", "commands", "trajectories-vs-forward-noised", cwd=REPO)
+    assert printed.returncode == 0 and printed.stdout.count("dvc exp run --temp") == 2
+    bad = run_cli("stages.experiments", "run", "nope", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown experiment 'nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not Path(tmp_path / "experiments").exists()

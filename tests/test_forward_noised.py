@@ -1,0 +1,162 @@
+"""generate.source forward_noised: standard guidance distillation's data (real latents noised by the
+forward process, labelled with CFG's output there), for the trajectories-vs-forward-noised ablation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agd_pipeline.config import GenerateConfig, load_config
+from agd_pipeline.errors import ConfigError, StoreError
+from agd_pipeline.models import load_base_model
+from agd_pipeline.sampling import CFG
+from agd_pipeline.store import TrajectoryStore
+
+from conftest import generate_store, read_all_shards
+
+
+def write_real_data(path, labels, seed=0, shape=(1, 8, 8)):
+    rng = np.random.default_rng(seed)
+    latents = rng.uniform(-1, 1, size=(len(labels), *shape)).astype(np.float32)
+    np.savez(path, latents=latents, labels=np.asarray(labels, dtype=np.int64))
+    return latents
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("real") / "train.npz"
+    labels = [c for c in range(10) for _ in range(3)]  # three examples of every class
+    return path, write_real_data(path, labels), np.asarray(labels)
+
+
+def test_marginal_is_the_forward_process_and_targets_are_cfg(tiny_base_dir, real_data, tmp_path):
+    """Every recorded model input is sqrt(a) x0 + sqrt(1 - a) eps for a real x0 of the trajectory's
+    class, eps standard normal (independent across steps and trajectories), and every target is
+    CFG's guided output at exactly that input, t and w."""
+    path, latents, labels = real_data
+    store = tmp_path / "store"
+    config, _ = generate_store(tiny_base_dir, store, source="forward_noised", real_data=str(path),
+                               trajectories_per_class=20, num_steps=4, shard_size=100, batch_size=50)
+    manifest = TrajectoryStore(store).manifest
+    assert manifest["source"]["kind"] == "forward_noised" and manifest["source"]["real_examples"] == 30
+    arrays = {k: np.concatenate([s[k] for s in read_all_shards(store).values()]) for k in
+              ("model_input", "guided_output", "timesteps", "class_label", "guidance_scale", "sample")}
+    base = load_base_model(str(tiny_base_dir))
+    alpha_bar = base.scheduler.alphas_cumprod
+    x0 = arrays["sample"].astype(np.float32)
+    # x0 is a real latent of the trajectory's class (stored in float16)
+    for i, c in enumerate(arrays["class_label"]):
+        candidates = latents[labels == c].astype(np.float16).astype(np.float32)
+        assert (np.abs(candidates - x0[i]).reshape(len(candidates), -1).max(1) == 0).any(), i
+    eps = []
+    for k in range(config.num_steps):
+        t = arrays["timesteps"][:, k]
+        assert np.all(t == t[0])
+        a = float(alpha_bar[int(t[0])])
+        eps.append((arrays["model_input"][:, k].astype(np.float64) - np.sqrt(a) * x0) / np.sqrt(1 - a))
+    eps = np.stack(eps, 1)  # [N, steps, C, H, W]
+    n = eps.size
+    assert abs(eps.mean()) < 4 / np.sqrt(n), eps.mean()  # mean 0 within 4 standard errors
+    assert abs(eps.std() - 1) < 0.05, eps.std()
+    flat = eps.reshape(eps.shape[0], eps.shape[1], -1)
+    # independent across steps: correlation of eps between step 0 and step 1 is ~0
+    corr = np.corrcoef(flat[:, 0].ravel(), flat[:, 1].ravel())[0, 1]
+    assert abs(corr) < 0.05, corr
+    # timesteps are the sampler's, high to low, as in a trajectory store of the same settings
+    assert list(arrays["timesteps"][0]) == sorted(arrays["timesteps"][0], reverse=True)
+    # the targets are CFG's output at the recorded inputs (float16 storage tolerance)
+    x = torch.from_numpy(arrays["model_input"][:40, 2].astype(np.float32))
+    t = torch.tensor(float(arrays["timesteps"][0, 2]))
+    with torch.no_grad():
+        expected = CFG(base, torch.from_numpy(arrays["guidance_scale"][:40]))(
+            x, t, {"class_label": torch.from_numpy(arrays["class_label"][:40])}).guided
+    np.testing.assert_allclose(arrays["guided_output"][:40, 2].astype(np.float32), expected.numpy(),
+                               atol=2e-3, rtol=1e-2)
+
+
+def test_forward_noised_store_is_deterministic_resumable_and_never_mixed(tiny_base_dir, real_data, tmp_path):
+    path, *_ = real_data
+    settings = dict(source="forward_noised", real_data=str(path))
+    generate_store(tiny_base_dir, tmp_path / "a", **settings)
+    generate_store(tiny_base_dir, tmp_path / "b", **settings)
+    a, b = read_all_shards(tmp_path / "a"), read_all_shards(tmp_path / "b")
+    for shard in a:
+        for name in a[shard]:
+            np.testing.assert_array_equal(a[shard][name], b[shard][name])
+    # the same folder with trajectories: refused, never mixed
+    with pytest.raises(StoreError, match="other settings.*source"):
+        generate_store(tiny_base_dir, tmp_path / "a")
+    # other real data: refused too (its checksum is part of the run's settings)
+    other = tmp_path / "other.npz"
+    write_real_data(other, [c for c in range(10) for _ in range(3)], seed=1)
+    with pytest.raises(StoreError, match="other settings.*real_data"):
+        generate_store(tiny_base_dir, tmp_path / "a", source="forward_noised", real_data=str(other))
+
+
+def test_training_reads_a_forward_noised_store(tiny_base_dir, real_data, tmp_path):
+    from agd_pipeline.config import TrainConfig
+    from agd_pipeline.training import train
+
+    path, *_ = real_data
+    generate_store(tiny_base_dir, tmp_path / "store", source="forward_noised", real_data=str(path))
+    config = load_config(TrainConfig, {"store": str(tmp_path / "store"), "out_dir": str(tmp_path / "adapters"),
+                                       "steps": 4, "batch_size": 8, "width": 8, "embed_dim": 16,
+                                       "checkpoint_every": 0, "device": "cpu"})
+    train(config, progress=False, log=lambda *a, **k: None)
+    assert (tmp_path / "adapters" / "adapters.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "is not a file"),
+    ("not_npz", "not a readable .npz"),
+    ("no_labels", "lacks the array 'labels'"),
+    ("shape", r"latents have shape \[30, 1, 4, 4\].*takes \[N, 1, 8, 8\]"),
+    ("nan", "must be finite"),
+    ("labels", "labels must be integers, one per latent"),
+    ("class_missing", "no example of class 9"),
+    ("empty", "real_data is empty"),
+])
+def test_bad_real_data_is_refused_before_anything_is_written(tiny_base_dir, tmp_path, case, match):
+    path = tmp_path / "real.npz"
+    labels = [c for c in range(10) for _ in range(3)]
+    if case == "not_npz":
+        path.write_text("not a zip")
+    elif case == "no_labels":
+        np.savez(path, latents=np.zeros((30, 1, 8, 8), np.float32))
+    elif case == "shape":
+        np.savez(path, latents=np.zeros((30, 1, 4, 4), np.float32), labels=np.asarray(labels))
+    elif case == "nan":
+        latents = np.zeros((30, 1, 8, 8), np.float32)
+        latents[3, 0, 1, 1] = np.nan
+        np.savez(path, latents=latents, labels=np.asarray(labels))
+    elif case == "labels":
+        np.savez(path, latents=np.zeros((30, 1, 8, 8), np.float32), labels=np.zeros(29, np.int64))
+    elif case == "class_missing":
+        write_real_data(path, [c % 9 for c in range(30)])
+    elif case != "missing":
+        path = ""
+    with pytest.raises(ConfigError, match=match):
+        generate_store(tiny_base_dir, tmp_path / "store", source="forward_noised", real_data=str(path))
+    assert not (tmp_path / "store").exists()
+
+
+def test_real_data_needs_the_forward_noised_source():
+    with pytest.raises(ConfigError, match="real_data: applies only with generate.source forward_noised"):
+        load_config(GenerateConfig, {"real_data": "x.npz"})
+    with pytest.raises(ConfigError, match="source"):
+        load_config(GenerateConfig, {"source": "noise"})
+
+
+def test_text_models_refuse_forward_noised_data(text_pipeline_dirs, real_data, tmp_path):
+    path, *_ = real_data
+    with pytest.raises(ConfigError, match="class-conditional models only"):
+        generate_store(text_pipeline_dirs["sd"], tmp_path / "store", source="forward_noised", real_data=str(path),
+                       prompts_file=str(_prompts(tmp_path)))
+    assert not (tmp_path / "store").exists()
+
+
+def _prompts(folder):
+    path = folder / "prompts.txt"
+    path.write_text("a cat\na dog\n")
+    return path
