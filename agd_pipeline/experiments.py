@@ -5,8 +5,8 @@ temporary copies of the repository (the workspace is left as it is) and share it
 whose inputs a variant does not change (the base model) are never run again.
 
 After the runs, the experiment's table (each variant's summary metrics from ``dvc exp show --json``)
-is written to ``experiments/<name>/results.csv`` and ``results.md`` and its plot to
-``experiments/<name>/plot.png``, all tracked by git; README's block ``experiment-<name>`` is rendered
+is written to ``docs/experiments/<name>/results.csv`` and ``results.md`` and its plot to
+``docs/experiments/<name>/plot.png``, all tracked by git; README's block ``experiment-<name>`` is rendered
 from them (``python -m stages.experiments report NAME``).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import AgdError, ConfigError
 
-EXPERIMENTS_DIR = Path("experiments")
+EXPERIMENTS_DIR = Path("docs/experiments")
 SUMMARY_FILE = "summary.json"  # evaluate's DVC metrics file (agd_pipeline.evaluation.SUMMARY)
 
 
@@ -76,7 +76,7 @@ EXPERIMENTS = {
                                                                    "generate.real_data": "data/base/train.npz"}),
         ),
         columns=SUMMARY_COLUMNS,
-        plot=("gap_closed", "mean_accuracy_agd", "max_fidelity_ratio"),
+        plot=("gap_closed", "mean_fid_agd", "max_fidelity_ratio"),
     ),
 }
 

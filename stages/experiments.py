@@ -3,7 +3,7 @@
   python -m stages.experiments list                 the experiments and what each asks
   python -m stages.experiments run NAME             every variant as `dvc exp run --temp -S ...`, then `report`
   python -m stages.experiments report NAME          the table and plot from `dvc exp show --json`:
-                                                    experiments/NAME/results.{csv,md}, plot.png, README block
+                                                    docs/experiments/NAME/results.{csv,md}, plot.png, README block
   python -m stages.experiments commands NAME        print the dvc commands `run` would run
 
 Each variant is one DVC experiment of the default pipeline (dvc.yaml): `dvc exp show` lists them with

@@ -381,7 +381,9 @@ def test_training_reads_the_negative_prompts(trained, bases, stores):
     from agd_pipeline.training import adapter_config_for
 
     config = json.loads((trained / "adapter_config.json").read_text())
-    assert config["adapter"]["condition_on"] == ["guidance", "timestep", "text", "negative_text"]
+    # SDXL has a pooled embedding: the prompts' token means come with it by default
+    assert config["adapter"]["condition_on"] == ["guidance", "timestep", "text", "text_mean", "negative_text",
+                                                 "negative_text_mean"]
     assert config["guidance"]["negative_prompts"] == NEGATIVES
     with pytest.warns(UserWarning, match="leaves out negative_text"):
         adapter_config_for(train_config(stores["sdxl"], trained.parent / "x", condition_on=["guidance", "text"]),

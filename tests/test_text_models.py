@@ -268,7 +268,8 @@ def test_generate_train_sample_from_the_command_line(pipeline_dirs, bases, encod
     assert result.returncode == 0, result.stderr
     config = json.loads((adapters / "adapter_config.json").read_text())
     assert config["adapter"]["placement"] == PLACEMENTS[family][0]
-    assert config["adapter"]["condition_on"] == ["guidance", "timestep", "text"]
+    pooled = ["text_mean"] if family in ("sdxl", "sd3") else []  # the token mean beside a pooled embedding
+    assert config["adapter"]["condition_on"] == ["guidance", "timestep", "text", *pooled]
     assert config["negative_prompt"] == "blurry"
 
     for extra in ([], ["--cfg"]):
