@@ -6,8 +6,7 @@ output at those points, instead of points on the teacher's own CFG sampling traj
 two trains on it unchanged: "trajectory" i is one real latent x0 (of the class the plan gives
 trajectory i), noised independently at each of the sampler's timesteps t_k,
 
-    x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps      (DDPM/DDIM/Euler: the model's input)
-    x_t = (1 - sigma_t) x0 + sigma_t eps,  sigma_t = t / T       (flow matching)
+    x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps      (the model's input at step t)
 
 with eps ~ N(0, I) drawn from the trajectory's own seed, and the recorded target is CFG's guided
 output at (x_t, t) for the trajectory's w and class. The same number of (x, t, w) pairs as a
@@ -62,6 +61,9 @@ def load_real_data(path: str, base: BaseModel) -> RealData:
     if base.conditioning != "class":
         raise ConfigError(f"{key}: forward-noised data is built for class-conditional models only; "
                           f"{base.model_id!r} is a {base.conditioning} model (use generate.source: trajectories)")
+    if not hasattr(base.scheduler, "alphas_cumprod"):
+        raise ConfigError(f"generate.source forward_noised: {type(base.scheduler).__name__} has no alphas_cumprod; "
+                          "forward-noised data is built for DDPM-family schedulers (DDPM, DDIM, Euler, ...) only")
     if not path:
         raise ConfigError(f"{key} is empty: generate.source forward_noised noises real latents; give an .npz with "
                           "latents [N, C, H, W] and labels [N] (the embedded default writes data/base/train.npz)")
@@ -92,11 +94,8 @@ def load_real_data(path: str, base: BaseModel) -> RealData:
 
 def forward_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
     """x_t from q(x_t | x0) at timestep ``t``, as the model sees it (its input at that step)."""
-    if hasattr(scheduler, "alphas_cumprod"):
-        alpha_bar = scheduler.alphas_cumprod.to(x0.device, torch.float32)[int(round(float(t)))]
-        return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
-    sigma = float(t) / scheduler.config.num_train_timesteps  # flow matching: t = sigma * T
-    return (1.0 - sigma) * x0 + sigma * noise
+    alpha_bar = scheduler.alphas_cumprod.to(x0.device, torch.float32)[int(round(float(t)))]
+    return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
 
 
 def choose_examples(run_seed: int, indices, labels: np.ndarray, by_class: dict[int, np.ndarray]) -> np.ndarray:

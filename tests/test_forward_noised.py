@@ -141,6 +141,18 @@ def test_bad_real_data_is_refused_before_anything_is_written(tiny_base_dir, tmp_
     assert not (tmp_path / "store").exists()
 
 
+def test_a_scheduler_without_alphas_is_refused(real_data, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from conftest import make_dit, write_base_folder
+
+    path, *_ = real_data
+    folder = write_base_folder(tmp_path / "flow_base", make_dit(0), FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ConfigError, match="FlowMatchEulerDiscreteScheduler has no alphas_cumprod"):
+        generate_store(folder, tmp_path / "store", source="forward_noised", real_data=str(path))
+    assert not (tmp_path / "store").exists()
+
+
 def test_real_data_needs_the_forward_noised_source():
     with pytest.raises(ConfigError, match="real_data: applies only with generate.source forward_noised"):
         load_config(GenerateConfig, {"real_data": "x.npz"})
