@@ -46,6 +46,7 @@ class Experiment:
     variants: tuple[Variant, ...]
     columns: tuple[Column, ...]
     plot: tuple[str, ...]  # summary keys drawn as grouped bars, one group per key
+    row_header: str = "data"  # what the table's first column names
 
     def run_name(self, variant: Variant) -> str:
         return f"{self.name}-{variant.name}"
@@ -77,6 +78,27 @@ EXPERIMENTS = {
         ),
         columns=SUMMARY_COLUMNS,
         plot=("gap_closed", "mean_fid_agd", "max_fidelity_ratio"),
+    ),
+    "unseen-w": Experiment(
+        name="unseen-w",
+        title="Guidance scales outside the training range",
+        question=("How far adapters trained on one range of w follow CFG beyond it: trained on U[1, 3] and "
+                  "evaluated up to w = 8, and trained on U[1, 6] (the default) and evaluated up to w = 10."),
+        variants=(
+            Variant("train-1-3", "trained on U[1, 3], evaluated at 2, 3 | 4, 6, 8",
+                    {"generate.guidance_max": 3.0, "evaluate.guidance_scales": [2.0, 3.0, 4.0, 6.0, 8.0]}),
+            Variant("train-1-6", "trained on U[1, 6], evaluated at 2, 4, 6 | 8, 10",
+                    {"generate.guidance_max": 6.0, "evaluate.guidance_scales": [2.0, 4.0, 6.0, 8.0, 10.0]}),
+        ),
+        columns=(
+            Column("max_fidelity_ratio", "in range: FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("outside_max_fidelity_ratio", "unseen w: FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "in range: max acc drop (points)", ".1f"),
+            Column("outside_max_accuracy_drop_points", "unseen w: max acc drop (points)", ".1f"),
+            Column("gap_closed", "gap closed (in range)"),
+        ),
+        plot=("max_fidelity_ratio", "outside_max_fidelity_ratio", "outside_max_accuracy_drop_points"),
+        row_header="adapters",
     ),
 }
 
@@ -178,7 +200,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown_table(experiment: Experiment, rows: list[dict]) -> str:
-    header = "| data | " + " | ".join(c.header for c in experiment.columns) + " |"
+    header = f"| {experiment.row_header} | " + " | ".join(c.header for c in experiment.columns) + " |"
     lines = [header, "|" + "---|" * (len(experiment.columns) + 1)]
     for row in rows:
         lines.append(f"| {row['label']} | " + " | ".join(_fmt(row[c.key], c.spec) for c in experiment.columns) + " |")
