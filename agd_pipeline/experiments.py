@@ -85,9 +85,9 @@ EXPERIMENTS = {
         question=("How far adapters trained on one range of w follow CFG beyond it: trained on U[1, 3] and "
                   "evaluated up to w = 8, and trained on U[1, 6] (the default) and evaluated up to w = 10."),
         variants=(
-            Variant("train-1-3", "trained on U[1, 3], evaluated at 2, 3 | 4, 6, 8",
+            Variant("train-1-3", "U[1, 3] (unseen: 4, 6, 8)",
                     {"generate.guidance_max": 3.0, "evaluate.guidance_scales": [2.0, 3.0, 4.0, 6.0, 8.0]}),
-            Variant("train-1-6", "trained on U[1, 6], evaluated at 2, 4, 6 | 8, 10",
+            Variant("train-1-6", "U[1, 6] (unseen: 8, 10)",
                     {"generate.guidance_max": 6.0, "evaluate.guidance_scales": [2.0, 4.0, 6.0, 8.0, 10.0]}),
         ),
         columns=(
@@ -98,7 +98,7 @@ EXPERIMENTS = {
             Column("gap_closed", "gap closed (in range)"),
         ),
         plot=("max_fidelity_ratio", "outside_max_fidelity_ratio", "outside_max_accuracy_drop_points"),
-        row_header="adapters",
+        row_header="adapters trained on",
     ),
 }
 
