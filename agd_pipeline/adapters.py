@@ -121,22 +121,17 @@ class ConditionEmbedding(nn.Module):
             self.timestep = nn.Sequential(nn.Linear(32, dim), nn.SiLU(), nn.Linear(dim, dim))
         if self.use_class:
             self.label = nn.Embedding(config.num_classes + 1, dim)  # + the null class
-        if self.use_text:
-            source = config.pooled_dim or config.text_dim
-            self.text = nn.Sequential(nn.LayerNorm(source, elementwise_affine=False), nn.Linear(source, dim))
-        if self.use_text_tokens:
-            self.text_tokens = nn.Sequential(nn.LayerNorm(config.text_dim, elementwise_affine=False),
-                                             nn.Linear(config.text_dim, dim))
-        if self.use_negative_text:  # its own projection: the negative prompt acts against the prompt
-            source = config.pooled_dim or config.text_dim
-            self.negative_text = nn.Sequential(nn.LayerNorm(source, elementwise_affine=False),
-                                               nn.Linear(source, dim))
-        if self.use_text_mean:
-            self.text_mean = nn.Sequential(nn.LayerNorm(config.text_dim, elementwise_affine=False),
-                                           nn.Linear(config.text_dim, dim))
-        if self.use_negative_text_mean:
-            self.negative_text_mean = nn.Sequential(nn.LayerNorm(config.text_dim, elementwise_affine=False),
-                                                    nn.Linear(config.text_dim, dim))
+        pooled_or_mean = config.pooled_dim or config.text_dim
+        # one normalised projection per prompt source, created in this order (the order fixes the
+        # random initialisation); the negative prompt gets its own: it acts against the prompt
+        for name, used_here, width in (("text", self.use_text, pooled_or_mean),
+                                       ("text_tokens", self.use_text_tokens, config.text_dim),
+                                       ("negative_text", self.use_negative_text, pooled_or_mean),
+                                       ("text_mean", self.use_text_mean, config.text_dim),
+                                       ("negative_text_mean", self.use_negative_text_mean, config.text_dim)):
+            if used_here:
+                setattr(self, name, nn.Sequential(nn.LayerNorm(width, elementwise_affine=False),
+                                                  nn.Linear(width, dim)))
 
     def fourier(self, w: torch.Tensor) -> torch.Tensor:
         u = ((w.float() - 1.0) / self.config.guidance_scale_unit)[:, None]

@@ -16,6 +16,7 @@ trajectory store of the same settings; "sample" holds x0.
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def load_real_data(path: str, base: BaseModel) -> RealData:
         raise ConfigError(f"{key}: {path} is not a file; give an .npz with latents [N, C, H, W] and labels [N]")
     raw = file.read_bytes()
     try:
-        with np.load(file, allow_pickle=False) as data:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:  # the bytes hashed above, read once
             arrays = {name: data[name] for name in data.files}
     except Exception as err:  # noqa: BLE001 - zip, pickle and format errors alike
         raise ConfigError(f"{key}: {path} is not a readable .npz ({type(err).__name__}: {err})") from None

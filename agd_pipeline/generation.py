@@ -282,8 +282,15 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
     check_num_steps(base, config.num_steps, "generate.num_steps")
     conditions = resolve_conditions(config, base, progress and rank == 0)
     real = load_real_data(config.real_data, base) if config.source == "forward_noised" else None
-    if real is not None:
-        real.by_class(conditions.classes)  # every class sampled has real data, before anything is written
+    if real is None:
+        def record(plan):
+            return record_batch(base, plan, config.num_steps, config.record_branches, conditions)
+    else:
+        by_class = real.by_class(conditions.classes)  # every class sampled has real data, before anything is written
+
+        def record(plan):
+            return record_forward_noised_batch(base, plan, config.num_steps, config.record_branches, real, by_class,
+                                               config.seed)
     header = store_header(config, base, conditions, real)
     with contextlib.ExitStack() as held:
         def open_first() -> StoreWriter:
@@ -300,11 +307,13 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
             writer = opened.get("writer") or StoreWriter(config.out_dir, header, rank, world, log=log)
         else:
             writer = open_first()
-        return _generate(config, writer, base, conditions, rank, world, progress, log, real)
+        what = "CFG trajectories" if real is None else "forward-noised real data"
+        return _generate(config, writer, conditions, rank, world, progress, log, record, what)
 
 
-def _generate(config: GenerateConfig, writer: StoreWriter, base: BaseModel, conditions: Conditions, rank: int,
-              world: int, progress: bool, log, real: RealData | None = None) -> dict:
+def _generate(config: GenerateConfig, writer: StoreWriter, conditions: Conditions, rank: int, world: int,
+              progress: bool, log, record, what: str) -> dict:
+    """Write the pending shards this rank owns, one batch at a time through ``record(plan)``."""
     pending = writer.pending(verify=config.verify)
     total = writer.header["num_trajectories"]
     mine = writer.owned(pending)
@@ -317,16 +326,6 @@ def _generate(config: GenerateConfig, writer: StoreWriter, base: BaseModel, cond
                 "already complete")
     todo = sum(writer.shard_range(i)[1] - writer.shard_range(i)[0] for i in mine)
     started = time.perf_counter()
-    if real is None:
-        def record(plan):
-            return record_batch(base, plan, config.num_steps, config.record_branches, conditions)
-    else:
-        by_class = real.by_class(conditions.classes)
-
-        def record(plan):
-            return record_forward_noised_batch(base, plan, config.num_steps, config.record_branches, real, by_class,
-                                               config.seed)
-    what = "CFG trajectories" if real is None else "forward-noised real data"
     desc = f"generate: {what}" + (f" (rank {rank}/{world})" if world > 1 else "")
     with tqdm(total=todo, desc=desc, unit="traj", disable=not progress or not mine, position=rank) as bar:
         for index in mine:
