@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import families
+from . import families, guidance
 from .errors import ModelError
 from .models import BaseModel, count_parameters, load_base_model, recorded_hub_options
 
@@ -309,6 +309,9 @@ class AdaptedModel(nn.Module):
         self.adapters = nn.ModuleList([ADAPTER_KINDS[config.kind](dim, out_dim, config)
                                        for _, _, dim, out_dim in targets])
         self.to(base.device)
+        # the guidance interval of the trajectories the adapters learned (agd_pipeline.guidance); None:
+        # every step guided. Set by training and loading from the store header / adapter config.
+        self.guidance_interval: tuple[float, float] | None = None
         self._condition: Condition | None = None
         self._handles = [module.register_forward_hook(self._make_hook(i), with_kwargs=True)
                          for i, (_, module, *_) in enumerate(targets)]
@@ -340,6 +343,8 @@ class AdaptedModel(nn.Module):
         guidance_scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
         if guidance_scale.dim() == 0:
             guidance_scale = guidance_scale.expand(x.shape[0])
+        guidance_scale = guidance.effective_scale(guidance_scale, t, self.guidance_interval,
+                                                  guidance.num_train_timesteps(self.base.scheduler))
         cond = {name: torch.as_tensor(value).to(x.device) for name, value in self.base.as_condition(cond).items()}
         return self.embedding(guidance_scale, t, cond), cond
 
@@ -355,9 +360,18 @@ class AdaptedModel(nn.Module):
             self._condition = None
 
     def forward(self, x, t, cond: dict, guidance_scale):
+        if self._skips(t):
+            return self.base.predict(x, t, cond)  # outside the interval: w = 1, the gated adapters add zero
         condition, cond = self.embed(x, t, cond, guidance_scale)
         with self.conditioned(condition):
             return self.base.predict(x, t, cond)
+
+    def _skips(self, t) -> bool:
+        """Whether a sampling call at ``t`` lies wholly outside the guidance interval, where gated
+        adapters add exactly zero (training runs them anyway, for the same graph every step)."""
+        if self.guidance_interval is None or not self.config.guidance_gate or self.training:
+            return False
+        return not guidance.inside(t, self.guidance_interval, guidance.num_train_timesteps(self.base.scheduler)).any()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -543,10 +557,14 @@ def _adapter_config_problem(config) -> str | None:
                 0 < sampler["num_steps"] <= 100_000):
             return '"sampler.num_steps" must be a positive integer (the steps the trajectories were recorded with)'
     if "guidance" in config:
-        guidance = config["guidance"]
-        if not (isinstance(guidance, dict) and _is_number(guidance.get("min")) and _is_number(guidance.get("max"))
-                and guidance["min"] <= guidance["max"]):
+        guidance_section = config["guidance"]
+        if not (isinstance(guidance_section, dict) and _is_number(guidance_section.get("min"))
+                and _is_number(guidance_section.get("max")) and guidance_section["min"] <= guidance_section["max"]):
             return '"guidance" must hold finite numbers min <= max'
+        try:
+            guidance.check_interval(guidance_section.get("interval"), '"guidance.interval"')
+        except ValueError as err:
+            return str(err)
     if not isinstance(config.get("negative_prompt", ""), str):
         return '"negative_prompt" must be a string'
     return None
@@ -616,6 +634,7 @@ def _load_weights(folder: Path, base: BaseModel, config: dict) -> AdaptedModel:
                          "(`python -m stages.train`)")
     adapter_config = AdapterConfig(**config["adapter"])
     model = AdaptedModel(base, adapter_config)
+    model.guidance_interval = guidance.check_interval((config.get("guidance") or {}).get("interval"), "interval")
     if model.target_names != config["placements"]:
         model.remove()
         raise ModelError(f"{folder / ADAPTER_CONFIG}: \"placements\" ({len(config['placements'])} layers) do not "

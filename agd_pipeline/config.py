@@ -93,6 +93,14 @@ class StageConfig:
     def fail(self, name: str, message: str) -> None:
         raise ConfigError(f"{self.key(name)}: {message} (got {getattr(self, name)!r})")
 
+    def check_guidance_interval(self) -> None:
+        from .guidance import check_interval
+
+        try:
+            check_interval(self.guidance_interval, self.key("guidance_interval"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -278,6 +286,9 @@ class GenerateConfig(StageConfig):
                             "[N] (the embedded default writes data/base/train.npz)")
     guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
     guidance_max: float = option(6.0, "upper end of the guidance scale range")
+    guidance_interval: list[float] = option([], "guide only the steps whose timestep t / num_train_timesteps lies "
+                                            "in [lo, hi] (the guidance interval; 0 = clean, 1 = pure noise), "
+                                            "w = 1 at the others; empty: every step")
     num_steps: int = option(32, "sampling steps per trajectory")
     scheduler: str = option("", "diffusers scheduler class to sample with; empty keeps the model's")
     seed: int = option(0, "run seed: trajectory i's seed, class and w depend only on (seed, i)")
@@ -332,6 +343,10 @@ class GenerateConfig(StageConfig):
             self.fail("compressor", str(err))
         if self.guidance_max > MAX_GUIDANCE:
             self.fail("guidance_max", "is far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)")
+        self.check_guidance_interval()
+        if self.guidance_interval and self.source == "forward_noised":
+            self.fail("guidance_interval", "applies to trajectories only (forward-noised data is labelled with CFG "
+                      "at every step); leave it empty")
         if self.real_data and self.source != "forward_noised":
             self.fail("real_data", f"applies only with {self.key('source')} forward_noised (it is {self.source!r}); "
                       "leave it empty")
@@ -445,6 +460,10 @@ class EvaluateConfig(StageConfig):
     )
     samples_per_class: int = option(50, "samples per class and guidance scale (class models; at least 2 for FID "
                                     "statistics), or per evaluation prompt (text models)")
+    guidance_interval: list[float] = option([], "guide CFG and AGD alike only where t / num_train_timesteps lies in "
+                                            "[lo, hi] (0 = clean, 1 = pure noise); empty: the interval the "
+                                            "adapters' trajectories were recorded with (none: every step); "
+                                            "[0, 1]: every step")
     num_steps: int = option(0, "sampling steps; 0 takes the steps the trajectories were recorded with")
     scheduler: str = option("", "diffusers scheduler class to sample with; empty: the one the adapters' "
                             "trajectories were recorded with (another one warns)")
@@ -470,6 +489,7 @@ class EvaluateConfig(StageConfig):
             self.fail("negative_check_scale", f"must lie in [0, {MAX_GUIDANCE:g}] (0 skips the check)")
         if self.negative_check_samples <= 0:
             self.fail("negative_check_samples", "must be positive")
+        self.check_guidance_interval()
         if not self.guidance_scales:
             self.fail("guidance_scales", "needs at least one value")
         if any((not math.isfinite(w)) or w < 0 for w in self.guidance_scales):

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import load_adapted_model, read_adapter_config
+from .guidance import check_interval
 from .config import EvaluateConfig
 from .devices import resolve_device
 from .errors import ConfigError
@@ -138,6 +139,9 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     recorded = {} if config.base_model else recorded_hub_options(adapter_config["base_model"])
     base = load_base_model(base_id, device=resolve_device(config.device), **recorded)
     adapted = load_adapted_model(config.adapters, base)
+    override = check_interval(config.guidance_interval, "evaluate.guidance_interval")
+    if override is not None:  # CFG and AGD alike; [0, 1] is every step
+        adapted.guidance_interval = None if override == (0.0, 1.0) else override
     steps = config.num_steps or adapter_config["sampler"]["num_steps"]
     check_num_steps(base, steps, "evaluate.num_steps")
     training_range = (adapter_config["guidance"]["min"], adapter_config["guidance"]["max"])
@@ -184,6 +188,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
         "num_steps": steps, "samples_per_w": n, "batch_size": config.batch_size,
         "training_range": list(training_range), "unguided_images_per_second": n / unguided_seconds,
         "conditioning": base.conditioning,
+        "guidance_interval": list(adapted.guidance_interval) if adapted.guidance_interval else None,
         "summary_in_training_range": summarise(rows, negative, ACCURACY_TOLERANCE[base.conditioning]),
         "per_w": {f"w{r['w']:g}": r for r in rows},
     }
@@ -192,7 +197,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     if negative is not None:
         metrics["negative_prompt_check"] = negative
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    summary = summary_metrics(metrics, config, adapted)
+    summary = summary_metrics(metrics, config, adapted, adapter_config)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     _write_csv(out / "fid_vs_w.csv", rows, {"unguided": "fid_unguided", "cfg": "fid_cfg", "agd": "fid_agd"})
     _write_csv(out / "accuracy_vs_w.csv", rows,
@@ -211,12 +216,13 @@ SUMMARY = "summary.json"  # DVC's metrics file: the run in a few numbers (per-w 
 GAP_CLOSED_TRAJECTORIES = 400
 
 
-def summary_metrics(metrics: dict, config: EvaluateConfig, adapted) -> dict:
-    """What ``dvc exp show`` lists per run: the in-range summary, the unguided accuracy, and for
-    class models the gap closed on fresh CFG trajectories (:func:`gap_closed`)."""
+def summary_metrics(metrics: dict, config: EvaluateConfig, adapted, adapter_config: dict) -> dict:
+    """What ``dvc exp show`` lists per run: the in-range summary, the unguided accuracy, for class
+    models the gap closed on fresh CFG trajectories (:func:`gap_closed`), and the adapters' size and
+    training data (:func:`training_data_summary`)."""
     rows = list(metrics["per_w"].values())
     summary = {"accuracy_unguided": rows[0]["accuracy_unguided"] if rows else None,
-               **metrics["summary_in_training_range"]}
+               **metrics["summary_in_training_range"], "num_steps": metrics["num_steps"]}
     in_range = [r for r in rows if r["in_training_range"]]
     outside = [r for r in rows if not r["in_training_range"]]
     for key in ("accuracy_cfg", "accuracy_agd", "fid_cfg", "fid_agd", "rmse_to_cfg_agd"):
@@ -229,9 +235,27 @@ def summary_metrics(metrics: dict, config: EvaluateConfig, adapted) -> dict:
     summary["outside_max_fidelity_ratio"] = max(
         (r["fid_to_cfg_agd"] / r["fid_to_cfg_unguided"] for r in outside if r["fid_to_cfg_unguided"]), default=None)
     if adapted.base.conditioning == "class":  # on the base evaluated (evaluate.base_model, if given)
-        result = gap_closed(config.adapters, GAP_CLOSED_TRAJECTORIES, steps=config.num_steps, adapted=adapted)
+        result = gap_closed(config.adapters, GAP_CLOSED_TRAJECTORIES, steps=config.num_steps, adapted=adapted,
+                            scheduler=config.scheduler)
         summary["gap_closed"] = result["overall"]
+    summary.update(training_data_summary(adapter_config, adapted))
     return summary
+
+
+def training_data_summary(adapter_config: dict, adapted) -> dict:
+    """What the adapters cost and were trained on: their parameters (and share of the base's),
+    the (x, t, w) pairs of their store, and the store's size on disk where it is still there."""
+    from .store.files import folder_bytes
+
+    parameters = adapted.parameter_report()
+    store = adapter_config.get("store") or {}
+    trajectories = store.get("trajectories")
+    steps = (adapter_config.get("sampler") or {}).get("num_steps")
+    path = Path(store["path"]) if store.get("path") else None
+    size = folder_bytes(path) if path is not None and path.is_dir() else None
+    return {"adapter_parameters": parameters["adapter"], "adapter_share": parameters["share"],
+            "training_pairs": trajectories * steps if trajectories and steps else None,
+            "store_megabytes": size / 2**20 if size is not None else None}
 
 
 # accuracy drop (points) that AGD may show against CFG: the class default's target, the text defaults'
@@ -305,8 +329,10 @@ def negative_prompt_check(config: EvaluateConfig, base, adapted, base_id: str, s
     w = config.negative_check_scale
     seeds = [trajectory_seed(config.seed + 1, i) for i in range(len(targets))]
     images, rates = {}, {}
-    for method, denoiser, conds in (("unguided", Unguided(base), conditions), ("cfg", CFG(base, w, uncond), conditions),
-                                    ("agd", AGD(adapted, w), with_negative)):
+    methods = (("unguided", Unguided(base), conditions),
+               ("cfg", CFG(base, w, uncond, adapted.guidance_interval), conditions),
+               ("agd", AGD(adapted, w), with_negative))
+    for method, denoiser, conds in methods:
         sampler = ImageSampler(base, conds, seeds, steps, config.batch_size, scheduler)
         images[method], _ = sampler.run(denoiser)
         rates[method] = float((judges.predict(images[method]) == targets).float().mean())
@@ -336,11 +362,11 @@ def _compare_at(w: float, sampler: ImageSampler, base, adapted, judges: Judges, 
     (plus both pixel sets, for the grid)."""
     tag = f"w{w:g}"
     if cfg_first:
-        cfg_images, cfg_seconds = sampler.run(CFG(base, w, uncond))
+        cfg_images, cfg_seconds = sampler.run(CFG(base, w, uncond, adapted.guidance_interval))
         agd_images, agd_seconds = sampler.run(AGD(adapted, w))
     else:
         agd_images, agd_seconds = sampler.run(AGD(adapted, w))
-        cfg_images, cfg_seconds = sampler.run(CFG(base, w, uncond))
+        cfg_images, cfg_seconds = sampler.run(CFG(base, w, uncond, adapted.guidance_interval))
     cfg_pixels, agd_pixels = to_uint8(cfg_images), to_uint8(agd_images)
     cfg_dir, agd_dir = samples_dir / "cfg" / tag, samples_dir / "agd" / tag
     write_pngs(cfg_pixels, cfg_dir)
@@ -421,11 +447,12 @@ def _require_class_model(base, what: str) -> None:
 
 @torch.no_grad()
 def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 999, steps: int = 0,
-               device: str = "cpu", adapted=None) -> dict:
+               device: str = "cpu", adapted=None, scheduler: str = "") -> dict:
     """Share of the per-step gap between the conditional and the CFG output that AGD removes.
 
     On fresh CFG trajectories (new seeds, w ~ U[training range], classes cycled): the sum over steps
     of |AGD - CFG|^2 against |cond - CFG|^2, overall and per unit bin of w. 1 = CFG, 0 = unguided.
+    ``scheduler`` names another sampler than the recorded one (as evaluate.scheduler does).
     """
     from .generation import trajectory_plan
 
@@ -446,8 +473,9 @@ def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 99
         err_agd.add_(((out - step.guided_output) ** 2).flatten(1).mean(1).cpu())
         err_cond.add_(((step.cond_output - step.guided_output) ** 2).flatten(1).mean(1).cpu())
 
-    sample(base, cond, initial_noise(base, gens), steps or config["sampler"]["num_steps"], CFG(base, w),
-           scheduler=scheduler_for(base, config.get("sampler")), generators=gens, observer=observe)
+    sample(base, cond, initial_noise(base, gens), steps or config["sampler"]["num_steps"],
+           CFG(base, w, interval=adapted.guidance_interval),
+           scheduler=scheduler_for(base, config.get("sampler"), scheduler), generators=gens, observer=observe)
     edges = np.arange(np.floor(w_min), np.ceil(w_max) + 1)
     w_cpu = w.cpu()
     bins = {}

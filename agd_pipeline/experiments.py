@@ -29,6 +29,7 @@ class Variant:
     name: str
     label: str  # what the table and plot call it
     params: dict = field(default_factory=dict)  # dotted params.yaml key -> value (dvc exp run -S)
+    group: str = ""  # curve plots: variants of one group are joined by a line
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,10 @@ class Experiment:
     question: str
     variants: tuple[Variant, ...]
     columns: tuple[Column, ...]
-    plot: tuple[str, ...]  # summary keys drawn as grouped bars, one group per key
+    plot: tuple[str, ...]  # summary keys, one panel each: bars per variant, or curves against ``x``
     row_header: str = "data"  # what the table's first column names
+    x: str = ""  # a summary key: the panels draw each plot key against it (one line per variant group)
+    log_x: bool = False
 
     def run_name(self, variant: Variant) -> str:
         return f"{self.name}-{variant.name}"
@@ -62,6 +65,10 @@ SUMMARY_COLUMNS = (
     Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)", ".3f"),
     Column("mean_rmse_to_cfg_agd", "RMSE AGD-CFG", ".3f"),
 )
+
+# the default adapters' settings, spelled out so each size variant states what it trains
+_SIZE = {"train.adapter": "bottleneck", "train.placement": "attention+output", "train.width": 32,
+         "train.embed_dim": 64}
 
 EXPERIMENTS = {
     "trajectories-vs-forward-noised": Experiment(
@@ -99,6 +106,136 @@ EXPERIMENTS = {
         ),
         plot=("max_fidelity_ratio", "outside_max_fidelity_ratio", "outside_max_accuracy_drop_points"),
         row_header="adapters trained on",
+    ),
+    "size-and-placement": Experiment(
+        name="size-and-placement",
+        title="Adapter size and placement",
+        question=("What a share of the base's parameters buys: bottleneck adapters of growing width (and "
+                  "condition-embedding width) at the default placement, and at about 2 % of the base the other "
+                  "placements and kinds, against gap closed and distance to CFG."),
+        variants=(
+            Variant("bottleneck-w4", "bottleneck, width 4, embed 16", {**_SIZE, "train.width": 4,
+                                                                       "train.embed_dim": 16}, "bottleneck"),
+            Variant("bottleneck-w8", "bottleneck, width 8, embed 16", {**_SIZE, "train.width": 8,
+                                                                       "train.embed_dim": 16}, "bottleneck"),
+            Variant("bottleneck-w16", "bottleneck, width 16, embed 32", {**_SIZE, "train.width": 16,
+                                                                         "train.embed_dim": 32}, "bottleneck"),
+            Variant("bottleneck-w32", "bottleneck, width 32, embed 64 (default)", _SIZE, "bottleneck"),
+            Variant("bottleneck-w64", "bottleneck, width 64, embed 64", {**_SIZE, "train.width": 64}, "bottleneck"),
+            Variant("attention-only-w8", "bottleneck w8 e16, attention only (no output layer)",
+                    {**_SIZE, "train.width": 8, "train.embed_dim": 16, "train.placement": "attention"},
+                    "other placements and kinds"),
+            Variant("block-output-w8", "bottleneck w8 e16, whole blocks + output",
+                    {**_SIZE, "train.width": 8, "train.embed_dim": 16, "train.placement": "block+output"},
+                    "other placements and kinds"),
+            Variant("offset-e16", "offset (no token path), embed 16",
+                    {**_SIZE, "train.adapter": "offset", "train.embed_dim": 16}, "other placements and kinds"),
+            Variant("cross-attention-w8", "cross-attention w8 e16",
+                    {**_SIZE, "train.adapter": "cross_attention", "train.width": 8, "train.embed_dim": 16},
+                    "other placements and kinds"),
+        ),
+        columns=(
+            Column("adapter_share", "share of base", ".3f"),
+            Column("adapter_parameters", "adapter parameters", ",d"),
+            Column("gap_closed", "gap closed"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
+        ),
+        plot=("gap_closed", "max_fidelity_ratio"),
+        row_header="adapters",
+        x="adapter_share",
+        log_x=True,
+    ),
+    "data-scaling": Experiment(
+        name="data-scaling",
+        title="Data scaling",
+        question=("How much recorded data the adapters need: trajectories per class at the default 32 steps, "
+                  "and the steps recorded per trajectory at the default 200 per class (each evaluated with the "
+                  "sampler it was recorded with), against gap closed, distance to CFG and store size."),
+        variants=(
+            *(Variant(f"per-class-{n}", f"{n} per class x 32 steps",
+                      {"generate.trajectories_per_class": n, "generate.num_steps": 32}, "trajectories per class")
+              for n in (25, 50, 100, 200, 400)),
+            *(Variant(f"steps-{k}", f"200 per class x {k} steps",
+                      {"generate.trajectories_per_class": 200, "generate.num_steps": k}, "steps recorded")
+              for k in (16, 64)),
+        ),
+        columns=(
+            Column("training_pairs", "(x, t, w) pairs", ",d"),
+            Column("store_megabytes", "store MB", ".1f"),
+            Column("gap_closed", "gap closed"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("mean_fid_cfg", "FID CFG", ".2f"),
+        ),
+        plot=("gap_closed", "max_fidelity_ratio"),
+        row_header="recorded",
+        x="store_megabytes",
+        log_x=True,
+    ),
+    "fewer-steps": Experiment(
+        name="fewer-steps",
+        title="Sampling with other step counts and samplers than recorded",
+        question=("Adapters trained on 32-step DDIM trajectories, sampled with 8, 16 and 50 DDIM steps and with "
+                  "other schedulers (DPM-Solver++ and Euler, built from the same training schedule); AGD and CFG "
+                  "use the same sampler in each row, and gap closed is measured on that sampler's CFG "
+                  "trajectories."),
+        variants=(
+            *(Variant(f"ddim-{k}", f"DDIM {k} steps" + (" (recorded)" if k == 32 else ""),
+                      {"evaluate.num_steps": k, "evaluate.scheduler": ""}, "DDIM (recorded sampler)")
+              for k in (8, 16, 32, 50)),
+            Variant("dpm-16", "DPM-Solver++ 16 steps",
+                    {"evaluate.num_steps": 16, "evaluate.scheduler": "DPMSolverMultistepScheduler"},
+                    "DPM-Solver++"),
+            Variant("dpm-32", "DPM-Solver++ 32 steps",
+                    {"evaluate.num_steps": 32, "evaluate.scheduler": "DPMSolverMultistepScheduler"},
+                    "DPM-Solver++"),
+            Variant("euler-32", "Euler 32 steps",
+                    {"evaluate.num_steps": 32, "evaluate.scheduler": "EulerDiscreteScheduler"}, "Euler"),
+        ),
+        columns=(
+            Column("num_steps", "steps", "d"),
+            Column("gap_closed", "gap closed"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("mean_fid_cfg", "FID CFG", ".2f"),
+            Column("mean_rmse_to_cfg_agd", "RMSE AGD-CFG", ".3f"),
+        ),
+        plot=("gap_closed", "max_fidelity_ratio"),
+        row_header="sampler",
+        x="num_steps",
+        log_x=True,
+    ),
+    "guidance-interval": Experiment(
+        name="guidance-interval",
+        title="Distilled guidance interval",
+        question=("Beyond the paper: guidance applied on an interval of noise levels only (t / T in [0, 0.4], the "
+                  "low-noise end; w = 1 elsewhere), a schedule that improves CFG's FID on this default. AGD with "
+                  "the default adapters (distilled from CFG at every step) run on the interval, against adapters "
+                  "distilled from trajectories recorded on the interval; CFG uses the same interval in each row."),
+        variants=(
+            Variant("every-step", "CFG at every step (default adapters)",
+                    {"generate.guidance_interval": [], "evaluate.guidance_interval": []}),
+            Variant("interval-default-adapters", "interval, adapters from every-step CFG",
+                    {"generate.guidance_interval": [], "evaluate.guidance_interval": [0.0, 0.4]}),
+            Variant("interval-distilled", "interval, adapters from interval CFG",
+                    {"generate.guidance_interval": [0.0, 0.4], "evaluate.guidance_interval": []}),
+        ),
+        columns=(
+            Column("mean_fid_cfg", "FID CFG", ".2f"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("mean_accuracy_cfg", "acc CFG"),
+            Column("mean_accuracy_agd", "acc AGD"),
+            Column("gap_closed", "gap closed"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
+        ),
+        plot=("mean_fid_cfg", "mean_fid_agd", "max_fidelity_ratio"),
+        row_header="guidance",
     ),
 }
 
@@ -191,8 +328,14 @@ def collect(experiment: Experiment, shown) -> list[dict]:
             raise AgdError(f"no finished DVC experiment {name!r} with data/eval/{SUMMARY_FILE}; run "
                            f"`python -m stages.experiments run {experiment.name}` first")
         rows.append({"variant": variant.name, "label": variant.label, "run": name,
-                     **{c.key: summary.get(c.key) for c in experiment.columns}})
+                     **{key: summary.get(key) for key in _keys(experiment)}})
     return rows
+
+
+def _keys(experiment: Experiment) -> list[str]:
+    """The summary keys an experiment's table and plot need, in table order."""
+    keys = [c.key for c in experiment.columns]
+    return keys + [key for key in (experiment.x, *experiment.plot) if key and key not in keys]
 
 
 def _fmt(value, spec: str) -> str:
@@ -212,7 +355,7 @@ def write_results(experiment: Experiment, rows: list[dict], root: Path = EXPERIM
     folder = Path(root) / experiment.name
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["variant", "label", "run", *(c.key for c in experiment.columns)])
+        writer = csv.DictWriter(f, ["variant", "label", "run", *_keys(experiment)])
         writer.writeheader()
         writer.writerows(rows)
     (folder / "results.md").write_text(markdown_table(experiment, rows) + "\n")
@@ -233,16 +376,43 @@ def plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes, experiment.plot):
         values = [np.nan if row[key] is None else row[key] for row in rows]
-        ax.bar(range(len(rows)), values, color=colors[:len(rows)])
-        ax.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=15, ha="right", fontsize=8)
-        ax.set_title(headers[key], fontsize=9)
-        for i, v in enumerate(values):
-            if np.isfinite(v):
-                ax.annotate(f"{v:.3f}", (i, v), ha="center", va="bottom", fontsize=8)
+        if experiment.x:
+            _curves(ax, experiment, rows, values, colors)
+        else:
+            ax.bar(range(len(rows)), values, color=colors[:len(rows)])
+            ax.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=15, ha="right", fontsize=8)
+            for i, v in enumerate(values):
+                if np.isfinite(v):
+                    ax.annotate(f"{v:.3f}", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_title(headers.get(key, key), fontsize=9)
+    if experiment.x:
+        axes[0].legend(fontsize=7)
     fig.suptitle(experiment.title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _curves(ax, experiment: Experiment, rows: list[dict], values: list[float], colors) -> None:
+    """One panel of a curve plot: each variant group a line (or single points) against ``x``,
+    every point named by its variant."""
+    import numpy as np
+
+    group_of = {v.name: v.group or v.name for v in experiment.variants}
+    groups = list(dict.fromkeys(group_of[row["variant"]] for row in rows))
+    for color, group in zip(colors * (1 + len(groups) // len(colors)), groups):
+        points = sorted((row[experiment.x], value, row["variant"]) for row, value in zip(rows, values)
+                        if group_of[row["variant"]] == group and row[experiment.x] is not None
+                        and np.isfinite(value))
+        if not points:
+            continue
+        xs, ys, names = zip(*points)
+        ax.plot(xs, ys, "o-" if len(points) > 1 else "o", color=color, label=group, markersize=4)
+        for x, y, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    ax.set_xlabel({c.key: c.header for c in experiment.columns}.get(experiment.x, experiment.x), fontsize=8)
+    if experiment.log_x:
+        ax.set_xscale("log")
 
 
 def readme_block(experiment: Experiment, folder: Path) -> str:

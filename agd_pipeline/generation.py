@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .config import GenerateConfig
 from .devices import resolve_device, torch_dtype
 from .errors import ConfigError, ModelError, StoreError
+from .guidance import check_interval
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import CFG, StepRecord, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
 from .forward_noised import RealData, load_real_data, record_forward_noised_batch
@@ -186,6 +187,10 @@ def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions
     scheduler = base.scheduler
     guidance = {"distribution": "uniform", "min": config.guidance_min, "max": config.guidance_max,
                 "formula": "uncond + w * (cond - uncond)"}
+    interval = check_interval(config.guidance_interval, "generate.guidance_interval")
+    if interval is not None:  # only when set: stores without an interval keep the header they always had
+        guidance["interval"] = list(interval)
+        guidance["interval_of"] = "t / num_train_timesteps; w = 1 outside"
     if conditions.per_trajectory_negatives:
         # the unconditional branch's prompts (part of the run's settings: a store of other negative
         # prompts is never resumed); negative_prompt_index i >= 0 is negative_prompts[i], -1 the
@@ -220,8 +225,10 @@ def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions
 
 
 def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: bool,
-                 conditions: Conditions | None = None) -> dict[str, np.ndarray]:
-    """Sample one batch with CFG and return every array the store keeps for it."""
+                 conditions: Conditions | None = None, interval: tuple[float, float] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Sample one batch with CFG (on ``interval`` only, if given) and return every array the store
+    keeps for it."""
     conditions = conditions or Conditions("class")
     n = len(plan["seed"])
     device = base.device
@@ -230,7 +237,8 @@ def record_batch(base: BaseModel, plan: dict, num_steps: int, record_branches: b
     stored, cond, uncond = conditions.for_batch(plan)
     w = torch.from_numpy(plan["guidance_scale"]).to(device)
     record = StepRecord(base, n, num_steps, record_branches)
-    final = sample(base, cond, noise, num_steps, CFG(base, w, uncond), generators=gens, observer=record)
+    final = sample(base, cond, noise, num_steps, CFG(base, w, uncond, interval, record_branches), generators=gens,
+                   observer=record)
     out = {**record.arrays, "sample": final.to("cpu", torch.float16).numpy()}
     return {**out, **stored, **plan}
 
@@ -283,8 +291,10 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
     conditions = resolve_conditions(config, base, progress and rank == 0)
     real = load_real_data(config.real_data, base) if config.source == "forward_noised" else None
     if real is None:
+        interval = check_interval(config.guidance_interval, "generate.guidance_interval")
+
         def record(plan):
-            return record_batch(base, plan, config.num_steps, config.record_branches, conditions)
+            return record_batch(base, plan, config.num_steps, config.record_branches, conditions, interval)
     else:
         by_class = real.by_class(conditions.classes)  # every class sampled has real data, before anything is written
 

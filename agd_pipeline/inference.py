@@ -17,6 +17,7 @@ from .adapters import load_adapted_model, read_adapter_config
 from .config import MAX_GUIDANCE, MAX_SEED
 from .devices import resolve_device, torch_dtype
 from .errors import ConfigError
+from .guidance import check_interval
 from .models import encode_prompts, load_base_model, recorded_hub_options
 from .sampling import AGD, CFG, ImageSampler, check_num_steps, scheduler_for, trajectory_seed
 
@@ -55,7 +56,9 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
                       "has no negative_text), so the negative prompt changes nothing in AGD samples; use --cfg, "
                       "or train on a store written with generate.negative_prompts_file", stacklevel=2)
     seeds = [trajectory_seed(seed, i) for i in range(len(labels))]
-    denoiser = AGD(adapted, guidance_scale) if use_adapters else CFG(base, guidance_scale, uncond)
+    # CFG on the guidance interval the adapters were distilled with, if any (AGD's adapters know theirs)
+    interval = check_interval((adapter_config.get("guidance") or {}).get("interval"), "guidance.interval")
+    denoiser = AGD(adapted, guidance_scale) if use_adapters else CFG(base, guidance_scale, uncond, interval)
     # the sampler the adapters learned, unless another is asked for (then with a warning)
     sampling_scheduler = scheduler_for(base, adapter_config.get("sampler"), scheduler, "scheduler")
     images, seconds = ImageSampler(base, conditions, seeds, steps, batch_size, sampling_scheduler).run(denoiser)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import guidance
 from .errors import ConfigError
 from .models import BaseModel, copy_scheduler
 
@@ -161,17 +162,30 @@ class Unguided:
 class CFG:
     """Classifier-free guidance: uncond + w * (cond - uncond), both halves in one batched call.
     ``uncond`` is the unconditional branch's condition: the null class by default, the negative
-    prompt's embeddings for text models (one row, shared, or one per sample)."""
+    prompt's embeddings for text models (one row, shared, or one per sample).
+
+    With a guidance ``interval`` (:mod:`agd_pipeline.guidance`), steps outside it give the conditional
+    output exactly, from one evaluation (two when ``branches``: an observer recording both halves)."""
 
     name, evaluations_per_step = "cfg", 2
 
-    def __init__(self, base: BaseModel, guidance_scale, uncond: dict | None = None):
+    def __init__(self, base: BaseModel, guidance_scale, uncond: dict | None = None,
+                 interval: tuple[float, float] | None = None, branches: bool = False):
         self.base, self.guidance_scale, self.uncond = base, guidance_scale, uncond
+        self.interval, self.branches = interval, branches
 
     def __call__(self, x, t, cond: dict) -> Prediction:
-        guided, cond_out, uncond_out = self.base.cfg_predict(x, t, cond, _per_sample(self.guidance_scale, x),
+        w = _per_sample(self.guidance_scale, x)
+        if self.interval is None:
+            return Prediction(*self.base.cfg_predict(x, t, cond, w, self.uncond))
+        mask = guidance.inside(t, self.interval, guidance.num_train_timesteps(self.base.scheduler)).to(x.device)
+        if not mask.any() and not self.branches:
+            out = self.base.prediction_channels(self.base.predict(x, t, cond))
+            return Prediction(out, out)
+        guided, cond_out, uncond_out = self.base.cfg_predict(x, t, cond, torch.where(mask, w, torch.ones_like(w)),
                                                              self.uncond)
-        return Prediction(guided, cond_out, uncond_out)
+        mask = mask.view(-1, *[1] * (guided.dim() - 1)) if mask.dim() else mask
+        return Prediction(torch.where(mask, guided, cond_out), cond_out, uncond_out)
 
 
 class AGD:

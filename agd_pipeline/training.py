@@ -26,7 +26,8 @@ from .adapters import (MEAN_SOURCES, NEGATIVE_SOURCES, TEXT_SOURCES, AdaptedMode
                        default_condition_on, resolve_placement, save_adapters)
 from .config import TrainConfig
 from .devices import resolve_device, torch_dtype
-from .errors import AgdError, ConfigError, ModelError, os_reason
+from . import guidance
+from .errors import AgdError, ConfigError, ModelError, StoreError, os_reason
 from .loader import StepBatches
 from .locks import FolderLock
 from .models import load_base_model, recorded_hub_options
@@ -136,6 +137,11 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     adapter_config = adapter_config_for(config, store.manifest)
     torch.manual_seed(config.seed)
     model = AdaptedModel(base, adapter_config)
+    try:  # trajectories guided on an interval: the adapters learn w there and 1 elsewhere
+        model.guidance_interval = guidance.check_interval(store.manifest.guidance.get("interval"),
+                                                          f"{config.store}: the header's guidance.interval")
+    except ValueError as err:
+        raise StoreError(str(err)) from None
     report = model.parameter_report()
     log(f"adapters: {config.adapter} at {adapter_config.placement} x{len(model.adapters)}, "
         f"{report['adapter']:,} parameters = {100 * report['share']:.2f} % of the base's {report['base']:,}")

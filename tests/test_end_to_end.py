@@ -81,4 +81,10 @@ def test_pipeline_end_to_end(tmp_path):
     assert summary["mean_accuracy_agd"] == metrics["per_w"]["w2"]["accuracy_agd"]  # w2 is the one in range
     assert summary["accuracy_unguided"] == metrics["per_w"]["w7"]["accuracy_unguided"]
     assert isinstance(summary["gap_closed"], float) and summary["gap_closed"] <= 1.0
-    assert len(summary) < 20 and not any(isinstance(v, (dict, list)) for v in summary.values())
+    # what the adapters cost and were trained on (the size and data-scaling experiments' axes)
+    assert summary["adapter_parameters"] == adapter_config["parameters"]["adapter"]
+    assert summary["adapter_share"] == adapter_config["parameters"]["share"]
+    assert summary["training_pairs"] == manifest["num_trajectories"] * 4 and summary["num_steps"] == 4
+    store_bytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    assert summary["store_megabytes"] == store_bytes / 2**20
+    assert len(summary) < 25 and not any(isinstance(v, (dict, list)) for v in summary.values())

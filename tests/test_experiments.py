@@ -107,3 +107,37 @@ def test_cli_lists_and_prints_commands_without_running_anything(tmp_path):
     assert bad.returncode == 2 and "unknown experiment 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert not Path(tmp_path / "experiments").exists()
+
+
+def test_curve_experiments_plot_each_group_against_x(tmp_path):
+    """size-and-placement draws gap closed against the adapters' share of the base, a line per group;
+    a run without a value (n/a) is left out of the curve, not drawn at 0."""
+    import matplotlib.pyplot as plt
+
+    experiment = get_experiment("size-and-placement")
+    assert experiment.x == "adapter_share" and experiment.log_x
+    summaries = {experiment.run_name(v): {"adapter_share": 0.01 * (i + 1), "adapter_parameters": 1000 * (i + 1),
+                                          "gap_closed": 0.1 * i, "max_fidelity_ratio": 0.5 / (i + 1)}
+                 for i, v in enumerate(experiment.variants)}
+    summaries[experiment.run_name(experiment.variants[0])]["gap_closed"] = None
+    rows = collect(experiment, fake_show(summaries))
+    drawn = []
+    original = plt.Axes.plot
+
+    def spy(ax, xs, ys, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(xs), list(ys)))
+        return original(ax, xs, ys, *args, **kwargs)
+
+    plt.Axes.plot = spy
+    try:
+        folder = write_results(experiment, rows, tmp_path)
+    finally:
+        plt.Axes.plot = original
+    with open(folder / "results.csv") as f:
+        assert "adapter_share" in next(csv.reader(f))
+    groups = {v.group for v in experiment.variants}
+    assert {label for label, *_ in drawn} == groups
+    first_panel = drawn[:len(groups)]
+    bottleneck = next(d for d in first_panel if d[0] == "bottleneck")
+    assert bottleneck[1] == sorted(bottleneck[1]) and 0.01 not in bottleneck[1]  # sorted by x, n/a left out
+    assert "| bottleneck, width 4, embed 16 | 0.010 | 1,000 | n/a |" in (folder / "results.md").read_text()
