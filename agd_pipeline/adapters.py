@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import families, guidance
+from .config import check_interval
 from .errors import ModelError
 from .models import BaseModel, count_parameters, load_base_model, recorded_hub_options
 
@@ -562,7 +563,7 @@ def _adapter_config_problem(config) -> str | None:
                 and _is_number(guidance_section.get("max")) and guidance_section["min"] <= guidance_section["max"]):
             return '"guidance" must hold finite numbers min <= max'
         try:
-            guidance.check_interval(guidance_section.get("interval"), '"guidance.interval"')
+            check_interval(guidance_section.get("interval"), '"guidance.interval"')
         except ValueError as err:
             return str(err)
     if not isinstance(config.get("negative_prompt", ""), str):
@@ -634,7 +635,7 @@ def _load_weights(folder: Path, base: BaseModel, config: dict) -> AdaptedModel:
                          "(`python -m stages.train`)")
     adapter_config = AdapterConfig(**config["adapter"])
     model = AdaptedModel(base, adapter_config)
-    model.guidance_interval = guidance.check_interval((config.get("guidance") or {}).get("interval"), "interval")
+    model.guidance_interval = check_interval((config.get("guidance") or {}).get("interval"), "interval")
     if model.target_names != config["placements"]:
         model.remove()
         raise ModelError(f"{folder / ADAPTER_CONFIG}: \"placements\" ({len(config['placements'])} layers) do not "

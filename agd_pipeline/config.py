@@ -94,8 +94,6 @@ class StageConfig:
         raise ConfigError(f"{self.key(name)}: {message} (got {getattr(self, name)!r})")
 
     def check_guidance_interval(self) -> None:
-        from .guidance import check_interval
-
         try:
             check_interval(self.guidance_interval, self.key("guidance_interval"))
         except ValueError as err:
@@ -114,6 +112,22 @@ MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; numpy rejects negativ
 # a share of trajectories keeps the pipeline's default negative prompt, so that sampling without one
 # stays distilled too
 DEFAULT_EMPTY_NEGATIVE_PROBABILITY = 0.25
+
+
+def check_interval(value, key: str) -> tuple[float, float] | None:
+    """``value`` as (lo, hi), or None for "every step" (empty); ValueError naming ``key`` otherwise."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise ValueError(f"{key}: give two numbers [lo, hi] (fractions of the noise schedule, 0 = clean, "
+                         f"1 = pure noise), or [] for guidance at every step (got {value!r})")
+    lo, hi = float(value[0]), float(value[1])
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"{key}: [{lo:g}, {hi:g}] must satisfy 0 <= lo < hi <= 1 (fractions of the noise "
+                         "schedule; [0, 1] guides every step)")
+    return lo, hi
+
 # --------------------------------------------------------------------------------------- stages
 
 
@@ -165,6 +179,40 @@ class BaseStageConfig(StageConfig):
             self.fail("ema_decay", "must lie in [0, 1)")
         self.require_positive("num_layers", "num_heads", "head_dim", "train_steps", "batch_size", "classifier_steps",
                               "classifier_features", "num_train_timesteps")
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    """Stage `finetune`: a derivative of the embedded default, fine-tuned on a shifted distribution
+    (fully, or with a LoRA merged into its weights), for the fine-tuned-derivatives experiment."""
+
+    section: ClassVar[str] = "finetune"
+    own_marker: ClassVar[str] = "model_index.json"
+    base_model: str = option("data/base", "the embedded default's base folder (its train.npz, holdout.npz and "
+                             "classifier come along)")
+    out_dir: str = option("data/derived/full/base", "folder to write the derivative to")
+    mode: str = option("full", "full: every weight trained; lora: a LoRA (peft) on the attention projections, "
+                       "merged into the weights afterwards", ("full", "lora"))
+    subset: str = option("bold", "the shifted distribution: bold (the third of each class with the most ink) or "
+                         "thin (the third with the least)", ("bold", "thin"))
+    steps: int = option(400, "optimiser steps")
+    batch_size: int = option(256, "images per step")
+    learning_rate: float = option(5e-4, "peak AdamW learning rate (cosine decay, short warm-up)")
+    lora_rank: int = option(8, "mode lora: rank (and alpha) of the LoRA matrices")
+    label_dropout: float = option(0.15, "probability of replacing the label by the null class (keeps CFG working)")
+    ema_decay: float = option(0.99, "decay of the exponential moving average of the trained weights")
+    seed: int = option(0, "seed of the training batches and the LoRA initialisation")
+
+    def check(self) -> None:
+        super().check()
+        self.check_folder("base_model")
+        self.require_positive("steps", "batch_size", "lora_rank")
+        if not 0 < self.learning_rate <= 1:
+            self.fail("learning_rate", "must lie in (0, 1]")
+        if not 0.0 < self.label_dropout < 1.0:
+            self.fail("label_dropout", "must lie in (0, 1): the null class is what CFG needs")
+        if not 0.0 <= self.ema_decay < 1.0:
+            self.fail("ema_decay", "must lie in [0, 1)")
 
 
 @dataclass

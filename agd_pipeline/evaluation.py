@@ -19,8 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import load_adapted_model, read_adapter_config
-from .guidance import check_interval
-from .config import EvaluateConfig
+from .config import EvaluateConfig, check_interval
 from .devices import resolve_device
 from .errors import ConfigError
 from .models import load_base_model, recorded_hub_options

@@ -22,6 +22,7 @@ from .errors import AgdError, ConfigError
 
 EXPERIMENTS_DIR = Path("docs/experiments")
 SUMMARY_FILE = "summary.json"  # evaluate's DVC metrics file (agd_pipeline.evaluation.SUMMARY)
+DEFAULT_SUMMARY = f"data/eval/{SUMMARY_FILE}"  # the default pipeline's
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Variant:
     label: str  # what the table and plot call it
     params: dict = field(default_factory=dict)  # dotted params.yaml key -> value (dvc exp run -S)
     group: str = ""  # curve plots: variants of one group are joined by a line
+    run: str = ""  # the DVC experiment it reads (empty: its own); variants of one run share its params
+    summary: str = DEFAULT_SUMMARY  # the summary.json (path in the repository) its row comes from
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,19 @@ class Experiment:
     row_header: str = "data"  # what the table's first column names
     x: str = ""  # a summary key: the panels draw each plot key against it (one line per variant group)
     log_x: bool = False
+    pipeline: str = "dvc.yaml"  # what `dvc exp run` reproduces
 
     def run_name(self, variant: Variant) -> str:
-        return f"{self.name}-{variant.name}"
+        return f"{self.name}-{variant.run or variant.name}"
+
+    def runs(self) -> dict[str, dict]:
+        """{DVC experiment name: its params}, in order; variants that share a run must agree on them."""
+        runs: dict[str, dict] = {}
+        for variant in self.variants:
+            name = self.run_name(variant)
+            if runs.setdefault(name, variant.params) != variant.params:
+                raise ConfigError(f"experiment {self.name}: variants of run {name!r} set different params")
+        return runs
 
 
 SUMMARY_COLUMNS = (
@@ -176,6 +189,36 @@ EXPERIMENTS = {
         x="store_megabytes",
         log_x=True,
     ),
+    "fine-tuned-derivatives": Experiment(
+        name="fine-tuned-derivatives",
+        title="Adapters on fine-tuned derivatives",
+        question=("The default base fine-tuned on its boldest third of each digit class, fully (every weight) and "
+                  "with a rank-8 LoRA on the attention projections (peft, merged), then on each derivative: the "
+                  "default's adapters applied unchanged against adapters retrained on the derivative, both "
+                  "measured against the derivative's own CFG (FID against its bold held-out digits)."),
+        variants=(
+            Variant("original", "original base, default adapters (reference)", run="all"),
+            Variant("full-original", "full fine-tune, default adapters unchanged", run="all",
+                    summary="data/derived/full/eval-original/summary.json", group="full fine-tune"),
+            Variant("full-retrained", "full fine-tune, adapters retrained", run="all",
+                    summary="data/derived/full/eval-retrained/summary.json", group="full fine-tune"),
+            Variant("lora-original", "LoRA fine-tune, default adapters unchanged", run="all",
+                    summary="data/derived/lora/eval-original/summary.json", group="LoRA"),
+            Variant("lora-retrained", "LoRA fine-tune, adapters retrained", run="all",
+                    summary="data/derived/lora/eval-retrained/summary.json", group="LoRA"),
+        ),
+        columns=(
+            Column("gap_closed", "gap closed"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("mean_fid_cfg", "FID CFG", ".2f"),
+            Column("mean_rmse_to_cfg_agd", "RMSE AGD-CFG", ".3f"),
+        ),
+        plot=("gap_closed", "max_fidelity_ratio"),
+        row_header="base and adapters",
+        pipeline="pipelines/derivatives/dvc.yaml",
+    ),
     "fewer-steps": Experiment(
         name="fewer-steps",
         title="Sampling with other step counts and samplers than recorded",
@@ -254,15 +297,15 @@ def _param_value(value) -> str:
 def run_commands(experiment: Experiment) -> list[list[str]]:
     """The ``dvc exp run`` command of each variant, in order."""
     commands = []
-    for variant in experiment.variants:
-        sets = [arg for key, value in variant.params.items() for arg in ("-S", f"{key}={_param_value(value)}")]
-        commands.append(["dvc", "exp", "run", "--temp", "-n", experiment.run_name(variant), *sets, "dvc.yaml"])
+    for name, params in experiment.runs().items():
+        sets = [arg for key, value in params.items() for arg in ("-S", f"{key}={_param_value(value)}")]
+        commands.append(["dvc", "exp", "run", "--temp", "-n", name, *sets, experiment.pipeline])
     return commands
 
 
 def run(experiment: Experiment, log=print, runner=subprocess.run) -> None:
     """Run every variant as a DVC experiment (replacing earlier runs of the same name)."""
-    names = [experiment.run_name(v) for v in experiment.variants]
+    names = list(experiment.runs())
     existing = set(_experiment_rows(show_json(runner)))
     stale = [name for name in names if name in existing]
     if stale:
@@ -309,9 +352,9 @@ def _experiment_rows(shown) -> dict[str, dict]:
     return found
 
 
-def _summary(data: dict) -> dict | None:
-    for path, entry in (data.get("metrics") or {}).items():
-        if Path(path).name == SUMMARY_FILE and Path(path).parent.parent.as_posix() == "data":
+def _summary(data: dict, path: str) -> dict | None:
+    for shown, entry in (data.get("metrics") or {}).items():
+        if Path(shown).as_posix() == path:
             return (entry or {}).get("data")
     return None
 
@@ -323,9 +366,9 @@ def collect(experiment: Experiment, shown) -> list[dict]:
     for variant in experiment.variants:
         name = experiment.run_name(variant)
         data = rows_by_name.get(name)
-        summary = _summary(data) if data else None
+        summary = _summary(data, variant.summary) if data else None
         if not summary:
-            raise AgdError(f"no finished DVC experiment {name!r} with data/eval/{SUMMARY_FILE}; run "
+            raise AgdError(f"no finished DVC experiment {name!r} with {variant.summary}; run "
                            f"`python -m stages.experiments run {experiment.name}` first")
         rows.append({"variant": variant.name, "label": variant.label, "run": name,
                      **{key: summary.get(key) for key in _keys(experiment)}})

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import GenerateConfig
+from .config import GenerateConfig, check_interval
 from .devices import resolve_device, torch_dtype
 from .errors import ConfigError, ModelError, StoreError
-from .guidance import check_interval
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import CFG, StepRecord, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
 from .forward_noised import RealData, load_real_data, record_forward_noised_batch

@@ -11,25 +11,9 @@ gate turns into exactly the base's conditional output outside the interval.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-
-
-def check_interval(value, key: str) -> tuple[float, float] | None:
-    """``value`` as (lo, hi), or None for "every step" (empty); ValueError naming ``key`` otherwise."""
-    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
-        return None
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
-        raise ValueError(f"{key}: give two numbers [lo, hi] (fractions of the noise schedule, 0 = clean, "
-                         f"1 = pure noise), or [] for guidance at every step (got {value!r})")
-    lo, hi = float(value[0]), float(value[1])
-    if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"{key}: [{lo:g}, {hi:g}] must satisfy 0 <= lo < hi <= 1 (fractions of the noise "
-                         "schedule; [0, 1] guides every step)")
-    return lo, hi
 
 
 def inside(t, interval: Sequence[float], num_train_timesteps: int) -> torch.Tensor:

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from .adapters import load_adapted_model, read_adapter_config
-from .config import MAX_GUIDANCE, MAX_SEED
+from .config import MAX_GUIDANCE, MAX_SEED, check_interval
 from .devices import resolve_device, torch_dtype
 from .errors import ConfigError
-from .guidance import check_interval
 from .models import encode_prompts, load_base_model, recorded_hub_options
 from .sampling import AGD, CFG, ImageSampler, check_num_steps, scheduler_for, trajectory_seed
 

@@ -25,7 +25,6 @@ penultimate-layer states that SDXL and SD3 use at noise level).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .errors import ModelError
 from .optim import cosine_with_warmup, descent_step
+from .outputs import check_replaceable, staging_folder, swap_in
 
 IMAGE_SIZE = 16
 LATENT_SIZE = 8
@@ -419,7 +419,7 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
     shift = float(shared["latent_mean"]) if family_name == "sd3" else None
     vae.register_to_config(shift_factor=shift)
     out = Path(config.out_dir)
-    _check_replaceable(out)
+    check_replaceable(out, "text_base.out_dir", "embedded default: tiny", BASE_ENTRIES, "a text_base output")
     with tempfile.TemporaryDirectory() as scratch:
         pipe = build_pipeline(family_name, config, vae, Path(scratch))
         captions, owners = caption_set(shared["y_train"], shared["w_train"], config.seed, config.captions_per_image,
@@ -432,8 +432,7 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
         net = pipe.transformer if family_name == "sd3" else pipe.unet
         losses = _fit(family, net, latents, owners, table, uncond, pipe.scheduler, config, progress)
         # written next to out_dir, then swapped in: a killed run leaves the previous pipeline whole
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+        staging = staging_folder(out)
         pipe.save_pretrained(staging)
     for name in ("classifier", PROMPTS_DIR):
         shutil.copytree(Path(config.shared) / name, staging / name)
@@ -445,7 +444,7 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
     if family_name == "sd3":  # no T5: its part of the prompt is MAX_TOKENS of zero padding, not 256
         meta["max_sequence_length"] = MAX_TOKENS
     (staging / "agd_base.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _swap_in(staging, out)
+    swap_in(staging, out)
     return meta
 
 
@@ -453,33 +452,6 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
 BASE_ENTRIES = {"model_index.json", "agd_base.json", "resolved_config.json", "holdout.npz", "classifier", PROMPTS_DIR,
                 "scheduler", "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
                 "tokenizer_2"}
-
-
-def _check_replaceable(out: Path) -> None:
-    """Refuse, before any training, to replace a folder this stage did not write."""
-    if not out.exists() or not any(out.iterdir()):
-        return
-    try:
-        meta = json.loads((out / "agd_base.json").read_text())
-        ours = isinstance(meta, dict) and str(meta.get("description", "")).startswith("embedded default: tiny")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        ours = False  # missing or unreadable: not provably this stage's folder
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in BASE_ENTRIES)
-    if not ours or foreign:
-        why = f"it holds {', '.join(foreign[:3])}" if ours else "it is not a text_base output (no agd_base.json)"
-        raise ModelError(f"text_base.out_dir: {out} exists and {why}; nothing was changed. Choose another "
-                         "folder, or move that one away")
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace ``out`` (empty, missing, or this stage's earlier output) by ``staging``."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / out.name)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _fit(family, net, latents, owners, table, uncond, scheduler, config, progress) -> list[float]:

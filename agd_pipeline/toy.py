@@ -79,8 +79,6 @@ def build_scheduler(config: BaseStageConfig):
 
 def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
     """Train the default base model and its evaluation classifier; write them to config.out_dir."""
-    from diffusers.training_utils import EMAModel
-
     torch.manual_seed(config.seed)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,33 +86,11 @@ def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
     images = torch.from_numpy(x_train)
     labels = torch.from_numpy(y_train)
     net = build_dit(config)
-    # Diffusers' DiT drops labels independently in every block in train mode; keep it in eval()
-    # (it has no dropout) and drop the label once, here, to the null class.
-    net.eval()
     scheduler = build_scheduler(config)
-    parameters = list(net.parameters())
-    ema = EMAModel(parameters, decay=config.ema_decay)
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, config.train_steps, max(1, config.train_steps // 20)))
-    alphas = scheduler.alphas_cumprod
-    gen = torch.Generator().manual_seed(config.seed)
-    losses = []
-    bar = tqdm(range(config.train_steps), desc="base: train DiT", disable=not progress, unit="step")
-    for step in bar:
-        idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        drop = torch.rand(config.batch_size, generator=gen) < config.label_dropout
-        y[drop] = NUM_CLASSES
-        t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = net(x_t, timestep=t, class_labels=y).sample
-        losses.append(descent_step(F.mse_loss(pred, noise), parameters, optimizer, lr_schedule, ema))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    ema.copy_to(net.parameters())
+    losses = fit_class_denoiser(net, list(net.parameters()), images, labels, scheduler, steps=config.train_steps,
+                                batch_size=config.batch_size, learning_rate=config.learning_rate,
+                                label_dropout=config.label_dropout, ema_decay=config.ema_decay, seed=config.seed,
+                                desc="base: train DiT", progress=progress)
 
     save_dit_folder(out, net, scheduler, meta={
         "description": "embedded default: class-conditional DiT on scikit-learn 8x8 digits",
@@ -129,6 +105,43 @@ def train_base(config: BaseStageConfig, progress: bool = True) -> dict:
     save_classifier(classifier, out / CLASSIFIER_DIR, {"holdout_accuracy": accuracy})
     return {"final_loss": float(np.mean(losses[-100:])), "classifier_holdout_accuracy": accuracy,
             "parameters": sum(p.numel() for p in net.parameters())}
+
+
+def fit_class_denoiser(net, parameters: list, images: torch.Tensor, labels: torch.Tensor, scheduler, *, steps: int,
+                       batch_size: int, learning_rate: float, label_dropout: float, ema_decay: float, seed: int,
+                       desc: str, progress: bool = True) -> list[float]:
+    """Epsilon-prediction training of a class-conditional DiT on (image, label) pairs, the label
+    dropped to the null class with ``label_dropout`` (what CFG needs). Only ``parameters`` are
+    optimised (all of the net's for the base, LoRA's for a LoRA fine-tune); they end as their
+    exponential moving average. Returns the loss per step."""
+    from diffusers.training_utils import EMAModel
+
+    # Diffusers' DiT drops labels independently in every block in train mode; keep it in eval()
+    # (it has no dropout) and drop the label once, here, to the null class.
+    net.eval()
+    ema = EMAModel(parameters, decay=ema_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, steps, max(1, steps // 20)))
+    alphas = scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step")
+    for step in bar:
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        x0, y = images[idx], labels[idx].clone()
+        drop = torch.rand(batch_size, generator=gen) < label_dropout
+        y[drop] = NUM_CLASSES
+        t = torch.randint(0, len(alphas), (batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = net(x_t, timestep=t, class_labels=y).sample
+        losses.append(descent_step(F.mse_loss(pred, noise), parameters, optimizer, lr_schedule, ema))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    ema.copy_to(parameters)
+    return losses
 
 
 # ---------------------------------------------------------------------------- classifier

@@ -24,9 +24,8 @@ from tqdm.auto import tqdm
 
 from .adapters import (MEAN_SOURCES, NEGATIVE_SOURCES, TEXT_SOURCES, AdaptedModel, AdapterConfig,
                        default_condition_on, resolve_placement, save_adapters)
-from .config import TrainConfig
+from .config import TrainConfig, check_interval
 from .devices import resolve_device, torch_dtype
-from . import guidance
 from .errors import AgdError, ConfigError, ModelError, StoreError, os_reason
 from .loader import StepBatches
 from .locks import FolderLock
@@ -138,7 +137,7 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     torch.manual_seed(config.seed)
     model = AdaptedModel(base, adapter_config)
     try:  # trajectories guided on an interval: the adapters learn w there and 1 elsewhere
-        model.guidance_interval = guidance.check_interval(store.manifest.guidance.get("interval"),
+        model.guidance_interval = check_interval(store.manifest.guidance.get("interval"),
                                                           f"{config.store}: the header's guidance.interval")
     except ValueError as err:
         raise StoreError(str(err)) from None

@@ -141,3 +141,26 @@ def test_curve_experiments_plot_each_group_against_x(tmp_path):
     bottleneck = next(d for d in first_panel if d[0] == "bottleneck")
     assert bottleneck[1] == sorted(bottleneck[1]) and 0.01 not in bottleneck[1]  # sorted by x, n/a left out
     assert "| bottleneck, width 4, embed 16 | 0.010 | 1,000 | n/a |" in (folder / "results.md").read_text()
+
+
+def test_one_run_experiments_read_each_row_from_its_own_summary_file():
+    """fine-tuned-derivatives is one DVC experiment of pipelines/derivatives/dvc.yaml; each row is one
+    of its summary files (the reference row: the default pipeline's)."""
+    experiment = get_experiment("fine-tuned-derivatives")
+    assert run_commands(experiment) == [["dvc", "exp", "run", "--temp", "-n", "fine-tuned-derivatives-all",
+                                         "pipelines/derivatives/dvc.yaml"]]
+    paths = {v.summary: 0.1 * i for i, v in enumerate(experiment.variants)}
+    shown = fake_show({})
+    metrics = {path: {"data": {"gap_closed": value}} for path, value in paths.items()}
+    shown[1]["experiments"] = [{"revs": [{"rev": "r", "name": "fine-tuned-derivatives-all", "error": None,
+                                          "experiments": None, "data": {"rev": "r", "metrics": metrics}}],
+                                "executor": None, "name": "fine-tuned-derivatives-all"}]
+    rows = collect(experiment, shown)
+    assert [r["gap_closed"] for r in rows] == list(paths.values())
+    assert rows[0]["variant"] == "original" and experiment.variants[0].summary == "data/eval/summary.json"
+    with pytest.raises(ConfigError, match="set different params"):
+        from dataclasses import replace
+
+        broken = replace(experiment, variants=(experiment.variants[0],
+                                               replace(experiment.variants[1], params={"train.width": 8})))
+        broken.runs()

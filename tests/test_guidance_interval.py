@@ -13,7 +13,8 @@ import torch
 from agd_pipeline.adapters import AdaptedModel, AdapterConfig, load_adapted_model
 from agd_pipeline.config import EvaluateConfig, GenerateConfig, load_config
 from agd_pipeline.errors import ConfigError, StoreError
-from agd_pipeline.guidance import check_interval, effective_scale
+from agd_pipeline.config import check_interval
+from agd_pipeline.guidance import effective_scale
 from agd_pipeline.models import load_base_model
 from agd_pipeline.sampling import CFG
 from agd_pipeline.store import TrajectoryStore
