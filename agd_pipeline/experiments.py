@@ -136,16 +136,13 @@ EXPERIMENTS = {
             Variant("bottleneck-w32", "bottleneck, width 32, embed 64 (default)", _SIZE, "bottleneck"),
             Variant("bottleneck-w64", "bottleneck, width 64, embed 64", {**_SIZE, "train.width": 64}, "bottleneck"),
             Variant("attention-only-w8", "bottleneck w8 e16, attention only (no output layer)",
-                    {**_SIZE, "train.width": 8, "train.embed_dim": 16, "train.placement": "attention"},
-                    "other placements and kinds"),
+                    {**_SIZE, "train.width": 8, "train.embed_dim": 16, "train.placement": "attention"}),
             Variant("block-output-w8", "bottleneck w8 e16, whole blocks + output",
-                    {**_SIZE, "train.width": 8, "train.embed_dim": 16, "train.placement": "block+output"},
-                    "other placements and kinds"),
+                    {**_SIZE, "train.width": 8, "train.embed_dim": 16, "train.placement": "block+output"}),
             Variant("offset-e16", "offset (no token path), embed 16",
-                    {**_SIZE, "train.adapter": "offset", "train.embed_dim": 16}, "other placements and kinds"),
+                    {**_SIZE, "train.adapter": "offset", "train.embed_dim": 16}),
             Variant("cross-attention-w8", "cross-attention w8 e16",
-                    {**_SIZE, "train.adapter": "cross_attention", "train.width": 8, "train.embed_dim": 16},
-                    "other placements and kinds"),
+                    {**_SIZE, "train.adapter": "cross_attention", "train.width": 8, "train.embed_dim": 16}),
         ),
         columns=(
             Column("adapter_share", "share of base", ".3f"),
@@ -252,6 +249,33 @@ EXPERIMENTS = {
         row_header="sampler",
         x="num_steps",
         log_x=True,
+    ),
+    "fewer-steps-sd3": Experiment(
+        name="fewer-steps-sd3",
+        title="SD3 default: other step counts than recorded",
+        question=("The same question on the SD3 text-to-image default (flow matching, joint attention): adapters "
+                  "trained on 24-step flow-matching Euler trajectories, sampled with 8, 12 and 40 steps; CFG uses "
+                  "the same steps in each row (accuracy: the prompt's digit, 300 held-out prompts)."),
+        variants=tuple(
+            Variant(f"euler-{k}", f"flow-matching Euler {k} steps" + (" (recorded)" if k == 24 else ""),
+                    {"pipelines/text/sd3.yaml:evaluate.num_steps": 0 if k == 24 else k},  # 0: the recorded 24
+                    "flow-matching Euler (recorded sampler)",
+                    summary="data/text/sd3/eval/summary.json")
+            for k in (8, 12, 24, 40)),
+        columns=(
+            Column("num_steps", "steps", "d"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+            Column("mean_accuracy_agd", "acc AGD"),
+            Column("mean_accuracy_cfg", "acc CFG"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("mean_fid_cfg", "FID CFG", ".2f"),
+        ),
+        plot=("max_fidelity_ratio", "max_accuracy_drop_points"),
+        row_header="sampler",
+        x="num_steps",
+        log_x=True,
+        pipeline="pipelines/text/dvc.yaml:evaluate@sd3",
     ),
     "guidance-interval": Experiment(
         name="guidance-interval",
@@ -406,6 +430,40 @@ def write_results(experiment: Experiment, rows: list[dict], root: Path = EXPERIM
     return folder
 
 
+def read_results(experiment: Experiment, root: Path = EXPERIMENTS_DIR) -> list[dict]:
+    """The rows :func:`write_results` wrote to ``root/<name>/results.csv``, values typed again (an
+    empty cell is a missing metric), so the table, plot and README block can be rendered anew
+    without the DVC experiments (a fresh clone has the tracked table, not the runs)."""
+    path = Path(root) / experiment.name / "results.csv"
+    try:
+        with open(path, newline="") as f:
+            stored = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise AgdError(f"{path} does not exist; run `python -m stages.experiments run {experiment.name}` "
+                       "first") from None
+    names = [v.name for v in experiment.variants]
+    if [row.get("variant") for row in stored] != names:
+        raise AgdError(f"{path} holds the variants {[row.get('variant') for row in stored]}, not the "
+                       f"experiment's {names}; run the experiment again")
+    missing = [key for key in _keys(experiment) if key not in stored[0]]
+    if missing:
+        raise AgdError(f"{path} has no column {', '.join(missing)}; run the experiment again")
+    labels = {v.name: v.label for v in experiment.variants}
+    return [{"variant": row["variant"], "label": labels[row["variant"]], "run": row["run"],
+             **{key: _number(row[key], path, key) for key in _keys(experiment)}} for row in stored]
+
+
+def _number(text: str, path: Path, key: str):
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise AgdError(f"{path}: column {key} holds {text!r}, not a number")
+
+
 def plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -414,7 +472,11 @@ def plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
     import numpy as np
 
     headers = {c.key: c.header for c in experiment.columns}
-    fig, axes = plt.subplots(1, len(experiment.plot), figsize=(3.6 * len(experiment.plot), 3.2))
+    panels = len(experiment.plot)
+    if experiment.x:
+        fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.2))
+    else:  # one horizontal bar per variant, its label once on the left
+        fig, axes = plt.subplots(1, panels, figsize=(2.6 + 2.8 * panels, 1.3 + 0.32 * len(rows)), sharey=True)
     axes = np.atleast_1d(axes)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes, experiment.plot):
@@ -422,12 +484,16 @@ def plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
         if experiment.x:
             _curves(ax, experiment, rows, values, colors)
         else:
-            ax.bar(range(len(rows)), values, color=colors[:len(rows)])
-            ax.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=15, ha="right", fontsize=8)
+            ax.barh(range(len(rows)), values, color=(colors * len(rows))[:len(rows)])
             for i, v in enumerate(values):
                 if np.isfinite(v):
-                    ax.annotate(f"{v:.3f}", (i, v), ha="center", va="bottom", fontsize=8)
-        ax.set_title(headers.get(key, key), fontsize=9)
+                    ax.annotate(f"{v:.3g}", (v, i), xytext=(2, 0), textcoords="offset points", va="center",
+                                fontsize=7)
+            ax.margins(x=0.25)
+        ax.set_title(headers.get(key, key), fontsize=8)
+    if not experiment.x:
+        axes[0].set_yticks(range(len(rows)), [row["label"] for row in rows], fontsize=7)
+        axes[0].invert_yaxis()
     if experiment.x:
         axes[0].legend(fontsize=7)
     fig.suptitle(experiment.title, fontsize=10)
@@ -456,6 +522,18 @@ def _curves(ax, experiment: Experiment, rows: list[dict], values: list[float], c
     ax.set_xlabel({c.key: c.header for c in experiment.columns}.get(experiment.x, experiment.x), fontsize=8)
     if experiment.log_x:
         ax.set_xscale("log")
+    # the measured x values as the ticks (a log axis would otherwise print 2 x 10^1)
+    ticks = sorted({row[experiment.x] for row in rows if row[experiment.x] is not None})
+    if 0 < len(ticks) <= 8 and all(b > 1.3 * a for a, b in zip(ticks, ticks[1:])):
+        ax.minorticks_off()
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=7, rotation=30 if len(ticks) > 4 else 0)
+    elif experiment.log_x:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelsize=7)
 
 
 def readme_block(experiment: Experiment, folder: Path) -> str:

@@ -4,6 +4,8 @@
   python -m stages.experiments run NAME             every variant as `dvc exp run --temp -S ...`, then `report`
   python -m stages.experiments report NAME          the table and plot from `dvc exp show --json`:
                                                     docs/experiments/NAME/results.{csv,md}, plot.png, README block
+  python -m stages.experiments report NAME --from-results
+                                                    the same from the tracked results.csv (no DVC runs needed)
   python -m stages.experiments commands NAME        print the dvc commands `run` would run
 
 Each variant is one DVC experiment of the default pipeline (dvc.yaml): `dvc exp show` lists them with
@@ -18,15 +20,15 @@ import sys
 from pathlib import Path
 
 from agd_pipeline.errors import AgdError
-from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, readme_block, run, run_commands,
-                                      show_json, write_results)
+from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, read_results, readme_block, run,
+                                      run_commands, show_json, write_results)
 
 
-def report(name: str, readme: Path, log=print) -> int:
+def report(name: str, readme: Path, log=print, from_results: bool = False) -> int:
     from stages.report import ReportError, replace_block
 
     experiment = get_experiment(name)
-    rows = collect(experiment, show_json())
+    rows = read_results(experiment) if from_results else collect(experiment, show_json())
     folder = write_results(experiment, rows)
     log((folder / "results.md").read_text().rstrip())
     log(f"{folder}: results.csv, results.md, plot.png")
@@ -48,6 +50,10 @@ def main(argv=None) -> int:
     parser.add_argument("action", choices=("list", "run", "report", "commands"))
     parser.add_argument("name", nargs="?", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--readme", default="README.md", help="README holding the experiment's results block")
+    parser.add_argument("--from-results", action="store_true",
+                        help="report: read the rows from docs/experiments/NAME/results.csv instead of "
+                             "`dvc exp show` (re-renders the table, plot and README block after a change to "
+                             "the renderer, or in a clone without the runs)")
     args = parser.parse_args(argv)
     try:
         if args.action == "list":
@@ -64,7 +70,9 @@ def main(argv=None) -> int:
             return 0
         if args.action == "run":
             run(experiment)
-        return report(args.name, Path(args.readme))
+        if args.from_results and args.action != "report":
+            parser.error("--from-results goes with report only")
+        return report(args.name, Path(args.readme), from_results=args.from_results)
     except AgdError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from agd_pipeline.errors import AgdError, ConfigError
-from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, readme_block, run, run_commands,
-                                      write_results)
+from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, read_results, readme_block, run,
+                                      run_commands, write_results)
 
 from conftest import REPO, run_cli
 
@@ -33,16 +33,32 @@ def fake_show(summaries: dict[str, dict]) -> list:
     ]
 
 
-def test_every_variant_sets_params_the_default_pipeline_tracks():
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    tracked = {p for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
-               for p in stage.get("params", []) if isinstance(p, str)}
+def _tracked_params(pipeline: str) -> dict[str, set[str]]:
+    """{params file: keys its stages track} for a dvc.yaml (foreach stages' ``do`` included)."""
+    tracked: dict[str, set[str]] = {}
+    for stage in yaml.safe_load((REPO / pipeline).read_text())["stages"].values():
+        for entry in stage.get("do", stage).get("params", []):
+            if isinstance(entry, str):
+                tracked.setdefault("params.yaml", set()).add(entry)
+            else:
+                for path, keys in entry.items():
+                    tracked.setdefault(path, set()).update(keys)
+    return tracked
+
+
+def test_every_variant_sets_params_the_pipeline_tracks():
     for experiment in EXPERIMENTS.values():
+        tracked = _tracked_params(experiment.pipeline.split(":")[0])
         for variant in experiment.variants:
             for key in variant.params:
-                section, name = key.split(".")
+                path, _, dotted = key.rpartition(":")
+                path = path or "params.yaml"
+                params = yaml.safe_load((REPO / path.replace("${item}", "sd3")).read_text())
+                section, name = dotted.split(".")
                 assert name in params[section], key  # -S would otherwise add a key nothing reads
-                assert key in tracked, key  # and DVC would not re-run the stage that reads it
+                # and DVC would not re-run the stage that reads it
+                assert dotted in tracked.get(path, set()) | tracked.get(
+                    "pipelines/text/${item}.yaml", set()), key
 
 
 def test_run_commands_are_temp_dvc_experiments_with_quoted_params():
@@ -135,12 +151,41 @@ def test_curve_experiments_plot_each_group_against_x(tmp_path):
         plt.Axes.plot = original
     with open(folder / "results.csv") as f:
         assert "adapter_share" in next(csv.reader(f))
-    groups = {v.group for v in experiment.variants}
+    groups = {v.group or v.name for v in experiment.variants}  # an ungrouped variant: a point of its own
     assert {label for label, *_ in drawn} == groups
     first_panel = drawn[:len(groups)]
     bottleneck = next(d for d in first_panel if d[0] == "bottleneck")
     assert bottleneck[1] == sorted(bottleneck[1]) and 0.01 not in bottleneck[1]  # sorted by x, n/a left out
     assert "| bottleneck, width 4, embed 16 | 0.010 | 1,000 | n/a |" in (folder / "results.md").read_text()
+
+
+def test_report_from_results_renders_again_from_the_tracked_table(tmp_path):
+    """read_results gives back exactly the rows write_results wrote (ints, floats, n/a), so re-rendering
+    from results.csv rewrites the same table; a table of other variants or a damaged cell is refused."""
+    experiment = get_experiment("size-and-placement")
+    summaries = {experiment.run_name(v): {"adapter_share": 0.0123456789 * (i + 1), "adapter_parameters": 4656 + i,
+                                          "gap_closed": None if i == 2 else 0.1 * i + 1e-9,
+                                          "max_fidelity_ratio": 1 / 3, "max_accuracy_drop_points": 1.0,
+                                          "mean_fid_agd": 12.5, "speed_ratio_agd_over_cfg": 2}
+                 for i, v in enumerate(experiment.variants)}
+    rows = collect(experiment, fake_show(summaries))
+    folder = write_results(experiment, rows, tmp_path)
+    table, csv_text = (folder / "results.md").read_text(), (folder / "results.csv").read_text()
+    again = read_results(experiment, tmp_path)
+    assert again == rows
+    assert isinstance(again[0]["adapter_parameters"], int) and again[2]["gap_closed"] is None
+    write_results(experiment, again, tmp_path)
+    assert (folder / "results.md").read_text() == table and (folder / "results.csv").read_text() == csv_text
+
+    (folder / "results.csv").write_text(csv_text.replace("4656", "forty"))
+    with pytest.raises(AgdError, match="adapter_parameters holds 'forty'"):
+        read_results(experiment, tmp_path)
+    lines = csv_text.splitlines()
+    (folder / "results.csv").write_text("\n".join(lines[:-1]) + "\n")  # a variant's row lost
+    with pytest.raises(AgdError, match="not the experiment's"):
+        read_results(experiment, tmp_path)
+    with pytest.raises(AgdError, match="does not exist"):
+        read_results(get_experiment("unseen-w"), tmp_path)
 
 
 def test_one_run_experiments_read_each_row_from_its_own_summary_file():
