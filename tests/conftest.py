@@ -92,6 +92,26 @@ def run_cli(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def run_main(module: str, *args) -> subprocess.CompletedProcess:
+    """``python -m module args`` in this process: the stage's own ``main(argv)``, its stdout and stderr
+    captured, from the repository root. For command-line tests of stages whose subprocess would spend
+    most of its time importing diffusers again (about 8 s per call here); tests that kill, race or
+    time a process keep :func:`run_cli`."""
+    import contextlib
+    import importlib
+    import io
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = importlib.import_module(module).main(argv)
+        except SystemExit as exit_:  # argparse's usage errors, --help
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], code or 0, out.getvalue(),
+                                       err.getvalue())
+
+
 def pytest_configure(config):
     # agd_pipeline.store silences this zarr warning at import; pytest's per-phase warning capture
     # drops filters added while collecting, so repeat it here.

@@ -15,7 +15,7 @@ from agd_pipeline.config import BaseStageConfig, EvaluateConfig, GenerateConfig,
 from agd_pipeline.errors import ConfigError, ModelError
 from agd_pipeline.models import load_base_model
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 STAGES = ("base", "generate", "train", "evaluate")
 CONFIGS = {"base": BaseStageConfig, "generate": GenerateConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
@@ -186,7 +186,7 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("generate: {}\n")
     missing = tmp_path / "no_such_model"
-    result = run_cli("stages.generate", "--params", params, "--base-model", missing, "--out-dir",
+    result = run_main("stages.generate", "--params", params, "--base-model", missing, "--out-dir",
                      tmp_path / "out", "--no-progress")
     assert result.returncode == 2, result.stderr
     assert str(missing) in result.stderr and "error:" in result.stderr

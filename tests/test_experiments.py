@@ -87,7 +87,9 @@ def test_run_replaces_earlier_runs_and_stops_on_a_failure():
     with pytest.raises(AgdError, match="failed.*run the same command again"):
         run(experiment, log=lambda *a: None, runner=runner)
     assert calls[1] == ["dvc", "exp", "remove", "trajectories-vs-forward-noised-trajectories"]
-    assert [c[5] for c in calls[2:]] == [experiment.run_name(v) for v in experiment.variants]
+    # the default outputs first, in the workspace: a fresh clone's variants then share its base model
+    assert calls[2] == ["dvc", "repro", "dvc.yaml"]
+    assert [c[5] for c in calls[3:]] == [experiment.run_name(v) for v in experiment.variants]
 
 
 def test_collect_writes_table_plot_and_readme_block(tmp_path):

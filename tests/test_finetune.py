@@ -18,7 +18,7 @@ from agd_pipeline.errors import ConfigError, ModelError
 from agd_pipeline.finetune import DERIVATIVE_ENTRIES, finetune, ink, shifted_subset
 from agd_pipeline.models import load_base_model
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_main
 
 
 def _digits(n_per_class: int, seed: int):
@@ -120,7 +120,7 @@ def test_refuses_foreign_folders_and_bad_bases(default_like_base, tiny_base_dir,
 
 
 def test_cli_and_the_derivatives_pipeline(default_like_base, tmp_path):
-    result = run_cli("stages.finetune", "--params", "pipelines/derivatives/lora.yaml", "--base-model",
+    result = run_main("stages.finetune", "--params", "pipelines/derivatives/lora.yaml", "--base-model",
                      default_like_base, "--out-dir", tmp_path / "lora", "--steps", "3", "--batch-size", "8",
                      "--no-progress")
     assert result.returncode == 0, result.stderr

@@ -15,7 +15,7 @@ from agd_pipeline.inference import sample_images
 from agd_pipeline.models import load_base_model
 from agd_pipeline.sampling import AGD, CFG, Unguided, generators_for, initial_noise, sample, trajectory_seed
 
-from conftest import run_cli
+from conftest import run_main
 
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
@@ -55,13 +55,13 @@ def test_sample_images_runs_agd_or_cfg_from_the_same_seeds(trained_adapters, tin
 
 def test_sample_command_writes_images_and_record(trained_adapters, tmp_path):
     out = tmp_path / "agd"
-    result = run_cli("stages.sample", "--adapters", trained_adapters, "-w", "2.5", "--classes", "1,2",
+    result = run_main("stages.sample", "--adapters", trained_adapters, "-w", "2.5", "--classes", "1,2",
                      "--per-class", "2", "--steps", "4", "--out-dir", out)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.glob("*.png")) == [
         "00000_class1.png", "00001_class1.png", "00002_class2.png", "00003_class2.png", "grid.png"]
     assert json.loads((out / "samples.json").read_text())["nfe_per_image"] == 4
-    result = run_cli("stages.sample", "--adapters", trained_adapters, "--cfg", "--classes", "1",
+    result = run_main("stages.sample", "--adapters", trained_adapters, "--cfg", "--classes", "1",
                      "--per-class", "1", "--steps", "4", "--out-dir", tmp_path / "cfg")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "cfg" / "samples.json").read_text())["method"] == "cfg"
@@ -73,7 +73,7 @@ def test_sample_command_writes_images_and_record(trained_adapters, tmp_path):
     (["--classes", "one"], "--classes: must be integers"),
 ])
 def test_sample_command_rejects_bad_input(trained_adapters, tmp_path, args, message):
-    result = run_cli("stages.sample", "--adapters", trained_adapters, "--out-dir", tmp_path / "x", *args)
+    result = run_main("stages.sample", "--adapters", trained_adapters, "--out-dir", tmp_path / "x", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()
 

@@ -458,12 +458,12 @@ def test_adapters_without_negative_text_warn_that_a_negative_prompt_does_nothing
 
 @pytest.mark.slow
 def test_sample_command_takes_a_negative_prompt(trained, tmp_path):
-    from conftest import run_cli
+    from conftest import run_main
 
-    result = run_cli("stages.sample", "--adapters", trained, "-w", "5", "--prompt", "a red cat", "--per-class", "1",
+    result = run_main("stages.sample", "--adapters", trained, "-w", "5", "--prompt", "a red cat", "--per-class", "1",
                      "--steps", "2", "--negative-prompt", "blurry", "--out-dir", tmp_path / "out", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert record["negative_prompt"] == "blurry" and record["method"] == "agd"
-    help_text = run_cli("stages.sample", "--help").stdout
+    help_text = run_main("stages.sample", "--help").stdout
     assert "negative_text" in help_text

@@ -14,7 +14,7 @@ from PIL import Image
 
 from agd_pipeline import textdigits
 from agd_pipeline.config import TextBaseConfig, TextDataConfig
-from conftest import run_cli
+from conftest import run_main
 
 TINY_DATA = ["--vae-steps", "4", "--vae-channels", "8", "--vae-batch-size", "8", "--classifier-steps", "5",
              "--generate-prompts", "24", "--eval-prompts-per-digit", "1"]
@@ -30,7 +30,7 @@ def _ok(result):
 @pytest.fixture(scope="module")
 def shared_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("text") / "shared"
-    _ok(run_cli("stages.text_data", "--params", "pipelines/text/shared.yaml", "--out-dir", out, "--no-progress",
+    _ok(run_main("stages.text_data", "--params", "pipelines/text/shared.yaml", "--out-dir", out, "--no-progress",
                 *TINY_DATA))
     return out
 
@@ -123,7 +123,7 @@ def test_shared_data_holds_what_the_families_need(shared_dir):
 
 def test_text_base_refuses_a_folder_that_is_not_shared_data(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run_cli("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", tmp_path / "empty",
+    result = run_main("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", tmp_path / "empty",
                      "--out-dir", tmp_path / "base", "--no-progress", *TINY_BASE)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "not a text_data output" in result.stderr and "stages.text_data" in \
@@ -145,15 +145,15 @@ def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, fa
     evaluate from the command line, then the base loads as the family's own diffusers pipeline."""
     base, store, adapters, evaluation = (tmp_path / name for name in ("base", "store", "adapters", "eval"))
     params = Path("pipelines/text") / f"{family}.yaml"
-    _ok(run_cli("stages.text_base", "--params", params, "--shared", shared_dir, "--out-dir", base, "--no-progress",
+    _ok(run_main("stages.text_base", "--params", params, "--shared", shared_dir, "--out-dir", base, "--no-progress",
                 *TINY_BASE))
-    _ok(run_cli("stages.generate", "--params", params, "--base-model", base, "--out-dir", store,
+    _ok(run_main("stages.generate", "--params", params, "--base-model", base, "--out-dir", store,
                 "--prompts-file", base / "prompts/train.txt", "--negative-prompts-file", base / "prompts/negatives.txt",
                 "--num-steps", "3", "--batch-size", "12", "--shard-size", "12", "--chunk-trajectories", "6",
                 "--no-progress"))
-    _ok(run_cli("stages.train", "--params", params, "--store", store, "--out-dir", adapters, "--steps", "3",
+    _ok(run_main("stages.train", "--params", params, "--store", store, "--out-dir", adapters, "--steps", "3",
                 "--batch-size", "8", "--checkpoint-every", "0", "--no-progress"))
-    result = _ok(run_cli("stages.evaluate", "--params", params, "--adapters", adapters, "--out-dir", evaluation,
+    result = _ok(run_main("stages.evaluate", "--params", params, "--adapters", adapters, "--out-dir", evaluation,
                          "--guidance-scales", "2", "--batch-size", "10", "--negative-check-samples", "1",
                          "--no-progress"))
     assert "negative-prompt check" in result.stdout
@@ -240,7 +240,7 @@ def test_text_base_never_replaces_a_folder_it_did_not_write(shared_dir, tmp_path
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "notes.txt").write_text("keep me")
-    result = run_cli("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
+    result = run_main("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
                      "--out-dir", theirs, "--no-progress", *TINY_BASE)
     assert result.returncode == 2 and "not a text_base output" in result.stderr and "nothing was changed" in \
         result.stderr
@@ -248,17 +248,17 @@ def test_text_base_never_replaces_a_folder_it_did_not_write(shared_dir, tmp_path
 
     ours = tmp_path / "ours"
     for _ in range(2):  # the second run replaces the first one's folder
-        _ok(run_cli("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
+        _ok(run_main("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
                     "--out-dir", ours, "--no-progress", *TINY_BASE))
     assert (ours / "model_index.json").is_file() and (ours / "prompts" / "eval.tsv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "theirs"]  # no staging folder left behind
     (ours / "extra.txt").write_text("a file the stage does not write")
-    again = run_cli("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
+    again = run_main("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
                     "--out-dir", ours, "--no-progress", *TINY_BASE)
     assert again.returncode == 2 and "extra.txt" in again.stderr and (ours / "extra.txt").is_file()
     (ours / "extra.txt").unlink()
     (ours / "agd_base.json").write_bytes(b"\xff{ not json")
-    damaged = run_cli("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
+    damaged = run_main("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", shared_dir,
                       "--out-dir", ours, "--no-progress", *TINY_BASE)
     assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1 and "not a text_base output" in damaged.stderr
     assert (ours / "model_index.json").is_file()

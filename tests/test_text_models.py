@@ -18,7 +18,7 @@ from agd_pipeline.errors import ModelError
 from agd_pipeline.models import encode_prompts, load_base_model
 from agd_pipeline.sampling import CFG, generators_for, initial_noise, sample
 
-from conftest import read_all_shards, run_cli
+from conftest import read_all_shards, run_main
 from tiny_pipelines import TEXT_BUILDERS, null_component_kwargs
 
 PROMPTS = ["a red cat", "blue sky", "an old oak"]
@@ -247,7 +247,7 @@ def test_generate_train_sample_from_the_command_line(pipeline_dirs, bases, encod
     params = tmp_path / "params.yaml"
     write_params(params, family, folder, store, adapters)
 
-    result = run_cli("stages.generate", "--params", params, "--no-progress")
+    result = run_main("stages.generate", "--params", params, "--no-progress")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["conditioning"] == "text" and manifest["prompts"] == PROMPTS
@@ -264,7 +264,7 @@ def test_generate_train_sample_from_the_command_line(pipeline_dirs, bases, encod
     assert data["model_input"].shape == (6, 3, *bases[family].latent_shape)
     assert np.isfinite(data["guided_output"]).all() and data["guidance_scale"].max() > 1.0
 
-    result = run_cli("stages.train", "--params", params, "--no-progress")
+    result = run_main("stages.train", "--params", params, "--no-progress")
     assert result.returncode == 0, result.stderr
     config = json.loads((adapters / "adapter_config.json").read_text())
     assert config["adapter"]["placement"] == PLACEMENTS[family][0]
@@ -274,7 +274,7 @@ def test_generate_train_sample_from_the_command_line(pipeline_dirs, bases, encod
 
     for extra in ([], ["--cfg"]):
         out = tmp_path / ("cfg" if extra else "agd")
-        result = run_cli("stages.sample", "--adapters", adapters, "-w", "5", "--prompt", "a red cat",
+        result = run_main("stages.sample", "--adapters", adapters, "-w", "5", "--prompt", "a red cat",
                          "--prompt", "green", "--per-class", "2", "--out-dir", out, "--device", "cpu", *extra)
         assert result.returncode == 0, result.stderr
         pngs = sorted(p.name for p in out.glob("0*.png"))
