@@ -1,7 +1,8 @@
 """The paper's claims as reproducible DVC experiments.
 
   python -m stages.experiments list                 the experiments and what each asks
-  python -m stages.experiments run NAME             every variant as `dvc exp run --temp -S ...`, then `report`
+  python -m stages.experiments run NAME             `dvc repro` of the default (workspace), then every
+                                                    variant as `dvc exp run --temp -S ...`, then `report`
   python -m stages.experiments report NAME          the table and plot from `dvc exp show --json`:
                                                     docs/experiments/NAME/results.{csv,md}, plot.png, README block
   python -m stages.experiments report NAME --from-results
@@ -10,8 +11,9 @@
 
 Each variant is one DVC experiment of the default pipeline (dvc.yaml): `dvc exp show` lists them with
 their params and summary metrics (data/eval/summary.json). They run in DVC's temporary copies of the
-repository (commit your changes first: DVC copies what git and DVC track), sharing the DVC cache, so
-the base model is trained once."""
+repository (commit your changes first: DVC copies what git and DVC track), sharing the DVC cache. The
+first command brings the default pipeline up to date in the workspace (as `make repro` does), so the
+base model is trained at most once, in a fresh clone too."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import sys
 from pathlib import Path
 
 from agd_pipeline.errors import AgdError
-from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, read_results, readme_block, run,
-                                      run_commands, show_json, write_results)
+from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, prepare_command, read_results,
+                                      readme_block, run, run_commands, show_json, write_results)
 
 
 def report(name: str, readme: Path, log=print, from_results: bool = False) -> int:
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
             parser.error(f"{args.action} needs an experiment name: {', '.join(EXPERIMENTS)}")
         experiment = get_experiment(args.name)
         if args.action == "commands":
-            for command in run_commands(experiment):
+            for command in [prepare_command(experiment), *run_commands(experiment)]:
                 print(" ".join(command))
             return 0
         if args.action == "run":
