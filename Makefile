@@ -19,9 +19,10 @@ setup: $(STAMP)
 
 # pip prints a warning per package for index folders this machine's global pip config names but
 # lacks; they are noise, so they are filtered out (pipefail keeps pip's exit status).
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions dvc.lock was made with (bit-for-bit outputs).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --progress-bar off -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(VENV)/bin/pip install --quiet --progress-bar off -c constraints.txt -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
 repro: $(STAMP)

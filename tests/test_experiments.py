@@ -92,6 +92,22 @@ def test_run_replaces_earlier_runs_and_stops_on_a_failure():
     assert [c[5] for c in calls[3:]] == [experiment.run_name(v) for v in experiment.variants]
 
 
+def test_collect_skips_a_killed_run_listed_beside_the_finished_one():
+    """DVC lists a killed `exp run --temp` as running forever (and `exp remove` refuses its name); the
+    finished run of the same name is the one to read, and a name with only a killed run is not done."""
+    experiment = get_experiment("trajectories-vs-forward-noised")
+    names = [experiment.run_name(v) for v in experiment.variants]
+    shown = fake_show({names[0]: {"gap_closed": 0.1}, names[1]: {"gap_closed": 0.8}})
+    killed = {"revs": [{"rev": "dead", "name": names[0], "error": None, "experiments": None,
+                        "data": {"metrics": {"data/eval/summary.json": {"data": {"gap_closed": 0.5}}}}}],
+              "executor": {"state": "running", "name": "tempdir", "local": None}, "name": names[0]}
+    shown[1]["experiments"].insert(0, killed)
+    assert [row["gap_closed"] for row in collect(experiment, shown)] == [0.1, 0.8]
+    shown[1]["experiments"] = [killed]
+    with pytest.raises(AgdError, match=f"no finished DVC experiment '{names[0]}'"):
+        collect(experiment, shown)
+
+
 def test_collect_writes_table_plot_and_readme_block(tmp_path):
     experiment = get_experiment("trajectories-vs-forward-noised")
     shown = fake_show({
