@@ -84,6 +84,10 @@ SUMMARY_COLUMNS = (
 _SIZE = {"train.adapter": "bottleneck", "train.placement": "attention+output", "train.width": 32,
          "train.embed_dim": 64}
 
+# the SD3 text-to-image default's pipeline stage, params file and summary (pipelines/text/)
+_SD3, _SD3_SUMMARY = "pipelines/text/sd3.yaml", "data/text/sd3/eval/summary.json"
+_SD3_PIPELINE = "pipelines/text/dvc.yaml:evaluate@sd3"
+
 EXPERIMENTS = {
     "trajectories-vs-forward-noised": Experiment(
         name="trajectories-vs-forward-noised",
@@ -129,13 +133,13 @@ EXPERIMENTS = {
                   "prompt's digit, 300 held-out prompts)."),
         variants=(
             Variant("train-1-3", "U[1, 3] (unseen: 4, 6, 8)",
-                    {"pipelines/text/sd3.yaml:generate.guidance_max": 3.0,
-                     "pipelines/text/sd3.yaml:evaluate.guidance_scales": [2.0, 3.0, 4.0, 6.0, 8.0]},
-                    summary="data/text/sd3/eval/summary.json"),
+                    {f"{_SD3}:generate.guidance_max": 3.0,
+                     f"{_SD3}:evaluate.guidance_scales": [2.0, 3.0, 4.0, 6.0, 8.0]},
+                    summary=_SD3_SUMMARY),
             Variant("train-1-5", "U[1, 5] (default; unseen: 7, 9)",
-                    {"pipelines/text/sd3.yaml:generate.guidance_max": 5.0,
-                     "pipelines/text/sd3.yaml:evaluate.guidance_scales": [2.0, 3.0, 4.0, 5.0, 7.0, 9.0]},
-                    summary="data/text/sd3/eval/summary.json"),
+                    {f"{_SD3}:generate.guidance_max": 5.0,
+                     f"{_SD3}:evaluate.guidance_scales": [2.0, 3.0, 4.0, 5.0, 7.0, 9.0]},
+                    summary=_SD3_SUMMARY),
         ),
         columns=(
             Column("max_fidelity_ratio", "in range: FID(AGD,CFG) / FID(unguided,CFG)"),
@@ -145,7 +149,7 @@ EXPERIMENTS = {
         ),
         plot=("max_fidelity_ratio", "outside_max_fidelity_ratio", "outside_max_accuracy_drop_points"),
         row_header="adapters trained on",
-        pipeline="pipelines/text/dvc.yaml:evaluate@sd3",
+        pipeline=_SD3_PIPELINE,
     ),
     "size-and-placement": Experiment(
         name="size-and-placement",
@@ -286,9 +290,9 @@ EXPERIMENTS = {
                   "the same steps in each row (accuracy: the prompt's digit, 300 held-out prompts)."),
         variants=tuple(
             Variant(f"euler-{k}", f"flow-matching Euler {k} steps" + (" (recorded)" if k == 24 else ""),
-                    {"pipelines/text/sd3.yaml:evaluate.num_steps": 0 if k == 24 else k},  # 0: the recorded 24
+                    {f"{_SD3}:evaluate.num_steps": 0 if k == 24 else k},  # 0: the recorded 24
                     "flow-matching Euler (recorded sampler)",
-                    summary="data/text/sd3/eval/summary.json")
+                    summary=_SD3_SUMMARY)
             for k in (8, 12, 24, 40)),
         columns=(
             Column("num_steps", "steps", "d"),
@@ -303,7 +307,7 @@ EXPERIMENTS = {
         row_header="sampler",
         x="num_steps",
         log_x=True,
-        pipeline="pipelines/text/dvc.yaml:evaluate@sd3",
+        pipeline=_SD3_PIPELINE,
     ),
     "guidance-interval": Experiment(
         name="guidance-interval",
@@ -331,6 +335,35 @@ EXPERIMENTS = {
         ),
         plot=("mean_fid_cfg", "mean_fid_agd", "max_fidelity_ratio"),
         row_header="guidance",
+    ),
+    "guidance-interval-sd3": Experiment(
+        name="guidance-interval-sd3",
+        title="SD3 default: distilled guidance interval",
+        question=("The guidance-interval question on the SD3 text-to-image default: CFG only where sigma lies in "
+                  "[0, 0.4] (w = 1 elsewhere), sampled by the default adapters and by adapters distilled from "
+                  "trajectories recorded on that interval; CFG uses the same interval in each row."),
+        variants=(
+            Variant("every-step", "CFG at every step (default adapters)",
+                    {f"{_SD3}:generate.guidance_interval": [], f"{_SD3}:evaluate.guidance_interval": []},
+                    summary=_SD3_SUMMARY),
+            Variant("interval-default-adapters", "interval, adapters from every-step CFG",
+                    {f"{_SD3}:generate.guidance_interval": [], f"{_SD3}:evaluate.guidance_interval": [0.0, 0.4]},
+                    summary=_SD3_SUMMARY),
+            Variant("interval-distilled", "interval, adapters from interval CFG",
+                    {f"{_SD3}:generate.guidance_interval": [0.0, 0.4], f"{_SD3}:evaluate.guidance_interval": []},
+                    summary=_SD3_SUMMARY),
+        ),
+        columns=(
+            Column("mean_fid_cfg", "FID CFG", ".2f"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("mean_accuracy_cfg", "acc CFG"),
+            Column("mean_accuracy_agd", "acc AGD"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
+        ),
+        plot=("mean_fid_cfg", "mean_fid_agd", "max_fidelity_ratio"),
+        row_header="guidance",
+        pipeline=_SD3_PIPELINE,
     ),
 }
 
