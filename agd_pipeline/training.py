@@ -380,7 +380,9 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
         return 0
     try:
         device = accelerator.device
-        accelerator.unwrap_model(model).load_state_dict(load_file(folder / "adapters.safetensors", device=str(device)))
+        # read on the CPU (safetensors refuses a device named like "cpu:0", which accelerate gives each
+        # rank of a multi-process CPU run); load_state_dict copies into the parameters' own device
+        accelerator.unwrap_model(model).load_state_dict(load_file(folder / "adapters.safetensors"))
         optimizer.load_state_dict(_join_optimizer_state(load_file(folder / "optimizer.safetensors"),
                                                         saved["optimizer"], device))
         lr_schedule.load_state_dict(saved["lr_schedule"])

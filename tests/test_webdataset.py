@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -171,21 +174,62 @@ def test_training_from_tar_equals_training_from_zarr(zarr_store, tar_store, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def torchrun_train(params, out, **settings) -> list[str]:
+    params.write_text(json.dumps({"train": {"out_dir": str(out), "batch_size": 8, "width": 8, "embed_dim": 16,
+                                            "device": "cpu", **settings}}))
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "stages.train", "--params", str(params), "--no-progress"]
+
+
+TORCHRUN_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def checkpoint_step(out) -> int:
+    try:
+        return json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 @pytest.mark.slow
-def test_two_process_training_runs_under_torchrun(tar_store, tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"train": {"store": str(tar_store), "out_dir": str(tmp_path / "adapters"),
-                                            "steps": 6, "batch_size": 8, "width": 8, "embed_dim": 16,
-                                            "checkpoint_every": 3, "device": "cpu"}}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "stages.train", "--params", str(params), "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def test_two_process_training_checkpoints_every_step_and_resumes_after_a_kill(tar_store, tmp_path):
+    """Two processes checkpoint at every step (each checkpoint a chance for the ranks to race on
+    the folder); a run killed after a checkpoint resumes to the uninterrupted run's adapters."""
+    from safetensors.torch import load_file
+
+    settings = {"store": str(tar_store), "steps": 40, "checkpoint_every": 1}
+    whole = tmp_path / "whole"
+    result = subprocess.run(torchrun_train(tmp_path / "whole.yaml", whole, **settings), cwd=REPO,
+                            env=TORCHRUN_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 processes, 5 batches each per epoch" in result.stdout + result.stderr
-    assert (tmp_path / "adapters" / "adapters.safetensors").exists()
-    rows = (tmp_path / "adapters" / "loss.csv").read_text().splitlines()
-    assert len(rows) == 7  # header + 6 steps, written once
+    rows = (whole / "loss.csv").read_text().splitlines()
+    assert len(rows) == 41  # header + 40 steps, written once
+    assert not (whole / "checkpoint").exists() and not (whole / "checkpoint.tmp").exists()
+
+    killed = tmp_path / "killed"
+    command = torchrun_train(tmp_path / "killed.yaml", killed, **settings)
+    process = subprocess.Popen(command, cwd=REPO, env=TORCHRUN_ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while checkpoint_step(killed) < 5 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    # torchrun starts its workers in sessions of their own: kill them first, then torchrun
+    for worker in psutil.Process(process.pid).children(recursive=True):
+        worker.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    step = checkpoint_step(killed)
+    assert 5 <= step < 40 and not (killed / "adapters.safetensors").exists(), f"the kill landed at step {step}"
+    result = subprocess.run(command, cwd=REPO, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from" in result.stdout + result.stderr
+    assert (killed / "loss.csv").read_text().splitlines()[0] == rows[0]
+    assert len((killed / "loss.csv").read_text().splitlines()) == 41
+    a, b = (load_file(d / "adapters.safetensors") for d in (whole, killed))
+    assert a.keys() == b.keys()
+    for name in a:  # gloo's all-reduce of two ranks adds in a fixed order: equal, within float noise at most
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_large_units_shrink_the_buffer(tar_store):
