@@ -155,7 +155,7 @@ def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, fa
                 "--batch-size", "8", "--checkpoint-every", "0", "--no-progress"))
     result = _ok(run_main("stages.evaluate", "--params", params, "--adapters", adapters, "--out-dir", evaluation,
                          "--guidance-scales", "2", "--batch-size", "10", "--negative-check-samples", "1",
-                         "--no-progress"))
+                         "--samples-per-class", "1", "--no-progress"))
     assert "negative-prompt check" in result.stdout
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["conditioning"] == "text" and metrics["samples_per_w"] == 10
