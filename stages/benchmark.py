@@ -7,7 +7,9 @@ README's tables come from docs/benchmarks/<what>.json, written only when asked w
   loader      training loader samples/s: Zarr, WebDataset, the reference layout (dir per trajectory)
   recording   stage one with recording against the same sampling loop without
   storage     bytes per trajectory-step and files per 1,000 trajectories, per format and codec
-  lossy       adapters trained on BitRound copies of the store: gap closed against lossless"""
+  lossy       adapters trained on BitRound copies of the store: gap closed against lossless
+  training    one adapter-training step (fp32 / bf16 base, with and without gradient checkpointing)
+              against full-model guidance distillation: peak memory, step time, what fits on a GPU"""
 
 import argparse
 import json
@@ -39,6 +41,17 @@ def _ints(text: str, option: str, low: int, high: int | None = None) -> list[int
     return values
 
 
+def _latent_sides(text: str) -> dict:
+    """NAME=SIDE pairs, comma-separated."""
+    sides = {}
+    for item in [i for i in text.replace(" ", "").split(",") if i]:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit() or int(value) < 8:
+            raise UsageError(f"--latent-sides: expected NAME=SIDE with SIDE >= 8 (e.g. sdxl-unet=64), got {item!r}")
+        sides[name] = int(value)
+    return sides
+
+
 def check_args(args) -> None:
     """Every option's value, before any work starts."""
     if args.repeats < 1:
@@ -48,8 +61,12 @@ def check_args(args) -> None:
     args.batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1)
     args.keepbits = _ints(args.keepbits, "--keepbits", 1, 10)  # of float16's 10 mantissa bits
     args.architectures = [n for n in args.architectures.replace(" ", "").split(",") if n]
-    if args.architectures and args.what not in ("step-time", "parameters"):
-        raise UsageError(f"--architectures: applies to step-time and parameters, not {args.what}")
+    if args.architectures and args.what not in ("step-time", "parameters", "training"):
+        raise UsageError(f"--architectures: applies to step-time, parameters and training, not {args.what}")
+    args.modes = [m for m in args.modes.replace(" ", "").split(",") if m]
+    args.latent_sides = _latent_sides(args.latent_sides)
+    if args.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device: cpu or cuda, not {args.device!r}")
     args.adapters = [f for f in args.adapters.split(",") if f.strip()]
     if args.what == "gap-closed" and not args.adapters:
         raise UsageError("--adapters: needs at least one adapter folder")
@@ -93,7 +110,8 @@ def parser() -> Parser:
                         help="comma-separated: dit-xl-2-256, dit-s-2-256, sd-2.1-unet, sdxl-unet, sd3-medium, "
                         "toy-dit-8x8 (step-time defaults to dit-xl-2-256,sd-2.1-unet)")
     parser.add_argument("--batch-sizes", default="1,4", help="step-time: batch sizes (images)")
-    parser.add_argument("--repeats", type=int, default=3, help="step-time: timed repeats (median)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="step-time, training: timed repeats (median; training adds one warm-up step)")
     parser.add_argument("--adapters", default="data/adapters",
                         help="gap-closed: comma-separated adapter folders to compare")
     parser.add_argument("--trajectories", type=int, default=400,
@@ -102,6 +120,15 @@ def parser() -> Parser:
     parser.add_argument("--keepbits", default="6,3", help="lossy: BitRound mantissa bits to compare")
     parser.add_argument("--workdir", default="data/benchmarks",
                         help="loader, storage, lossy: scratch folder (lossy keeps its stores and adapters there)")
+    parser.add_argument("--modes", default="agd-fp32,agd-bf16,agd-fp32-ckpt,agd-bf16-ckpt,full-fp32",
+                        help="training: comma-separated modes")
+    parser.add_argument("--latent-sides", default="sd-2.1-unet=64,sdxl-unet=64",
+                        help="training: NAME=SIDE latent sides to measure at where the native one does not fit "
+                        "this machine (the projection scales to the native side); transformers run at their own")
+    parser.add_argument("--device", default="cpu", help="training: cpu or cuda")
+    parser.add_argument("--bf16-on-cpu", action="store_true",
+                        help="training: run the bf16 modes on the CPU too (slow where the CPU emulates bfloat16; "
+                        "by default their memory is computed from the fp32 runs)")
     parser.add_argument("--out", default=None,
                         help="JSON file (default data/benchmarks/<what>.json, not tracked; the README's "
                         "tables come from docs/benchmarks/<what>.json)")
@@ -238,8 +265,46 @@ def lossy(args) -> list[dict]:
     return rows
 
 
+def training(args) -> list[dict]:
+    from benchmarks.training import MODES, training_table
+
+    names = architectures(args, "dit-xl-2-256,sd-2.1-unet,sdxl-unet")
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        raise UsageError(f"--modes: unknown mode {(unknown or [''])[0]!r}; known: {', '.join(MODES)}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device here")
+    table(["architecture", "mode", "latent", "trainable parameters", "optimizer state", "peak memory",
+           "s/step", "measured"])
+
+    def show(r):
+        peak = f"{r['peak_bytes'] / GIB:.2f} GiB" if "peak_bytes" in r else "-"
+        seconds = f"{r['seconds_per_step']:.2f}" if "seconds_per_step" in r else "-"
+        print(f"| {r['architecture']} | {r['mode']} | {r['latent_side']}x{r['latent_side']} (native "
+              f"{r['native_latent_side']}) | {r['trainable_parameters']:,} | {r['optimizer_bytes'] / GIB:.3f} GiB | "
+              f"{peak} | {seconds} | {'yes' if r['measured'] else 'computed'} |", flush=True)
+
+    rows = training_table(names, args.modes, args.latent_sides, args.repeats, args.device, on_row=show,
+                          bf16_on_cpu=args.bf16_on_cpu)
+    print("\nprojected to the native resolution (static + per-image activations; 1 GiB reserved):")
+    table(["architecture", "mode", "static", "per image", "peak at batch 1", "largest batch 24 / 40 / 80 GB"])
+    for r in rows:
+        if "projected_peak_bytes_batch_1" not in r:
+            continue
+        print(f"| {r['architecture']} | {r['mode']} | {r['static_bytes'] / GIB:.2f} GiB | "
+              f"{r['projected_activation_bytes_per_image'] / GIB:.2f} GiB | "
+              f"{r['projected_peak_bytes_batch_1'] / GIB:.2f} GiB | {r['largest_batch_24gb']} / "
+              f"{r['largest_batch_40gb']} / {r['largest_batch_80gb']} |")
+    return rows
+
+
+GIB = 2 ** 30
 BENCHMARKS = {"step-time": step_time, "parameters": parameters, "gap-closed": gap_closed, "loader": loader,
-              "recording": recording, "storage": storage, "lossy": lossy}
+              "recording": recording, "storage": storage, "lossy": lossy,
+              "training": training}
 
 
 if __name__ == "__main__":
