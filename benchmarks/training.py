@@ -82,7 +82,6 @@ class Meter:
             self.baseline = torch.cuda.memory_allocated()
         else:
             gc.collect()
-            _reset_peak()
             self.baseline = _rss()[0]
 
     def start(self) -> None:
@@ -131,8 +130,8 @@ def _inputs(name: str, base, batch: int, side: int, generator: torch.Generator, 
     if "add_time_ids" in cond:  # SDXL's size conditioning: the measured resolution
         from agd_pipeline.families.sdxl import time_ids
         cond["add_time_ids"] = time_ids(float(8 * side), batch)
-    move = (lambda v: v.to(device)) if device.type != "cpu" else (lambda v: v)
-    return move(x), move(t), {k: move(v) for k, v in cond.items()}, move(w), move(target)
+    return (x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()}, w.to(device),
+            target.to(device))
 
 
 def training_step_row(name: str, mode: str, batch: int = 1, side: int | None = None, repeats: int = 2,

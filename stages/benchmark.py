@@ -266,7 +266,7 @@ def lossy(args) -> list[dict]:
 
 
 def training(args) -> list[dict]:
-    from benchmarks.training import MODES, training_table
+    from benchmarks.training import GIB, MODES, training_table
 
     names = architectures(args, "dit-xl-2-256,sd-2.1-unet,sdxl-unet")
     unknown = [m for m in args.modes if m not in MODES]
@@ -301,7 +301,6 @@ def training(args) -> list[dict]:
     return rows
 
 
-GIB = 2 ** 30
 BENCHMARKS = {"step-time": step_time, "parameters": parameters, "gap-closed": gap_closed, "loader": loader,
               "recording": recording, "storage": storage, "lossy": lossy,
               "training": training}
