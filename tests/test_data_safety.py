@@ -131,6 +131,39 @@ def test_our_store_has_no_foreign_entries(tiny_store, tmp_path):
     assert foreign_entries(tar) == []
 
 
+def test_zarr_temporaries_left_by_a_killed_writer_are_ours_and_nothing_else_is(store_copy):
+    """A run killed while zarr writes a metadata file leaves zarr.<uuid>.partial in a shard (or an
+    array folder of it); the next run must recognise the shard as ours. A look-alike name stays foreign."""
+    shard = sorted(store_copy.glob("shard-*.zarr"))[0]
+    array = next(p for p in shard.iterdir() if p.is_dir())
+    for folder in (shard, array):
+        (folder / f"zarr.{'ab' * 16}.partial").write_bytes(b"{")
+    assert foreign_entries(store_copy) == []
+    (array / "zarr.notes.partial").write_text("mine")
+    assert foreign_entries(store_copy) == [shard.name + "/"]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+def test_a_store_being_created_never_looks_foreign(tiny_base_dir, tmp_path, monkeypatch, fmt):
+    """A second writer started while the first creates the store looks at the folder before it
+    tries the lock: every file the first one has written by then (temporaries included) must be
+    ours, or the second is refused as if the folder were the user's instead of being told who holds
+    it. The folder is listed at every rename the writer makes (temporaries exist just before)."""
+    import os
+
+    root = tmp_path / "store"
+    seen, real_replace = [], os.replace
+
+    def watched_replace(src, dst):
+        seen.append((os.path.basename(src), foreign_entries(root)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watched_replace)
+    generate_store(tiny_base_dir, root, classes=[0], trajectories_per_class=4, shard_size=4, format=fmt)
+    assert any(name.endswith(".tmp") for name, _ in seen), seen  # the watch saw the temporaries
+    assert [(name, foreign) for name, foreign in seen if foreign] == []
+
+
 # ------------------------------------------------------------------------------- one writer
 
 HOLD_LOCK = textwrap.dedent("""

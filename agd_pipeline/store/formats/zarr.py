@@ -30,6 +30,9 @@ warnings.filterwarnings("ignore", message="Consolidated metadata is currently no
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 ARRAY_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+# zarr's local store writes each metadata file as zarr.<uuid4 hex>.partial, then renames it: a
+# writer in progress (or one killed mid-write) leaves these next to the metadata
+ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 
 
 def open_group(path: Path):
@@ -108,19 +111,22 @@ class ZarrFormat(ShardFormat):
         return []
 
     def owns(self, entry: Path) -> bool:
-        """The root group's zarr.json, or a shard folder (or its partial) holding only zarr.json
-        and array folders of ours."""
-        if entry.name == "zarr.json":
+        """The root group's zarr.json (or its temporary, while another writer is creating the
+        store), or a shard folder (or its partial) holding only zarr.json and array folders of ours."""
+        if entry.name in ("zarr.json", "zarr.json.tmp") and entry.is_file():
             return True
         if not entry.is_dir() or entry.is_symlink() \
                 or not re.fullmatch(rf"{SHARD_INDEX}\.{self.extension}(\.partial)?", entry.name):
             return False
+        def metadata(child: Path) -> bool:
+            return child.is_file() and (child.name == "zarr.json" or bool(ZARR_TEMPORARY.fullmatch(child.name)))
+
         for child in entry.iterdir():
-            if child.name == "zarr.json" and child.is_file():
+            if metadata(child):
                 continue
             if not child.is_dir() or child.is_symlink() or not ARRAY_NAME.fullmatch(child.name):
                 return False
-            if not {p.name for p in child.iterdir()} <= {"zarr.json", "c"}:
+            if not all(metadata(p) or (p.name == "c" and p.is_dir()) for p in child.iterdir()):
                 return False
         return True
 
