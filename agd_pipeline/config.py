@@ -107,6 +107,10 @@ OUTPUT_MARKERS = {"model_index.json": "a base model", "manifest.json": "a trajec
                   "adapter_config.json": "adapters", "metrics.json": "evaluation results",
                   "digits.npz": "the text defaults' shared data"}
 MAX_TRAJECTORIES_PER_CONDITION = 1_000_000
+# train.lr_schedule: the diffusers.optimization schedules that end where a run ends (with a warm-up)
+LR_SCHEDULES = ("cosine", "linear", "constant")
+# train.report_to: accelerate's trackers (each needs its own package installed)
+TRACKERS = ("none", "dvclive", "tensorboard", "wandb")
 MAX_GUIDANCE = 50.0  # far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; numpy rejects negative seeds
 # a share of trajectories keeps the pipeline's default negative prompt, so that sampling without one
@@ -451,8 +455,22 @@ class TrainConfig(StageConfig):
         ("uniform", "guidance"))
     steps: int = option(1500, "optimiser steps")
     batch_size: int = option(256, "(trajectory, step) samples per optimiser step")
-    learning_rate: float = option(3e-3, "peak AdamW learning rate (cosine decay, short warm-up)")
+    learning_rate: float = option(3e-3, "peak AdamW learning rate (reached after the warm-up)")
+    lr_schedule: str = option("cosine", "learning-rate schedule after a linear warm-up (diffusers.optimization): "
+                              "cosine decays to 0 at the last step, linear likewise, constant stays at the peak",
+                              LR_SCHEDULES)
+    lr_warmup_fraction: float = option(0.05, "share of the steps spent warming the learning rate up from 0")
     weight_decay: float = option(0.0, "AdamW weight decay")
+    fused_optimizer: bool = option(False, "torch's fused AdamW kernel (one kernel for all adapters: faster on a GPU; "
+                                   "results differ from the default only by rounding)")
+    gradient_accumulation_steps: int = option(1, "micro-batches of batch_size whose gradients are averaged before "
+                                              "each optimiser step: the effective batch is batch_size x this x "
+                                              "processes, at one micro-batch's memory")
+    gradient_checkpointing: bool = option(False, "recompute the frozen base's activations in the backward pass "
+                                          "instead of keeping them: less memory (a full-size base fits a smaller "
+                                          "GPU, or a larger batch), about a third more time, the same result")
+    ema_decay: float = option(0.0, "keep an exponential moving average of the adapter weights (diffusers' "
+                              "EMAModel, this decay, with its warm-up) and save it as the adapters; 0: off")
     seed: int = option(0, "seed for initialisation and shuffling")
     loader_workers: int = option(0, "DataLoader worker processes that read and decode the store (spawned); "
                                  "0 reads in the training process. The batches are the same either way")
@@ -465,6 +483,10 @@ class TrainConfig(StageConfig):
                          "checksum (never train on corrupted data); cheap checks presence and shapes",
                          ("full", "cheap"))
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
+    report_to: str = option("none", "experiment tracker for the loss and learning rate, through accelerate "
+                            "(loss.csv is always written and is what `dvc plots show` draws)", TRACKERS)
+    validate_every: int = option(0, "steps between validation grids (CFG | AGD at two w from fixed seeds, "
+                                 "in out_dir/validation/); 0: one grid, after the last step; -1: none")
 
     def check(self) -> None:
         super().check()
@@ -485,6 +507,14 @@ class TrainConfig(StageConfig):
             self.fail("loader_workers", "must lie in [0, 128] (0 reads in the training process)")
         if self.checkpoint_every < 0:
             self.fail("checkpoint_every", "must be >= 0 (0: only at the end)")
+        if not 0 <= self.lr_warmup_fraction < 1:
+            self.fail("lr_warmup_fraction", "must lie in [0, 1) (a share of train.steps; 0.05 is typical)")
+        if not 1 <= self.gradient_accumulation_steps <= 4096:
+            self.fail("gradient_accumulation_steps", "must lie in [1, 4096] (1: a step per batch)")
+        if not (self.ema_decay == 0 or 0.5 <= self.ema_decay < 1):
+            self.fail("ema_decay", "must be 0 (off) or lie in [0.5, 1) (typical: 0.99 to 0.9999)")
+        if self.validate_every < -1:
+            self.fail("validate_every", "must be -1 (no grids), 0 (one after the last step) or a number of steps")
         allowed = {"guidance", "timestep", "class", "text", "text_tokens", "negative_text", "text_mean",
                    "negative_text_mean"}
         unknown = set(self.condition_on) - allowed

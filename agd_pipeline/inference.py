@@ -35,15 +35,33 @@ def sample_images(adapters: str, guidance_scale: float, classes: list[int] | Non
     _check_arguments(adapters, guidance_scale, per_class, steps, seed, batch_size, dtype)
     if not isinstance(negative_prompt, str):
         raise ConfigError(f"negative_prompt must be a string (got {type(negative_prompt).__name__})")
+    adapter_config, base, adapted = load_for_sampling(adapters, base_model, device, dtype, use_adapters)
+    return sample_loaded(adapter_config, base, adapted, guidance_scale, classes, per_class, steps, seed,
+                         use_adapters, batch_size, prompts, negative_prompt, scheduler, adapters=str(adapters))
+
+
+def load_for_sampling(adapters: str, base_model: str = "", device: str = "auto", dtype: str = "float32",
+                      use_adapters: bool = True):
+    """(adapter config, base with its VAE and text encoders, adapted model or None): what
+    :func:`sample_loaded` samples with, loaded once for any number of calls."""
     adapter_config = read_adapter_config(adapters)
     recorded = {} if base_model else recorded_hub_options(adapter_config["base_model"])
     base = load_base_model(base_model or adapter_config["base_model"]["id"], device=resolve_device(device), **recorded,
                            dtype=torch_dtype(dtype))
+    return adapter_config, base, load_adapted_model(adapters, base) if use_adapters else None
+
+
+def sample_loaded(adapter_config: dict, base, adapted, guidance_scale: float, classes=None, per_class: int = 4,
+                  steps: int = 0, seed: int = 0, use_adapters: bool = True, batch_size: int = 64, prompts=None,
+                  negative_prompt: str = "", scheduler: str = "", adapters: str = "the adapters") -> dict:
+    """:func:`sample_images` with the base and adapters already loaded (:func:`load_for_sampling`);
+    ``adapters`` names them in errors."""
     steps = steps or adapter_config.get("sampler", {}).get("num_steps", 0)
     if not steps:
         raise ConfigError(f"{adapters}: the adapter config records no sampling steps: give steps (--steps)")
     check_num_steps(base, steps, "steps")
-    adapted = load_adapted_model(adapters, base) if use_adapters else None
+    if use_adapters and adapted is None:
+        raise ConfigError(f"{adapters}: AGD sampling needs the adapters loaded (load_for_sampling(use_adapters=True))")
     # CFG's unconditional branch: by default the negative prompt the adapters were distilled with
     negative_prompt = negative_prompt or adapter_config.get("negative_prompt", "")
     labels, conditions, uncond = _conditions(base, classes, prompts, per_class, negative_prompt)

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffusers.optimization import get_scheduler
+
 from .adapters import (MEAN_SOURCES, NEGATIVE_SOURCES, TEXT_SOURCES, AdaptedModel, AdapterConfig,
                        default_condition_on, resolve_placement, save_adapters)
 from .config import TrainConfig, check_interval
@@ -29,22 +31,26 @@ from .devices import resolve_device, torch_dtype
 from .errors import AgdError, ConfigError, ModelError, StoreError, os_reason
 from .loader import StepBatches
 from .locks import FolderLock
+from .memory import enable_base_checkpointing
 from .models import load_base_model, recorded_hub_options
-from .optim import cosine_with_warmup
 from .store import Manifest, TrajectoryStore, differences, read_manifest
 
 CHECKPOINT = "checkpoint"
 LOSS_CSV = "loss.csv"
 CHECKPOINT_FORMAT = "agd-train-checkpoint"
-# What a checkpoint folder holds: tensors in safetensors, everything else in JSON (never a pickle).
+VALIDATION = "validation"
+# What a checkpoint folder holds: tensors in safetensors, everything else in JSON (never a pickle);
+# with train.ema_decay also the EMA of the weights.
 CHECKPOINT_FILES = ("state.json", "adapters.safetensors", "optimizer.safetensors")
+EMA_FILE = "ema.safetensors"
 # Files of checkpoints written by earlier releases (accelerate's save_state): recognised so they can
 # be discarded on request, never loaded.
 LEGACY_CHECKPOINT_FILES = ("progress.json", "model.safetensors", "optimizer.bin", "scheduler.bin",
                            "random_states_0.pkl", "custom_checkpoint_0.pkl")
 # Settings that may change between a checkpoint and a resumed run without changing the result
 # (not `steps`: the learning-rate schedule depends on it).
-RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch", "loader_workers")
+RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch", "loader_workers", "report_to",
+                  "validate_every", "gradient_checkpointing")
 
 
 def weighted_mse(output, target, guidance_scale, weighting: str) -> torch.Tensor:
@@ -108,7 +114,9 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     from accelerate import Accelerator
 
     device = resolve_device(config.device)
-    accelerator = Accelerator(cpu=device == "cpu")
+    _check_tracker(config.report_to)
+    accelerator = Accelerator(cpu=device == "cpu", **({} if config.report_to == "none" else {
+        "log_with": config.report_to, "project_dir": str(Path(config.out_dir) / "tracking")}))
     out, store_root = Path(config.out_dir), Path(config.store)
     if out.resolve() == store_root.resolve() or store_root.resolve() in out.resolve().parents:
         raise ConfigError(f"train.out_dir ({out}) must not be the store ({store_root}) or lie inside it")
@@ -144,10 +152,15 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     report = model.parameter_report()
     log(f"adapters: {config.adapter} at {adapter_config.placement} x{len(model.adapters)}, "
         f"{report['adapter']:,} parameters = {100 * report['share']:.2f} % of the base's {report['base']:,}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    warmup = max(1, config.steps // 20)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, config.steps, warmup))
+    if config.gradient_checkpointing:
+        enable_base_checkpointing(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  **({"fused": True} if config.fused_optimizer else {}))
+    # diffusers' plain "constant" ignores the warm-up; every schedule here has one
+    name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
+    lr_schedule = get_scheduler(name, optimizer, num_training_steps=config.steps,
+                                num_warmup_steps=round(config.lr_warmup_fraction * config.steps))
+    ema = _ema(model, config.ema_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # -- resume from a checkpoint of the same settings on the same store ----------------------
@@ -155,9 +168,12 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
     fingerprint = store.fingerprint()
-    start_step = _resume(accelerator, checkpoint, config, fingerprint, log, model, optimizer, lr_schedule)
+    start_step = _resume(accelerator, checkpoint, config, fingerprint, log, model, optimizer, lr_schedule, ema)
     if main:
         _truncate_losses(out / LOSS_CSV, start_step)
+    if config.report_to != "none":
+        accelerator.init_trackers("agd-adapters", config={k: str(v) if isinstance(v, list) else v
+                                                          for k, v in config.to_dict().items()})
 
     # -- the optimisation loop ----------------------------------------------------------------
     loader = StepBatches(store, config.batch_size, config.seed, rank=accelerator.process_index,
@@ -165,18 +181,89 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     if accelerator.num_processes > 1:
         log(f"train: {accelerator.num_processes} processes, {loader.batches_per_epoch()} batches each per epoch")
     started = time.perf_counter()
-    running = _optimise(config, accelerator, model, optimizer, lr_schedule, loader.from_step(start_step),
-                        store.manifest, base.latent_channels, start_step, fingerprint, progress)
+    batches = loader.from_step(start_step * config.gradient_accumulation_steps)
+    running = _optimise(config, accelerator, model, optimizer, lr_schedule, ema, batches, store, base.latent_channels,
+                        start_step, fingerprint, progress)
     seconds = time.perf_counter() - started
     final_loss = float(np.mean(running[-50:])) if running else None
     accelerator.wait_for_everyone()
+    accelerator.end_training()
 
-    # -- the adapters, with everything they were trained from -----------------------------------
+    # -- the adapters (their EMA, with train.ema_decay), with everything they were trained from -----
     if main:
-        _save_trained(accelerator.unwrap_model(model).eval(), config, store, fingerprint, final_loss)
+        trained = accelerator.unwrap_model(model).eval()
+        if ema is not None:
+            ema.copy_to(trained.parameters())
+        _save_trained(trained, config, store, fingerprint, final_loss)
         log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
             f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
+        if config.validate_every >= 0:
+            grid = _validation_grid(out, out, config.steps, config.seed, store.manifest, str(accelerator.device))
+            log(f"{grid}: validation grid (CFG | AGD at w = {', '.join(map(str, _validation_scales(store.manifest)))})")
     return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
+
+
+def _check_tracker(name: str) -> None:
+    """A tracker whose package is missing is refused before anything runs, naming the install."""
+    if name == "none":
+        return
+    from accelerate import utils
+
+    available = {"dvclive": utils.is_dvclive_available, "tensorboard": utils.is_tensorboard_available,
+                 "wandb": utils.is_wandb_available}[name]
+    if not available():
+        raise ConfigError(f"train.report_to: {name} is not installed; `pip install {name}` (or report_to: none; "
+                          "loss.csv is written either way)")
+
+
+def _ema(model: AdaptedModel, decay: float):
+    """diffusers' EMAModel over the adapter weights (its warm-up: the decay grows from 0 towards
+    ``decay``, so a short run is not dominated by the initial weights), or None."""
+    if not decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=decay, use_ema_warmup=True)
+
+
+def _validation_scales(manifest) -> list[float]:
+    """Two guidance scales of the training range: its middle and its top."""
+    low, high = manifest.guidance_min, manifest.guidance_max
+    return sorted({round((low + high) / 2, 2), round(high, 2)})
+
+
+VALIDATION_ROWS, VALIDATION_SAMPLES = 4, 2  # classes or prompts shown, samples of each
+
+
+def _validation_grid(adapters: Path, out: Path, step: int, seed: int, manifest, device: str) -> Path:
+    """out/validation/step-NNNNNN.png: CFG | AGD at two w, the first classes or prompts of the store,
+    fixed seeds (the same images at every step but for the adapters), sampled through the same
+    path as ``stages.sample`` (the pipeline's own VAE and text encoders: a second copy of the base
+    is loaded for it)."""
+    from .figures import grid_figure, to_uint8
+    from .inference import load_for_sampling, sample_loaded
+
+    recorded = manifest.base_model
+    text = recorded.get("conditioning") == "text"
+    what = {"prompts": list(manifest.get("prompts") or [])[:VALIDATION_ROWS]} if text else \
+        {"classes": list(range(min(VALIDATION_ROWS, recorded["num_classes"])))}
+    panels, labels = {}, None
+    with torch.random.fork_rng(devices=[]):  # training's random stream is left as it was
+        adapter_config, base, adapted = load_for_sampling(str(adapters), device=device)
+        for w in _validation_scales(manifest):
+            for method in ("CFG", "AGD"):
+                result = sample_loaded(adapter_config, base, adapted, w, per_class=VALIDATION_SAMPLES, seed=seed,
+                                       use_adapters=method == "AGD", batch_size=VALIDATION_ROWS * VALIDATION_SAMPLES,
+                                       adapters=str(adapters), **what)
+                panels[f"{method} w={w:g}"] = to_uint8(result["images"])
+                labels = result["labels"].numpy()
+        del base, adapted
+    folder = out / VALIDATION
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.png"
+    grid_figure(panels, labels, VALIDATION_SAMPLES, f"validation after step {step} (rows: "
+                f"{'prompts' if text else 'classes'} {', '.join(map(str, labels[::VALIDATION_SAMPLES]))})", path)
+    return path
 
 
 def _recorded_base(config: TrainConfig, manifest, device):
@@ -195,12 +282,16 @@ def _recorded_base(config: TrainConfig, manifest, device):
     return base
 
 
-def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, batches, manifest, channels: int,
+def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, ema, batches, store, channels: int,
               start_step: int, fingerprint: str, progress: bool) -> list[float]:
-    """Steps start_step .. config.steps: loss.csv rows, the progress bar, checkpoints. Returns the
-    losses of this run (the mean over processes)."""
+    """Steps start_step .. config.steps, each over gradient_accumulation_steps micro-batches:
+    loss.csv rows, the tracker, the progress bar, checkpoints, validation grids. Returns the losses
+    of this run (the mean over micro-batches and processes)."""
     main = accelerator.is_main_process
-    checkpoint = Path(config.out_dir) / CHECKPOINT
+    manifest = store.manifest
+    out = Path(config.out_dir)
+    checkpoint = out / CHECKPOINT
+    accumulate = config.gradient_accumulation_steps
     model.train()
     running = []
     with open(Path(config.out_dir) / LOSS_CSV if main else os.devnull, "a", newline="") as loss_file, \
@@ -210,31 +301,77 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, b
         if start_step == 0:
             writer.writerow(["step", "loss", "lr"])
         for step in bar:
-            batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-            x = batch["model_input"].float()
-            target = batch["guided_output"].float()
-            cond = {k: batch[k] for k in manifest.condition_arrays}
-            output = model(x, batch["timesteps"], cond, batch["guidance_scale"])
-            loss = weighted_mse(output[:, :channels].float(), target, batch["guidance_scale"],
-                                config.loss_weighting)
-            if not torch.isfinite(loss):
-                raise AgdError(f"train: loss became {loss.item()} at step {step}; lower train.learning_rate "
-                               f"(now {config.learning_rate}) or check the store with "
-                               "`python -m stages.inspect --verify`")
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+            total = 0.0
+            for micro in range(accumulate):
+                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+                x = batch["model_input"].float()
+                target = batch["guided_output"].float()
+                cond = {k: batch[k] for k in manifest.condition_arrays}
+                output = model(x, batch["timesteps"], cond, batch["guidance_scale"])
+                loss = weighted_mse(output[:, :channels].float(), target, batch["guidance_scale"],
+                                    config.loss_weighting)
+                if not torch.isfinite(loss):
+                    raise AgdError(f"train: loss became {loss.item()} at step {step}; lower train.learning_rate "
+                                   f"(now {config.learning_rate}) or check the store with "
+                                   "`python -m stages.inspect --verify`")
+                # gradients are averaged over processes once, at the last micro-batch
+                with accelerator.no_sync(model) if micro + 1 < accumulate else contextlib.nullcontext():
+                    accelerator.backward(loss / accumulate if accumulate > 1 else loss)
+                total = total + loss.detach()
             optimizer.step()
             lr_schedule.step()
-            logged = accelerator.reduce(loss.detach(), "mean").item()  # the mean over processes
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
+            # the mean over micro-batches and processes
+            logged = accelerator.reduce(total / accumulate if accumulate > 1 else total, "mean").item()
             running.append(logged)
-            writer.writerow([step + 1, f"{logged:.6g}", f"{lr_schedule.get_last_lr()[0]:.6g}"])
+            lr = lr_schedule.get_last_lr()[0]
+            writer.writerow([step + 1, f"{logged:.6g}", f"{lr:.6g}"])
+            if config.report_to != "none":
+                accelerator.log({"loss": logged, "lr": lr}, step=step + 1)
             if (step + 1) % 25 == 0:
                 bar.set_postfix(loss=f"{np.mean(running[-25:]):.5f}")
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            if step + 1 >= config.steps:
+                continue
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 loss_file.flush()
                 _save_checkpoint(accelerator, checkpoint, config, fingerprint, step + 1, model, optimizer,
-                                 lr_schedule)
+                                 lr_schedule, ema)
+            if config.validate_every > 0 and (step + 1) % config.validate_every == 0:
+                _validate_now(accelerator, config, store, fingerprint, model, ema, step + 1)
     return running
+
+
+def _validate_now(accelerator, config: TrainConfig, store, fingerprint: str, model, ema, step: int) -> None:
+    """A validation grid of the adapters as they are (their EMA, with train.ema_decay) at ``step``:
+    written into a scratch adapter folder, sampled as ``stages.sample`` would, then removed."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out = Path(config.out_dir)
+        scratch = out / VALIDATION / ".adapters"
+        adapted = accelerator.unwrap_model(model)
+        context = ema_weights(ema, adapted) if ema is not None else contextlib.nullcontext()
+        was_training = adapted.training
+        try:
+            with context:
+                save_adapters(adapted.eval(), scratch, extra=_adapter_record(config, store, fingerprint, None))
+            _validation_grid(scratch, out, step, config.seed, store.manifest, str(accelerator.device))
+        finally:
+            adapted.train(was_training)
+            shutil.rmtree(scratch, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def ema_weights(ema, model):
+    """The model's parameters replaced by their EMA inside the block, restored after."""
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
 
 
 def _save_trained(model: AdaptedModel, config: TrainConfig, store: TrajectoryStore, fingerprint: str,
@@ -243,17 +380,8 @@ def _save_trained(model: AdaptedModel, config: TrainConfig, store: TrajectorySto
     checkpoint, no longer needed, is removed."""
     out = Path(config.out_dir)
     checkpoint = out / CHECKPOINT
-    manifest = store.manifest
     try:
-        save_adapters(model, out, extra={
-            "training": config.to_dict(),
-            "store": {"path": str(config.store), "trajectories": store.num_trajectories, "fingerprint": fingerprint,
-                      "shard_checksums": [s.get("checksum") for s in store.shards]},
-            "sampler": manifest.sampler,
-            "guidance": manifest.guidance,
-            "negative_prompt": manifest.negative_prompt,
-            "final_loss": final_loss,
-        })
+        save_adapters(model, out, extra=_adapter_record(config, store, fingerprint, final_loss))
     except OSError as err:
         raise AgdError(f"{out}: cannot write the adapters ({os_reason(err)})"
                        + (f"; the checkpoint in {checkpoint} is intact: fix this and run the same command to "
@@ -262,12 +390,26 @@ def _save_trained(model: AdaptedModel, config: TrainConfig, store: TrajectorySto
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: str, final_loss: float | None) -> dict:
+    """What adapter_config.json records besides the architecture: how and from what they were trained."""
+    manifest = store.manifest
+    return {
+        "training": config.to_dict(),
+        "store": {"path": str(config.store), "trajectories": store.num_trajectories, "fingerprint": fingerprint,
+                  "shard_checksums": [s.get("checksum") for s in store.shards]},
+        "sampler": manifest.sampler,
+        "guidance": manifest.guidance,
+        "negative_prompt": manifest.negative_prompt,
+        "final_loss": final_loss,
+    }
+
+
 def _silent(*args, **kwargs) -> None:
     pass
 
 
 def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, fingerprint: str, step: int, model,
-                     optimizer, lr_schedule) -> None:
+                     optimizer, lr_schedule, ema=None) -> None:
     """Adapters and optimizer state as safetensors, the rest as JSON (nothing that unpickles), in
     a temporary folder renamed over the previous checkpoint once complete (by the main process)."""
     accelerator.wait_for_everyone()
@@ -284,8 +426,13 @@ def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, fingerprint
             state = {"format": CHECKPOINT_FORMAT, "step": step, "config": _comparable(config),
                      "store_fingerprint": fingerprint, "store_path": str(config.store),
                      "optimizer": optimizer_meta, "lr_schedule": lr_schedule.state_dict()}
+            if ema is not None:
+                ema_state = ema.state_dict()
+                save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+                          tmp / EMA_FILE)
+                state["ema"] = ema_state
             (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-            for name in CHECKPOINT_FILES:
+            for name in CHECKPOINT_FILES + ((EMA_FILE,) if ema is not None else ()):
                 with open(tmp / name, "rb+") as f:
                     os.fsync(f.fileno())
             _remove_checkpoint(folder)
@@ -322,7 +469,8 @@ def _remove_checkpoint(folder: Path) -> None:
     """Delete a checkpoint folder, which holds only our files (refuse anything else)."""
     if not folder.exists():
         return
-    foreign = [p.name for p in folder.iterdir() if p.name not in CHECKPOINT_FILES + LEGACY_CHECKPOINT_FILES]
+    ours = (*CHECKPOINT_FILES, EMA_FILE, *LEGACY_CHECKPOINT_FILES)
+    foreign = [p.name for p in folder.iterdir() if p.name not in ours]
     if foreign or not folder.is_dir():
         raise AgdError(f"{folder} holds files that are not part of a training checkpoint ({', '.join(foreign[:5])}); "
                        "refusing to delete it: move them away or choose another train.out_dir")
@@ -330,7 +478,7 @@ def _remove_checkpoint(folder: Path) -> None:
 
 
 def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, log, model, optimizer,
-            lr_schedule) -> int:
+            lr_schedule, ema=None) -> int:
     """The step to start from: a checkpoint of the same settings on the same store is loaded;
     one of other settings, of another store or of an older release starts over (with
     restart_on_mismatch) or is refused."""
@@ -386,6 +534,10 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
         optimizer.load_state_dict(_join_optimizer_state(load_file(folder / "optimizer.safetensors"),
                                                         saved["optimizer"], device))
         lr_schedule.load_state_dict(saved["lr_schedule"])
+        if ema is not None:
+            shadow = load_file(folder / EMA_FILE)
+            ema.load_state_dict({**saved["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+            ema.to(device)
     except Exception as err:  # noqa: BLE001 - safetensors, torch and KeyError: all mean a damaged checkpoint
         raise AgdError(f"{folder}: the checkpoint is damaged ({type(err).__name__}: {str(err)[:200]}); delete it "
                        "to start over (or pass --restart-on-mismatch true)") from None

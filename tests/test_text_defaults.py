@@ -172,6 +172,8 @@ def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, fa
     assert summary["negative_avoidance_ratio"] == metrics["summary_in_training_range"]["negative_avoidance_ratio"]
     assert "gap_closed" not in summary  # measured on class models only
     config = json.loads((adapters / "adapter_config.json").read_text())
+    # the validation grid after the last step: CFG | AGD at two w, prompts of the store as rows
+    assert [p.name for p in (adapters / "validation").iterdir()] == ["step-000003.png"]
     assert "negative_text" in config["adapter"]["condition_on"]  # the store holds negative prompts
     if family != "sd":  # pooled models also see the mean of the prompt tokens, by default
         assert {"text_mean", "negative_text_mean"} <= set(config["adapter"]["condition_on"])

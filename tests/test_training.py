@@ -28,7 +28,8 @@ QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 def train_config(store, out_dir, **overrides) -> TrainConfig:
     settings = {"store": str(store), "out_dir": str(out_dir), "steps": 6, "batch_size": 16, "width": 8,
-                "embed_dim": 16, "device": "cpu", "checkpoint_every": 0, "seed": 0}
+                "embed_dim": 16, "device": "cpu", "checkpoint_every": 0, "seed": 0,
+                "validate_every": -1}  # no validation grids (their tests ask for them)
     return load_config(TrainConfig, {**settings, **overrides})
 
 
@@ -52,11 +53,18 @@ def test_training_reads_only_the_store(tiny_store, tmp_path, monkeypatch):
     forbid(monkeypatch, agd_pipeline.toy, "load_digits_split")
     forbid(monkeypatch, agd_pipeline.toy, "train_base")
     out = tmp_path / "adapters"
-    result = training.train(train_config(tiny_store, out, steps=3), **QUIET)
+    grids = []  # the validation grid samples the base (a picture for people), only once training is over
+
+    def grid(adapters, *args):
+        grids.append((adapters, [step for step, _ in read_losses(out)], (adapters / ADAPTER_WEIGHTS).exists()))
+
+    monkeypatch.setattr(training, "_validation_grid", grid)
+    result = training.train(train_config(tiny_store, out, steps=3, validate_every=0), **QUIET)
     assert (out / ADAPTER_WEIGHTS).exists() and (out / ADAPTER_CONFIG).exists()
     assert [step for step, _ in read_losses(out)] == [1, 2, 3]
     assert result["final_loss"] is not None and np.isfinite(result["final_loss"])
     assert not (out / training.CHECKPOINT).exists()
+    assert grids == [(out, [1, 2, 3], True)]
 
 
 @pytest.fixture(scope="module")
