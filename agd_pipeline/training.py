@@ -198,8 +198,13 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
         log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
             f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
         if config.validate_every >= 0:
-            grid = _validation_grid(out, out, config.steps, config.seed, store.manifest, str(accelerator.device))
-            log(f"{grid}: validation grid (CFG | AGD at w = {', '.join(map(str, _validation_scales(store.manifest)))})")
+            try:
+                grid = _validation_grid(out, out, config.steps, config.seed, store.manifest, str(accelerator.device))
+                scales = ", ".join(map(str, _validation_scales(store.manifest)))
+                log(f"{grid}: validation grid (CFG | AGD at w = {scales})")
+            except (AgdError, OSError) as err:  # a picture that cannot be made must not fail a finished run
+                warnings.warn(f"{out}: the adapters are saved, but no validation grid was made ({err}); "
+                              "set train.validate_every: -1 to skip it", stacklevel=2)
     return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
 
 

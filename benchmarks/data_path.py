@@ -23,21 +23,35 @@ LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}
 
 
 def synthetic_header(latent_shape, trajectories: int, steps: int, shard_size: int, chunk: int,
-                     fmt: str = "zarr", compressor: str = "auto") -> dict:
+                     fmt: str = "zarr", compressor: str = "auto", conditions: dict | None = None) -> dict:
+    conditions = conditions or CLASS_CONDITION
+    text = "prompt_index" in conditions
     return {
-        "base_model": {"id": "synthetic", "family": "dit", "num_classes": 10, "conditioning": "class"},
+        "base_model": {"id": "synthetic", "family": "sd" if text else "dit", "num_classes": 0 if text else 10,
+                       "conditioning": "text" if text else "class"},
         "sampler": {"scheduler": "none", "config": {}, "num_steps": steps},
         "guidance": {"distribution": "uniform", "min": 1.0, "max": 6.0},
-        "seed": 0, "conditioning": "class", "classes": list(range(10)), "prompts": [], "negative_prompt": "",
-        "condition_arrays": CLASS_CONDITION, "num_trajectories": trajectories, "shard_size": shard_size,
+        "seed": 0, "conditioning": "text" if text else "class", "classes": [] if text else list(range(10)),
+        "prompts": [f"prompt {i}" for i in range(10)] if text else [], "negative_prompt": "",
+        "condition_arrays": conditions, "num_trajectories": trajectories, "shard_size": shard_size,
         "latent_shape": list(latent_shape), "output_channels": latent_shape[0], "record_branches": False,
         "compressor": compressor, "chunk_trajectories": chunk, "format": fmt, "bitround_keepbits": 0,
     }
 
 
-def synthetic_arrays(latent_shape, first: int, n: int, steps: int) -> dict[str, np.ndarray]:
-    """Noise-like latents (as real x_t are) and outputs, a function of the trajectory indices."""
+def synthetic_arrays(latent_shape, first: int, n: int, steps: int, conditions: dict | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Noise-like latents (as real x_t are) and outputs, a function of the trajectory indices; the
+    condition arrays of ``conditions`` (default: a class label)."""
     rng = np.random.default_rng(first)
+    if conditions:
+        arrays = synthetic_arrays(latent_shape, first, n, steps)
+        del arrays["class_label"]
+        for name, spec in conditions.items():
+            shape = (n, *spec["shape"])
+            arrays[name] = (np.arange(first, first + n, dtype=np.int64) % 10 if spec["dtype"] == "int64" else
+                            rng.standard_normal(shape, dtype=np.float32).astype(spec["dtype"]))
+        return arrays
     return {
         "model_input": rng.standard_normal((n, steps, *latent_shape), dtype=np.float32).astype(np.float16),
         "guided_output": rng.standard_normal((n, steps, *latent_shape), dtype=np.float32).astype(np.float16),
@@ -53,9 +67,10 @@ def synthetic_arrays(latent_shape, first: int, n: int, steps: int) -> dict[str, 
 def write_synthetic_store(root: Path, header: dict) -> TrajectoryStore:
     writer = StoreWriter(root, header)
     steps, shape = header["sampler"]["num_steps"], header["latent_shape"]
+    conditions = None if header["condition_arrays"] == CLASS_CONDITION else header["condition_arrays"]
     for index in writer.pending():
         shard = writer.begin_shard(index)
-        shard.write(0, synthetic_arrays(shape, shard.start, shard.stop - shard.start, steps))
+        shard.write(0, synthetic_arrays(shape, shard.start, shard.stop - shard.start, steps, conditions))
         shard.finish()
     return TrajectoryStore(root)
 
@@ -172,6 +187,112 @@ def loader_table(trajectories: int = 400, steps: int = 32, batch_size: int = 256
                          **{f"{k}_samples_per_s": v for k, v in rates.items()},
                          "zarr_over_reference": rates["zarr"] / rates["reference"],
                          "webdataset_over_reference": rates["webdataset"] / rates["reference"]})
+    return rows
+
+
+# --------------------------------------------------------------- the shipped configs' layouts
+
+
+# config -> (its base's latent shape, the per-trajectory condition arrays its store holds)
+SHIPPED_LAYOUTS = {
+    "configs/dit-xl-2-256.yaml": ((4, 32, 32), CLASS_CONDITION),
+    "configs/sd-2.1.yaml": ((4, 96, 96), {"prompt_index": {"dtype": "int64", "shape": []},
+                                          "prompt_embeds": {"dtype": "float16", "shape": [77, 1024]}}),
+}
+PAPER_WORKERS = 4  # the paper loader's DataLoader workers
+
+
+def write_paper_layout(root: Path, store: TrajectoryStore) -> None:
+    """The paper's layout: one file per trajectory (torch.save of its tensors: every step's model
+    input and guided output, the timesteps, w and the condition)."""
+    import dask
+
+    root.mkdir(parents=True)
+    names = ["model_input", "guided_output", "timesteps", "guidance_scale", *store.manifest.condition_arrays]
+    arrays = store.dask_arrays(names)
+    for first in range(0, store.num_trajectories, 50):  # 50 trajectories in memory at a time
+        block = dask.compute(*(arrays[n][first:first + 50] for n in names))
+        for i in range(block[0].shape[0]):
+            torch.save({n: torch.from_numpy(np.ascontiguousarray(v[i])) for n, v in zip(names, block)},
+                       root / f"traj_{first + i:06d}.pt")
+
+
+class PaperDataset(torch.utils.data.Dataset):
+    """One (trajectory, step) sample per item: torch.load of the trajectory's file (memory-mapped,
+    so only the pages of that step are read), the step picked out."""
+
+    def __init__(self, root: Path, trajectories: int, steps: int):
+        self.root, self.trajectories, self.steps = root, trajectories, steps
+
+    def __len__(self):
+        return self.trajectories * self.steps
+
+    def __getitem__(self, index):
+        traj, step = divmod(index, self.steps)
+        tensors = torch.load(self.root / f"traj_{traj:06d}.pt", mmap=True, weights_only=True)
+        return {name: value[step].clone() if name in ("model_input", "guided_output", "timesteps") else value.clone()
+                for name, value in tensors.items()}
+
+
+def _epoch_rate(batches, samples: int) -> tuple[float, float]:
+    """(samples per second over ``samples`` samples, the first batch included; seconds to the first batch)."""
+    began = time.perf_counter()
+    iterator, seen, first = iter(batches), 0, None
+    while seen < samples:
+        batch = next(iterator)
+        first = first if first is not None else time.perf_counter() - began
+        seen += len(batch["timesteps"])
+    return seen / (time.perf_counter() - began), first
+
+
+def shipped_loader_table(configs=tuple(SHIPPED_LAYOUTS), trajectories: int = 0, repeats: int = 3,
+                         workdir: str | None = None) -> list[dict]:
+    """Our Zarr and WebDataset loaders against the paper's layout at each shipped config's store
+    layout (its shard_size, chunk_trajectories, steps and train.batch_size; random latents of its
+    base's shape): one epoch each, the first batch included, ``repeats`` paired runs in turn. Also
+    the files per 1,000 trajectories of each layout."""
+    import yaml
+
+    from agd_pipeline.loader import StepBatches
+
+    rows = []
+    for config in configs:
+        shape, conditions = SHIPPED_LAYOUTS[config]
+        settings = yaml.safe_load(Path(config).read_text())
+        generate, train = settings["generate"], settings["train"]
+        steps, batch = generate["num_steps"], train["batch_size"]
+        n = trajectories or (200 if int(np.prod(shape)) <= 4096 else 100)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            root = Path(tmp)
+            layout = dict(shard_size=generate["shard_size"], chunk=generate["chunk_trajectories"],
+                          conditions=conditions)
+            stores = {"zarr": write_synthetic_store(root / "zarr", synthetic_header(shape, n, steps, **layout)),
+                      "webdataset": write_synthetic_store(root / "tar", synthetic_header(
+                          shape, n, steps, fmt="webdataset", **layout))}
+            write_paper_layout(root / "paper", stores["zarr"])
+            total = n * steps
+            rates = {name: [] for name in (*stores, "paper")}
+            firsts = {name: [] for name in rates}
+            for repeat in range(repeats):
+                loaders = {name: StepBatches(store, batch, seed=repeat) for name, store in stores.items()}
+                loaders["paper"] = torch.utils.data.DataLoader(
+                    PaperDataset(root / "paper", n, steps), batch_size=batch, shuffle=True,
+                    num_workers=PAPER_WORKERS, generator=torch.Generator().manual_seed(repeat))
+                for name in (list(loaders) if repeat % 2 == 0 else list(loaders)[::-1]):
+                    rate, first = _epoch_rate(loaders[name], total)
+                    rates[name].append(rate)
+                    firsts[name].append(first)
+            ratios = {name: [a / b for a, b in zip(rates[name], rates["paper"])] for name in stores}
+            files = {"zarr": _files(root / "zarr"), "webdataset": _files(root / "tar"), "paper": _files(root / "paper")}
+        rows.append({
+            "config": config, "latent": "x".join(map(str, shape)), "trajectories": n, "steps": steps,
+            "batch_size": batch, "shard_size": generate["shard_size"],
+            "chunk_trajectories": generate["chunk_trajectories"], "repeats": repeats,
+            **{f"{name}_samples_per_s": rates[name] for name in rates},
+            **{f"{name}_first_batch_s": firsts[name] for name in firsts},
+            **{f"{name}_over_paper": ratios[name] for name in ratios},
+            **{f"{name}_files_per_1000": 1000 * files[name] / n for name in files},
+        })
     return rows
 
 

@@ -5,6 +5,8 @@ README's tables come from docs/benchmarks/<what>.json, written only when asked w
   parameters  adapter parameter counts for full-size configs (meta device, no weights)
   gap-closed  how much of the guidance gap trained adapters close
   loader      training loader samples/s: Zarr, WebDataset, the reference layout (dir per trajectory)
+  loader-shipped  the same at the shipped configs' store layouts (DiT-XL/2, SD 2.1) against the paper's
+              layout (a file per trajectory, torch.load, 4 workers): one epoch, first batch included
   recording   stage one with recording against the same sampling loop without
   storage     bytes per trajectory-step and files per 1,000 trajectories, per format and codec
   lossy       adapters trained on BitRound copies of the store: gap closed against lossless
@@ -111,7 +113,8 @@ def parser() -> Parser:
                         "toy-dit-8x8 (step-time defaults to dit-xl-2-256,sd-2.1-unet)")
     parser.add_argument("--batch-sizes", default="1,4", help="step-time: batch sizes (images)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="step-time, training: timed repeats (median; training adds one warm-up step)")
+                        help="step-time, training, loader-shipped: timed repeats (median; training adds one warm-up "
+                        "step; loader-shipped: paired runs, min-max shown)")
     parser.add_argument("--adapters", default="data/adapters",
                         help="gap-closed: comma-separated adapter folders to compare")
     parser.add_argument("--trajectories", type=int, default=400,
@@ -119,7 +122,8 @@ def parser() -> Parser:
     parser.add_argument("--store", default="data/trajectories", help="storage, lossy: the store to start from")
     parser.add_argument("--keepbits", default="6,3", help="lossy: BitRound mantissa bits to compare")
     parser.add_argument("--workdir", default="data/benchmarks",
-                        help="loader, storage, lossy: scratch folder (lossy keeps its stores and adapters there)")
+                        help="loader, loader-shipped, storage, lossy: scratch folder (lossy keeps its stores and "
+                        "adapters there)")
     parser.add_argument("--modes", default="agd-fp32,agd-bf16,agd-fp32-ckpt,agd-bf16-ckpt,full-fp32",
                         help="training: comma-separated modes")
     parser.add_argument("--latent-sides", default="sd-2.1-unet=64,sdxl-unet=64",
@@ -229,6 +233,29 @@ def loader(args) -> list[dict]:
     return rows
 
 
+def loader_shipped(args) -> list[dict]:
+    import numpy as np
+
+    from benchmarks import data_path
+
+    rows = data_path.shipped_loader_table(repeats=args.repeats, workdir=args.workdir)
+
+    def spread(values, unit=""):
+        low, mid, high = min(values), float(np.median(values)), max(values)
+        return f"{mid:,.1f}{unit} ({low:,.1f}-{high:,.1f})"
+
+    table(["config", "layout", "Zarr loader", "WebDataset loader", "paper layout", "Zarr / paper",
+           "WebDataset / paper", "files per 1,000 trajectories (Zarr / WebDataset / paper)"])
+    for r in rows:
+        print(f"| {r['config']} | {r['latent']}, {r['steps']} steps, shards of {r['shard_size']}, chunks of "
+              f"{r['chunk_trajectories']}, batch {r['batch_size']} | {spread(r['zarr_samples_per_s'], '/s')} | "
+              f"{spread(r['webdataset_samples_per_s'], '/s')} | {spread(r['paper_samples_per_s'], '/s')} | "
+              f"{spread(r['zarr_over_paper'], 'x')} | {spread(r['webdataset_over_paper'], 'x')} | "
+              f"{r['zarr_files_per_1000']:,.0f} / {r['webdataset_files_per_1000']:,.0f} / "
+              f"{r['paper_files_per_1000']:,.0f} |")
+    return rows
+
+
 def recording(args) -> list[dict]:
     from benchmarks import data_path
 
@@ -302,6 +329,7 @@ def training(args) -> list[dict]:
 
 
 BENCHMARKS = {"step-time": step_time, "parameters": parameters, "gap-closed": gap_closed, "loader": loader,
+              "loader-shipped": loader_shipped,
               "recording": recording, "storage": storage, "lossy": lossy,
               "training": training}
 

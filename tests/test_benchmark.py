@@ -81,3 +81,40 @@ def test_data_benchmarks_run_on_small_inputs(tiny_store, tmp_path):
     assert float(item["guidance_scale"]) == float(arrays["guidance_scale"][9].compute())
     result = bench.recording_overhead(batch=10, steps=2, batches=1, repeats=1)
     assert result["seconds_with_recording"] > 0 and result["seconds_without_recording"] > 0
+
+
+def test_paper_layout_holds_the_store_and_the_shipped_table_runs(tiny_store, tmp_path, monkeypatch):
+    """The paper-layout loader reads the same numbers as the store; the shipped-layout table runs on
+    a tiny layout of each kind (class and text conditions; its numbers are not judged here)."""
+    import numpy as np
+    import yaml
+
+    from benchmarks import data_path as bench
+    from agd_pipeline.store import TrajectoryStore
+
+    store = TrajectoryStore(tiny_store)
+    bench.write_paper_layout(tmp_path / "paper", store)
+    item = bench.PaperDataset(tmp_path / "paper", store.num_trajectories, store.num_steps)[4 * 9 + 2]
+    arrays = store.dask_arrays()
+    np.testing.assert_array_equal(item["model_input"].numpy(), arrays["model_input"][9, 2].compute())
+    np.testing.assert_array_equal(item["guided_output"].numpy(), arrays["guided_output"][9, 2].compute())
+    assert float(item["timesteps"]) == float(arrays["timesteps"][9, 2].compute())
+    assert int(item["class_label"]) == int(arrays["class_label"][9].compute())
+
+    configs = {}
+    for name, conditions in (("class", bench.CLASS_CONDITION), ("text", {
+            "prompt_index": {"dtype": "int64", "shape": []},
+            "prompt_embeds": {"dtype": "float16", "shape": [3, 8]}})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"generate": {"num_steps": 3, "shard_size": 4, "chunk_trajectories": 2},
+                                        "train": {"batch_size": 5}}))
+        configs[str(path)] = ((1, 4, 4), conditions)
+    monkeypatch.setattr(bench, "SHIPPED_LAYOUTS", configs)
+    monkeypatch.setattr(bench, "PAPER_WORKERS", 0)
+    rows = bench.shipped_loader_table(tuple(configs), trajectories=8, repeats=2, workdir=str(tmp_path))
+    assert [r["config"] for r in rows] == list(configs)
+    for r in rows:
+        assert len(r["zarr_over_paper"]) == len(r["webdataset_over_paper"]) == 2
+        assert all(v > 0 for v in r["zarr_samples_per_s"] + r["paper_samples_per_s"] + r["paper_first_batch_s"])
+        assert r["paper_files_per_1000"] == 1000  # one file per trajectory
+        assert r["webdataset_files_per_1000"] == 1000 * 2 * 2 / 8  # 2 tars and their sidecars

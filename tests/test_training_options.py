@@ -181,3 +181,16 @@ def test_validation_grids_every_n_steps_and_after_the_last(tiny_store, tmp_path)
     early, late = (np.asarray(Image.open(out / training.VALIDATION / g).convert("L"), dtype=float) for g in grids)
     assert early.shape == late.shape and early.std() > 10  # a picture, not a blank
     assert (early != late).any()  # the AGD columns changed with the adapters
+
+
+def test_a_validation_grid_that_cannot_be_made_warns_and_keeps_the_adapters(tiny_store, tmp_path, monkeypatch):
+    from agd_pipeline.errors import ModelError
+
+    def broken(*args, **kwargs):
+        raise ModelError("the base has no VAE")
+
+    monkeypatch.setattr(training, "_validation_grid", broken)
+    out = tmp_path / "adapters"
+    with pytest.warns(UserWarning, match="the adapters are saved, but no validation grid was made"):
+        training.train(train_config(tiny_store, out, steps=2, validate_every=0), **QUIET)
+    assert (out / ADAPTER_WEIGHTS).is_file() and not (out / training.CHECKPOINT).exists()
