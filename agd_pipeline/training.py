@@ -275,8 +275,12 @@ def _recorded_base(config: TrainConfig, manifest, device):
     """The base the store names (or train.base_model), refused unless its weights are the ones the
     targets were recorded with."""
     recorded = manifest.base_model
-    base = load_base_model(config.base_model or recorded["id"], device=device, with_vae=False,
-                           dtype=torch_dtype(config.dtype or recorded.get("dtype", "float32")),
+    recorded_dtype = torch_dtype(recorded.get("dtype", "float32"))
+    wanted = torch_dtype(config.dtype) if config.dtype else recorded_dtype
+    # the fingerprint is checked in the dtype the targets were recorded in (bfloat16 rounds the
+    # weights differently), then the base is cast to train.dtype: on the CPU first when they differ
+    base = load_base_model(config.base_model or recorded["id"], device=device if wanted == recorded_dtype else "cpu",
+                           with_vae=False, dtype=recorded_dtype,
                            **({} if config.base_model else recorded_hub_options(recorded)))
     if base.weights_fingerprint() != recorded["weights_fingerprint"]:
         raise ModelError(
@@ -284,6 +288,8 @@ def _recorded_base(config: TrainConfig, manifest, device):
             f"but {base.model_id!r} has weights {base.weights_fingerprint()}: the targets do not belong to this "
             "base. Re-run stage one (generate) for this base, or point train.base_model at the recorded one."
         )
+    if wanted != recorded_dtype:
+        base.net.to(device=device, dtype=wanted)
     return base
 
 

@@ -194,3 +194,32 @@ def test_a_validation_grid_that_cannot_be_made_warns_and_keeps_the_adapters(tiny
     with pytest.warns(UserWarning, match="the adapters are saved, but no validation grid was made"):
         training.train(train_config(tiny_store, out, steps=2, validate_every=0), **QUIET)
     assert (out / ADAPTER_WEIGHTS).is_file() and not (out / training.CHECKPOINT).exists()
+
+
+def test_a_bf16_base_trains_on_a_store_recorded_in_fp32(tiny_store, tmp_path, monkeypatch):
+    """train.dtype bfloat16 on an fp32 store: the weights are checked against the store in fp32
+    (bfloat16 rounds them differently), then the frozen base runs in bf16; the adapters stay fp32
+    and load back onto the fp32 base without a mismatch."""
+    import warnings
+
+    from agd_pipeline.adapters import load_adapted_model
+    from agd_pipeline.models import load_base_model
+
+    seen = []
+    forward = AdaptedModel.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append((self.base.dtype, {p.dtype for p in self.parameters()}))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptedModel, "forward", recording)
+    out = tmp_path / "bf16"
+    training.train(train_config(tiny_store, out, steps=2, dtype="bfloat16"), **QUIET)
+    monkeypatch.undo()
+    assert seen and all(dtype == torch.bfloat16 and kinds == {torch.float32} for dtype, kinds in seen)
+    assert all(v.dtype == torch.float32 for v in weights(out).values())
+    config = __import__("json").loads((out / "adapter_config.json").read_text())
+    assert config["base_model"]["dtype"] == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "other weights" warning: the fingerprint is the checkpoint's
+        load_adapted_model(out, load_base_model(config["base_model"]["id"], with_vae=False)).remove()
