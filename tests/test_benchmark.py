@@ -117,4 +117,4 @@ def test_paper_layout_holds_the_store_and_the_shipped_table_runs(tiny_store, tmp
         assert len(r["zarr_over_paper"]) == len(r["webdataset_over_paper"]) == 2
         assert all(v > 0 for v in r["zarr_samples_per_s"] + r["paper_samples_per_s"] + r["paper_first_batch_s"])
         assert r["paper_files_per_1000"] == 1000  # one file per trajectory
-        assert r["webdataset_files_per_1000"] == 1000 * 2 * 2 / 8  # 2 tars and their sidecars
+        assert r["webdataset_files_per_1000"] == 1000 * 5 / 8  # 2 tars, their sidecars and the manifest

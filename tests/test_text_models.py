@@ -301,8 +301,14 @@ def test_training_never_loads_text_encoders(pipeline_dirs, tmp_path, monkeypatch
     monkeypatch.setattr(models, "encode_prompts", forbidden)
     import diffusers
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", forbidden)
+    # the validation grid, a picture made once training is over, is the one part that encodes prompts
+    import agd_pipeline.training as training
+
+    grids = []
+    monkeypatch.setattr(training, "_validation_grid", lambda *args: grids.append(args[2]))
     summary = train(load_config(TrainConfig, params), progress=False, log=lambda *a: None)
     assert np.isfinite(summary["final_loss"])
+    assert grids == [load_config(TrainConfig, params).steps]
 
 
 def test_text_models_need_prompts_and_class_models_refuse_them(pipeline_dirs, tiny_base_dir, tmp_path):
