@@ -42,32 +42,28 @@ def synthetic_header(latent_shape, trajectories: int, steps: int, shard_size: in
 def synthetic_arrays(latent_shape, first: int, n: int, steps: int, conditions: dict | None = None
                      ) -> dict[str, np.ndarray]:
     """Noise-like latents (as real x_t are) and outputs, a function of the trajectory indices; the
-    condition arrays of ``conditions`` (default: a class label)."""
+    condition arrays of ``conditions`` (default: a class label): integers cycle through 10 values,
+    floats are noise."""
     rng = np.random.default_rng(first)
-    if conditions:
-        arrays = synthetic_arrays(latent_shape, first, n, steps)
-        del arrays["class_label"]
-        for name, spec in conditions.items():
-            shape = (n, *spec["shape"])
-            arrays[name] = (np.arange(first, first + n, dtype=np.int64) % 10 if spec["dtype"] == "int64" else
-                            rng.standard_normal(shape, dtype=np.float32).astype(spec["dtype"]))
-        return arrays
-    return {
+    arrays = {
         "model_input": rng.standard_normal((n, steps, *latent_shape), dtype=np.float32).astype(np.float16),
         "guided_output": rng.standard_normal((n, steps, *latent_shape), dtype=np.float32).astype(np.float16),
         "timesteps": np.tile(np.linspace(999, 0, steps, dtype=np.float32), (n, 1)),
         "guidance_scale": rng.uniform(1, 6, n).astype(np.float32),
         "seed": np.arange(first, first + n, dtype=np.int64),
-        "class_label": np.arange(first, first + n, dtype=np.int64) % 10,
         "trajectory_index": np.arange(first, first + n, dtype=np.int64),
         "sample": rng.standard_normal((n, *latent_shape), dtype=np.float32).astype(np.float16),
     }
+    for name, spec in (conditions or CLASS_CONDITION).items():
+        arrays[name] = (np.arange(first, first + n, dtype=np.int64) % 10 if spec["dtype"] == "int64" else
+                        rng.standard_normal((n, *spec["shape"]), dtype=np.float32).astype(spec["dtype"]))
+    return arrays
 
 
 def write_synthetic_store(root: Path, header: dict) -> TrajectoryStore:
     writer = StoreWriter(root, header)
     steps, shape = header["sampler"]["num_steps"], header["latent_shape"]
-    conditions = None if header["condition_arrays"] == CLASS_CONDITION else header["condition_arrays"]
+    conditions = header["condition_arrays"]
     for index in writer.pending():
         shard = writer.begin_shard(index)
         shard.write(0, synthetic_arrays(shape, shard.start, shard.stop - shard.start, steps, conditions))

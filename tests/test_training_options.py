@@ -16,7 +16,7 @@ import agd_pipeline.training as training
 from agd_pipeline.adapters import ADAPTER_WEIGHTS, AdaptedModel
 from agd_pipeline.errors import ConfigError
 
-from test_training import QUIET, Interrupted, read_losses, train_config
+from test_training import QUIET, interrupted_training, read_losses, train_config
 
 
 def weights(folder):
@@ -121,18 +121,9 @@ def test_ema_adapters_are_saved_and_resume_bit_for_bit(tiny_store, tmp_path, mon
     assert any(not torch.equal(weights(raw)[k], weights(straight)[k]) for k in weights(raw))
     np.testing.assert_allclose([v for _, v in read_losses(raw)], [v for _, v in read_losses(straight)], rtol=1e-6)
 
-    original = training._save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        original(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
-        training.train(train_config(tiny_store, resumed, steps=6, ema_decay=0.9, checkpoint_every=3), **QUIET)
-    monkeypatch.undo()
+    interrupted_training(tiny_store, resumed, monkeypatch, ema_decay=0.9)
     assert (resumed / training.CHECKPOINT / training.EMA_FILE).is_file()
-    training.train(train_config(tiny_store, resumed, steps=6, ema_decay=0.9, checkpoint_every=3), **QUIET)
+    training.train(train_config(tiny_store, resumed, steps=6, ema_decay=0.9, checkpoint_every=2), **QUIET)
     assert_same(weights(resumed), weights(straight), atol=0, rtol=0)
 
 
