@@ -13,6 +13,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from .config import DEFAULT_PARAMS, StageConfig, load_config
+from .devices import apply_thread_policy
 from .errors import AgdError, os_reason
 
 
@@ -54,6 +55,7 @@ def run_command(body: Callable[[], int | None], check: Callable[[], str | None] 
     OSError) and running out of memory end in one ``error: ...`` line and exit status 2; any other
     exception is a bug and keeps its traceback."""
     try:
+        apply_thread_policy()  # every command: AGD_NUM_THREADS, else 1 (agd_pipeline.devices)
         problem = check() if check else None
         if problem:
             print(f"error: {problem}", file=sys.stderr)

@@ -22,7 +22,7 @@ import yaml
 from .devices import parse_device, resolve_device
 from .errors import ConfigError, StoreError
 from .store.formats import FORMATS, resolve_compressor
-from .store.schema import CODECS
+from .store.schema import CHUNK_BYTES, CODECS
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -346,8 +346,10 @@ class GenerateConfig(StageConfig):
     seed: int = option(0, "run seed: trajectory i's seed, class and w depend only on (seed, i)")
     batch_size: int = option(200, "trajectories sampled together (one batched CFG call per step)")
     shard_size: int = option(200, "trajectories per shard (each shard is written by one process)")
-    chunk_trajectories: int = option(50, "trajectories per Zarr chunk (the unit training reads); "
-                                     "independent of batch_size, so a run can resume with another batch size")
+    chunk_bytes: int = option(CHUNK_BYTES, "target bytes of one chunk of the latent arrays, the unit stage "
+                              "two reads (as many whole trajectories as fit, split along steps where one "
+                              "does not); small arrays are one chunk per shard. The layout follows from the "
+                              "data: the default suits every model size")
     compressor: str = option("auto", "on-disk codec; auto: blosc-zstd for zarr, none for webdataset (whose tar "
                              "members are standard .npz files: deflate or none only)", ("auto", *CODECS))
     format: str = option("zarr", "store format: zarr (one Zarr group per shard, read by chunk rows) or "
@@ -372,7 +374,7 @@ class GenerateConfig(StageConfig):
     def check(self) -> None:
         super().check()
         for name in ("trajectories_per_class", "trajectories_per_prompt", "num_steps", "batch_size",
-                     "shard_size", "chunk_trajectories"):
+                     "shard_size"):
             if getattr(self, name) <= 0:
                 self.fail(name, "must be positive")
         for name in ("trajectories_per_class", "trajectories_per_prompt"):
@@ -387,6 +389,8 @@ class GenerateConfig(StageConfig):
                 f"{self.key('guidance_min')} ({self.guidance_min}) is above "
                 f"{self.key('guidance_max')} ({self.guidance_max}): the range must be [min, max]"
             )
+        if not 1024 <= self.chunk_bytes <= 1 << 30:
+            self.fail("chunk_bytes", "must lie in [1024, 1073741824] bytes (default 4194304, 4 MiB)")
         if not 0 <= self.bitround_keepbits <= 10:
             self.fail("bitround_keepbits", "must lie in [0, 10] (float16 has 10 mantissa bits; 0 = lossless)")
         try:  # the store's one codec table says which codec each format takes
@@ -472,16 +476,22 @@ class TrainConfig(StageConfig):
     ema_decay: float = option(0.0, "keep an exponential moving average of the adapter weights (diffusers' "
                               "EMAModel, this decay, with its warm-up) and save it as the adapters; 0: off")
     seed: int = option(0, "seed for initialisation and shuffling")
-    loader_workers: int = option(0, "DataLoader worker processes that read and decode the store (spawned); "
-                                 "0 reads in the training process. The batches are the same either way")
+    loader_workers: int = option(0, "DataLoader worker processes that read and decode the store (started once "
+                                 "per run, forked on Linux); 0 reads in threads of the training process. "
+                                 "Either way reading runs one buffer ahead, and the batches are the same")
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
     dtype: str = option("", "dtype the frozen base runs in; empty takes the one stage one used (the "
                         "adapters themselves train in float32)", ("", "float32", "float16", "bfloat16"))
     restart_on_mismatch: bool = option(False, "when out_dir holds a checkpoint of other settings, delete it "
                                        "and start over; otherwise refuse")
-    verify: str = option("full", "store check before training: full re-reads every shard against its "
-                         "checksum (never train on corrupted data); cheap checks presence and shapes",
-                         ("full", "cheap"))
+    verify: str = option("changed", "store check before training (never train on corrupted data): changed "
+                         "re-reads every shard against its checksums except those that passed such a re-read "
+                         "before and whose files are unchanged since (same names, sizes and modification "
+                         "times; the record is kept outside the store, in $AGD_CACHE_DIR, else "
+                         "$XDG_CACHE_HOME/agd-pipeline, else ~/.cache/agd-pipeline); bytes changed in place "
+                         "with the modification time kept (or by a failing disk) are caught only by full, "
+                         "which re-reads every shard (and renews the records); cheap checks presence, shapes, "
+                         "chunk files and sizes only", ("changed", "full", "cheap"))
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
     report_to: str = option("none", "experiment tracker for the loss and learning rate, through accelerate "
                             "(loss.csv is always written and is what `dvc plots show` draws)", TRACKERS)

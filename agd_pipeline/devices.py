@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from .errors import ConfigError
 
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
@@ -55,3 +58,42 @@ def torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name or "float32"]
+
+
+# ------------------------------------------------------------------------------ thread policy
+
+THREADS_ENV = "AGD_NUM_THREADS"
+
+
+def thread_count() -> int:
+    """Torch's intra-op threads for a command: ``AGD_NUM_THREADS`` (a positive integer, or ``all``
+    for every core this process may use), else ``OMP_NUM_THREADS`` where the user set it, else 1.
+
+    1 is the default because it is the fastest choice on a loaded machine and costs little on a
+    quiet one (the models these stages run on a CPU are small: ``python -m stages.benchmark
+    threads`` measures both), and a fixed count keeps CPU results bit-for-bit reproducible
+    whatever the load (a parallel reduction's order can depend on the thread count). On a GPU the
+    math does not run in these threads. Raise it for large models on a quiet many-core CPU."""
+    value = os.environ.get(THREADS_ENV, "").strip().lower()
+    if not value:
+        user = os.environ.get("OMP_NUM_THREADS", "").strip()
+        return int(user) if user.isdigit() and int(user) >= 1 else 1
+    if value == "all":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{THREADS_ENV}={os.environ[THREADS_ENV]!r}: expected a positive integer or 'all'")
+    return int(value)
+
+
+def apply_thread_policy() -> int:
+    """Apply :func:`thread_count` to torch: through OMP_NUM_THREADS before torch is imported (torch
+    reads it once, at import), or directly once it is. Returns the count."""
+    count = thread_count()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(count)
+    return count

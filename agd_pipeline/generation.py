@@ -219,7 +219,7 @@ def store_header(config: GenerateConfig, base: BaseModel, conditions: Conditions
         "compressor": resolve_compressor(config.compressor, config.format),
         "format": config.format,
         "bitround_keepbits": config.bitround_keepbits,
-        "chunk_trajectories": min(config.chunk_trajectories, config.shard_size),
+        "chunk_bytes": config.chunk_bytes,
     }, default=str))
 
 
@@ -317,7 +317,8 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
         else:
             writer = open_first()
         what = "CFG trajectories" if real is None else "forward-noised real data"
-        return _generate(config, writer, conditions, rank, world, progress, log, record, what)
+        with writer.compacting():  # rank 0 folds the manifest's journal into manifest.json at the end
+            return _generate(config, writer, conditions, rank, world, progress, log, record, what)
 
 
 def _generate(config: GenerateConfig, writer: StoreWriter, conditions: Conditions, rank: int, world: int,

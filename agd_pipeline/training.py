@@ -136,7 +136,8 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
 
     # -- the store (verified) and the frozen base it was recorded with ------------------------
     store = TrajectoryStore(config.store)
-    store.check(full=config.verify == "full" and main)  # the other processes check presence and shapes
+    # the other processes check presence and shapes; the main one re-reads what train.verify says
+    store.check(mode=config.verify if main else "cheap", log=log)
     accelerator.wait_for_everyone()
     base = _recorded_base(config, store.manifest, accelerator.device)
 

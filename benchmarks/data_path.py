@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from agd_pipeline.store import CLASS_CONDITION, StoreWriter, TrajectoryStore, folder_bytes, convert_store
+from agd_pipeline.store.schema import CHUNK_BYTES, read_rows, unit_rows
 
 LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}
 
@@ -22,7 +23,7 @@ LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}
 # ------------------------------------------------------------------------------ synthetic data
 
 
-def synthetic_header(latent_shape, trajectories: int, steps: int, shard_size: int, chunk: int,
+def synthetic_header(latent_shape, trajectories: int, steps: int, shard_size: int, chunk_bytes: int = CHUNK_BYTES,
                      fmt: str = "zarr", compressor: str = "auto", conditions: dict | None = None) -> dict:
     conditions = conditions or CLASS_CONDITION
     text = "prompt_index" in conditions
@@ -35,7 +36,7 @@ def synthetic_header(latent_shape, trajectories: int, steps: int, shard_size: in
         "prompts": [f"prompt {i}" for i in range(10)] if text else [], "negative_prompt": "",
         "condition_arrays": conditions, "num_trajectories": trajectories, "shard_size": shard_size,
         "latent_shape": list(latent_shape), "output_channels": latent_shape[0], "record_branches": False,
-        "compressor": compressor, "chunk_trajectories": chunk, "format": fmt, "bitround_keepbits": 0,
+        "compressor": compressor, "chunk_bytes": chunk_bytes, "format": fmt, "bitround_keepbits": 0,
     }
 
 
@@ -163,8 +164,8 @@ def loader_table(trajectories: int = 400, steps: int = 32, batch_size: int = 256
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for label, shape in LOADER_LATENTS.items():
             root = Path(tmp) / label
-            zarr_store = write_synthetic_store(root / "zarr", synthetic_header(shape, trajectories, steps, 100, 25))
-            tar_store = write_synthetic_store(root / "tar", synthetic_header(shape, trajectories, steps, 100, 25,
+            zarr_store = write_synthetic_store(root / "zarr", synthetic_header(shape, trajectories, steps, 100))
+            tar_store = write_synthetic_store(root / "tar", synthetic_header(shape, trajectories, steps, 100,
                                                                               fmt="webdataset"))
             write_reference_layout(root / "reference", zarr_store)
             total = trajectories * steps
@@ -244,7 +245,7 @@ def _epoch_rate(batches, samples: int) -> tuple[float, float]:
 def shipped_loader_table(configs=tuple(SHIPPED_LAYOUTS), trajectories: int = 0, repeats: int = 3,
                          workdir: str | None = None) -> list[dict]:
     """Our Zarr and WebDataset loaders against the paper's layout at each shipped config's store
-    layout (its shard_size, chunk_trajectories, steps and train.batch_size; random latents of its
+    layout (its shard_size, chunk_bytes, steps and train.batch_size; random latents of its
     base's shape): one epoch each, the first batch included, ``repeats`` paired runs in turn. Also
     the files per 1,000 trajectories of each layout."""
     import yaml
@@ -257,12 +258,14 @@ def shipped_loader_table(configs=tuple(SHIPPED_LAYOUTS), trajectories: int = 0, 
         settings = yaml.safe_load(Path(config).read_text())
         generate, train = settings["generate"], settings["train"]
         steps, batch = generate["num_steps"], train["batch_size"]
-        n = trajectories or (200 if int(np.prod(shape)) <= 4096 else 100)
+        n = trajectories or generate["shard_size"]  # one full shard of the config
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             root = Path(tmp)
-            layout = dict(shard_size=generate["shard_size"], chunk=generate["chunk_trajectories"],
+            layout = dict(shard_size=generate["shard_size"], chunk_bytes=generate.get("chunk_bytes", CHUNK_BYTES),
                           conditions=conditions)
-            stores = {"zarr": write_synthetic_store(root / "zarr", synthetic_header(shape, n, steps, **layout)),
+            compressor = generate.get("compressor", "auto")
+            stores = {"zarr": write_synthetic_store(root / "zarr", synthetic_header(
+                          shape, n, steps, compressor=compressor, **layout)),
                       "webdataset": write_synthetic_store(root / "tar", synthetic_header(
                           shape, n, steps, fmt="webdataset", **layout))}
             write_paper_layout(root / "paper", stores["zarr"])
@@ -283,7 +286,10 @@ def shipped_loader_table(configs=tuple(SHIPPED_LAYOUTS), trajectories: int = 0, 
         rows.append({
             "config": config, "latent": "x".join(map(str, shape)), "trajectories": n, "steps": steps,
             "batch_size": batch, "shard_size": generate["shard_size"],
-            "chunk_trajectories": generate["chunk_trajectories"], "repeats": repeats,
+            "chunk_bytes": layout["chunk_bytes"], "compressor": compressor,
+            "unit_trajectories": unit_rows(stores["zarr"].manifest),
+            "read_trajectories": read_rows(stores["zarr"].manifest),
+            "repeats": repeats,
             **{f"{name}_samples_per_s": rates[name] for name in rates},
             **{f"{name}_first_batch_s": firsts[name] for name in firsts},
             **{f"{name}_over_paper": ratios[name] for name in ratios},
@@ -401,4 +407,99 @@ def lossy_table(store: str | Path, adapters_out: str | Path, keepbits=(6, 3), tr
         rows.append({"bitround_keepbits": bits, "store_mib": size / 2**20, "gap_closed": result["overall"],
                      "gap_closed_per_w_bin": result["per_w_bin"]})
     (out / "lossy.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+# ------------------------------------------------------------------------------ loader memory
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size of a process in bytes (shared pages split between their users), 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return found
+
+
+def loader_memory_run(root: str, workers: int, epochs: int, batch: int) -> dict:
+    """In a fresh process (see loader_memory_table): ``epochs`` epochs of the loader over the store
+    at ``root`` with ``workers`` workers; the peak of the PSS of this process and its workers,
+    sampled every 10 ms, and every worker process seen."""
+    import threading
+
+    from agd_pipeline.loader import StepBatches
+
+    store = TrajectoryStore(root)
+    loader = StepBatches(store, batch, seed=0, workers=workers)
+    me = __import__("os").getpid()
+    before = _pss(me)
+    peak, seen, done = [before], set(), threading.Event()
+
+    def sample():
+        while not done.is_set():
+            children = _children(me)
+            seen.update(children)
+            peak[0] = max(peak[0], _pss(me) + sum(_pss(c) for c in children))
+            done.wait(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    began = time.perf_counter()
+    batches = loader.from_step(0)
+    for _ in range(epochs * loader.batches_per_epoch()):
+        next(batches)
+    seconds = time.perf_counter() - began
+    batches.close()
+    done.set()
+    sampler.join()
+    return {"workers": workers, "before_bytes": before, "peak_bytes": peak[0], "worker_processes": len(seen),
+            "seconds": seconds, "buffer_units": loader.buffer_units, "units": len(loader.units)}
+
+
+def loader_memory_table(config: str = "configs/sd-2.1.yaml", workers=(0, 2), trajectories: int = 0, epochs: int = 3,
+                        workdir: str | None = None) -> list[dict]:
+    """Peak memory of the training loader with 0 and N workers at a shipped config's layout (its
+    shard size, chunk size and batch; random latents of its base's shape), each in a fresh process
+    so every run starts from the same baseline: the PSS of the training process and its workers
+    (shared pages counted once), over ``epochs`` epochs, and how many worker processes it started."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    shape, conditions = SHIPPED_LAYOUTS[config]
+    settings = yaml.safe_load(Path(config).read_text())
+    generate, train = settings["generate"], settings["train"]
+    n = trajectories or generate["shard_size"]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        header = synthetic_header(shape, n, generate["num_steps"], generate["shard_size"],
+                                  chunk_bytes=generate.get("chunk_bytes", CHUNK_BYTES), conditions=conditions,
+                                  compressor=generate.get("compressor", "auto"))
+        write_synthetic_store(Path(tmp) / "zarr", header)
+        for count in workers:
+            code = ("import json, sys; from benchmarks.data_path import loader_memory_run; "
+                    f"print(json.dumps(loader_memory_run({str(Path(tmp) / 'zarr')!r}, {count}, {epochs}, "
+                    f"{train['batch_size']})))")
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    cwd=Path(__file__).resolve().parents[1])
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append({"config": config, "latent": "x".join(map(str, shape)), "trajectories": n,
+                         "epochs": epochs, **row})
+    base = next((r["peak_bytes"] for r in rows if r["workers"] == 0), None)
+    for r in rows:
+        r["peak_over_0_workers"] = r["peak_bytes"] / base if base else None
     return rows

@@ -157,3 +157,66 @@ def step_times(name: str, batch_sizes=(1, 4), repeats: int = 3, adapter: Adapter
                      "adapter": f"{adapter.kind} r{adapter.width} at {adapter.placement}",
                      "adapter_share_percent": 100 * share, "threads": torch.get_num_threads()})
     return rows
+
+
+def thread_table(name: str = "toy-dit-8x8", train_batch: int = 256, sample_batch: int = 200, repeats: int = 7,
+                 threads=(1, 2)) -> list[dict]:
+    """The thread policy's evidence: one adapter-training step and one CFG sampling step of an
+    architecture (default: the embedded default's size) at each torch thread count, on the machine
+    as it is and with one extra busy process (a pure-Python loop, as another job would be), the
+    thread counts alternating within one run. Median seconds of ``repeats``."""
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    base = build_base(name)
+    model = AdaptedModel(base, adapter_config(name, base))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(train_batch, *base.latent_shape)
+    t = torch.randint(0, 1000, (train_batch,))
+    cond = random_condition(name, base, train_batch)
+    w = torch.rand(train_batch) * 5 + 1
+    target = torch.randn(train_batch, base.net.config.out_channels, *base.latent_shape[1:])
+    xs, ts, cs, ws = x[:sample_batch], t[:sample_batch], random_condition(name, base, sample_batch), w[:sample_batch]
+
+    def train_step():
+        loss = (model(x, t, cond, w) - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def cfg_step():
+        base.cfg_predict(xs, ts, cs, ws, None)
+
+    before = torch.get_num_threads()
+    rows = []
+    for load in ("as is", "one busy process"):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load != "as is" else None
+        try:
+            times = {(what, n): [] for what in ("train", "cfg") for n in threads}
+            for repeat in range(repeats):
+                for n in (threads if repeat % 2 == 0 else threads[::-1]):
+                    torch.set_num_threads(n)
+                    for what, fn in (("train", train_step), ("cfg", cfg_step)):
+                        if repeat == 0:
+                            fn()  # warm-up at this thread count
+                        began = time.perf_counter()
+                        fn()
+                        times[(what, n)].append(time.perf_counter() - began)
+            load_average = os.getloadavg()[0]
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+        for (what, n), values in times.items():
+            rows.append({"architecture": name, "load": load, "load_average": load_average, "step": what,
+                         "batch": train_batch if what == "train" else sample_batch, "threads": n,
+                         "median_seconds": statistics.median(values), "min_seconds": min(values),
+                         "max_seconds": max(values)})
+    torch.set_num_threads(before)
+    for row in rows:
+        one = next(r for r in rows if r["load"] == row["load"] and r["step"] == row["step"] and r["threads"] == 1)
+        row["over_1_thread"] = row["median_seconds"] / one["median_seconds"]
+    return rows

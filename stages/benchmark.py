@@ -11,7 +11,15 @@ README's tables come from docs/benchmarks/<what>.json, written only when asked w
   storage     bytes per trajectory-step and files per 1,000 trajectories, per format and codec
   lossy       adapters trained on BitRound copies of the store: gap closed against lossless
   training    one adapter-training step (fp32 / bf16 base, with and without gradient checkpointing)
-              against full-model guidance distillation: peak memory, step time, what fits on a GPU"""
+              against full-model guidance distillation: peak memory, step time, what fits on a GPU
+  verify-cache  train's store check on a synthetic store of --shards tiny shards (default 2,000):
+              the first start re-reads every shard, the second skips those recorded and unchanged
+  manifest-commit  one shard's commit into the manifest at --shards shards (default 40,000): the
+              journal's append against rewriting the whole manifest
+  loader-memory  peak memory (PSS of the training process and its workers) of 3 epochs of the
+              loader at configs/sd-2.1.yaml's layout, 0 against 2 workers, and worker processes started
+  threads     the thread policy's evidence: a training step and a CFG step of the default's size at 1
+              and 2 torch threads, on the machine as it is and with one extra busy process"""
 
 import argparse
 import json
@@ -60,6 +68,10 @@ def check_args(args) -> None:
         raise UsageError(f"--repeats: must be >= 1 (got {args.repeats})")
     if args.trajectories < 1:
         raise UsageError(f"--trajectories: must be >= 1 (got {args.trajectories})")
+    if args.shards is not None and args.shards < (2 if args.what == "manifest-commit" else 1):
+        raise UsageError(f"--shards: must be >= {2 if args.what == 'manifest-commit' else 1} (got {args.shards})")
+    if args.shards is not None and args.what not in ("verify-cache", "manifest-commit"):
+        raise UsageError(f"--shards: applies to verify-cache and manifest-commit, not {args.what}")
     args.batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1)
     args.keepbits = _ints(args.keepbits, "--keepbits", 1, 10)  # of float16's 10 mantissa bits
     args.architectures = [n for n in args.architectures.replace(" ", "").split(",") if n]
@@ -122,14 +134,17 @@ def parser() -> Parser:
     parser.add_argument("--store", default="data/trajectories", help="storage, lossy: the store to start from")
     parser.add_argument("--keepbits", default="6,3", help="lossy: BitRound mantissa bits to compare")
     parser.add_argument("--workdir", default="data/benchmarks",
-                        help="loader, loader-shipped, storage, lossy: scratch folder (lossy keeps its stores and "
-                        "adapters there)")
+                        help="loader, loader-shipped, storage, lossy, verify-cache, manifest-commit: scratch "
+                        "folder (lossy keeps its stores and adapters there)")
     parser.add_argument("--modes", default="agd-fp32,agd-bf16,agd-fp32-ckpt,agd-bf16-ckpt,full-fp32",
                         help="training: comma-separated modes")
     parser.add_argument("--latent-sides", default="sd-2.1-unet=64,sdxl-unet=64",
                         help="training: NAME=SIDE latent sides to measure at where the native one does not fit "
                         "this machine (the projection scales to the native side); transformers run at their own")
     parser.add_argument("--device", default="cpu", help="training: cpu or cuda")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="verify-cache, manifest-commit: shards of the synthetic store (default 2,000 tiny "
+                        "shards of one trajectory, 1x8x8 latents, 4 steps / 40,000)")
     parser.add_argument("--bf16-on-cpu", action="store_true",
                         help="training: run the bf16 modes on the CPU too (slow where the CPU emulates bfloat16; "
                         "by default their memory is computed from the fp32 runs)")
@@ -248,7 +263,7 @@ def loader_shipped(args) -> list[dict]:
            "WebDataset / paper", "files per 1,000 trajectories (Zarr / WebDataset / paper)"])
     for r in rows:
         print(f"| {r['config']} | {r['latent']}, {r['steps']} steps, shards of {r['shard_size']}, chunks of "
-              f"{r['chunk_trajectories']}, batch {r['batch_size']} | {spread(r['zarr_samples_per_s'], '/s')} | "
+              f"{r['unit_trajectories']}, batch {r['batch_size']} | {spread(r['zarr_samples_per_s'], '/s')} | "
               f"{spread(r['webdataset_samples_per_s'], '/s')} | {spread(r['paper_samples_per_s'], '/s')} | "
               f"{spread(r['zarr_over_paper'], 'x')} | {spread(r['webdataset_over_paper'], 'x')} | "
               f"{r['zarr_files_per_1000']:,.0f} / {r['webdataset_files_per_1000']:,.0f} / "
@@ -328,10 +343,62 @@ def training(args) -> list[dict]:
     return rows
 
 
+def verify_cache(args) -> list[dict]:
+    from benchmarks.store import verify_cache_table
+
+    rows = verify_cache_table(shards=args.shards or 2000, workdir=args.workdir)
+    print(f"a store of {rows[0]['shards']:,} shards ({rows[0]['latent']}, {rows[0]['steps']} steps, "
+          f"{rows[0]['files']:,} files; written in {rows[0]['seconds_to_write_store']:.0f} s)")
+    table(["check", "train.verify", "seconds", "shards re-read", "shards skipped (recorded, unchanged)"])
+    for r in rows:
+        print(f"| {r['check']} | {r['mode']} | {r['seconds']:.2f} | {r['shards_re_read']:,} | "
+              f"{r['shards_skipped']:,} |")
+    return rows
+
+
+def manifest_commit(args) -> list[dict]:
+    from benchmarks.store import manifest_commit_table
+
+    rows = manifest_commit_table(shards=(args.shards or 40_000,), workdir=args.workdir)
+    table(["shards", "commit: journal append (median)", "slowest append", "commit before: whole manifest rewritten",
+           "manifest MiB (complete)", "read_manifest with journal"])
+    for r in rows:
+        print(f"| {r['shards']:,} | {1000 * r['append_seconds']:.2f} ms | {1000 * r['append_max_seconds']:.2f} ms | "
+              f"{1000 * r['rewrite_seconds']:.0f} ms | {r['manifest_bytes_complete'] / 2**20:.1f} | "
+              f"{1000 * r['read_manifest_seconds']:.0f} ms |")
+    return rows
+
+
+def loader_memory(args) -> list[dict]:
+    from benchmarks import data_path
+
+    rows = data_path.loader_memory_table(workdir=args.workdir)
+    table(["config", "workers", "before (PSS)", "peak (PSS, process and workers)", "peak / 0 workers",
+           "worker processes started", "epochs", "seconds"])
+    for r in rows:
+        print(f"| {r['config']} | {r['workers']} | {r['before_bytes'] / 2**20:,.0f} MiB | "
+              f"{r['peak_bytes'] / 2**20:,.0f} MiB | {r['peak_over_0_workers']:.2f}x | {r['worker_processes']} | "
+              f"{r['epochs']} | {r['seconds']:.1f} |")
+    return rows
+
+
+def threads(args) -> list[dict]:
+    from benchmarks.models import thread_table
+
+    rows = thread_table(repeats=max(3, args.repeats))
+    table(["load", "step", "threads", "median seconds (min-max)", "time / 1 thread", "load average"])
+    for r in rows:
+        print(f"| {r['load']} | {r['step']} (batch {r['batch']}) | {r['threads']} | {r['median_seconds']:.3f} "
+              f"({r['min_seconds']:.3f}-{r['max_seconds']:.3f}) | {r['over_1_thread']:.2f} | "
+              f"{r['load_average']:.1f} |")
+    return rows
+
+
 BENCHMARKS = {"step-time": step_time, "parameters": parameters, "gap-closed": gap_closed, "loader": loader,
               "loader-shipped": loader_shipped,
               "recording": recording, "storage": storage, "lossy": lossy,
-              "training": training}
+              "training": training, "verify-cache": verify_cache, "manifest-commit": manifest_commit,
+              "loader-memory": loader_memory, "threads": threads}
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.inspect", description=__doc__)
     parser.add_argument("store", nargs="?", default="data/trajectories", help="store folder")
     parser.add_argument("--verify", action="store_true",
-                        help="re-read every shard: checksums against the manifest, truncation, NaN/inf")
+                        help="re-read every shard: checksums against the manifest, truncation, NaN/inf (each "
+                        "shard that passes is recorded, so train's default verify=changed need not re-read it)")
     parser.add_argument("--bins", type=int, default=10, help="bins of the w histogram")
     parser.add_argument("--scheduler", default=None,
                         help="dask scheduler for the statistics: threads (default), processes, synchronous "
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
         from agd_pipeline.store import REPAIR, TrajectoryStore
 
         store = TrajectoryStore(args.store)
-        problems = store.problems(full=args.verify)
+        # --verify re-reads every shard (whatever was verified before) and records those that pass
+        problems = store.problems(mode="full" if args.verify else "cheap", log=print)
         if problems:
             print(f"{args.store}: {len(problems)} problem(s):")
             for p in problems:

@@ -3,9 +3,12 @@ trajectory store generated from one of them. Everything is CPU-sized and built o
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Never reach for the Hub from a test. One intra-op thread: the models are tiny, and on a small
@@ -13,6 +16,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The record of verified shards (agd_pipeline.store.verified) goes to a folder of this session,
+# never to the user's ~/.cache; subprocesses inherit it.
+os.environ["AGD_CACHE_DIR"] = tempfile.mkdtemp(prefix="agd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["AGD_CACHE_DIR"], ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from agd_pipeline.adapters import AdaptedModel, AdapterConfig
 from benchmarks.models import build_base, parameter_table, step_times
 from agd_pipeline.models import count_parameters
@@ -106,7 +108,7 @@ def test_paper_layout_holds_the_store_and_the_shipped_table_runs(tiny_store, tmp
             "prompt_index": {"dtype": "int64", "shape": []},
             "prompt_embeds": {"dtype": "float16", "shape": [3, 8]}})):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"generate": {"num_steps": 3, "shard_size": 4, "chunk_trajectories": 2},
+        path.write_text(yaml.safe_dump({"generate": {"num_steps": 3, "shard_size": 4, "chunk_bytes": 1024},
                                         "train": {"batch_size": 5}}))
         configs[str(path)] = ((1, 4, 4), conditions)
     monkeypatch.setattr(bench, "SHIPPED_LAYOUTS", configs)
@@ -118,3 +120,29 @@ def test_paper_layout_holds_the_store_and_the_shipped_table_runs(tiny_store, tmp
         assert all(v > 0 for v in r["zarr_samples_per_s"] + r["paper_samples_per_s"] + r["paper_first_batch_s"])
         assert r["paper_files_per_1000"] == 1000  # one file per trajectory
         assert r["webdataset_files_per_1000"] == 1000 * 5 / 8  # 2 tars, their sidecars and the manifest
+
+
+def test_loader_memory_counts_workers_and_peaks(tmp_path, monkeypatch):
+    import yaml
+
+    from benchmarks import data_path as bench
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"generate": {"num_steps": 3, "shard_size": 4}, "train": {"batch_size": 5}}))
+    monkeypatch.setattr(bench, "SHIPPED_LAYOUTS", {str(path): ((1, 4, 4), bench.CLASS_CONDITION)})
+    rows = bench.loader_memory_table(str(path), workers=(0, 2), trajectories=8, epochs=2, workdir=str(tmp_path))
+    assert [r["workers"] for r in rows] == [0, 2]
+    assert [r["worker_processes"] for r in rows] == [0, 2]  # two epochs, the same two workers
+    assert all(r["peak_bytes"] >= r["before_bytes"] > 0 for r in rows)
+    assert rows[0]["peak_over_0_workers"] == 1.0 and rows[1]["peak_over_0_workers"] > 0
+
+
+def test_thread_table_times_each_count_under_both_loads():
+    from benchmarks.models import thread_table
+
+    rows = thread_table(train_batch=8, sample_batch=4, repeats=1)
+    assert {(r["load"], r["step"], r["threads"]) for r in rows} == {
+        (load, step, n) for load in ("as is", "one busy process") for step in ("train", "cfg") for n in (1, 2)}
+    assert all(r["median_seconds"] > 0 for r in rows)
+    assert all(r["over_1_thread"] == 1.0 for r in rows if r["threads"] == 1)
+    assert torch.get_num_threads() == 1  # put back

@@ -33,6 +33,8 @@ def benchmark(*args, cwd=REPO):
     (["gap-closed", "--adapters", "/nonexistent/adapters"], "--adapters"),
     (["storage", "--store", "/nonexistent/store"], "--store"),
     (["parameters", "--out", "/"], "--out"),
+    (["verify-cache", "--shards", "0"], "--shards"),
+    (["loader", "--shards", "5"], "--shards"),
 ])
 def test_bad_values_fail_in_one_line(args, message, tmp_path):
     result = benchmark(*args, cwd=tmp_path)

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from agd_pipeline.errors import StoreError
-from agd_pipeline.store import MANIFEST, TrajectoryStore, ZarrShardWriter
+from agd_pipeline.store import MANIFEST, MANIFEST_LOG, TrajectoryStore, ZarrShardWriter, read_manifest
 
 from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli
 
 # 10 classes x 2 trajectories in 10 shards of 2: many commit points to die between.
-SETTINGS = {**STORE_SETTINGS, "shard_size": 2, "batch_size": 2, "chunk_trajectories": 2}
+SETTINGS = {**STORE_SETTINGS, "shard_size": 2, "batch_size": 2}
 
 
 def assert_same_arrays(a, b) -> None:
@@ -85,20 +85,25 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tiny_b
     kills = [(0, rng.uniform(0.0, 1.0))] + [(rng.randint(1, 9), rng.uniform(0.0, 0.05)) for _ in range(3)]
     root = tmp_path / "store"
     params = params_file(tmp_path / "params.yaml", tiny_base_dir, root)
-    seen_partial_states = set()
+    seen_partial_states, journaled = set(), 0
     for shards_before_kill, delay in sorted(kills):
         start_and_kill(params, root, shards_before_kill, delay)
         if (root / MANIFEST).exists():
-            manifest = json.loads((root / MANIFEST).read_text())
+            # the snapshot and its journal (manifest.log, a line per shard committed since; a line
+            # torn by the kill is ignored), as every reader sees them
+            manifest = read_manifest(root)
+            journaled += (root / MANIFEST_LOG).exists()
             listed = {s["name"] for s in manifest["shards"] if s["status"] == "complete"}
             # nothing half-written is ever listed as complete
             assert all((root / name / "zarr.json").exists() for name in listed)
             assert TrajectoryStore(root).problems(full=True, only=listed) == []
             seen_partial_states.add(len(listed))
     assert len(seen_partial_states) >= 2, "the kills all landed at the same point"
+    assert journaled, "no kill left a journal: the commits since the snapshot were never replayed"
     result = subprocess.run(generate_command(params), cwd=REPO, env=env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
+    assert not (root / MANIFEST_LOG).exists(), "the finished run left its journal"
     assert_same_arrays(root, reference)
 
 

@@ -115,12 +115,12 @@ def test_a_non_empty_folder_without_a_store_is_refused(tiny_base_dir, tmp_path):
 
 
 def test_all_zero_chunks_are_written_so_a_fresh_store_checks_clean(tiny_base_dir, tmp_path):
-    """One class (label 0 everywhere): the all-zero class_label chunks must exist on disk, or the
+    """One class (label 0 everywhere): the all-zero class_label chunk must exist on disk, or the
     cheap check would call a freshly written store damaged."""
     root = tmp_path / "store"
-    generate_store(tiny_base_dir, root, classes=[0], trajectories_per_class=4, shard_size=4, chunk_trajectories=2)
+    generate_store(tiny_base_dir, root, classes=[0], trajectories_per_class=4, shard_size=4)
     chunks = sorted(p for p in (root / "shard-000000.zarr" / "class_label" / "c").rglob("*") if p.is_file())
-    assert len(chunks) == 2
+    assert len(chunks) == 1
     assert TrajectoryStore(root).problems(full=False) == []
 
 
@@ -211,7 +211,7 @@ def test_two_generates_started_at_once_never_mix(tiny_base_dir, tmp_path):
 
     root = tmp_path / "store"
     settings = ["--base-model", tiny_base_dir, "--out-dir", root, "--trajectories-per-class", 4, "--num-steps", 8,
-                "--shard-size", 4, "--batch-size", 4, "--chunk-trajectories", 4, "--device", "cpu", "--no-progress"]
+                "--shard-size", 4, "--batch-size", 4, "--device", "cpu", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, "-m", "stages.generate", *map(str, settings)], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -222,8 +222,7 @@ def test_two_generates_started_at_once_never_mix(tiny_base_dir, tmp_path):
         if code == 2:
             assert "in use by stages.generate (pid" in err and len(err.strip().splitlines()) == 1, err
     reference = tmp_path / "reference"
-    generate_store(tiny_base_dir, reference, trajectories_per_class=4, num_steps=8, shard_size=4, batch_size=4,
-                   chunk_trajectories=4)
+    generate_store(tiny_base_dir, reference, trajectories_per_class=4, num_steps=8, shard_size=4, batch_size=4)
     assert TrajectoryStore(root).problems(full=True) == []
     assert [s["checksum"] for s in TrajectoryStore(root).shards] == \
         [s["checksum"] for s in TrajectoryStore(reference).shards]

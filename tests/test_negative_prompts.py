@@ -34,7 +34,7 @@ LEGACY_TEXT_ARRAYS = {"model_input", "guided_output", "timesteps", "guidance_sca
 # The settings of every store below: 6 trajectories, 3 steps, two shards. With seed 0 and an empty-prompt
 # probability of 0.3, the plan uses the default negative prompt and both lines of the file (checked below).
 SETTINGS = dict(trajectories_per_prompt=2, guidance_min=2.0, guidance_max=12.0, num_steps=3, batch_size=4,
-                shard_size=4, chunk_trajectories=2, device="cpu", seed=0)
+                shard_size=4, device="cpu", seed=0)
 EMPTY_PROBABILITY = 0.3
 
 

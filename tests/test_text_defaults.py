@@ -149,7 +149,7 @@ def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, fa
                 *TINY_BASE))
     _ok(run_main("stages.generate", "--params", params, "--base-model", base, "--out-dir", store,
                 "--prompts-file", base / "prompts/train.txt", "--negative-prompts-file", base / "prompts/negatives.txt",
-                "--num-steps", "3", "--batch-size", "12", "--shard-size", "12", "--chunk-trajectories", "6",
+                "--num-steps", "3", "--batch-size", "12", "--shard-size", "12",
                 "--no-progress"))
     _ok(run_main("stages.train", "--params", params, "--store", store, "--out-dir", adapters, "--steps", "3",
                 "--batch-size", "8", "--checkpoint-every", "0", "--no-progress"))

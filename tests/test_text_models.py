@@ -233,7 +233,7 @@ def write_params(path, family, folder, store, adapters):
         "generate": {"base_model": str(folder), "out_dir": str(store), "prompts_file": str(path.parent / "p.txt"),
                      "negative_prompt": "blurry", "trajectories_per_prompt": 2, "guidance_min": 1.0,
                      "guidance_max": 12.0, "num_steps": 3, "batch_size": 4, "shard_size": 4,
-                     "chunk_trajectories": 2, "device": "cpu"},
+                     "device": "cpu"},
         "train": {"store": str(store), "out_dir": str(adapters), "steps": 6, "batch_size": 8, "width": 8,
                   "embed_dim": 16, "checkpoint_every": 3, "device": "cpu"},
     }))

@@ -1,5 +1,6 @@
 """The manifest: a typed view of it, validation, reading, new manifests, and rebuilding a lost one
-from the shards. The file on disk is plain JSON (see the README's "The trajectory store")."""
+from the shards. The file on disk is plain JSON (see the README's "The trajectory store"), plus the
+journal of shards committed since it was written (manifest.log, journal.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .files import write_json_atomic
 from .formats import FORMATS, SHARD_PATTERN, ShardFormat, format_of_shard, get_format, shard_name
 from .schema import (ARRAY_DTYPES, MANIFEST, RUN_KEYS, SCHEMA_VERSION, STORE_TYPE, codec_available,
                      condition_arrays, run_header, store_fingerprint)
+from .journal import MANIFEST_LOG, log_path, replay
 from .verify import find_problems
 
 
@@ -46,8 +48,8 @@ class Manifest(dict):
         return self["shard_size"]
 
     @property
-    def chunk_trajectories(self) -> int:
-        return self["chunk_trajectories"]
+    def chunk_bytes(self) -> int:
+        return self["chunk_bytes"]
 
     @property
     def sampler(self) -> dict:
@@ -155,7 +157,7 @@ def validate_manifest(manifest, path: Path) -> dict:
     need("compressor", str, lambda v: codec_available(v, manifest["format"]), "a codec of the format")
     total = need("num_trajectories", int, positive, "a positive integer")
     size = need("shard_size", int, positive, "a positive integer")
-    need("chunk_trajectories", int, positive, "a positive integer")
+    need("chunk_bytes", int, positive, "a positive integer (bytes)")
     need("output_channels", int, positive, "a positive integer")
     need("record_branches", bool)
     need("bitround_keepbits", int, lambda v: 0 <= v <= 10, "an integer in [0, 10]")
@@ -207,6 +209,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         if root.is_dir() and any(SHARD_PATTERN.fullmatch(p.name) for p in root.iterdir()):
             hint = (f"the shards are there: `python -m stages.generate --rebuild-manifest --out-dir {root}` "
                     "rebuilds it from them")
+        elif log_path(root).exists():
+            hint = (f"only its {MANIFEST_LOG} is there, no shards: run `python -m stages.generate` to write the "
+                    "store again")
         elif root.exists():
             hint = "it is not a trajectory store, or stage one was never started there"
         else:
@@ -218,7 +223,10 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         raise _fail(path, f"is not valid JSON ({err})") from None
     except OSError as err:
         raise StoreError(f"{path}: cannot read ({err.strerror or err})") from None
-    return Manifest(validate_manifest(manifest, path))
+    validate_manifest(manifest, path)
+    if log_path(root).exists():  # the shards committed since the snapshot (journal.py)
+        manifest = validate_manifest(replay(root, manifest, _fail), path)
+    return Manifest(manifest)
 
 
 def new_manifest(header: dict) -> Manifest:
@@ -286,6 +294,10 @@ def recover_manifest(root: Path, log=print) -> Manifest | None:
         kept = root / f"{MANIFEST}.damaged-{int(time.time())}"
         os.replace(damaged_manifest, kept)
         log(f"{root}: kept the unreadable manifest as {kept.name}")
+    if log_path(root).exists():  # its journal belongs to it: kept with it, never replayed onto the new one
+        kept = root / f"{MANIFEST_LOG}.damaged-{int(time.time())}"
+        os.replace(log_path(root), kept)
+        log(f"{root}: kept the manifest's journal as {kept.name}")
 
     # ---- every shard of the run re-read against its own checksums; damaged ones removed
     fmt, header = manifest.shard_format, manifest.run_header()

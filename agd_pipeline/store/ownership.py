@@ -10,11 +10,13 @@ from ..errors import StoreError
 from ..locks import LOCK_FILE
 from .files import folder_bytes, remove_path
 from .formats import FORMATS, SHARD_PATTERN
+from .journal import MANIFEST_LOG
 from .schema import MANIFEST
 
-# Ours whatever the format: the manifest, its temporary, the lock, and kept damaged manifests.
-OWN_FILES = (MANIFEST, MANIFEST + ".tmp", LOCK_FILE)
-DAMAGED_MANIFEST = re.compile(re.escape(MANIFEST) + r"\.damaged(-\d+)?")
+# Ours whatever the format: the manifest, its temporary, its journal, the lock, and kept damaged
+# manifests and journals.
+OWN_FILES = (MANIFEST, MANIFEST + ".tmp", MANIFEST_LOG, LOCK_FILE)
+DAMAGED_MANIFEST = re.compile(rf"({re.escape(MANIFEST)}|{re.escape(MANIFEST_LOG)})\.damaged(-\d+)?")
 
 
 def is_ours(entry: Path) -> bool:
@@ -24,9 +26,9 @@ def is_ours(entry: Path) -> bool:
 
 
 def foreign_entries(root: Path) -> list[str]:
-    """Names in a store folder that are not ours: our files are the manifest and its temporaries,
-    the lock, and each format's own (Zarr: the root group's zarr.json and shard folders holding only
-    zarr.json and array folders; WebDataset: tars, their sidecars and partials)."""
+    """Names in a store folder that are not ours: our files are the manifest, its temporaries and
+    its journal, the lock, and each format's own (Zarr: the root group's zarr.json and shard folders
+    holding only zarr.json and array folders; WebDataset: tars, their sidecars and partials)."""
     return [entry.name + ("/" if entry.is_dir() else "") for entry in sorted(root.iterdir()) if not is_ours(entry)]
 
 

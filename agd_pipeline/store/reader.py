@@ -54,16 +54,19 @@ class TrajectoryStore:
         return sum(self.shard_format.bytes_on_disk(self.root / s["name"]) for s in self.shards
                    if s.get("status") == "complete" and (self.root / s["name"]).exists())
 
-    def problems(self, full: bool = False, only: set[str] | None = None) -> list[Problem]:
+    def problems(self, full: bool = False, only: set[str] | None = None, mode: str | None = None,
+                 log=None) -> list[Problem]:
         """Every way the shards (or the ``only`` ones) disagree with the manifest. Cheap checks:
         the shard exists, every array with its shape and dtype, every chunk file, and the bytes of
         each array (a tar's size). ``full`` instead re-reads all data against the checksums (and
-        for NaN/inf), which catches everything the cheap checks do and bytes changed in place."""
-        return find_problems(self.root, self.manifest, full=full, only=only)
+        for NaN/inf), which catches everything the cheap checks do and bytes changed in place.
+        ``mode`` ("changed", "full" or "cheap"; see ``verify.find_problems``) uses and updates the
+        record of shards verified in full, kept outside the store."""
+        return find_problems(self.root, self.manifest, full=full, only=only, mode=mode, log=log)
 
-    def check(self, full: bool = False) -> None:
+    def check(self, full: bool = False, mode: str | None = None, log=None) -> None:
         """Raise StoreError naming every bad shard, with how to repair."""
-        found = self.problems(full=full)
+        found = self.problems(full=full, mode=mode, log=log)
         if found:
             listing = "\n  ".join(str(p) for p in found[:20])
             more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""

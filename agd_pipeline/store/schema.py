@@ -10,14 +10,15 @@ import numpy as np
 import zarr.codecs
 
 STORE_TYPE = "agd-trajectory-store"  # the manifest's marker: a folder holding it is one of ours
-SCHEMA_VERSION = 3  # 3: store type marker, run settings in every shard, dimension names, .npz tar members
+SCHEMA_VERSION = 4  # 3: store type marker, run settings in every shard, dimension names, .npz tar members;
+# 4: chunks sized in bytes (chunk_bytes replaces chunk_trajectories), Zarr arrays sharded into few files
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 SHARD_INDEX = r"shard-(\d{6})"  # a shard's name: this, a dot, and its format's extension
 # Settings that must agree between a store on disk and a run that wants to resume it.
 RUN_KEYS = ("schema_version", "base_model", "sampler", "guidance", "seed", "conditioning", "classes", "prompts",
             "negative_prompt", "condition_arrays", "num_trajectories", "shard_size", "latent_shape",
-            "output_channels", "record_branches", "compressor", "chunk_trajectories", "format",
+            "output_channels", "record_branches", "compressor", "chunk_bytes", "format",
             "bitround_keepbits", "source")
 # Run keys that older stores lack (absent means the default: a CFG trajectory store). The
 # fingerprint leaves them out while absent, so it stays what it was for every store written before.
@@ -96,6 +97,70 @@ def array_specs(header: dict, n: int) -> dict[str, tuple[tuple, str]]:
 
 def array_shapes(header: dict, n: int) -> dict[str, tuple]:
     return {name: shape for name, (shape, _) in array_specs(header, n).items()}
+
+
+# ------------------------------------------------------------------------------ chunk layout
+
+CHUNK_BYTES = 4 << 20  # default target of one chunk: a few MB reads at disk speed, decodes in a few ms
+FILE_BYTES = 256 << 20  # at most this much of one array per file (and held by a Zarr writer at once)
+SMALL_ROW_BYTES = 4096  # per-trajectory arrays with rows up to this size are one chunk per shard
+PER_STEP_ARRAYS = ("model_input", "guided_output", "cond_output", "uncond_output", "timesteps")
+
+
+def _row_bytes(shape, dtype) -> int:
+    return int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def unit_rows(header: dict) -> int:
+    """Trajectories per chunk of the per-step latent arrays: the unit the loader reads at once,
+    as many whole trajectories as fit in ``chunk_bytes`` (at least one)."""
+    specs = array_specs(header, 1)
+    row = max(_row_bytes(*specs[name]) for name in PER_STEP_ARRAYS if name in specs and name != "timesteps")
+    return max(1, min(header["shard_size"], header["chunk_bytes"] // row))
+
+
+READ_BYTES = 32 << 20  # the loader's read unit: whole chunks of every latent array, about this much
+
+
+def read_rows(header: dict) -> int:
+    """Trajectories the loader reads at once: whole chunk rows, about READ_BYTES of latents in all
+    (one zarr call reads a unit's chunks concurrently; one call per chunk would not)."""
+    specs = array_specs(header, 1)
+    trajectory = sum(_row_bytes(*specs[name]) for name in PER_STEP_ARRAYS if name in specs and name != "timesteps")
+    rows = unit_rows(header)
+    return min(header["shard_size"], rows * max(1, READ_BYTES // (rows * trajectory)))
+
+
+def chunk_layout(header: dict, n: int) -> dict[str, tuple[tuple, tuple | None]]:
+    """Name -> (chunk shape, Zarr shard shape or None) of every array of a shard of ``n``
+    trajectories, chosen from the data so no setting has to be tuned:
+
+    - per-step latent arrays and per-trajectory arrays with large rows (prompt embeddings, the
+      final sample) are chunked by ``unit_rows`` trajectories (all their steps; a trajectory larger
+      than ``chunk_bytes`` is split along its steps), so the loader's unit is one chunk row of each;
+    - small per-trajectory arrays (w, seed, class, timesteps) are one chunk for the whole shard;
+    - an array of more than one chunk is stored in files of up to ``FILE_BYTES`` (zarr v3 sharding:
+      a chunk is a byte range inside one file), so a shard is a handful of files.
+
+    Computed from the shard size rather than ``n``, so every shard of a store shares its chunks."""
+    size, rows = header["shard_size"], unit_rows(header)
+    layout = {}
+    for name, (shape, dtype) in array_specs(header, n).items():
+        row = _row_bytes(shape, dtype)
+        if name == "timesteps" or (name not in PER_STEP_ARRAYS and row <= SMALL_ROW_BYTES):
+            layout[name] = ((max(1, min(size, n)), *shape[1:]), None)
+            continue
+        inner = [min(rows, n), *shape[1:]]
+        if name in PER_STEP_ARRAYS and rows == 1 and row > header["chunk_bytes"]:
+            steps = shape[1]
+            pieces = -(-row // header["chunk_bytes"])
+            inner[1] = -(-steps // min(steps, pieces))
+        inner = tuple(inner)
+        per_file = max(1, FILE_BYTES // (inner[0] * row))  # blocks of inner[0] whole trajectories
+        outer_rows = min(-(-n // inner[0]), per_file) * inner[0]
+        outer = (outer_rows, *(-(-d // c) * c for d, c in zip(shape[1:], inner[1:])))
+        layout[name] = (inner, None if outer == inner else outer)
+    return layout
 
 
 # Names of each array's axes, so xarray and other tools read a shard without our code.

@@ -1,15 +1,25 @@
 """Checks of a store's shards against its manifest: cheap ones (presence, shapes and dtypes, and
 each format's own: a tar's size, Zarr's chunk files and bytes) or a full re-read of every array
-against its checksums (and for NaN/inf)."""
+against its checksums (and for NaN/inf); shards are checked in a few threads, and those re-read
+before and unchanged since can be skipped (the verification cache, ``verified``)."""
 
 from __future__ import annotations
 
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .schema import array_checksum, array_specs, combined_checksum
+from .verified import Listing, VerifiedShards
+
+# How a store is verified (train.verify): "changed" re-reads the shards without a matching record
+# of an earlier full re-read, "full" re-reads all, "cheap" re-reads none. Both re-reading modes
+# record the shards that pass.
+VERIFY_MODES = ("changed", "full", "cheap")
 
 
 @dataclass
@@ -23,47 +33,112 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-def find_problems(root: Path, manifest, full: bool = False, only: set[str] | None = None) -> list[Problem]:
-    """Every way the shards of ``manifest`` (a Manifest; or the ``only`` ones) disagree with it.
-    ``full`` re-reads all data instead of the cheap per-array checks: it catches everything they
-    do and bytes changed in place."""
+def find_problems(root: Path, manifest, full: bool = False, only: set[str] | None = None,
+                  mode: str | None = None, log=None) -> list[Problem]:
+    """Every way the shards of ``manifest`` (a Manifest; or the ``only`` ones) disagree with it,
+    in shard order. ``full`` re-reads all data instead of the cheap per-array checks: it catches
+    everything they do and bytes changed in place; the verification cache is neither read nor
+    written. ``mode`` (one of VERIFY_MODES) instead: "cheap" as ``full=False``; "full" re-reads
+    every shard and records those that pass; "changed" re-reads only the shards without a
+    matching record (whose files and entry are exactly as when they passed: that comparison, of
+    every file's size and modification time, stands in for their cheap checks). ``log`` gets one
+    line on what was re-read."""
+    if mode is not None and mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode {mode!r}; allowed: {', '.join(VERIFY_MODES)}")
+    reread = full if mode is None else mode != "cheap"
+    cache = VerifiedShards(root, log) if mode in ("changed", "full") else None
+    trusted = cache if mode == "changed" else None
+    entries = [e for e in manifest.shards if only is None or e["name"] in only]
+    began = time.perf_counter()
+    # first what needs no opening, in this thread (a record's match is a few stat calls, faster
+    # here than handed between threads); then the shards to open and read, in a few threads
+    results, to_open = [], []
+    for position, entry in enumerate(entries):
+        result, listing = _before_opening(root, manifest, entry, reread, trusted)
+        results.append(result)
+        if result is None:
+            to_open.append((position, entry, listing))
+
+    def check(item):
+        position, entry, listing = item
+        return position, _opened(root, manifest, entry, reread, listing)
+
+    if len(to_open) > 1:  # zarr's codecs, hashlib and file reads release the GIL
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            done = list(pool.map(check, to_open))
+    else:
+        done = [check(item) for item in to_open]
+    for position, result in done:
+        results[position] = result
+    outcomes = [outcome for _, outcome, _ in results]
+    if cache is not None:
+        for entry, (problems, outcome, record) in zip(entries, results):
+            if record is not None:
+                cache.record(entry["name"], *record)
+            elif problems or outcome == "re-read":  # damaged, or changed while it was read
+                cache.forget(entry["name"])
+        cache.save(keep={e["name"] for e in manifest.shards} if only is None else None)
+    if log is not None and reread:
+        skipped, read = outcomes.count("skipped"), outcomes.count("re-read")
+        seconds = time.perf_counter() - began
+        if mode == "changed":
+            log(f"store: {skipped} shard(s) verified earlier and unchanged, {read} re-read ({seconds:.1f} s)")
+        else:
+            log(f"store: {read} shard(s) re-read against their checksums ({seconds:.1f} s)")
+    return [problem for problems, _, _ in results for problem in problems]
+
+
+# A shard's result: (problems, outcome, record). outcome: "skipped" (a matching record), "re-read"
+# or None (not re-read); record, for a shard re-read without problems and unchanged meanwhile: the
+# arguments of VerifiedShards.record.
+
+
+def _before_opening(root: Path, manifest, entry: dict, reread: bool, trusted: VerifiedShards | None):
+    """(the result, None) of a shard settled without opening it: not complete, missing, failing
+    its format's file checks, or recorded and unchanged; else (None, its listing when re-read)."""
     fmt = manifest.shard_format
+    name = entry["name"]
+    path = root / name
+    if entry.get("status") != "complete":
+        return ([Problem(name, None, "not finished (the run that wrote it stopped early)")], None, None), None
+    if not path.exists():
+        return ([Problem(name, None, "listed complete but missing on disk")], None, None), None
+    before_opening = fmt.file_problems(path, entry)
+    if before_opening:
+        return ([Problem(name, None, message) for message in before_opening], None, None), None
+    listing = Listing(root, fmt, name) if reread else None
+    if trusted is not None and trusted.matches(name, entry, array_specs(manifest, entry["trajectories"]), listing):
+        return ([], "skipped", None), None
+    return None, listing
+
+
+def _opened(root: Path, manifest, entry: dict, reread: bool, listing: Listing | None):
+    """The result of a shard opened: its arrays' shapes and dtypes, then its format's cheap
+    checks of each array, or (``reread``) every array re-read against its checksum."""
+    fmt = manifest.shard_format
+    name = entry["name"]
+    path = root / name
+    specs = array_specs(manifest, entry["trajectories"])
+    try:
+        shard = fmt.open_shard(path, specs)
+    except Exception as err:  # noqa: BLE001 - zarr raises many kinds for broken metadata
+        return [Problem(name, None, f"cannot open ({type(err).__name__}: {err})")], None, None
     found = []
-    for entry in manifest.shards:
-        name = entry["name"]
-        if only is not None and name not in only:
+    present = set(shard.array_keys())
+    for array, (shape, dtype) in specs.items():
+        if array not in present:
+            found.append(Problem(name, array, "missing"))
             continue
-        path = root / name
-        if entry.get("status") != "complete":
-            found.append(Problem(name, None, "not finished (the run that wrote it stopped early)"))
-            continue
-        if not path.exists():
-            found.append(Problem(name, None, "listed complete but missing on disk"))
-            continue
-        before_opening = fmt.file_problems(path, entry)
-        if before_opening:
-            found.extend(Problem(name, None, message) for message in before_opening)
-            continue
-        specs = array_specs(manifest, entry["trajectories"])
-        try:
-            shard = fmt.open_shard(path, specs)
-        except Exception as err:  # noqa: BLE001 - zarr raises many kinds for broken metadata
-            found.append(Problem(name, None, f"cannot open ({type(err).__name__}: {err})"))
-            continue
-        before = len(found)
-        present = set(shard.array_keys())
-        for array, (shape, dtype) in specs.items():
-            if array not in present:
-                found.append(Problem(name, array, "missing"))
-            elif tuple(shard[array].shape) != tuple(shape) or np.dtype(shard[array].dtype) != np.dtype(dtype):
-                found.append(Problem(name, array, f"{shard[array].dtype} {shard[array].shape}, the manifest "
-                                     f"implies {dtype} {shape}"))
-            elif not full:  # full: the contents themselves are checked
-                found.extend(Problem(name, array, message)
-                             for message in fmt.array_problems(path, array, shard[array], entry))
-        if full and len(found) == before:
-            found.extend(verify_contents(fmt, name, shard, entry))
-    return found
+        stored = shard[array]
+        if tuple(stored.shape) != tuple(shape) or np.dtype(stored.dtype) != np.dtype(dtype):
+            found.append(Problem(name, array, f"{stored.dtype} {stored.shape}, the manifest implies {dtype} {shape}"))
+        elif not reread:  # a re-read checks the contents themselves
+            found.extend(Problem(name, array, message) for message in fmt.array_problems(path, array, stored, entry))
+    if not reread or found:
+        return found, None, None
+    found = verify_contents(fmt, name, shard, entry)
+    unchanged = not found and listing.settled and Listing(root, fmt, name) == listing
+    return found, "re-read", (entry, specs, listing) if unchanged else None
 
 
 def verify_contents(fmt, name: str, shard, entry: dict) -> list[Problem]:

@@ -4,8 +4,8 @@ A format writes a shard (``begin_shard`` -> ``write``/``finish``), finds a finis
 (``shard_entry``, ``shard_header``), opens one for reading (``open_shard``: a Zarr group or an object
 that reads like one), checks one cheaply (``file_problems``, ``array_problems``), says how the
 loader reads one (``read_units``) and which files are its own (``owns``, ``remove_shard``,
-``bytes_on_disk``). StoreWriter, TrajectoryStore, recovery, conversion and the loader only ever
-ask the format object; none of them branches on a format's name.
+``bytes_on_disk``, ``shard_files``). StoreWriter, TrajectoryStore, recovery, conversion and the
+loader only ever ask the format object; none of them branches on a format's name.
 """
 
 from __future__ import annotations
@@ -98,6 +98,14 @@ class ShardFormat(abc.ABC):
     def remove_shard(self, path: Path) -> None:
         """Remove a shard and its companion files."""
         remove_path(path)
+
+    def shard_files(self, path: Path) -> list[Path]:
+        """Every file that makes up a shard, companions included (what the record of a verified
+        shard lists with sizes and modification times): the shard's file, or every file below its
+        folder."""
+        if path.is_file():
+            return [path]
+        return sorted(p for p in path.rglob("*") if p.is_file())
 
 
 class ShardWriter(abc.ABC):

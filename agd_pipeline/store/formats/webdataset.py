@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import re
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -28,7 +30,7 @@ import numpy as np
 from ...errors import StoreError
 from ..files import remove_path, write_json_atomic
 from ..schema import (SHARD_INDEX, ArrayHasher, array_checksum, array_specs, combined_checksum, row_slices, run_header,
-                      same_run, shard_range)
+                      same_run, shard_range, read_rows)
 from .base import ShardFormat, ShardWriter, check_before_publish
 
 EXTENSION = "trajectory.npz"
@@ -64,7 +66,7 @@ class WebDatasetFormat(ShardFormat):
     name = "webdataset"
     extension = "tar"
     default_compressor = "none"
-    reuse_open_shards = False  # a tar is read whole into memory: kept only while its unit is read
+    reuse_open_shards = True  # opening a tar maps it and indexes its members; rows are read on demand
     codec_note = "their members are standard .npz files"
 
     def begin_shard(self, store, index: int) -> TarShardWriter:
@@ -100,7 +102,7 @@ class WebDatasetFormat(ShardFormat):
         return TarShard(path, specs)
 
     def read_units(self, manifest, entry: dict) -> list[slice]:
-        return list(row_slices(entry["trajectories"], entry["trajectories"]))  # a tar shard is read whole
+        return list(row_slices(entry["trajectories"], read_rows(manifest)))  # the Zarr store's units
 
     def file_problems(self, path: Path, entry: dict) -> list[str]:
         size = path.stat().st_size if path.is_file() else None
@@ -123,6 +125,10 @@ class WebDatasetFormat(ShardFormat):
     def remove_shard(self, path: Path) -> None:
         remove_path(path)
         remove_path(sidecar(path))
+
+    def shard_files(self, path: Path) -> list[Path]:
+        """The tar and its sidecar (those of them on disk)."""
+        return [p for p in (path, sidecar(path)) if p.is_file()]
 
 
 class TarShardWriter(ShardWriter):
@@ -180,18 +186,52 @@ class TarShardWriter(ShardWriter):
         return entry
 
 
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip entry's local file header (30 bytes)
+
+
+class _Window(io.RawIOBase):
+    """A read-only file over bytes [start, start + size) of a memory map: zipfile and numpy's
+    header reader parse a member in place, without copying it out of the tar."""
+
+    def __init__(self, buffer, start: int, size: int):
+        self.buffer, self.start, self.size, self.position = buffer, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = {0: offset, 1: self.position + offset, 2: self.size + offset}[whence]
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, target) -> int:
+        n = max(0, min(len(target), self.size - self.position))
+        begin = self.start + self.position
+        target[:n] = self.buffer[begin:begin + n]
+        self.position += n
+        return n
+
+
 class TarShard:
     """Read side of one tar shard, shaped like a Zarr group: ``array_keys()`` and ``shard[name]``
-    (an array with shape, dtype, chunks and slicing). The tar is read once, on first access; each
-    array is decoded on demand, so a damaged member is named by its array."""
+    (an array with shape, dtype, chunks and slicing).
+
+    The tar is memory-mapped and indexed once, on first access: where each sample's arrays lie in
+    the file. A stored (uncompressed) array is then a numpy view of the map, so reading rows copies
+    their bytes once, into the result, and only the pages of those rows are read; a deflated one
+    is decompressed on demand. A member that does not match the manifest is named by its array."""
 
     def __init__(self, path: Path, specs: dict[str, tuple[tuple, str]]):
         self.path, self.specs = Path(path), specs
-        self._archives = None
-        self._decoded = {}
+        self._samples = None
 
-    def __getstate__(self):  # dask ships shards to worker processes: ship the path, not the bytes
-        return {"path": self.path, "specs": self.specs, "_archives": None, "_decoded": {}}
+    def __getstate__(self):  # dask ships shards to worker processes: ship the path, not the map
+        return {"path": self.path, "specs": self.specs, "_samples": None}
 
     def array_keys(self):
         return list(self.specs)
@@ -201,36 +241,77 @@ class TarShard:
             raise KeyError(name)
         return TarArray(self, name)
 
-    def members(self) -> list[zipfile.ZipFile]:
-        """Each trajectory's .npz, opened once (its index parsed once for every array)."""
-        if self._archives is None:
+    def members(self) -> list[dict]:
+        """Each sample's arrays: name -> a view of the map (stored), or (zip, member) (deflated)."""
+        if self._samples is None:
             expected = self.specs[next(iter(self.specs))][0][0]
-            archives = []
-            with tarfile.open(self.path, mode="r:") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    if not info.name.endswith("." + EXTENSION):
-                        raise StoreError(f"{self.path}: unexpected member {info.name!r}")
-                    archives.append(zipfile.ZipFile(io.BytesIO(tar.extractfile(info).read())))
-            if len(archives) != expected:
-                raise StoreError(f"{self.path}: {len(archives)} samples, the manifest says {expected}")
-            self._archives = archives
-        return self._archives
+            with open(self.path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+            samples = []
+            try:
+                with tarfile.open(self.path, mode="r:") as tar:
+                    for info in tar:
+                        if not info.isfile():
+                            continue
+                        if not info.name.endswith("." + EXTENSION):
+                            raise StoreError(f"{self.path}: unexpected member {info.name!r}")
+                        samples.append(self._index_sample(mapped, info.offset_data, info.size))
+            except (tarfile.TarError, zipfile.BadZipFile, struct.error, ValueError, EOFError) as err:
+                raise StoreError(f"{self.path}: sample {len(samples)} is unreadable ({type(err).__name__}: "
+                                 f"{err}); the tar is truncated or damaged") from None
+            if len(samples) != expected:
+                raise StoreError(f"{self.path}: {len(samples)} samples, the manifest says {expected}")
+            self._samples = samples
+        return self._samples
 
-    def decoded(self, name: str) -> np.ndarray:
-        if name not in self._decoded:
-            shape, dtype = self.specs[name]
-            rows = np.empty(shape, dtype)
-            for i, archive in enumerate(self.members()):
-                with archive.open(f"{name}.npy") as member:
-                    value = np.lib.format.read_array(member, allow_pickle=False)
-                if value.shape != tuple(shape[1:]) or value.dtype != np.dtype(dtype):
-                    raise StoreError(f"{self.path}/{name}: {value.dtype} {value.shape} in sample {i}, "
-                                     f"the manifest implies {dtype} {tuple(shape[1:])}")
-                rows[i] = value
-            self._decoded[name] = rows
-        return self._decoded[name]
+    def _index_sample(self, mapped, start: int, size: int) -> dict:
+        archive = zipfile.ZipFile(_Window(mapped, start, size))
+        arrays = {}
+        for info in archive.infolist():
+            name = info.filename[:-4]
+            if info.compress_type != zipfile.ZIP_STORED:
+                arrays[name] = (archive, info.filename)
+                continue
+            signature, *_, name_length, extra_length = _LOCAL_HEADER.unpack_from(
+                mapped, start + info.header_offset)
+            if signature != b"PK\x03\x04":
+                raise StoreError(f"{self.path}: a damaged sample (bad zip header)")
+            data = start + info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+            member = _Window(mapped, data, info.file_size)
+            version = np.lib.format.read_magic(member)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise StoreError(f"{self.path}/{name}: .npy format version {version} (this tool writes 1.0)")
+            shape, fortran, dtype = read_header(member)
+            if dtype.hasobject or fortran:
+                raise StoreError(f"{self.path}/{name}: not a plain C-ordered numeric array")
+            count = int(np.prod(shape, dtype=np.int64))
+            if member.tell() + count * dtype.itemsize > info.file_size:
+                raise StoreError(f"{self.path}/{name}: a truncated member")
+            arrays[name] = np.frombuffer(mapped, dtype, count, data + member.tell()).reshape(shape)
+        return arrays
+
+    def row(self, name: str, i: int) -> np.ndarray:
+        """Sample ``i``'s array ``name`` (a view of the map where it is stored uncompressed)."""
+        shape, dtype = self.specs[name]
+        found = self.members()[i].get(name)
+        if isinstance(found, tuple):
+            archive, member = found
+            with archive.open(member) as f:
+                found = np.lib.format.read_array(f, allow_pickle=False)
+        if found is None or found.shape != tuple(shape[1:]) or found.dtype != np.dtype(dtype):
+            what = "missing" if found is None else f"{found.dtype} {found.shape}"
+            raise StoreError(f"{self.path}/{name}: {what} in sample {i}, the manifest implies "
+                             f"{dtype} {tuple(shape[1:])}")
+        return found
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        shape, dtype = self.specs[name]
+        out = np.empty((max(0, stop - start), *shape[1:]), dtype)
+        for j, i in enumerate(range(start, stop)):
+            out[j] = self.row(name, i)
+        return out
 
 
 class TarArray:
@@ -238,8 +319,13 @@ class TarArray:
         self.shard, self.name = shard, name
         shape, dtype = shard.specs[name]
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.chunks = self.shape  # a tar shard is read whole
+        self.chunks = (1, *self.shape[1:])  # a sample is read on its own
         self.ndim = len(self.shape)
 
     def __getitem__(self, index):
-        return self.shard.decoded(self.name)[index]
+        index = index if isinstance(index, tuple) else (index,)
+        first, rest = index[0], index[1:]
+        if isinstance(first, slice) and first.step in (None, 1):
+            start, stop, _ = first.indices(self.shape[0])
+            return self.shard.rows(self.name, start, max(start, stop))[(slice(None), *rest)]
+        return self.shard.rows(self.name, 0, self.shape[0])[index]

@@ -1,7 +1,9 @@
 """The Zarr format: one self-describing Zarr v3 group per shard, the store root a group of them.
 
-A shard's arrays are chunked by ``chunk_trajectories`` rows (all steps of a block of trajectories);
-the loader reads one chunk row at a time. The group's attributes carry the shard's checksums and
+A shard's arrays are chunked as ``schema.chunk_layout`` says (chunks of about ``chunk_bytes``,
+sized from the data); an array of several chunks is a zarr v3 *sharded* array, its chunks byte
+ranges inside one file (or a few), so a shard is a handful of files. The loader reads one chunk row
+(a block of whole trajectories) at a time. The group's attributes carry the shard's checksums and
 the settings of its run, so a lost manifest is rebuilt from the shards.
 """
 
@@ -20,8 +22,8 @@ import zarr.codecs.numcodecs
 from ...errors import StoreError
 from ..files import folder_bytes, write_json_atomic
 from ..schema import (LATENT_ARRAYS, MANIFEST, SCHEMA_VERSION, SHARD_INDEX, STORE_TYPE, ArrayHasher, array_checksum,
-                      array_specs, combined_checksum, dimension_names, row_slices, run_header, same_run,
-                      shard_range)
+                      array_specs, chunk_layout, combined_checksum, dimension_names, row_slices, run_header, same_run,
+                      shard_range, read_rows)
 from .base import ShardFormat, ShardWriter, check_before_publish
 
 # We write consolidated metadata on purpose (one read opens a shard); zarr warns that v3 has no spec for it.
@@ -96,13 +98,13 @@ class ZarrFormat(ShardFormat):
         return da.from_zarr(array, chunks=array.chunks)
 
     def read_units(self, manifest, entry: dict) -> list[slice]:
-        return list(row_slices(entry["trajectories"], manifest.chunk_trajectories))
+        return list(row_slices(entry["trajectories"], read_rows(manifest)))
 
     def array_problems(self, path: Path, name: str, array, entry: dict) -> list[str]:
-        """Every chunk file present (all are written, even all-zero ones) and the array's bytes
-        as recorded: a deleted or truncated chunk is caught without decoding anything."""
+        """Every chunk (or shard) file present (all are written, even all-zero ones) and the
+        array's bytes as recorded: a deleted or truncated file is caught without decoding anything."""
         files, size = array_files(path / name)
-        expected = math.prod(-(-s // c) for s, c in zip(array.shape, array.chunks))
+        expected = math.prod(-(-s // c) for s, c in zip(array.shape, array.shards or array.chunks))
         if files != expected:
             return [f"{files} of {expected} chunk files on disk (deleted or added)"]
         recorded = (entry.get("array_bytes") or {}).get(name)
@@ -130,49 +132,89 @@ class ZarrFormat(ShardFormat):
                 return False
         return True
 
+    def shard_files(self, path: Path) -> list[Path]:
+        """Every file below the shard's folder (metadata and chunk files), in name order. scandir's
+        entry types, not a stat per folder: at thousands of shards this runs at every train start."""
+        files, folders = [], [os.fspath(path)]
+        while folders:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    (folders if entry.is_dir(follow_symlinks=False) else files).append(entry.path)
+        return [Path(name) for name in sorted(files)]
+
 
 class ZarrShardWriter(ShardWriter):
-    """Writes one Zarr shard under a temporary name; ``finish`` verifies and publishes it."""
+    """Writes one Zarr shard under a temporary name; ``finish`` verifies and publishes it.
+
+    Rows written in order are held until they fill a whole file of their array (a zarr shard, at
+    most FILE_BYTES) and written then: a partial write into a sharded array would rewrite the whole
+    file each time. Rows written out of order go straight to the array."""
 
     def __init__(self, store, index: int, fmt: ZarrFormat):
         super().__init__(store, index, fmt)
         self.format = fmt
         header = store.header
+        n = self.stop - self.start
         self.group = zarr.open_group(str(self.partial), mode="w", zarr_format=3,
                                      attributes={"schema_version": SCHEMA_VERSION, "shard": index,
                                                  "first_trajectory": self.start})
         compressors = fmt.codec(header["compressor"])()
-        chunk = min(header["chunk_trajectories"], self.stop - self.start)
         keepbits = header.get("bitround_keepbits", 0)
-        self.dtypes, self.arrays = {}, {}
-        specs = array_specs(header, self.stop - self.start)
+        self.dtypes, self.arrays, self.file_rows, self.held = {}, {}, {}, {}
+        specs = array_specs(header, n)
+        layout = chunk_layout(header, n)
         self.hasher = ArrayHasher(specs, keepbits)
         self.hashed = 0  # trajectories hashed in order so far (None: written out of order, re-read)
         for name, (shape, dtype) in specs.items():
             lossy = keepbits and name in LATENT_ARRAYS
             filters = [zarr.codecs.numcodecs.BitRound(keepbits=keepbits)] if lossy else None
+            chunks, shards = layout[name]
             # every chunk is written, even all-zero ones, so a missing chunk file is always damage;
             # writes go through the array created here (reopened by name it would forget that setting)
-            self.arrays[name] = self.group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
+            self.arrays[name] = self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
                                                         compressors=compressors, filters=filters, fill_value=0,
                                                         dimension_names=dimension_names(header, name, len(shape)),
                                                         config={"write_empty_chunks": True})
             self.dtypes[name] = dtype
+            self.file_rows[name] = (shards or chunks)[0]
+            self.held[name] = []  # (first row, values) not yet written
+
+    def _flush(self, name: str, whole_files_only: bool) -> None:
+        """Write the held rows of ``name``: those that fill whole files (or all of them)."""
+        held = self.held[name]
+        if not held:
+            return
+        first = held[0][0]
+        end = held[-1][0] + len(held[-1][1])
+        stop = end if not whole_files_only else max(first, end - (end % self.file_rows[name]))
+        if end == self.stop - self.start:
+            stop = end  # the shard's last rows complete its last file
+        if stop <= first:
+            return
+        values = np.concatenate([v for _, v in held]) if len(held) > 1 else held[0][1]
+        self.arrays[name][first:stop] = values[:stop - first]
+        self.held[name] = [(stop, values[stop - first:])] if stop < end else []
 
     def write(self, offset: int, arrays: dict[str, np.ndarray]) -> None:
         n = len(next(iter(arrays.values())))
         in_order = self.hashed is not None and offset == self.hashed and set(arrays) == set(self.dtypes)
         for name, value in arrays.items():
             value = np.asarray(value, dtype=self.dtypes[name])
-            self.arrays[name][offset:offset + n] = value
             if in_order:
                 self.hasher.update(name, self.hasher.stored(name, value))
+                self.held[name].append((offset, np.array(value, copy=True)))
+                self._flush(name, whole_files_only=True)
+            else:
+                self._flush(name, whole_files_only=False)
+                self.arrays[name][offset:offset + n] = value
         self.hashed = self.hashed + n if in_order else None
         self.written += n
 
     def finish(self, expected_checksums: dict | None = None) -> dict:
         """Verify the shard as stored against the checksums of the values written (and, when
         given, against ``expected_checksums``), then publish it by renaming it into place."""
+        for name in self.held:
+            self._flush(name, whole_files_only=False)
         self.check_all_written()
         expected = self.stop - self.start
         stored = {name: array_checksum(self.group[name])[0] for name in sorted(self.group.array_keys())}
