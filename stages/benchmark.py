@@ -155,10 +155,15 @@ def parser() -> Parser:
 
 
 def run(argv=None) -> int:
+    from agd_pipeline.devices import apply_thread_policy
     from agd_pipeline.errors import AgdError
 
     args = parser().parse_args(argv)
     check_args(args)
+    try:
+        apply_thread_policy()  # as every stage does: AGD_NUM_THREADS, else 1 (`threads` varies its own)
+    except AgdError as err:
+        raise UsageError(str(err)) from None
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     try:
         rows = BENCHMARKS[args.what](args)
