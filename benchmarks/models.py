@@ -133,12 +133,15 @@ def random_condition(name: str, base: BaseModel, batch: int) -> dict:
 
 @torch.no_grad()
 def step_times(name: str, batch_sizes=(1, 4), repeats: int = 3, adapter: AdapterConfig | None = None,
-               seed: int = 0) -> list[dict]:
-    """Median seconds of one denoiser step: CFG (cond+uncond batched) against AGD, same inputs."""
+               seed: int = 0, adapter_settings: dict | None = None) -> list[dict]:
+    """Median seconds of one denoiser step: CFG (cond+uncond batched) against AGD, same inputs.
+    The adapters: ``adapter``'s kind, placement and widths, else ``adapter_settings`` (e.g. a
+    shipped config's), else the family's defaults."""
     torch.manual_seed(seed)
     base = build_base(name)
-    adapter = adapter_config(name, base, **({} if adapter is None else {
-        k: getattr(adapter, k) for k in ("kind", "placement", "width", "embed_dim")}))
+    settings = dict(adapter_settings or {}) if adapter is None else {
+        k: getattr(adapter, k) for k in ("kind", "placement", "width", "embed_dim")}
+    adapter = adapter_config(name, base, **settings)
     adapted = AdaptedModel(base, adapter).eval()
     share = count_parameters(adapted) / count_parameters(base.net)
     rows = []

@@ -127,6 +127,9 @@ def parser() -> Parser:
     parser.add_argument("--repeats", type=int, default=3,
                         help="step-time, training, loader-shipped: timed repeats (median; training adds one warm-up "
                         "step; loader-shipped: paired runs, min-max shown)")
+    parser.add_argument("--shipped-adapters", action="store_true",
+                        help="step-time: the adapters the shipped configs train (configs/*.yaml: kind, placement, "
+                        "width) instead of the family's defaults")
     parser.add_argument("--adapters", default="data/adapters",
                         help="gap-closed: comma-separated adapter folders to compare")
     parser.add_argument("--trajectories", type=int, default=400,
@@ -194,12 +197,18 @@ def architectures(args, default: str) -> list[str]:
 
 def step_time(args) -> list[dict]:
     from benchmarks.models import step_times
+    from benchmarks.training import SHIPPED_ADAPTERS
 
     names, rows = architectures(args, "dit-xl-2-256,sd-2.1-unet"), []
+    missing = [name for name in names if args.shipped_adapters and name not in SHIPPED_ADAPTERS]
+    if missing:
+        raise UsageError(f"--shipped-adapters: no shipped config trains adapters for {', '.join(missing)}; "
+                         f"those that do: {', '.join(SHIPPED_ADAPTERS)}")
     table(["architecture", "batch", "CFG s/step", "AGD s/step", "unguided s/step", "AGD speed-up",
            "adapter overhead"])
     for name in names:
-        for r in step_times(name, args.batch_sizes, args.repeats):
+        shipped = SHIPPED_ADAPTERS[name] if args.shipped_adapters else None
+        for r in step_times(name, args.batch_sizes, args.repeats, adapter_settings=shipped):
             rows.append(r)
             print(f"| {name} | {r['batch']} | {r['cfg_seconds']:.4f} | {r['agd_seconds']:.4f} | "
                   f"{r['unguided_seconds']:.4f} | {r['speedup_agd_over_cfg']:.2f}x | "

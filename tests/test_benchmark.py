@@ -31,6 +31,20 @@ def test_step_times_reports_every_batch():
         assert r["speedup_agd_over_cfg"] == r["cfg_seconds"] / r["agd_seconds"]
 
 
+def test_step_times_take_given_adapter_settings():
+    rows = step_times("toy-dit-8x8", batch_sizes=(1,), repeats=1,
+                      adapter_settings=dict(kind="offset", placement="attention", width=8))
+    assert rows[0]["adapter"] == "offset r8 at attention"
+
+
+def test_shipped_adapters_are_refused_for_an_architecture_no_config_trains():
+    result = run_cli("stages.benchmark", "step-time", "--architectures", "toy-dit-8x8", "--shipped-adapters")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --shipped-adapters: no shipped config trains adapters for "
+                                            "toy-dit-8x8; those that do: dit-xl-2-256")
+    assert "|" not in result.stdout  # refused before any table is printed
+
+
 def test_benchmark_command_writes_json(tmp_path):
     out = tmp_path / "p.json"
     result = run_cli("stages.benchmark", "parameters", "--architectures", "toy-dit-8x8", "--out", out)
