@@ -5,6 +5,7 @@ distilled adapters. Numbers are printed and written to a file; nothing here is a
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import tempfile
@@ -199,6 +200,22 @@ SHIPPED_LAYOUTS = {
 PAPER_WORKERS = 4  # the paper loader's DataLoader workers
 
 
+def shipped_header(config: str, trajectories: int = 0, fmt: str = "zarr") -> tuple[dict, dict]:
+    """(the synthetic store header of a shipped config's layout: its base's latent shape and
+    condition arrays, its shard size, chunk size, codec and steps, ``trajectories`` of them, by
+    default one full shard; the config's train section)."""
+    import yaml
+
+    shape, conditions = SHIPPED_LAYOUTS[config]
+    settings = yaml.safe_load(Path(config).read_text())
+    generate = settings["generate"]
+    header = synthetic_header(shape, trajectories or generate["shard_size"], generate["num_steps"],
+                              generate["shard_size"], chunk_bytes=generate.get("chunk_bytes", CHUNK_BYTES),
+                              fmt=fmt, compressor=generate.get("compressor", "auto") if fmt == "zarr" else "auto",
+                              conditions=conditions)
+    return header, settings["train"]
+
+
 def write_paper_layout(root: Path, store: TrajectoryStore) -> None:
     """The paper's layout: one file per trajectory (torch.save of its tensors: every step's model
     input and guided output, the timesteps, w and the condition)."""
@@ -248,26 +265,18 @@ def shipped_loader_table(configs=tuple(SHIPPED_LAYOUTS), trajectories: int = 0, 
     layout (its shard_size, chunk_bytes, steps and train.batch_size; random latents of its
     base's shape): one epoch each, the first batch included, ``repeats`` paired runs in turn. Also
     the files per 1,000 trajectories of each layout."""
-    import yaml
-
     from agd_pipeline.loader import StepBatches
 
     rows = []
     for config in configs:
-        shape, conditions = SHIPPED_LAYOUTS[config]
-        settings = yaml.safe_load(Path(config).read_text())
-        generate, train = settings["generate"], settings["train"]
-        steps, batch = generate["num_steps"], train["batch_size"]
-        n = trajectories or generate["shard_size"]  # one full shard of the config
+        header, train = shipped_header(config, trajectories)
+        shape, n, steps = header["latent_shape"], header["num_trajectories"], header["sampler"]["num_steps"]
+        batch = train["batch_size"]
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             root = Path(tmp)
-            layout = dict(shard_size=generate["shard_size"], chunk_bytes=generate.get("chunk_bytes", CHUNK_BYTES),
-                          conditions=conditions)
-            compressor = generate.get("compressor", "auto")
-            stores = {"zarr": write_synthetic_store(root / "zarr", synthetic_header(
-                          shape, n, steps, compressor=compressor, **layout)),
-                      "webdataset": write_synthetic_store(root / "tar", synthetic_header(
-                          shape, n, steps, fmt="webdataset", **layout))}
+            stores = {"zarr": write_synthetic_store(root / "zarr", header),
+                      "webdataset": write_synthetic_store(root / "tar", shipped_header(
+                          config, trajectories, fmt="webdataset")[0])}
             write_paper_layout(root / "paper", stores["zarr"])
             total = n * steps
             rates = {name: [] for name in (*stores, "paper")}
@@ -285,8 +294,8 @@ def shipped_loader_table(configs=tuple(SHIPPED_LAYOUTS), trajectories: int = 0, 
             files = {"zarr": _files(root / "zarr"), "webdataset": _files(root / "tar"), "paper": _files(root / "paper")}
         rows.append({
             "config": config, "latent": "x".join(map(str, shape)), "trajectories": n, "steps": steps,
-            "batch_size": batch, "shard_size": generate["shard_size"],
-            "chunk_bytes": layout["chunk_bytes"], "compressor": compressor,
+            "batch_size": batch, "shard_size": header["shard_size"],
+            "chunk_bytes": header["chunk_bytes"], "compressor": header["compressor"],
             "unit_trajectories": unit_rows(stores["zarr"].manifest),
             "read_trajectories": read_rows(stores["zarr"].manifest),
             "repeats": repeats,
@@ -444,7 +453,7 @@ def loader_memory_run(root: str, workers: int, epochs: int, batch: int) -> dict:
 
     store = TrajectoryStore(root)
     loader = StepBatches(store, batch, seed=0, workers=workers)
-    me = __import__("os").getpid()
+    me = os.getpid()
     before = _pss(me)
     peak, seen, done = [before], set(), threading.Event()
 
@@ -478,17 +487,10 @@ def loader_memory_table(config: str = "configs/sd-2.1.yaml", workers=(0, 2), tra
     import subprocess
     import sys
 
-    import yaml
-
-    shape, conditions = SHIPPED_LAYOUTS[config]
-    settings = yaml.safe_load(Path(config).read_text())
-    generate, train = settings["generate"], settings["train"]
-    n = trajectories or generate["shard_size"]
+    header, train = shipped_header(config, trajectories)
+    shape, n = header["latent_shape"], header["num_trajectories"]
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        header = synthetic_header(shape, n, generate["num_steps"], generate["shard_size"],
-                                  chunk_bytes=generate.get("chunk_bytes", CHUNK_BYTES), conditions=conditions,
-                                  compressor=generate.get("compressor", "auto"))
         write_synthetic_store(Path(tmp) / "zarr", header)
         for count in workers:
             code = ("import json, sys; from benchmarks.data_path import loader_memory_run; "
