@@ -162,6 +162,49 @@ def step_times(name: str, batch_sizes=(1, 4), repeats: int = 3, adapter: Adapter
     return rows
 
 
+def adapter_costs(name: str, widths, kind: str, placement: str, batch_sizes=(1, 4), repeats: int = 3,
+                  seed: int = 0, embed_dim: int | None = None) -> list[dict]:
+    """What adapters of each width cost one denoiser step: the unguided call, CFG (one batched call
+    on 2B) and AGD at every width, timed in turn within each repeat (the order reversed every
+    other repeat, one warm-up each), so every ratio is paired. Median seconds of ``repeats``.
+    ``cfg_over_unguided`` is the ceiling of AGD/CFG that adapters of no cost would reach."""
+    torch.manual_seed(seed)
+    base = build_base(name)
+    extra = {} if embed_dim is None else {"embed_dim": embed_dim}
+    models = {width: AdaptedModel(base, adapter_config(name, base, kind=kind, placement=placement, width=width,
+                                                       **extra)).eval() for width in widths}
+    rows = []
+    for batch in batch_sizes:
+        x = torch.randn(batch, *base.latent_shape)
+        t = torch.full((batch,), 500)
+        cond = random_condition(name, base, batch)
+        uncond = None if base.conditioning == "class" else random_condition(name, base, 1)
+        w = torch.full((batch,), 4.0)
+        calls = {"unguided": functools.partial(base.predict, x, t, cond),
+                 "cfg": functools.partial(base.cfg_predict, x, t, cond, w, uncond),
+                 **{width: functools.partial(model, x, t, cond, w) for width, model in models.items()}}
+        times = {key: [] for key in calls}
+        with torch.no_grad():
+            for call in calls.values():
+                call()  # warm-up
+            for repeat in range(repeats):
+                for key in (list(calls) if repeat % 2 == 0 else list(calls)[::-1]):
+                    began = time.perf_counter()
+                    calls[key]()
+                    times[key].append(time.perf_counter() - began)
+        unguided, cfg = statistics.median(times["unguided"]), statistics.median(times["cfg"])
+        for width, model in models.items():
+            agd = statistics.median(times[width])
+            rows.append({"architecture": name, "batch": batch, "kind": kind, "placement": placement, "width": width,
+                         "adapter_share_percent": 100 * model.parameter_report()["share"],
+                         "unguided_seconds": unguided, "cfg_seconds": cfg, "agd_seconds": agd,
+                         "adapter_overhead_percent": 100 * (agd / unguided - 1), "speedup_agd_over_cfg": cfg / agd,
+                         "cfg_over_unguided": cfg / unguided, "repeats": repeats, "threads": torch.get_num_threads()})
+    for model in models.values():
+        model.remove()
+    return rows
+
+
 def thread_table(name: str = "toy-dit-8x8", train_batch: int = 256, sample_batch: int = 200, repeats: int = 7,
                  threads=(1, 2)) -> list[dict]:
     """The thread policy's evidence: one adapter-training step and one CFG sampling step of an

@@ -2,6 +2,8 @@
 README's tables come from docs/benchmarks/<what>.json, written only when asked with --out).
 
   step-time   one sampling step, CFG against AGD, full-size architectures with random weights
+  adapter-cost  what the shipped configs' adapters cost a step at several widths (--widths): the
+              unguided call, CFG and AGD at each width timed in turn (paired), full size, random weights
   parameters  adapter parameter counts for full-size configs (meta device, no weights)
   gap-closed  how much of the guidance gap trained adapters close
   loader      training loader samples/s: Zarr, WebDataset, the reference layout (dir per trajectory)
@@ -75,8 +77,12 @@ def check_args(args) -> None:
     args.batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1)
     args.keepbits = _ints(args.keepbits, "--keepbits", 1, 10)  # of float16's 10 mantissa bits
     args.architectures = [n for n in args.architectures.replace(" ", "").split(",") if n]
-    if args.architectures and args.what not in ("step-time", "parameters", "training"):
-        raise UsageError(f"--architectures: applies to step-time, parameters and training, not {args.what}")
+    if args.architectures and args.what not in ("step-time", "adapter-cost", "parameters", "training"):
+        raise UsageError(f"--architectures: applies to step-time, adapter-cost, parameters and training, not "
+                         f"{args.what}")
+    if args.widths and args.what != "adapter-cost":
+        raise UsageError(f"--widths: applies to adapter-cost, not {args.what}")
+    args.widths = _ints(args.widths, "--widths", 1) if args.widths else []
     args.modes = [m for m in args.modes.replace(" ", "").split(",") if m]
     args.latent_sides = _latent_sides(args.latent_sides)
     if args.device not in ("cpu", "cuda"):
@@ -123,13 +129,16 @@ def parser() -> Parser:
     parser.add_argument("--architectures", default="",
                         help="comma-separated: dit-xl-2-256, dit-s-2-256, sd-2.1-unet, sdxl-unet, sd3-medium, "
                         "toy-dit-8x8 (step-time defaults to dit-xl-2-256,sd-2.1-unet)")
-    parser.add_argument("--batch-sizes", default="1,4", help="step-time: batch sizes (images)")
+    parser.add_argument("--batch-sizes", default="1,4", help="step-time, adapter-cost: batch sizes (images)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="step-time, training, loader-shipped: timed repeats (median; training adds one warm-up "
-                        "step; loader-shipped: paired runs, min-max shown)")
+                        help="step-time, adapter-cost, training, loader-shipped: timed repeats (median; training "
+                        "adds one warm-up step; loader-shipped: paired runs, min-max shown)")
     parser.add_argument("--shipped-adapters", action="store_true",
                         help="step-time: the adapters the shipped configs train (configs/*.yaml: kind, placement, "
                         "width) instead of the family's defaults")
+    parser.add_argument("--widths", default="",
+                        help="adapter-cost: adapter widths to time (default: the shipped config's width, a half and "
+                        "a quarter of it)")
     parser.add_argument("--adapters", default="data/adapters",
                         help="gap-closed: comma-separated adapter folders to compare")
     parser.add_argument("--trajectories", type=int, default=400,
@@ -213,6 +222,31 @@ def step_time(args) -> list[dict]:
             print(f"| {name} | {r['batch']} | {r['cfg_seconds']:.4f} | {r['agd_seconds']:.4f} | "
                   f"{r['unguided_seconds']:.4f} | {r['speedup_agd_over_cfg']:.2f}x | "
                   f"{r['adapter_overhead_percent']:+.1f} % |", flush=True)
+    return rows
+
+
+def adapter_cost(args) -> list[dict]:
+    from benchmarks.models import adapter_costs
+    from benchmarks.training import SHIPPED_ADAPTERS
+
+    names, rows = architectures(args, "dit-xl-2-256,sd-2.1-unet"), []
+    missing = [name for name in names if name not in SHIPPED_ADAPTERS]
+    if missing:
+        raise UsageError(f"adapter-cost: no shipped config trains adapters for {', '.join(missing)}; those that do: "
+                         f"{', '.join(SHIPPED_ADAPTERS)}")
+    table(["architecture", "batch", "adapters", "share of base", "unguided s/step", "AGD s/step", "CFG s/step",
+           "adapter overhead", "AGD / CFG", "ceiling (CFG / unguided)"])
+    for name in names:
+        shipped = SHIPPED_ADAPTERS[name]
+        widths = args.widths or sorted({shipped["width"], max(1, shipped["width"] // 2),
+                                        max(1, shipped["width"] // 4)})
+        for r in adapter_costs(name, widths, shipped["kind"], shipped["placement"], args.batch_sizes, args.repeats):
+            rows.append(r)
+            print(f"| {name} | {r['batch']} | {r['kind']} r{r['width']} at {r['placement']}"
+                  f"{' (shipped)' if r['width'] == shipped['width'] else ''} | {r['adapter_share_percent']:.2f} % | "
+                  f"{r['unguided_seconds']:.3f} | {r['agd_seconds']:.3f} | {r['cfg_seconds']:.3f} | "
+                  f"{r['adapter_overhead_percent']:+.1f} % | {r['speedup_agd_over_cfg']:.2f}x | "
+                  f"{r['cfg_over_unguided']:.2f}x |", flush=True)
     return rows
 
 
@@ -408,7 +442,8 @@ def threads(args) -> list[dict]:
     return rows
 
 
-BENCHMARKS = {"step-time": step_time, "parameters": parameters, "gap-closed": gap_closed, "loader": loader,
+BENCHMARKS = {"step-time": step_time, "adapter-cost": adapter_cost, "parameters": parameters,
+              "gap-closed": gap_closed, "loader": loader,
               "loader-shipped": loader_shipped,
               "recording": recording, "storage": storage, "lossy": lossy,
               "training": training, "verify-cache": verify_cache, "manifest-commit": manifest_commit,

@@ -67,8 +67,11 @@ def test_gap_closed_is_zero_for_fresh_adapters_and_positive_after_training(tiny_
     save_adapters(fresh, tmp_path / "fresh", extra={"sampler": {"num_steps": 4},
                                                     "guidance": {"min": 1.0, "max": 6.0}})
     result = gap_closed(tmp_path / "fresh", num_trajectories=10)
-    assert result["overall"] == 0.0  # a zero-init adapter is exactly the conditional model
-    assert set(result["per_w_bin"].values()) == {0.0}
+    # a zero-init adapter is the conditional model; the CFG branch's conditional output comes from
+    # a batch of 2B and AGD's from B, which some CPUs' kernels round differently (seen with AVX-512:
+    # -2.4e-7), so "zero" is to float32 rounding here (test_adapters checks bit-exactness per call)
+    assert abs(result["overall"]) < 1e-5
+    assert all(abs(v) < 1e-5 for v in result["per_w_bin"].values()) and result["per_w_bin"]
 
     config = load_config(TrainConfig, {"store": str(tiny_store), "out_dir": str(tmp_path / "trained"),
                                        "steps": 40, "batch_size": 32, "width": 8, "embed_dim": 16,
@@ -160,3 +163,32 @@ def test_thread_table_times_each_count_under_both_loads():
     assert all(r["median_seconds"] > 0 for r in rows)
     assert all(r["over_1_thread"] == 1.0 for r in rows if r["threads"] == 1)
     assert torch.get_num_threads() == 1  # put back
+
+
+def test_adapter_costs_time_every_width_against_one_unguided_and_cfg_call():
+    from benchmarks.models import adapter_costs
+
+    rows = adapter_costs("toy-dit-8x8", widths=(4, 16), kind="bottleneck", placement="attention+output",
+                         batch_sizes=(2,), repeats=2)
+    assert [(r["batch"], r["width"]) for r in rows] == [(2, 4), (2, 16)]
+    assert rows[0]["unguided_seconds"] == rows[1]["unguided_seconds"] > 0  # one paired reference per batch
+    assert rows[0]["cfg_seconds"] == rows[1]["cfg_seconds"] > 0
+    assert rows[0]["adapter_share_percent"] < rows[1]["adapter_share_percent"]
+    for r in rows:
+        assert r["speedup_agd_over_cfg"] == r["cfg_seconds"] / r["agd_seconds"]
+        assert r["cfg_over_unguided"] == r["cfg_seconds"] / r["unguided_seconds"]
+
+
+def test_adapter_costs_leave_the_base_unhooked():
+    from benchmarks.models import adapter_costs
+
+    adapter_costs("toy-dit-8x8", widths=(4,), kind="offset", placement="attention", batch_sizes=(1,), repeats=1)
+    base = build_base("toy-dit-8x8")  # a fresh base has no hooks either way; the call above must not raise
+    assert not any(m._forward_hooks for m in base.net.modules())
+
+
+def test_adapter_cost_is_refused_for_an_architecture_no_config_trains():
+    result = run_cli("stages.benchmark", "adapter-cost", "--architectures", "toy-dit-8x8")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: adapter-cost: no shipped config trains adapters for toy-dit-8x8")
+    assert "|" not in result.stdout

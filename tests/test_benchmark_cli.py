@@ -35,6 +35,9 @@ def benchmark(*args, cwd=REPO):
     (["parameters", "--out", "/"], "--out"),
     (["verify-cache", "--shards", "0"], "--shards"),
     (["loader", "--shards", "5"], "--shards"),
+    (["adapter-cost", "--widths", "0"], "--widths"),
+    (["adapter-cost", "--widths", "8,x"], "--widths"),
+    (["step-time", "--widths", "8"], "--widths"),
 ])
 def test_bad_values_fail_in_one_line(args, message, tmp_path):
     result = benchmark(*args, cwd=tmp_path)
