@@ -179,12 +179,20 @@ def test_adapter_costs_time_every_width_against_one_unguided_and_cfg_call():
         assert r["cfg_over_unguided"] == r["cfg_seconds"] / r["unguided_seconds"]
 
 
-def test_adapter_costs_leave_the_base_unhooked():
-    from benchmarks.models import adapter_costs
+def test_adapter_costs_leave_the_base_unhooked(monkeypatch):
+    import benchmarks.models as models
 
-    adapter_costs("toy-dit-8x8", widths=(4,), kind="offset", placement="attention", batch_sizes=(1,), repeats=1)
-    base = build_base("toy-dit-8x8")  # a fresh base has no hooks either way; the call above must not raise
-    assert not any(m._forward_hooks for m in base.net.modules())
+    built = []
+
+    def keep(name):
+        built.append(build_base(name))
+        return built[-1]
+
+    monkeypatch.setattr(models, "build_base", keep)
+    models.adapter_costs("toy-dit-8x8", widths=(4, 8), kind="offset", placement="attention", batch_sizes=(1,),
+                         repeats=1)
+    assert len(built) == 1
+    assert not any(m._forward_hooks for m in built[0].net.modules())  # every width's hooks were removed
 
 
 def test_adapter_cost_is_refused_for_an_architecture_no_config_trains():
