@@ -132,6 +132,16 @@ def random_condition(name: str, base: BaseModel, batch: int) -> dict:
 
 
 @torch.no_grad()
+def _step_inputs(name: str, base: BaseModel, batch: int) -> tuple:
+    """One sampling step's inputs for the timing benchmarks: latents, t = 500, a condition, the
+    unconditional one (text models; None for class models, whose null class CFG supplies) and w = 4."""
+    x = torch.randn(batch, *base.latent_shape)
+    t = torch.full((batch,), 500)
+    cond = random_condition(name, base, batch)
+    uncond = None if base.conditioning == "class" else random_condition(name, base, 1)
+    return x, t, cond, uncond, torch.full((batch,), 4.0)
+
+
 def step_times(name: str, batch_sizes=(1, 4), repeats: int = 3, adapter: AdapterConfig | None = None,
                seed: int = 0, adapter_settings: dict | None = None) -> list[dict]:
     """Median seconds of one denoiser step: CFG (cond+uncond batched) against AGD, same inputs.
@@ -146,11 +156,7 @@ def step_times(name: str, batch_sizes=(1, 4), repeats: int = 3, adapter: Adapter
     share = count_parameters(adapted) / count_parameters(base.net)
     rows = []
     for batch in batch_sizes:
-        x = torch.randn(batch, *base.latent_shape)
-        t = torch.full((batch,), 500)
-        cond = random_condition(name, base, batch)
-        uncond = None if base.conditioning == "class" else random_condition(name, base, 1)
-        w = torch.full((batch,), 4.0)
+        x, t, cond, uncond, w = _step_inputs(name, base, batch)
         cfg = _time(functools.partial(base.cfg_predict, x, t, cond, w, uncond), repeats)
         agd = _time(functools.partial(adapted, x, t, cond, w), repeats)
         unguided = _time(functools.partial(base.predict, x, t, cond), repeats)
@@ -177,11 +183,7 @@ def adapter_costs(name: str, widths, kind: str, placement: str, batch_sizes=(1, 
                                                        **extra)).eval() for width in widths}
     rows = []
     for batch in batch_sizes:
-        x = torch.randn(batch, *base.latent_shape)
-        t = torch.full((batch,), 500)
-        cond = random_condition(name, base, batch)
-        uncond = None if base.conditioning == "class" else random_condition(name, base, 1)
-        w = torch.full((batch,), 4.0)
+        x, t, cond, uncond, w = _step_inputs(name, base, batch)
         calls = {"unguided": functools.partial(base.predict, x, t, cond),
                  "cfg": functools.partial(base.cfg_predict, x, t, cond, w, uncond),
                  **{width: functools.partial(model, x, t, cond, w) for width, model in models.items()}}
