@@ -332,10 +332,11 @@ class GenerateConfig(StageConfig):
     source: str = option("trajectories", "what stage one records: trajectories (the teacher's own CFG sampling "
                          "trajectories, AGD's data) or forward_noised (real latents noised by the forward process "
                          "at the sampler's timesteps, labelled with CFG's output there: standard guidance "
-                         "distillation's data, for the ablation; class models, needs real_data)",
+                         "distillation's data, for the ablation; needs real_data)",
                          ("trajectories", "forward_noised"))
-    real_data: str = option("", "source forward_noised: an .npz of real latents [N, C, H, W] and integer labels "
-                            "[N] (the embedded default writes data/base/train.npz)")
+    real_data: str = option("", "source forward_noised: an .npz of real latents [N, C, H, W] with integer labels "
+                            "[N] (class models) or captions [N] (text models: each prompt noises latents captioned "
+                            "with it); the embedded defaults' base stages write train.npz")
     guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
     guidance_max: float = option(6.0, "upper end of the guidance scale range")
     guidance_interval: list[float] = option([], "guide only the steps whose timestep t / num_train_timesteps lies "

@@ -66,7 +66,7 @@ class CleanFid:
         return float(fid.fid_from_feats(self.features(folder_a), self.features(folder_b)))
 
 
-def curves_figure(rows: list[dict], training_range, path: Path) -> None:
+def curves_figure(rows: list[dict], training_range, path: Path, accuracy_label: str = "class accuracy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +81,7 @@ def curves_figure(rows: list[dict], training_range, path: Path) -> None:
         ax.axvspan(*training_range, color="0.92", zorder=0, label="training range")
         ax.set_xlabel("guidance scale w")
     ax1.set_ylabel("FID vs held-out data")
-    ax2.set_ylabel("class accuracy")
+    ax2.set_ylabel(accuracy_label)
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -172,7 +172,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
                     real=judges.real_model_metrics("unguided", samples_dir / "unguided", baseline["pixels"]))
     rows = []
     for w in tqdm(config.guidance_scales, desc="evaluate: guidance scales", disable=not progress):
-        # Alternate which method runs first, so drift in a shared machine's speed hits both alike.
+        # Alternate which method runs first, so drift in a shared machine's speed hits both alike
+        # (within a w, too, where it has several batches: ImageSampler.run_interleaved).
         row = _compare_at(w, sampler, base, adapted, judges, baseline, samples_dir, steps, uncond,
                           cfg_first=len(rows) % 2 == 0, in_range=training_range[0] <= w <= training_range[1])
         panels = {"unguided (1 NFE/step)": baseline["pixels"], f"CFG w={w:g} (2 NFE/step)": row.pop("cfg_pixels"),
@@ -206,7 +207,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     _write_csv(out / "fidelity_vs_w.csv", rows,
                {"agd_to_cfg": "fid_to_cfg_agd", "unguided_to_cfg": "fid_to_cfg_unguided"})
     if judges.classifier is not None:
-        curves_figure(rows, training_range, out / "curves.png")
+        curves_figure(rows, training_range, out / "curves.png",
+                      "prompt accuracy" if base.conditioning == "text" else "class accuracy")
     log(format_table(rows))
     if negative is not None:
         log(format_negative_check(negative))
@@ -362,12 +364,11 @@ def _compare_at(w: float, sampler: ImageSampler, base, adapted, judges: Judges, 
     """CFG and AGD at one w from the same seeds: samples as PNGs, and the row of metrics.json
     (plus both pixel sets, for the grid)."""
     tag = f"w{w:g}"
-    if cfg_first:
-        cfg_images, cfg_seconds = sampler.run(CFG(base, w, uncond, adapted.guidance_interval))
-        agd_images, agd_seconds = sampler.run(AGD(adapted, w))
-    else:
-        agd_images, agd_seconds = sampler.run(AGD(adapted, w))
-        cfg_images, cfg_seconds = sampler.run(CFG(base, w, uncond, adapted.guidance_interval))
+    # batch by batch, CFG and AGD in turn (ABBA over batches, and over w where one batch holds them all)
+    cfg, agd = CFG(base, w, uncond, adapted.guidance_interval), AGD(adapted, w)
+    order = [cfg, agd] if cfg_first else [agd, cfg]
+    results = dict(zip(order, sampler.run_interleaved(order)))
+    (cfg_images, cfg_seconds), (agd_images, agd_seconds) = results[cfg], results[agd]
     cfg_pixels, agd_pixels = to_uint8(cfg_images), to_uint8(agd_images)
     cfg_dir, agd_dir = samples_dir / "cfg" / tag, samples_dir / "agd" / tag
     write_pngs(cfg_pixels, cfg_dir)

@@ -115,6 +115,27 @@ EXPERIMENTS = {
         columns=SUMMARY_COLUMNS,
         plot=("gap_closed", "mean_fid_agd", "max_fidelity_ratio"),
     ),
+    "trajectories-vs-forward-noised-sd3": Experiment(
+        name="trajectories-vs-forward-noised-sd3",
+        title="SD3 default: trajectories vs forward-noised data",
+        question=("The central ablation on the SD3 text-to-image default (flow matching): adapters trained on the "
+                  "1,500 training prompts' CFG trajectories, or on the images those prompts caption noised along "
+                  "flow matching's path (standard guidance distillation), the same prompts, negative prompts, w and "
+                  "number of (x, t, w) pairs, both labelled with CFG's output (accuracy: the prompt's digit)."),
+        variants=(
+            Variant("trajectories", "CFG trajectories (AGD)",
+                    {f"{_SD3}:generate.source": "trajectories", f"{_SD3}:generate.real_data": ""},
+                    summary=_SD3_SUMMARY),
+            Variant("forward-noised", "forward-noised real data",
+                    {f"{_SD3}:generate.source": "forward_noised",
+                     f"{_SD3}:generate.real_data": "data/text/sd3/base/train.npz"},
+                    summary=_SD3_SUMMARY),
+        ),
+        # evaluate measures gap closed on class-conditional bases only
+        columns=tuple(c for c in SUMMARY_COLUMNS if c.key != "gap_closed"),
+        plot=("mean_fid_agd", "max_fidelity_ratio", "max_accuracy_drop_points"),
+        pipeline=_SD3_PIPELINE,
+    ),
     "unseen-w": Experiment(
         name="unseen-w",
         title="Guidance scales outside the training range",

@@ -295,11 +295,11 @@ def generate(config: GenerateConfig, progress: bool = True, log=print) -> dict:
         def record(plan):
             return record_batch(base, plan, config.num_steps, config.record_branches, conditions, interval)
     else:
-        by_class = real.by_class(conditions.classes)  # every class sampled has real data, before anything is written
+        examples = real.examples_for(conditions)  # every condition has real data, before anything is written
 
         def record(plan):
-            return record_forward_noised_batch(base, plan, config.num_steps, config.record_branches, real, by_class,
-                                               config.seed)
+            return record_forward_noised_batch(base, plan, config.num_steps, config.record_branches, real, examples,
+                                               config.seed, conditions)
     header = store_header(config, base, conditions, real)
     with contextlib.ExitStack() as held:
         def open_first() -> StoreWriter:

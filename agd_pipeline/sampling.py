@@ -242,16 +242,27 @@ class ImageSampler:
 
     def run(self, denoiser: Callable) -> tuple[torch.Tensor, float]:
         """Images in [-1, 1] on the CPU, and the seconds spent sampling and decoding them."""
-        outputs, seconds = [], 0.0
-        for start in range(0, len(self.seeds), self.batch_size):
+        return self.run_interleaved([denoiser])[0]
+
+    def run_interleaved(self, denoisers: list[Callable]) -> list[tuple[torch.Tensor, float]]:
+        """:meth:`run` for several denoisers at once, batch by batch: every batch is sampled by each
+        denoiser in turn, the order rotating from one batch to the next (A B, then B A), so that a
+        shared machine's changing speed falls on all of them alike and their times compare. The
+        images are the same as from separate runs (each batch starts from its seeds' noise)."""
+        outputs = [[] for _ in denoisers]
+        seconds = [0.0 for _ in denoisers]
+        for number, start in enumerate(range(0, len(self.seeds), self.batch_size)):
             stop = min(len(self.seeds), start + self.batch_size)
-            gens = generators_for(self.seeds[start:stop])
-            noise = initial_noise(self.base, gens)
             cond = {name: value[start:stop] for name, value in self.conditions.items()}
-            began = time.perf_counter()
-            latents = sample(self.base, cond, noise, self.steps, denoiser, scheduler=self.scheduler, generators=gens)
-            with torch.no_grad():
-                images = self.base.decode(latents)
-            seconds += time.perf_counter() - began
-            outputs.append(images.float().cpu())
-        return torch.cat(outputs), seconds
+            shift = number % len(denoisers)
+            for which in [*range(shift, len(denoisers)), *range(shift)]:
+                gens = generators_for(self.seeds[start:stop])
+                noise = initial_noise(self.base, gens)
+                began = time.perf_counter()
+                latents = sample(self.base, cond, noise, self.steps, denoisers[which], scheduler=self.scheduler,
+                                 generators=gens)
+                with torch.no_grad():
+                    images = self.base.decode(latents)
+                seconds[which] += time.perf_counter() - began
+                outputs[which].append(images.float().cpu())
+        return [(torch.cat(images), spent) for images, spent in zip(outputs, seconds)]

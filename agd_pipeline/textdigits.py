@@ -117,17 +117,19 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def write_prompt_files(folder: Path, hold_labels, hold_weights, config) -> None:
+def write_prompt_files(folder: Path, train_labels, train_weights, hold_labels, hold_weights, config) -> np.ndarray:
     """The prompt sets the later stages read: training prompts for generate (captions of training
     images, every template), held-out prompts with their digit for evaluate (digit templates only, so
-    accuracy is defined), negative prompts naming each digit, and the negative-prompt check."""
+    accuracy is defined), negative prompts naming each digit, and the negative-prompt check.
+    Returns the training image each training prompt captions (the real data of forward-noised
+    stores: :func:`write_real_pairs`)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed + 7)
-    # training prompts: the caption set's distribution, not tied to particular images
-    digits = rng.integers(0, 10, config.generate_prompts)
-    weights = rng.integers(0, 3, config.generate_prompts)
-    train = [caption(rng, int(d), int(w), agnostic=rng.random() < config.agnostic_share)
-             for d, w in zip(digits, weights)]
+    # training prompts: captions of training images drawn at random (with replacement only where
+    # there are more prompts than images)
+    images = rng.choice(len(train_labels), config.generate_prompts, replace=config.generate_prompts > len(train_labels))
+    train = [caption(rng, int(train_labels[i]), int(train_weights[i]), agnostic=rng.random() < config.agnostic_share)
+             for i in images]
     (folder / TRAIN_PROMPTS).write_text("\n".join(train) + "\n")
     picks = [i for d in range(10) for i in np.flatnonzero(hold_labels == d)[:config.eval_prompts_per_digit]]
     lines = [f"{hold_labels[i]}\t{caption(rng, int(hold_labels[i]), int(hold_weights[i]))}" for i in picks]
@@ -138,6 +140,7 @@ def write_prompt_files(folder: Path, hold_labels, hold_weights, config) -> None:
         "prompt": AGNOSTIC_CHECK_PROMPT,
         "negatives": {str(d): f"the digit {DIGIT_WORDS[d]}" for d in range(10)},
     }, indent=2) + "\n")
+    return images.astype(np.int64)
 
 
 def read_eval_prompts(path: str | Path) -> tuple[list[str], list[int] | None]:
@@ -304,9 +307,10 @@ def prepare_shared(config, progress: bool = True) -> dict:
                                         classifier_features=config.classifier_features)
     classifier, accuracy = train_classifier(pooled[0], y_train, pooled[1], y_hold, classifier_config, progress)
     save_classifier(classifier, out / "classifier", {"holdout_accuracy": accuracy, "input_size": IMAGE_SIZE})
+    prompt_images = write_prompt_files(out / PROMPTS_DIR, y_train, w_train, y_hold, w_hold, config)
     np.savez_compressed(out / "digits.npz", x_train=x_train, y_train=y_train, w_train=w_train,
-                        x_hold=x_hold, y_hold=y_hold, w_hold=w_hold, latent_mean=latent_mean)
-    write_prompt_files(out / PROMPTS_DIR, y_hold, w_hold, config)
+                        x_hold=x_hold, y_hold=y_hold, w_hold=w_hold, latent_mean=latent_mean,
+                        train_prompt_images=prompt_images)
     return {"vae_reconstruction_mse": recon_error, "classifier_holdout_accuracy": accuracy,
             "vae_scaling_factor": vae.config.scaling_factor}
 
@@ -437,6 +441,7 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
     for name in ("classifier", PROMPTS_DIR):
         shutil.copytree(Path(config.shared) / name, staging / name)
     np.savez_compressed(staging / "holdout.npz", images=shared["x_hold"], labels=shared["y_hold"])
+    write_real_pairs(staging / REAL_PAIRS, latents, shared)
     final = float(np.mean(losses[-100:]))
     meta = {"description": f"embedded default: tiny {family.title} pipeline on captioned 16x16 digits",
             "final_loss": final, "parameters": sum(p.numel() for p in net.parameters()),
@@ -448,8 +453,28 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
     return meta
 
 
+REAL_PAIRS = "train.npz"  # generate.real_data of the forward-noised ablation
+
+
+def write_real_pairs(path: Path, latents: torch.Tensor, shared: dict) -> None:
+    """The training prompts' own images as the family's latents, with the prompts as captions:
+    ``generate.source forward_noised`` noises, for each training prompt, the image it captions
+    (standard guidance distillation's data, on the same prompts as stage one's trajectories)."""
+    from .models import read_prompts
+
+    prompts = read_prompts(path.parent / PROMPTS_DIR / TRAIN_PROMPTS)
+    images = shared.get("train_prompt_images")
+    if images is None or len(images) != len(prompts):
+        raise ModelError(f"{path.parent}: the shared data does not say which image each of the {len(prompts)} "
+                         "training prompts captions (written before forward-noised text data existed?); run "
+                         "the text pipeline's data stage (python -m stages.text_data) again")
+    np.savez_compressed(path, latents=latents[torch.from_numpy(images)].numpy().astype(np.float32),
+                        captions=np.asarray(prompts, dtype=str))
+
+
 # what a text_base output folder holds; a folder with anything else is not replaced
-BASE_ENTRIES = {"model_index.json", "agd_base.json", "resolved_config.json", "holdout.npz", "classifier", PROMPTS_DIR,
+BASE_ENTRIES = {"model_index.json", "agd_base.json", "resolved_config.json", "holdout.npz", REAL_PAIRS, "classifier",
+                PROMPTS_DIR,
                 "scheduler", "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
                 "tokenizer_2"}
 

@@ -141,16 +141,51 @@ def test_bad_real_data_is_refused_before_anything_is_written(tiny_base_dir, tmp_
     assert not (tmp_path / "store").exists()
 
 
-def test_a_scheduler_without_alphas_is_refused(real_data, tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def test_a_scheduler_without_a_forward_process_is_refused(real_data, tmp_path):
+    from diffusers import IPNDMScheduler
 
     from conftest import make_dit, write_base_folder
 
     path, *_ = real_data
-    folder = write_base_folder(tmp_path / "flow_base", make_dit(0), FlowMatchEulerDiscreteScheduler())
-    with pytest.raises(ConfigError, match="FlowMatchEulerDiscreteScheduler has no alphas_cumprod"):
+    folder = write_base_folder(tmp_path / "ipndm_base", make_dit(0), IPNDMScheduler())
+    with pytest.raises(ConfigError, match="IPNDMScheduler has neither alphas_cumprod nor flow matching"):
         generate_store(folder, tmp_path / "store", source="forward_noised", real_data=str(path))
     assert not (tmp_path / "store").exists()
+
+
+def test_flow_matching_noises_along_the_straight_path(real_data, tmp_path):
+    """With a flow-matching scheduler the recorded input is (1 - sigma) x0 + sigma eps at each step's
+    sigma, eps standard normal, and the targets are CFG's output there."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from conftest import make_dit, write_base_folder
+
+    path, latents, labels = real_data
+    folder = write_base_folder(tmp_path / "flow_base", make_dit(0), FlowMatchEulerDiscreteScheduler(shift=3.0))
+    store = tmp_path / "store"
+    config, _ = generate_store(folder, store, source="forward_noised", real_data=str(path), trajectories_per_class=20,
+                               num_steps=4, shard_size=100, batch_size=50)
+    arrays = {k: np.concatenate([s[k] for s in read_all_shards(store).values()]) for k in
+              ("model_input", "guided_output", "timesteps", "class_label", "guidance_scale", "sample")}
+    x0 = arrays["sample"].astype(np.float64)
+    for i, c in enumerate(arrays["class_label"]):
+        candidates = latents[labels == c].astype(np.float16).astype(np.float64)
+        assert (np.abs(candidates - x0[i]).reshape(len(candidates), -1).max(1) == 0).any(), i
+    eps = []
+    for k in range(config.num_steps):
+        sigma = float(arrays["timesteps"][0, k]) / 1000  # flow matching's timesteps are sigma x 1000
+        assert 0 < sigma <= 1
+        eps.append((arrays["model_input"][:, k].astype(np.float64) - (1 - sigma) * x0) / sigma)
+    eps = np.stack(eps, 1)
+    assert abs(eps.mean()) < 4 / np.sqrt(eps.size) and abs(eps.std() - 1) < 0.05, (eps.mean(), eps.std())
+    base = load_base_model(str(folder))
+    x = torch.from_numpy(arrays["model_input"][:40, 1].astype(np.float32))
+    with torch.no_grad():
+        expected = CFG(base, torch.from_numpy(arrays["guidance_scale"][:40]))(
+            x, torch.tensor(float(arrays["timesteps"][0, 1])),
+            {"class_label": torch.from_numpy(arrays["class_label"][:40])}).guided
+    np.testing.assert_allclose(arrays["guided_output"][:40, 1].astype(np.float32), expected.numpy(),
+                               atol=2e-3, rtol=1e-2)
 
 
 def test_real_data_needs_the_forward_noised_source():
@@ -160,15 +195,84 @@ def test_real_data_needs_the_forward_noised_source():
         load_config(GenerateConfig, {"source": "noise"})
 
 
-def test_text_models_refuse_forward_noised_data(text_pipeline_dirs, real_data, tmp_path):
-    path, *_ = real_data
-    with pytest.raises(ConfigError, match="class-conditional models only"):
-        generate_store(text_pipeline_dirs["sd"], tmp_path / "store", source="forward_noised", real_data=str(path),
+def _captioned_real_data(path, base, captions, seed=0):
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((len(captions), *base.latent_shape)).astype(np.float32)
+    np.savez(path, latents=latents, captions=np.asarray(captions, dtype=str))
+    return latents
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_text_models_noise_each_prompt_s_own_images(text_pipeline_dirs, tmp_path, family):
+    """On a text model each trajectory noises a real latent captioned with its prompt (DDIM's
+    forward process on SD, flow matching's straight path on SD3), and the target is CFG's output
+    there for its prompt and its own negative prompt."""
+    from agd_pipeline.generation import EMPTY_NEGATIVE
+    from agd_pipeline.models import encode_prompts
+
+    base = load_base_model(str(text_pipeline_dirs[family]))
+    prompts = ["a cat", "a dog", "a red bird"]
+    captions = ["a dog", "a cat", "a red bird", "a cat", "a dog", "a cat"]  # several images per prompt
+    real = tmp_path / "pairs.npz"
+    latents = _captioned_real_data(real, base, captions)
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "negatives.txt").write_text("a blurry photo\nugly\n")
+    store = tmp_path / "store"
+    config, _ = generate_store(text_pipeline_dirs[family], store, source="forward_noised", real_data=str(real),
+                               prompts_file=str(tmp_path / "prompts.txt"), trajectories_per_prompt=4,
+                               negative_prompts_file=str(tmp_path / "negatives.txt"), empty_negative_probability=0.5,
+                               num_steps=3, shard_size=12, batch_size=6)
+    shards = read_all_shards(store)
+    arrays = {k: np.concatenate([s[k] for s in shards.values()]) for k in next(iter(shards.values()))}
+    assert TrajectoryStore(store).manifest["source"]["real_examples"] == len(captions)
+    x0 = arrays["sample"].astype(np.float64)
+    for i, prompt_index in enumerate(arrays["prompt_index"]):  # x0 is an image captioned with the prompt
+        own = [j for j, text in enumerate(captions) if text == prompts[prompt_index]]
+        stored = latents[own].astype(np.float16).astype(np.float64)
+        assert (np.abs(stored - x0[i]).reshape(len(own), -1).max(1) == 0).any(), i
+    flow = family == "sd3"
+    alpha_bar = None if flow else base.scheduler.alphas_cumprod.double().numpy()
+    for k in range(config.num_steps):
+        t = float(arrays["timesteps"][0, k])
+        keep, noise = (1 - t / 1000, t / 1000) if flow else (np.sqrt(alpha_bar[int(t)]), np.sqrt(1 - alpha_bar[int(t)]))
+        eps = (arrays["model_input"][:, k].astype(np.float64) - keep * x0) / noise
+        assert abs(eps.mean()) < 0.2 and 0.8 < eps.std() < 1.2, (k, eps.mean(), eps.std())
+    # the target at step 1: CFG with each trajectory's prompt and negative prompt (or the empty one)
+    negatives = ["a blurry photo", "ugly"]
+    table, uncond_rows = encode_prompts(base, prompts, [*negatives, ""])
+    index = torch.from_numpy(arrays["prompt_index"])
+    negative = torch.from_numpy(arrays["negative_prompt_index"])
+    assert set(negative.tolist()) <= {EMPTY_NEGATIVE, 0, 1}
+    cond = {name: value[index] for name, value in table.items()}
+    uncond = {name: value[negative] for name, value in uncond_rows.items()}
+    with torch.no_grad():
+        expected = CFG(base, torch.from_numpy(arrays["guidance_scale"]), uncond)(
+            torch.from_numpy(arrays["model_input"][:, 1].astype(np.float32)),
+            torch.tensor(float(arrays["timesteps"][0, 1])), cond).guided
+    np.testing.assert_allclose(arrays["guided_output"][:, 1].astype(np.float32), expected.numpy(), atol=3e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("labels", "lacks the array 'captions'.*text model"),
+    ("uncaptioned", "no example captioned 'a red bird' \\(1 of the 3 prompts"),
+    ("numbers", "captions must be strings, one per latent"),
+])
+def test_text_real_data_must_caption_every_prompt(text_pipeline_dirs, tmp_path, case, match):
+    base = load_base_model(str(text_pipeline_dirs["sd"]))
+    real = tmp_path / "pairs.npz"
+    if case == "labels":
+        np.savez(real, latents=np.zeros((3, *base.latent_shape), np.float32), labels=np.arange(3))
+    elif case == "uncaptioned":
+        _captioned_real_data(real, base, ["a cat", "a dog"])
+    else:
+        np.savez(real, latents=np.zeros((3, *base.latent_shape), np.float32), captions=np.arange(3))
+    with pytest.raises(ConfigError, match=match):
+        generate_store(text_pipeline_dirs["sd"], tmp_path / "store", source="forward_noised", real_data=str(real),
                        prompts_file=str(_prompts(tmp_path)))
     assert not (tmp_path / "store").exists()
 
 
 def _prompts(folder):
     path = folder / "prompts.txt"
-    path.write_text("a cat\na dog\n")
+    path.write_text("a cat\na dog\na red bird\n")
     return path

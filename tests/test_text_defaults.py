@@ -118,7 +118,16 @@ def test_shared_data_holds_what_the_families_need(shared_dir):
     assert len(prompts) == 10 and sorted(int(line.split("\t")[0]) for line in prompts) == list(range(10))
     check = json.loads((shared_dir / "prompts" / "negative_check.json").read_text())
     assert set(check["negatives"]) == {str(d) for d in range(10)}
-    assert len((shared_dir / "prompts" / "train.txt").read_text().splitlines()) == 24
+    train = (shared_dir / "prompts" / "train.txt").read_text().splitlines()
+    assert len(train) == 24
+    # each training prompt captions a training image: a prompt that names a digit names that image's
+    images = data["train_prompt_images"]
+    assert len(images) == 24 and images.min() >= 0 and images.max() < len(data["y_train"])
+    numbers = {**{word: d for d, word in enumerate(textdigits.DIGIT_WORDS)}, **{str(d): d for d in range(10)}}
+    named = [(next((numbers[w] for w in text.split() if w in numbers), None), data["y_train"][i])
+             for text, i in zip(train, images)]
+    assert all(digit == label for digit, label in named if digit is not None)
+    assert sum(digit is not None for digit, _ in named) >= 12
 
 
 def test_text_base_refuses_a_folder_that_is_not_shared_data(tmp_path):
@@ -157,6 +166,14 @@ def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, fa
                          "--guidance-scales", "2", "--batch-size", "10", "--negative-check-samples", "1",
                          "--samples-per-class", "1", "--no-progress"))
     assert "negative-prompt check" in result.stdout
+    # the ablation's data: the training prompts' own images, noised (train.npz, written by text_base)
+    pairs = np.load(base / "train.npz")
+    assert pairs["captions"].tolist() == (base / "prompts/train.txt").read_text().splitlines()
+    assert pairs["latents"].shape == (24, 4, 8, 8)
+    _ok(run_main("stages.generate", "--params", params, "--base-model", base, "--out-dir", tmp_path / "noised",
+                "--prompts-file", base / "prompts/train.txt", "--negative-prompts-file", base / "prompts/negatives.txt",
+                "--source", "forward_noised", "--real-data", base / "train.npz", "--num-steps", "3",
+                "--batch-size", "12", "--shard-size", "12", "--no-progress"))
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["conditioning"] == "text" and metrics["samples_per_w"] == 10
     row = metrics["per_w"]["w2"]
