@@ -199,7 +199,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     if negative is not None:
         metrics["negative_prompt_check"] = negative
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    summary = summary_metrics(metrics, config, adapted, adapter_config)
+    summary = summary_metrics(metrics, config, adapted, adapter_config, conditions, uncond)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     _write_csv(out / "fid_vs_w.csv", rows, {"unguided": "fid_unguided", "cfg": "fid_cfg", "agd": "fid_agd"})
     _write_csv(out / "accuracy_vs_w.csv", rows,
@@ -219,10 +219,11 @@ SUMMARY = "summary.json"  # DVC's metrics file: the run in a few numbers (per-w 
 GAP_CLOSED_TRAJECTORIES = 400
 
 
-def summary_metrics(metrics: dict, config: EvaluateConfig, adapted, adapter_config: dict) -> dict:
-    """What ``dvc exp show`` lists per run: the in-range summary, the unguided accuracy, for class
-    models the gap closed on fresh CFG trajectories (:func:`gap_closed`), and the adapters' size and
-    training data (:func:`training_data_summary`)."""
+def summary_metrics(metrics: dict, config: EvaluateConfig, adapted, adapter_config: dict,
+                    conditions: dict | None = None, uncond: dict | None = None) -> dict:
+    """What ``dvc exp show`` lists per run: the in-range summary, the unguided accuracy, the gap
+    closed on fresh CFG trajectories (:func:`gap_closed`; text models: of the evaluation prompts,
+    ``conditions``), and the adapters' size and training data (:func:`training_data_summary`)."""
     rows = list(metrics["per_w"].values())
     summary = {"accuracy_unguided": rows[0]["accuracy_unguided"] if rows else None,
                **metrics["summary_in_training_range"], "num_steps": metrics["num_steps"]}
@@ -237,9 +238,11 @@ def summary_metrics(metrics: dict, config: EvaluateConfig, adapted, adapter_conf
         default=None)
     summary["outside_max_fidelity_ratio"] = max(
         (r["fid_to_cfg_agd"] / r["fid_to_cfg_unguided"] for r in outside if r["fid_to_cfg_unguided"]), default=None)
-    if adapted.base.conditioning == "class":  # on the base evaluated (evaluate.base_model, if given)
+    # on the base evaluated (evaluate.base_model, if given); text models: with the evaluation prompts
+    if adapted.base.conditioning == "class" or conditions is not None:
         result = gap_closed(config.adapters, GAP_CLOSED_TRAJECTORIES, steps=config.num_steps, adapted=adapted,
-                            scheduler=config.scheduler)
+                            scheduler=config.scheduler, conditions=None if adapted.base.conditioning == "class"
+                            else conditions, uncond=uncond)
         summary["gap_closed"] = result["overall"]
     summary.update(training_data_summary(adapter_config, adapted))
     return summary
@@ -453,23 +456,32 @@ def _require_class_model(base, what: str) -> None:
 
 @torch.no_grad()
 def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 999, steps: int = 0,
-               device: str = "cpu", adapted=None, scheduler: str = "") -> dict:
+               device: str = "cpu", adapted=None, scheduler: str = "", conditions: dict | None = None,
+               uncond: dict | None = None) -> dict:
     """Share of the per-step gap between the conditional and the CFG output that AGD removes.
 
     On fresh CFG trajectories (new seeds, w ~ U[training range], classes cycled): the sum over steps
     of |AGD - CFG|^2 against |cond - CFG|^2, overall and per unit bin of w. 1 = CFG, 0 = unguided.
-    ``scheduler`` names another sampler than the recorded one (as evaluate.scheduler does).
+    ``scheduler`` names another sampler than the recorded one (as evaluate.scheduler does). Text
+    models need ``conditions`` (condition rows, e.g. evaluate's prompts; cycled like the classes,
+    with the negative prompt's rows where the adapters read it) and CFG's ``uncond``.
     """
     from .generation import trajectory_plan
 
     config = read_adapter_config(adapters)
     adapted = adapted if adapted is not None else load_adapted_model(adapters, device=device)
     base = adapted.base
-    _require_class_model(base, "gap-closed")
     w_min, w_max = config["guidance"]["min"], config["guidance"]["max"]
-    plan = trajectory_plan(seed, range(num_trajectories), list(range(base.num_classes)), w_min, w_max)
+    if base.conditioning == "text" and conditions is not None:
+        rows = len(next(iter(conditions.values())))
+        plan = trajectory_plan(seed, range(num_trajectories), list(range(rows)), w_min, w_max, key="prompt_index")
+        index = torch.from_numpy(plan["prompt_index"])
+        cond = {name: value[index].to(base.device) for name, value in conditions.items()}
+    else:
+        _require_class_model(base, "gap-closed")
+        plan = trajectory_plan(seed, range(num_trajectories), list(range(base.num_classes)), w_min, w_max)
+        cond = base.class_condition(torch.from_numpy(plan["class_label"]).to(base.device))
     gens = generators_for(plan["seed"].tolist())
-    cond = base.class_condition(torch.from_numpy(plan["class_label"]).to(base.device))
     w = torch.from_numpy(plan["guidance_scale"]).to(base.device)
     err_agd = torch.zeros(num_trajectories)
     err_cond = torch.zeros(num_trajectories)
@@ -480,7 +492,7 @@ def gap_closed(adapters: str | Path, num_trajectories: int = 400, seed: int = 99
         err_cond.add_(((step.cond_output - step.guided_output) ** 2).flatten(1).mean(1).cpu())
 
     sample(base, cond, initial_noise(base, gens), steps or config["sampler"]["num_steps"],
-           CFG(base, w, interval=adapted.guidance_interval),
+           CFG(base, w, uncond, interval=adapted.guidance_interval),
            scheduler=scheduler_for(base, config.get("sampler"), scheduler), generators=gens, observer=observe)
     edges = np.arange(np.floor(w_min), np.ceil(w_max) + 1)
     w_cpu = w.cpu()

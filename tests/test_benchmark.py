@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from agd_pipeline.adapters import AdaptedModel, AdapterConfig
@@ -200,3 +203,45 @@ def test_adapter_cost_is_refused_for_an_architecture_no_config_trains():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: adapter-cost: no shipped config trains adapters for toy-dit-8x8")
     assert "|" not in result.stdout
+
+
+def test_gap_closed_on_a_text_model_cycles_the_prompts_given(text_pipeline_dirs, tmp_path):
+    """Text models: fresh CFG trajectories of the given prompts (with the adapters' view of the negative
+    prompt); zero-init adapters close nothing, adapters trained on a store of those prompts close some."""
+    import agd_pipeline.training as training
+    from agd_pipeline.adapters import load_adapted_model, save_adapters
+    from agd_pipeline.config import TrainConfig, load_config
+    from agd_pipeline.evaluation import gap_closed
+    from agd_pipeline.inference import negative_conditions
+    from agd_pipeline.models import encode_prompts, load_base_model
+
+    from conftest import generate_store
+
+    folder = text_pipeline_dirs["sd"]
+    prompts = ["a cat", "a dog", "a red bird", "a tree"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "negatives.txt").write_text("ugly\n")
+    generate_store(folder, tmp_path / "store", prompts_file=str(tmp_path / "prompts.txt"),
+                   negative_prompts_file=str(tmp_path / "negatives.txt"), trajectories_per_prompt=8, num_steps=4,
+                   shard_size=32, batch_size=16)
+    config = load_config(TrainConfig, {"store": str(tmp_path / "store"), "out_dir": str(tmp_path / "trained"),
+                                       "steps": 60, "batch_size": 32, "width": 8, "embed_dim": 16,
+                                       "device": "cpu", "learning_rate": 0.01, "checkpoint_every": 0,
+                                       "validate_every": -1})
+    training.train(config, progress=False, log=lambda *a, **k: None)
+    base = load_base_model(str(folder))
+    table, uncond = encode_prompts(base, prompts, "")
+    conditions = {**table, **negative_conditions(uncond, len(prompts))}
+    trained = gap_closed(tmp_path / "trained", num_trajectories=12, conditions=conditions, uncond=uncond)
+    assert trained["overall"] > 0.0 and trained["trajectories"] == 12
+
+    adapted = load_adapted_model(tmp_path / "trained", base)
+    fresh = AdaptedModel(base, adapted.config)  # the same kind, placement and conditions, zero-init
+    config_file = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
+    save_adapters(fresh, tmp_path / "fresh", extra={k: v for k, v in config_file.items()
+                                                    if k in ("sampler", "guidance", "base_model")})
+    result = gap_closed(tmp_path / "fresh", num_trajectories=12, conditions=conditions, uncond=uncond)
+    assert abs(result["overall"]) < 1e-5, result
+    # without the prompts a text model has nothing to cycle: refused with a message
+    with pytest.raises(Exception, match="class-conditional"):
+        gap_closed(tmp_path / "fresh", num_trajectories=4)

@@ -187,7 +187,7 @@ def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, fa
     assert (evaluation / "grids" / "w2.png").is_file() and (evaluation / "grids" / "negative_prompt.png").is_file()
     summary = json.loads((evaluation / "summary.json").read_text())
     assert summary["negative_avoidance_ratio"] == metrics["summary_in_training_range"]["negative_avoidance_ratio"]
-    assert "gap_closed" not in summary  # measured on class models only
+    assert np.isfinite(summary["gap_closed"])  # on fresh CFG trajectories of the evaluation prompts
     config = json.loads((adapters / "adapter_config.json").read_text())
     # the validation grid after the last step: CFG | AGD at two w, prompts of the store as rows
     assert [p.name for p in (adapters / "validation").iterdir()] == ["step-000003.png"]
