@@ -220,6 +220,58 @@ EXPERIMENTS = {
         x="adapter_share",
         log_x=True,
     ),
+    "size-and-placement-sd3": Experiment(
+        name="size-and-placement-sd3",
+        title="SD3 default: adapter size",
+        question=("The size question on the SD3 text-to-image default: bottleneck adapters at its placement (every "
+                  "joint attention and the output projection) of width 8 with a 16-wide condition embedding, about "
+                  "2 % of the base (the paper's share), against the default's width 32 and embedding 64 (12 %)."),
+        variants=(
+            Variant("bottleneck-w8", "bottleneck, width 8, embed 16",
+                    {f"{_SD3}:train.width": 8, f"{_SD3}:train.embed_dim": 16}, "bottleneck", summary=_SD3_SUMMARY),
+            Variant("bottleneck-w32", "bottleneck, width 32, embed 64 (default)",
+                    {f"{_SD3}:train.width": 32, f"{_SD3}:train.embed_dim": 64}, "bottleneck", summary=_SD3_SUMMARY),
+        ),
+        columns=(
+            Column("adapter_share", "share of base", ".3f"),
+            Column("adapter_parameters", "adapter parameters", ",d"),
+            Column("gap_closed", "gap closed"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
+        ),
+        plot=("gap_closed", "max_fidelity_ratio", "max_accuracy_drop_points"),
+        row_header="adapters",
+        x="adapter_share",
+        log_x=True,
+        pipeline=_SD3_PIPELINE,
+    ),
+    "data-scaling-sd3": Experiment(
+        name="data-scaling-sd3",
+        title="SD3 default: data scaling",
+        question=("The data question on the SD3 text-to-image default: its 1,500 training prompts with one "
+                  "trajectory each (the default) against two each, 24 steps recorded, the same training; against "
+                  "gap closed, distance to CFG and store size."),
+        variants=tuple(
+            Variant(f"per-prompt-{n}", f"{n} per prompt x 24 steps" + (" (default)" if n == 1 else ""),
+                    {f"{_SD3}:generate.trajectories_per_prompt": n}, "trajectories per prompt", summary=_SD3_SUMMARY)
+            for n in (1, 2)),
+        columns=(
+            Column("training_pairs", "(x, t, w) pairs", ",d"),
+            Column("store_megabytes", "store MB", ".1f"),
+            Column("gap_closed", "gap closed"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("mean_fid_cfg", "FID CFG", ".2f"),
+        ),
+        plot=("gap_closed", "max_fidelity_ratio"),
+        row_header="recorded",
+        x="store_megabytes",
+        log_x=True,
+        pipeline=_SD3_PIPELINE,
+    ),
     "data-scaling": Experiment(
         name="data-scaling",
         title="Data scaling",
@@ -396,42 +448,129 @@ def _param_value(value) -> str:
     return json.dumps(value)
 
 
-def run_commands(experiment: Experiment) -> list[list[str]]:
-    """The ``dvc exp run`` command of each variant, in order."""
+def run_commands(experiment: Experiment, queue: bool = False) -> list[list[str]]:
+    """The ``dvc exp run`` command of each variant, in order: run at once in a temporary copy
+    (``--temp``), or put in DVC's queue (``--queue``) for :func:`run` to run several at a time."""
     commands = []
     for name, params in experiment.runs().items():
         sets = [arg for key, value in params.items() for arg in ("-S", f"{key}={_param_value(value)}")]
-        commands.append(["dvc", "exp", "run", "--temp", "-n", name, *sets, experiment.pipeline])
+        commands.append(["dvc", "exp", "run", "--queue" if queue else "--temp", "-n", name, *sets,
+                         experiment.pipeline])
     return commands
 
 
+# The sections of a pipeline's params file are read by the stages of the same name, in this order
+# (dvc.yaml: base -> generate -> train -> evaluate; pipelines/text/dvc.yaml the same per family).
+STAGE_ORDER = ("base", "generate", "train", "evaluate")
+
+
 def prepare_command(experiment: Experiment) -> list[str]:
-    """``dvc repro`` of the experiment's pipeline in the workspace, before its variants.
+    """``dvc repro`` in the workspace, before the variants: of the stages no variant's params reach
+    (those before the first stage whose section a variant sets), or, where that cannot be told, of
+    the whole pipeline.
 
-    A variant's temporary copy starts from the workspace's dvc.lock and restores a stage's outputs
-    from the shared cache only under the hashes that lock names (DVC's run cache is not consulted
-    for a stage whose lock entry matches). In a fresh clone the cache is empty, so without this
-    step every variant would train the base model again; with it, the default outputs are built
-    once (or found up to date in seconds) and each variant re-runs only the stages its params reach.
+    A variant's copy starts from the workspace's dvc.lock and restores a stage's outputs from the
+    shared cache only under the hashes that lock names (DVC's run cache is not consulted for a stage
+    whose lock entry matches). In a fresh clone the cache is empty, so without this step every
+    variant would train the base model again; with it, the shared stages run once (or are found up
+    to date in seconds) and each variant re-runs only the stages its params reach, several variants
+    at a time. The default's own row is then one of the variants, run like the others.
     """
-    return ["dvc", "repro", experiment.pipeline]
+    file, colon, target = experiment.pipeline.rpartition(":")
+    file = file if colon else experiment.pipeline
+    sections = {key.rpartition(":")[2].split(".")[0] for variant in experiment.variants for key in variant.params}
+    if not sections or not sections <= set(STAGE_ORDER) or min(map(STAGE_ORDER.index, sections)) == 0:
+        return ["dvc", "repro", experiment.pipeline]
+    stage = STAGE_ORDER[min(map(STAGE_ORDER.index, sections)) - 1]
+    item = target.partition("@")[2] if colon else ""
+    return ["dvc", "repro", f"{file}:{stage}" + (f"@{item}" if item else "")]
 
 
-def run(experiment: Experiment, log=print, runner=subprocess.run) -> None:
-    """Bring the default pipeline up to date in the workspace, then run every variant as a DVC
-    experiment (replacing earlier runs of the same name)."""
+POLL_SECONDS = 15
+
+
+def run(experiment: Experiment, log=print, runner=subprocess.run, jobs: int = 1, sleep=None) -> None:
+    """Run the shared stages in the workspace (:func:`prepare_command`), then every variant as a DVC
+    experiment, replacing earlier runs of the same name: one after the other in temporary copies
+    (``jobs`` 1), or queued and run ``jobs`` at a time by DVC's queue workers (each stage runs one
+    torch thread, so one job per core uses the machine)."""
+    import time
+
+    sleep = sleep or time.sleep
     names = list(experiment.runs())
     existing = set(_experiment_rows(show_json(runner)))
     stale = [name for name in names if name in existing]
     if stale:
         log(f"replacing earlier runs: {', '.join(stale)}")
         _check(runner(["dvc", "exp", "remove", *stale], capture_output=True, text=True), "dvc exp remove")
-    for command in [prepare_command(experiment), *run_commands(experiment)]:
+    jobs = max(1, min(jobs, len(names)))
+    if jobs > 1:  # failed or unstarted queue entries of these names, from an earlier try (none: DVC says so)
+        runner(["dvc", "queue", "remove", *names], capture_output=True, text=True)
+    commands = [prepare_command(experiment), *run_commands(experiment, queue=jobs > 1)]
+    for command in commands:
         log("$ " + " ".join(command))
         result = runner(command, text=True)
         if result.returncode != 0:
             raise AgdError(f"{' '.join(command)} failed (exit {result.returncode}); its output is above. "
                            "Fix the cause and run the same command again: finished variants are replaced.")
+    if jobs == 1:
+        return
+    start = ["dvc", "queue", "start", "--jobs", str(jobs)]
+    log("$ " + " ".join(start))
+    _check(runner(start, capture_output=True, text=True), "dvc queue start")
+    try:
+        _wait_for_queue(names, runner, log, sleep)
+    except KeyboardInterrupt:  # the queue's workers are not this process's children: stop them too
+        runner(["dvc", "queue", "kill", *names], capture_output=True, text=True)
+        raise
+    finally:
+        runner(["dvc", "queue", "stop"], capture_output=True, text=True)
+
+
+def _wait_for_queue(names: list[str], runner, log, sleep) -> None:
+    """Until every named run has left DVC's queue; a failed run stops it with its log's path."""
+    waiting = None
+    while True:
+        states = _run_states(show_json(runner), names)
+        failed = [name for name in names if states.get(name, {}).get("state") == "failed"]
+        if failed:
+            logs = ", ".join(f"{name}: {states[name].get('log') or 'dvc queue logs ' + name}" for name in failed)
+            raise AgdError(f"experiment runs failed ({logs}). Fix the cause and run the same command again: "
+                           "finished variants are replaced.")
+        left = [name for name in names if states.get(name, {}).get("state") not in ("success", "done")]
+        if not left:
+            return
+        if left != waiting:
+            log(f"waiting for {len(left)} of {len(names)} runs: {', '.join(left)} (dvc queue status; "
+                "dvc queue logs NAME)")
+            waiting = left
+        sleep(POLL_SECONDS)
+
+
+def _run_states(shown, names: list[str]) -> dict[str, dict]:
+    """{run name: {"state": queued / running / success / failed, "log": path}} of the named runs in
+    ``dvc exp show --json``, as DVC's queue reports them. A killed ``--temp`` run of the same name
+    (listed as running for ever, executor "tempdir") is not the queue's and is passed over."""
+    states: dict[str, dict] = {}
+
+    def walk(node):
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            name, executor = node.get("name"), node.get("executor")
+            leftover = isinstance(executor, dict) and executor.get("name") == "tempdir"
+            if name in names and name not in states and not leftover and (node.get("revs") or node.get("data")):
+                if isinstance(executor, dict):
+                    local = executor.get("local") or {}
+                    states[name] = {"state": executor.get("state"), "log": local.get("log")}
+                elif node.get("rev") != "workspace":
+                    states[name] = {"state": "done"}
+            for key in ("experiments", "revs"):
+                walk(node.get(key))
+
+    walk(shown)
+    return states
 
 
 def show_json(runner=subprocess.run) -> list:
@@ -452,7 +591,7 @@ def _experiment_rows(shown) -> dict[str, dict]:
     """{experiment name: its "data" (params, metrics)} for every finished named experiment in
     ``dvc exp show --json``. A run that is queued, running or failed, or was killed (DVC keeps listing
     a killed temporary run as "running", beside a later finished run of the same name, and cannot
-    remove it), carries an ``executor`` and is skipped."""
+    remove it), carries an ``executor`` that is not in the state "success", and is skipped."""
     found = {}
 
     def walk(node):
@@ -460,8 +599,9 @@ def _experiment_rows(shown) -> dict[str, dict]:
             for item in node:
                 walk(item)
         elif isinstance(node, dict):
-            if node.get("executor"):
-                return
+            executor = node.get("executor")
+            if executor and not (isinstance(executor, dict) and executor.get("state") == "success"):
+                return  # queued, running, failed or killed (a queue's finished run keeps its executor)
             name, data = node.get("name"), node.get("data")
             if isinstance(name, str) and isinstance(data, dict) and node.get("rev") != "workspace":
                 found.setdefault(name, data)

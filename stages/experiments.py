@@ -1,29 +1,38 @@
 """The paper's claims as reproducible DVC experiments.
 
   python -m stages.experiments list                 the experiments and what each asks
-  python -m stages.experiments run NAME             `dvc repro` of the default (workspace), then every
-                                                    variant as `dvc exp run --temp -S ...`, then `report`
+  python -m stages.experiments run NAME             `dvc repro` of the stages the variants share (workspace),
+                                                    then every variant as a DVC experiment (`dvc exp run
+                                                    --queue -S ...`, --jobs at a time), then `report`
   python -m stages.experiments report NAME          the table and plot from `dvc exp show --json`:
                                                     docs/experiments/NAME/results.{csv,md}, plot.png, README block
   python -m stages.experiments report NAME --from-results
                                                     the same from the tracked results.csv (no DVC runs needed)
   python -m stages.experiments commands NAME        print the dvc commands `run` would run
 
-Each variant is one DVC experiment of the default pipeline (dvc.yaml): `dvc exp show` lists them with
-their params and summary metrics (data/eval/summary.json). They run in DVC's temporary copies of the
-repository (commit your changes first: DVC copies what git and DVC track), sharing the DVC cache. The
-first command brings the default pipeline up to date in the workspace (as `make repro` does), so the
-base model is trained at most once, in a fresh clone too."""
+Each variant is one DVC experiment of the default pipeline (dvc.yaml, or the text defaults'
+pipelines/text/dvc.yaml): `dvc exp show` lists them with their params and summary metrics
+(summary.json). They run in DVC's copies of the repository (commit your changes first: DVC copies
+what git and DVC track), sharing the DVC cache, as many at a time as --jobs says (DVC's queue; with
+--jobs 1 one after the other, `dvc exp run --temp`). The first command runs the stages no variant
+changes (the base model, say) in the workspace, so they run once, in a fresh clone too.
+Interrupted with Ctrl-C, `run` stops the queue's runs of the experiment as well."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from agd_pipeline.errors import AgdError
 from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, prepare_command, read_results,
                                       readme_block, run, run_commands, show_json, write_results)
+
+
+def default_jobs() -> int:
+    """One variant per core this process may use: each stage runs one torch thread."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def report(name: str, readme: Path, log=print, from_results: bool = False) -> int:
@@ -52,6 +61,10 @@ def main(argv=None) -> int:
     parser.add_argument("action", choices=("list", "run", "report", "commands"))
     parser.add_argument("name", nargs="?", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--readme", default="README.md", help="README holding the experiment's results block")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="run: variants run at a time, each in DVC's queue (one torch thread per stage, so one "
+                             "per core); 1 runs them one after the other with `dvc exp run --temp` "
+                             "(default: the cores this process may use, %(default)s here)")
     parser.add_argument("--from-results", action="store_true",
                         help="report: read the rows from docs/experiments/NAME/results.csv instead of "
                              "`dvc exp show` (re-renders the table, plot and README block after a change to "
@@ -66,12 +79,17 @@ def main(argv=None) -> int:
         if not args.name:
             parser.error(f"{args.action} needs an experiment name: {', '.join(EXPERIMENTS)}")
         experiment = get_experiment(args.name)
+        if args.jobs < 1:
+            parser.error(f"--jobs must be at least 1 (got {args.jobs})")
+        jobs = min(args.jobs, len(experiment.runs()))
         if args.action == "commands":
-            for command in [prepare_command(experiment), *run_commands(experiment)]:
+            for command in [prepare_command(experiment), *run_commands(experiment, queue=jobs > 1)]:
                 print(" ".join(command))
+            if jobs > 1:
+                print(f"dvc queue start --jobs {jobs}")
             return 0
         if args.action == "run":
-            run(experiment)
+            run(experiment, jobs=jobs)
         if args.from_results and args.action != "report":
             parser.error("--from-results goes with report only")
         return report(args.name, Path(args.readme), from_results=args.from_results)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from agd_pipeline.errors import AgdError, ConfigError
-from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, read_results, readme_block, run,
+from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, prepare_command, read_results,
+                                      readme_block, run,
                                       run_commands, write_results)
 
 from conftest import REPO, run_cli
@@ -87,9 +88,77 @@ def test_run_replaces_earlier_runs_and_stops_on_a_failure():
     with pytest.raises(AgdError, match="failed.*run the same command again"):
         run(experiment, log=lambda *a: None, runner=runner)
     assert calls[1] == ["dvc", "exp", "remove", "trajectories-vs-forward-noised-trajectories"]
-    # the default outputs first, in the workspace: a fresh clone's variants then share its base model
-    assert calls[2] == ["dvc", "repro", "dvc.yaml"]
+    # the stages no variant changes first, in the workspace: a fresh clone's variants then share its base model
+    assert calls[2] == ["dvc", "repro", "dvc.yaml:base"]
     assert [c[5] for c in calls[3:]] == [experiment.run_name(v) for v in experiment.variants]
+    assert all(c[3] == "--temp" for c in calls[3:])  # jobs 1: one after the other
+
+
+def test_prepare_runs_the_stages_before_the_first_one_a_variant_changes():
+    prepared = {name: prepare_command(experiment)[-1] for name, experiment in EXPERIMENTS.items()}
+    assert prepared["trajectories-vs-forward-noised"] == "dvc.yaml:base"  # variants set generate.*
+    assert prepared["size-and-placement"] == "dvc.yaml:generate"  # train.*
+    assert prepared["fewer-steps"] == "dvc.yaml:train"  # evaluate.* only
+    assert prepared["trajectories-vs-forward-noised-sd3"] == "pipelines/text/dvc.yaml:base@sd3"
+    assert prepared["size-and-placement-sd3"] == "pipelines/text/dvc.yaml:generate@sd3"
+    assert prepared["fewer-steps-sd3"] == "pipelines/text/dvc.yaml:train@sd3"
+    # variants without params (one run of a whole pipeline): all of it, as before
+    assert prepared["fine-tuned-derivatives"] == "pipelines/derivatives/dvc.yaml"
+
+
+def _queue_runner(experiment, states_after: list[dict], calls: list):
+    """A fake `dvc` for queued runs: each `dvc exp show` reports the next entry of ``states_after``
+    ({run name: executor state}); the first show (before anything is queued) lists no runs."""
+    shows = iter([{}, *states_after])
+
+    def runner(command, **kwargs):
+        calls.append(command)
+        if command[:3] == ["dvc", "exp", "show"]:
+            states = next(shows)
+            shown = fake_show({name: {"gap_closed": 0.5} for name in states})
+            for entry in shown[1]["experiments"]:
+                entry["executor"] = {"state": states[entry["name"]], "name": "dvc-task",
+                                     "local": {"log": f"/logs/{entry['name']}.out"}}
+            return subprocess.CompletedProcess(command, 0, json.dumps(shown), "")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    return runner
+
+
+def test_queued_runs_run_jobs_at_a_time_and_are_waited_for():
+    experiment = get_experiment("trajectories-vs-forward-noised-sd3")
+    names = [experiment.run_name(v) for v in experiment.variants]
+    calls, slept = [], []
+    states = [{names[0]: "running", names[1]: "queued"}, {names[0]: "success", names[1]: "running"},
+              {names[0]: "success", names[1]: "success"}]
+    run(experiment, log=lambda *a: None, runner=_queue_runner(experiment, states, calls), jobs=2, sleep=slept.append)
+    commands = [c for c in calls if c[:3] != ["dvc", "exp", "show"]]
+    assert commands[0] == ["dvc", "queue", "remove", *names]  # leftovers of an earlier try
+    assert commands[1] == ["dvc", "repro", "pipelines/text/dvc.yaml:base@sd3"]
+    assert [c[:6] for c in commands[2:4]] == [["dvc", "exp", "run", "--queue", "-n", name] for name in names]
+    assert commands[4] == ["dvc", "queue", "start", "--jobs", "2"] and commands[-1] == ["dvc", "queue", "stop"]
+    assert len(slept) == 2  # polled until both had finished
+
+
+def test_a_failed_queued_run_stops_the_wait_with_its_log():
+    experiment = get_experiment("trajectories-vs-forward-noised-sd3")
+    names = [experiment.run_name(v) for v in experiment.variants]
+    calls = []
+    states = [{names[0]: "running", names[1]: "failed"}]
+    with pytest.raises(AgdError, match=f"runs failed \\({names[1]}: /logs/{names[1]}.out\\)"):
+        run(experiment, log=lambda *a: None, runner=_queue_runner(experiment, states, calls), jobs=2,
+            sleep=lambda s: None)
+    assert calls[-1] == ["dvc", "queue", "stop"]
+    # a finished queued run counts as finished when its table is collected (a queued one does not)
+    experiment = get_experiment("trajectories-vs-forward-noised")
+    names = [experiment.run_name(v) for v in experiment.variants]
+    shown = fake_show({name: {"gap_closed": 0.3} for name in names})
+    for entry, state in zip(shown[1]["experiments"], ("success", "queued")):
+        entry["executor"] = {"state": state, "name": "dvc-task", "local": {}}
+    with pytest.raises(AgdError, match=f"no finished DVC experiment '{names[1]}'"):
+        collect(experiment, shown)
+    shown[1]["experiments"][1]["executor"]["state"] = "success"
+    assert [row["gap_closed"] for row in collect(experiment, shown)] == [0.3, 0.3]
 
 
 def test_collect_skips_a_killed_run_listed_beside_the_finished_one():
@@ -135,8 +204,10 @@ def test_collect_writes_table_plot_and_readme_block(tmp_path):
 def test_cli_lists_and_prints_commands_without_running_anything(tmp_path):
     listed = run_cli("stages.experiments", "list", cwd=REPO)
     assert listed.returncode == 0 and "trajectories-vs-forward-noised" in listed.stdout
-    printed = run_cli("stages.experiments", "commands", "trajectories-vs-forward-noised", cwd=REPO)
+    printed = run_cli("stages.experiments", "commands", "trajectories-vs-forward-noised", "--jobs", "1", cwd=REPO)
     assert printed.returncode == 0 and printed.stdout.count("dvc exp run --temp") == 2
+    queued = run_cli("stages.experiments", "commands", "trajectories-vs-forward-noised", "--jobs", "4", cwd=REPO)
+    assert queued.stdout.count("dvc exp run --queue") == 2 and "dvc queue start --jobs 2" in queued.stdout
     bad = run_cli("stages.experiments", "run", "nope", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown experiment 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
