@@ -99,6 +99,28 @@ _INTERVAL_COLUMNS = (
     Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
 )
 
+# the size experiments' table (class default and SD3)
+_SIZE_COLUMNS = (
+    Column("adapter_share", "share of base", ".3f"),
+    Column("adapter_parameters", "adapter parameters", ",d"),
+    Column("gap_closed", "gap closed"),
+    Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+    Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+    Column("mean_fid_agd", "FID AGD", ".2f"),
+    Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
+)
+
+# the data-scaling experiments' table (class default and SD3)
+_DATA_COLUMNS = (
+    Column("training_pairs", "(x, t, w) pairs", ",d"),
+    Column("store_megabytes", "store MB", ".1f"),
+    Column("gap_closed", "gap closed"),
+    Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+    Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+    Column("mean_fid_agd", "FID AGD", ".2f"),
+    Column("mean_fid_cfg", "FID CFG", ".2f"),
+)
+
 EXPERIMENTS = {
     "trajectories-vs-forward-noised": Experiment(
         name="trajectories-vs-forward-noised",
@@ -206,15 +228,7 @@ EXPERIMENTS = {
             Variant("cross-attention-w8", "cross-attention w8 e16",
                     {**_SIZE, "train.adapter": "cross_attention", "train.width": 8, "train.embed_dim": 16}),
         ),
-        columns=(
-            Column("adapter_share", "share of base", ".3f"),
-            Column("adapter_parameters", "adapter parameters", ",d"),
-            Column("gap_closed", "gap closed"),
-            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
-            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
-            Column("mean_fid_agd", "FID AGD", ".2f"),
-            Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
-        ),
+        columns=_SIZE_COLUMNS,
         plot=("gap_closed", "max_fidelity_ratio"),
         row_header="adapters",
         x="adapter_share",
@@ -232,15 +246,7 @@ EXPERIMENTS = {
             Variant("bottleneck-w32", "bottleneck, width 32, embed 64 (default)",
                     {f"{_SD3}:train.width": 32, f"{_SD3}:train.embed_dim": 64}, "bottleneck", summary=_SD3_SUMMARY),
         ),
-        columns=(
-            Column("adapter_share", "share of base", ".3f"),
-            Column("adapter_parameters", "adapter parameters", ",d"),
-            Column("gap_closed", "gap closed"),
-            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
-            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
-            Column("mean_fid_agd", "FID AGD", ".2f"),
-            Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
-        ),
+        columns=_SIZE_COLUMNS,
         plot=("gap_closed", "max_fidelity_ratio", "max_accuracy_drop_points"),
         row_header="adapters",
         x="adapter_share",
@@ -257,15 +263,7 @@ EXPERIMENTS = {
             Variant(f"per-prompt-{n}", f"{n} per prompt x 24 steps" + (" (default)" if n == 1 else ""),
                     {f"{_SD3}:generate.trajectories_per_prompt": n}, "trajectories per prompt", summary=_SD3_SUMMARY)
             for n in (1, 2)),
-        columns=(
-            Column("training_pairs", "(x, t, w) pairs", ",d"),
-            Column("store_megabytes", "store MB", ".1f"),
-            Column("gap_closed", "gap closed"),
-            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
-            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
-            Column("mean_fid_agd", "FID AGD", ".2f"),
-            Column("mean_fid_cfg", "FID CFG", ".2f"),
-        ),
+        columns=_DATA_COLUMNS,
         plot=("gap_closed", "max_fidelity_ratio"),
         row_header="recorded",
         x="store_megabytes",
@@ -287,15 +285,7 @@ EXPERIMENTS = {
                       {"generate.trajectories_per_class": 200, "generate.num_steps": k}, "steps recorded")
               for k in (16,)),
         ),
-        columns=(
-            Column("training_pairs", "(x, t, w) pairs", ",d"),
-            Column("store_megabytes", "store MB", ".1f"),
-            Column("gap_closed", "gap closed"),
-            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
-            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
-            Column("mean_fid_agd", "FID AGD", ".2f"),
-            Column("mean_fid_cfg", "FID CFG", ".2f"),
-        ),
+        columns=_DATA_COLUMNS,
         plot=("gap_closed", "max_fidelity_ratio"),
         row_header="recorded",
         x="store_megabytes",

@@ -13,8 +13,7 @@ import yaml
 
 from agd_pipeline.errors import AgdError, ConfigError
 from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, prepare_command, read_results,
-                                      readme_block, run,
-                                      run_commands, write_results)
+                                      readme_block, run, run_commands, write_results)
 
 from conftest import REPO, run_cli
 
