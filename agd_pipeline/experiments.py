@@ -488,7 +488,7 @@ def run(experiment: Experiment, log=print, runner=subprocess.run, jobs: int = 1,
 
     sleep = sleep or time.sleep
     names = list(experiment.runs())
-    existing = set(_experiment_rows(show_json(runner)))
+    existing = set(_experiment_rows(show_json(runner, names)))
     stale = [name for name in names if name in existing]
     if stale:
         log(f"replacing earlier runs: {', '.join(stale)}")
@@ -521,7 +521,7 @@ def _wait_for_queue(names: list[str], runner, log, sleep) -> None:
     """Until every named run has left DVC's queue; a failed run stops it with its log's path."""
     waiting = None
     while True:
-        states = _run_states(show_json(runner), names)
+        states = _run_states(show_json(runner, names), names)
         failed = [name for name in names if states.get(name, {}).get("state") == "failed"]
         if failed:
             logs = ", ".join(f"{name}: {states[name].get('log') or 'dvc queue logs ' + name}" for name in failed)
@@ -563,12 +563,31 @@ def _run_states(shown, names: list[str]) -> dict[str, dict]:
     return states
 
 
-def show_json(runner=subprocess.run) -> list:
-    result = _check(runner(["dvc", "exp", "show", "--json"], capture_output=True, text=True), "dvc exp show")
+def show_json(runner=subprocess.run, names: list[str] | None = None) -> list:
+    """``dvc exp show --json`` of the commits the experiments ``names`` were run on (plain ``dvc exp
+    show`` lists only those of HEAD, which moves when results are committed during or after a run),
+    and of HEAD."""
+    revs = _baselines(runner, names) if names else []
+    command = ["dvc", "exp", "show", "--json", *(arg for rev in revs for arg in ("--rev", rev))]
+    result = _check(runner(command, capture_output=True, text=True), "dvc exp show")
     try:
         return json.loads(result.stdout)
     except json.JSONDecodeError as err:
         raise AgdError(f"dvc exp show --json printed something that is not JSON ({err})") from None
+
+
+def _baselines(runner, names: list[str]) -> list[str]:
+    """The commits (from ``dvc exp list --all-commits``) that hold an experiment of one of ``names``,
+    then HEAD."""
+    result = _check(runner(["dvc", "exp", "list", "--all-commits"], capture_output=True, text=True),
+                    "dvc exp list")
+    found, baseline = [], None
+    for line in (result.stdout or "").splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith(":"):
+            baseline = line.strip()[:-1]
+        elif baseline and any(line.strip().endswith(f"[{name}]") for name in names) and baseline not in found:
+            found.append(baseline)
+    return [*found, "HEAD"]
 
 
 def _check(result, what: str):

@@ -39,7 +39,8 @@ def report(name: str, readme: Path, log=print, from_results: bool = False) -> in
     from stages.report import ReportError, replace_block
 
     experiment = get_experiment(name)
-    rows = read_results(experiment) if from_results else collect(experiment, show_json())
+    rows = read_results(experiment) if from_results else collect(
+        experiment, show_json(names=[experiment.run_name(v) for v in experiment.variants]))
     folder = write_results(experiment, rows)
     log((folder / "results.md").read_text().rstrip())
     log(f"{folder}: results.csv, results.md, plot.png")
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
                 print(f"dvc queue start --jobs {jobs}")
             return 0
         if args.action == "run":
-            run(experiment, jobs=jobs)
+            run(experiment, jobs=jobs, log=lambda message: print(message, flush=True))
         if args.from_results and args.action != "report":
             parser.error("--from-results goes with report only")
         return report(args.name, Path(args.readme), from_results=args.from_results)

@@ -86,11 +86,31 @@ def test_run_replaces_earlier_runs_and_stops_on_a_failure():
 
     with pytest.raises(AgdError, match="failed.*run the same command again"):
         run(experiment, log=lambda *a: None, runner=runner)
-    assert calls[1] == ["dvc", "exp", "remove", "trajectories-vs-forward-noised-trajectories"]
+    calls = [c for c in calls if c[:3] not in (["dvc", "exp", "list"], ["dvc", "exp", "show"])]
+    assert calls[0] == ["dvc", "exp", "remove", "trajectories-vs-forward-noised-trajectories"]
     # the stages no variant changes first, in the workspace: a fresh clone's variants then share its base model
-    assert calls[2] == ["dvc", "repro", "dvc.yaml:base"]
-    assert [c[5] for c in calls[3:]] == [experiment.run_name(v) for v in experiment.variants]
-    assert all(c[3] == "--temp" for c in calls[3:])  # jobs 1: one after the other
+    assert calls[1] == ["dvc", "repro", "dvc.yaml:base"]
+    assert [c[5] for c in calls[2:]] == [experiment.run_name(v) for v in experiment.variants]
+    assert all(c[3] == "--temp" for c in calls[2:])  # jobs 1: one after the other
+
+
+def test_runs_are_found_on_the_commits_they_were_run_on():
+    """`dvc exp show` lists HEAD's experiments only; results committed after a run move HEAD, so the
+    runs are looked up on every commit `dvc exp list --all-commits` names for them."""
+    from agd_pipeline.experiments import show_json
+
+    listing = "abc1234:\n\t5a0be05 [other-run]\n1234567:\n\tfc3b00e [mine-a]\n\t0000000 [mine-b]\n"
+    calls = []
+
+    def runner(command, **kwargs):
+        calls.append(command)
+        out = listing if command[:3] == ["dvc", "exp", "list"] else "[]"
+        return subprocess.CompletedProcess(command, 0, out, "")
+
+    assert show_json(runner, ["mine-a", "mine-b"]) == []
+    assert calls[-1] == ["dvc", "exp", "show", "--json", "--rev", "1234567", "--rev", "HEAD"]
+    show_json(runner, ["absent"])
+    assert calls[-1] == ["dvc", "exp", "show", "--json", "--rev", "HEAD"]
 
 
 def test_prepare_runs_the_stages_before_the_first_one_a_variant_changes():
@@ -131,7 +151,7 @@ def test_queued_runs_run_jobs_at_a_time_and_are_waited_for():
     states = [{names[0]: "running", names[1]: "queued"}, {names[0]: "success", names[1]: "running"},
               {names[0]: "success", names[1]: "success"}]
     run(experiment, log=lambda *a: None, runner=_queue_runner(experiment, states, calls), jobs=2, sleep=slept.append)
-    commands = [c for c in calls if c[:3] != ["dvc", "exp", "show"]]
+    commands = [c for c in calls if c[:3] not in (["dvc", "exp", "show"], ["dvc", "exp", "list"])]
     assert commands[0] == ["dvc", "queue", "remove", *names]  # leftovers of an earlier try
     assert commands[1] == ["dvc", "repro", "pipelines/text/dvc.yaml:base@sd3"]
     assert [c[:6] for c in commands[2:4]] == [["dvc", "exp", "run", "--queue", "-n", name] for name in names]
