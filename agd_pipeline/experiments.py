@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -507,7 +508,12 @@ def run(experiment: Experiment, log=print, runner=subprocess.run, jobs: int = 1,
         return
     start = ["dvc", "queue", "start", "--jobs", str(jobs)]
     log("$ " + " ".join(start))
-    _check(runner(start, capture_output=True, text=True), "dvc queue start")
+    # the workers it starts inherit its output: to a pipe, reading it would wait for them to finish
+    with tempfile.TemporaryFile("w+") as errors:
+        started = runner(start, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        if started.returncode != 0:
+            errors.seek(0)
+            raise AgdError(f"dvc queue start failed (exit {started.returncode}): {errors.read().strip()[-2000:]}")
     try:
         _wait_for_queue(names, runner, log, sleep)
     except KeyboardInterrupt:  # the queue's workers are not this process's children: stop them too
