@@ -58,8 +58,8 @@ class RealData:
                                   "sampled, or narrow generate.classes")
             return table
         captioned: dict[str, list[int]] = {}
-        for i, text in enumerate(self.captions):
-            captioned.setdefault(text, []).append(i)
+        for i, text in enumerate(self.captions):  # stripped, as prompt files are read
+            captioned.setdefault(text.strip(), []).append(i)
         missing = [prompt for prompt in conditions.prompts if prompt not in captioned]
         if missing:
             raise ConfigError(f"generate.real_data: {self.path} has no example captioned {missing[0]!r} "

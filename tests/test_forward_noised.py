@@ -212,7 +212,8 @@ def test_text_models_noise_each_prompt_s_own_images(text_pipeline_dirs, tmp_path
 
     base = load_base_model(str(text_pipeline_dirs[family]))
     prompts = ["a cat", "a dog", "a red bird"]
-    captions = ["a dog", "a cat", "a red bird", "a cat", "a dog", "a cat"]  # several images per prompt
+    # several images per prompt; captions are matched as prompt files are read (stripped)
+    captions = ["a dog", "a cat ", " a red bird ", "a cat", " a dog", "a cat"]
     real = tmp_path / "pairs.npz"
     latents = _captioned_real_data(real, base, captions)
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -227,7 +228,7 @@ def test_text_models_noise_each_prompt_s_own_images(text_pipeline_dirs, tmp_path
     assert TrajectoryStore(store).manifest["source"]["real_examples"] == len(captions)
     x0 = arrays["sample"].astype(np.float64)
     for i, prompt_index in enumerate(arrays["prompt_index"]):  # x0 is an image captioned with the prompt
-        own = [j for j, text in enumerate(captions) if text == prompts[prompt_index]]
+        own = [j for j, text in enumerate(captions) if text.strip() == prompts[prompt_index]]
         stored = latents[own].astype(np.float16).astype(np.float64)
         assert (np.abs(stored - x0[i]).reshape(len(own), -1).max(1) == 0).any(), i
     flow = family == "sd3"
