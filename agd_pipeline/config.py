@@ -192,8 +192,9 @@ class FinetuneConfig(StageConfig):
 
     section: ClassVar[str] = "finetune"
     own_marker: ClassVar[str] = "model_index.json"
-    base_model: str = option("data/base", "the embedded default's base folder (its train.npz, holdout.npz and "
-                             "classifier come along)")
+    base_model: str = option("data/base", "an embedded default's base folder: the class default (its train.npz, "
+                             "holdout.npz and classifier come along) or a text default, data/text/<family>/base "
+                             "(its text_base settings and shared data are read from its resolved_config.json)")
     out_dir: str = option("data/derived/full/base", "folder to write the derivative to")
     mode: str = option("full", "full: every weight trained; lora: a LoRA (peft) on the attention projections, "
                        "merged into the weights afterwards", ("full", "lora"))
@@ -203,7 +204,8 @@ class FinetuneConfig(StageConfig):
     batch_size: int = option(256, "images per step")
     learning_rate: float = option(5e-4, "peak AdamW learning rate (cosine decay, short warm-up)")
     lora_rank: int = option(8, "mode lora: rank (and alpha) of the LoRA matrices")
-    label_dropout: float = option(0.15, "probability of replacing the label by the null class (keeps CFG working)")
+    label_dropout: float = option(0.15, "probability of replacing the label by the null class (a text default: the "
+                                  "caption by the empty prompt); keeps CFG working")
     ema_decay: float = option(0.99, "decay of the exponential moving average of the trained weights")
     seed: int = option(0, "seed of the training batches and the LoRA initialisation")
 
@@ -455,9 +457,11 @@ class TrainConfig(StageConfig):
     )
     guidance_gate: bool = option(True, "scale each adapter's residual by (w - 1): exactly off at w = 1")
     loss_weighting: str = option(
-        "guidance", "per-sample weight of the MSE: uniform, or 'guidance' = 1 / max(w - 1, 0.5) so "
-        "small scales, whose targets differ little from the conditional output, count as much",
-        ("uniform", "guidance"))
+        "guidance", "per-sample weight of the MSE: uniform, 'guidance' = 1 / max(w - 1, 0.5) so "
+        "small scales, whose targets differ little from the conditional output, count as much, or "
+        "'guidance_squared' = 1 / max(w - 1, 0.5)^2, the error relative to the guidance term (w - 1)(c - u): "
+        "every w counts alike in what the gated adapter has to learn",
+        ("uniform", "guidance", "guidance_squared"))
     steps: int = option(1500, "optimiser steps")
     batch_size: int = option(256, "(trajectory, step) samples per optimiser step")
     learning_rate: float = option(3e-3, "peak AdamW learning rate (reached after the warm-up)")

@@ -58,6 +58,8 @@ def weighted_mse(output, target, guidance_scale, weighting: str) -> torch.Tensor
     if weighting == "uniform":
         return per_sample.mean()
     weights = 1.0 / (guidance_scale.float() - 1.0).clamp(min=0.5)
+    if weighting == "guidance_squared":
+        weights = weights.square()
     return (weights * per_sample).sum() / weights.sum()
 
 

@@ -214,3 +214,17 @@ def test_a_bf16_base_trains_on_a_store_recorded_in_fp32(tiny_store, tmp_path, mo
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "other weights" warning: the fingerprint is the checkpoint's
         load_adapted_model(out, load_base_model(config["base_model"]["id"], with_vae=False)).remove()
+
+
+@pytest.mark.parametrize("weighting,expected", [
+    # per-sample squared errors 4 (w = 1.2), 1 (w = 2), 9 (w = 5); weights from max(w - 1, 0.5)
+    ("uniform", (4 + 1 + 9) / 3),
+    ("guidance", (2 * 4 + 1 * 1 + 0.25 * 9) / (2 + 1 + 0.25)),
+    ("guidance_squared", (4 * 4 + 1 * 1 + 0.0625 * 9) / (4 + 1 + 0.0625)),
+])
+def test_loss_weighting_weights_each_sample_by_its_guidance_scale(weighting, expected):
+    target = torch.zeros(3, 2, 2, 2)
+    output = torch.stack([torch.full((2, 2, 2), v) for v in (2.0, 1.0, 3.0)])
+    w = torch.tensor([1.2, 2.0, 5.0])
+    loss = training.weighted_mse(output, target, w, weighting)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
