@@ -56,6 +56,7 @@ class Experiment:
     x: str = ""  # a summary key: the panels draw each plot key against it (one line per variant group)
     log_x: bool = False
     pipeline: str = "dvc.yaml"  # what `dvc exp run` reproduces
+    prepare: str = ""  # what `dvc repro` brings up to date before the variants (empty: told from their params)
 
     def run_name(self, variant: Variant) -> str:
         return f"{self.name}-{variant.run or variant.name}"
@@ -88,6 +89,10 @@ _SIZE = {"train.adapter": "bottleneck", "train.placement": "attention+output", "
 # the SD3 text-to-image default's pipeline stage, params file and summary (pipelines/text/)
 _SD3, _SD3_SUMMARY = "pipelines/text/sd3.yaml", "data/text/sd3/eval/summary.json"
 _SD3_PIPELINE = "pipelines/text/dvc.yaml:evaluate@sd3"
+# the SD3 derivatives' fine-tunes (pipelines/derivatives-sd3/params.yaml): a full one at a lower learning rate
+_SD3_DERIVED = {mode: {f"pipelines/derivatives-sd3/params.yaml:finetune.{key}": value for key, value in
+                       (("mode", mode), ("learning_rate", 0.0005 if mode == "full" else 0.002))}
+                for mode in ("full", "lora")}
 
 # the guidance-interval experiments' table (class default and SD3)
 _INTERVAL_COLUMNS = (
@@ -322,6 +327,37 @@ EXPERIMENTS = {
         row_header="base and adapters",
         pipeline="pipelines/derivatives/dvc.yaml",
     ),
+    "fine-tuned-derivatives-sd3": Experiment(
+        name="fine-tuned-derivatives-sd3",
+        title="SD3 default: adapters on fine-tuned derivatives",
+        question=("The derivatives question on the SD3 text-to-image default: its transformer fine-tuned on the "
+                  "training digits captioned bold, fully (every weight) and with a rank-8 LoRA on the attention "
+                  "projections (peft, merged); on each derivative the default's adapters applied unchanged against "
+                  "adapters retrained on it with the default's settings, both measured against the derivative's "
+                  "own CFG (FID against its bold held-out digits; w = 2, 3.5 and 5)."),
+        variants=(
+            Variant("original", "original SD3 base, default adapters (reference)", run="lora",
+                    params=_SD3_DERIVED["lora"], summary=_SD3_SUMMARY),
+            *(Variant(f"{mode}-{adapters}", f"{label} fine-tune, "
+                      + ("default adapters unchanged" if adapters == "original" else "adapters retrained"),
+                      run=mode, params=_SD3_DERIVED[mode], group=f"{label} fine-tune",
+                      summary=f"data/derived/sd3/eval-{adapters}/{SUMMARY_FILE}")
+              for mode, label in (("full", "full"), ("lora", "LoRA")) for adapters in ("original", "retrained")),
+        ),
+        columns=(
+            Column("gap_closed", "gap closed"),
+            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+            Column("mean_accuracy_agd", "acc AGD"),
+            Column("mean_accuracy_cfg", "acc CFG"),
+            Column("mean_fid_agd", "FID AGD", ".2f"),
+            Column("mean_fid_cfg", "FID CFG", ".2f"),
+        ),
+        plot=("gap_closed", "max_fidelity_ratio"),
+        row_header="base and adapters",
+        pipeline="pipelines/derivatives-sd3/dvc.yaml",
+        prepare=_SD3_PIPELINE,  # the SD3 default whose base is fine-tuned and whose adapters are reused
+    ),
     "fewer-steps": Experiment(
         name="fewer-steps",
         title="Sampling with other step counts and samplers than recorded",
@@ -467,6 +503,8 @@ def prepare_command(experiment: Experiment) -> list[str]:
     to date in seconds) and each variant re-runs only the stages its params reach, several variants
     at a time. The default's own row is then one of the variants, run like the others.
     """
+    if experiment.prepare:
+        return ["dvc", "repro", experiment.prepare]
     file, colon, target = experiment.pipeline.rpartition(":")
     file = file if colon else experiment.pipeline
     sections = {key.rpartition(":")[2].split(".")[0] for variant in experiment.variants for key in variant.params}

@@ -1,18 +1,24 @@
-"""Fine-tuned derivatives of the embedded default: the base trained further on a shifted distribution
+"""Fine-tuned derivatives of the embedded defaults: the base trained further on a shifted distribution
 (the boldest or thinnest third of each digit class), either every weight (a full fine-tune) or a
 LoRA on the attention projections (with ``peft``) merged into the weights. The derivative is a base
 folder of the same architecture, so adapters trained on the original load into it unchanged (with
-the warning that the weights differ): the fine-tuned-derivatives experiment measures how well they
+the warning that the weights differ): the fine-tuned-derivatives experiments measure how well they
 still reproduce the derivative's own CFG, against adapters retrained on it.
 
-The derivative's holdout.npz and train.npz hold the shifted subset only, so its FID is measured
-against the distribution it was fine-tuned on; the evaluation classifier is the original's.
+The class default (data/base) is fine-tuned with its own training loop; a text default
+(data/text/<family>/base) with the loop and captions text_base trained it with, on the training
+digits whose stroke weight its captions call bold (or thin). The derivative's holdout.npz (and the
+class default's train.npz) hold the shifted subset only, so its FID is measured against the
+distribution it was fine-tuned on; the evaluation classifier (and a text default's prompt sets) are
+the original's.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,7 +33,9 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention proj
 DESCRIPTION = "fine-tuned derivative"
 # what a finetune output folder holds; a folder with anything else is not replaced
 DERIVATIVE_ENTRIES = {"model_index.json", "agd_base.json", "resolved_config.json", "transformer", "scheduler",
-                      CLASSIFIER_DIR, HOLDOUT_FILE, TRAIN_FILE}
+                      CLASSIFIER_DIR, HOLDOUT_FILE, TRAIN_FILE,
+                      # a text default's derivative: the family's pipeline folder
+                      "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "prompts"}
 
 
 def ink(images: np.ndarray) -> np.ndarray:
@@ -57,20 +65,10 @@ def _read_split(folder: Path, name: str, images_key: str) -> tuple[np.ndarray, n
                          "(`python -m stages.base` writes it)") from None
 
 
-def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
-    """Write the derivative to ``config.out_dir`` (assembled next to it, then moved in)."""
-    source, out = Path(config.base_model), Path(config.out_dir)
-    check_replaceable(out, "finetune.out_dir", DESCRIPTION, DERIVATIVE_ENTRIES, "a finetune output")
-    base = load_base_model(str(source))
-    if base.family != "dit" or base.conditioning != "class":
-        raise ConfigError(f"finetune.base_model: {source} is a {base.family} {base.conditioning} model; finetune "
-                          "derives from the class-conditional embedded default (data/base)")
-    x_train, y_train = _read_split(source, TRAIN_FILE, "latents")
-    x_hold, y_hold = _read_split(source, HOLDOUT_FILE, "images")
-    train_idx = shifted_subset(x_train, y_train, config.subset)
-    hold_idx = shifted_subset(x_hold, y_hold, config.subset)
-    parent = base.weights_fingerprint()  # before training changes them
-    net = base.net
+def _trainable(net, config: FinetuneConfig):
+    """(the parameters a fine-tune of ``config.mode`` trains, a function that returns the denoiser with
+    plain weights afterwards): every weight, or a LoRA (peft) injected into the attention projections
+    and merged into them at the end."""
     torch.manual_seed(config.seed)
     if config.mode == "lora":
         import peft
@@ -78,28 +76,89 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
         lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=list(LORA_TARGETS),
                                init_lora_weights=True)
         wrapped = peft.get_peft_model(net, lora)  # injects the LoRA layers into net's modules
-        parameters = [p for p in wrapped.parameters() if p.requires_grad]
-    else:
-        net.requires_grad_(True)
-        parameters = list(net.parameters())
-    trained = sum(p.numel() for p in parameters)
-    losses = fit_class_denoiser(net, parameters, torch.from_numpy(x_train[train_idx]),
+        return [p for p in wrapped.parameters() if p.requires_grad], wrapped.merge_and_unload
+    net.requires_grad_(True)
+    return list(net.parameters()), lambda: net
+
+
+def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
+    """Write the derivative to ``config.out_dir`` (assembled next to it, then moved in)."""
+    source, out = Path(config.base_model), Path(config.out_dir)
+    check_replaceable(out, "finetune.out_dir", DESCRIPTION, DERIVATIVE_ENTRIES, "a finetune output")
+    base = load_base_model(str(source))
+    parent = base.weights_fingerprint()  # before training changes them
+    if base.conditioning == "text":
+        return _finetune_text(config, source, out, parent, progress)
+    if base.family != "dit" or base.conditioning != "class":
+        raise ConfigError(f"finetune.base_model: {source} is a {base.family} {base.conditioning} model; finetune "
+                          "derives from the embedded defaults (data/base, or data/text/<family>/base)")
+    x_train, y_train = _read_split(source, TRAIN_FILE, "latents")
+    x_hold, y_hold = _read_split(source, HOLDOUT_FILE, "images")
+    train_idx = shifted_subset(x_train, y_train, config.subset)
+    hold_idx = shifted_subset(x_hold, y_hold, config.subset)
+    parameters, plain = _trainable(base.net, config)
+    losses = fit_class_denoiser(base.net, parameters, torch.from_numpy(x_train[train_idx]),
                                 torch.from_numpy(y_train[train_idx]), base.scheduler, steps=config.steps,
                                 batch_size=config.batch_size, learning_rate=config.learning_rate,
                                 label_dropout=config.label_dropout, ema_decay=config.ema_decay, seed=config.seed,
                                 desc=f"finetune: {config.mode} on {config.subset} digits", progress=progress)
-    if config.mode == "lora":
-        net = wrapped.merge_and_unload()  # plain weights again: the same architecture as the original
+    net = plain()  # a merged LoRA: the same architecture as the original
     net.requires_grad_(False).eval()
 
     staging = staging_folder(out)
-    meta = {"description": f"{DESCRIPTION} ({config.mode}) of the embedded default on its {config.subset} digits",
-            "derived_from": str(source), "derived_from_weights": parent, "mode": config.mode,
-            "subset": config.subset, "trained_parameters": trained, "final_loss": float(np.mean(losses[-50:])),
-            "training_images": int(len(train_idx)), "id2label": {str(i): str(i) for i in range(NUM_CLASSES)}}
+    meta = _meta(config, source, parent, parameters, losses, len(train_idx), "the embedded default")
+    meta["id2label"] = {str(i): str(i) for i in range(NUM_CLASSES)}
     save_dit_folder(staging, net, base.scheduler, meta=meta)
     shutil.copytree(source / CLASSIFIER_DIR, staging / CLASSIFIER_DIR)
     np.savez_compressed(staging / HOLDOUT_FILE, images=x_hold[hold_idx], labels=y_hold[hold_idx])
     np.savez_compressed(staging / TRAIN_FILE, latents=x_train[train_idx], labels=y_train[train_idx])
     swap_in(staging, out)  # a killed run leaves the previous derivative whole
+    return meta
+
+
+def _meta(config: FinetuneConfig, source: Path, parent: str, parameters, losses, images: int, what: str) -> dict:
+    return {"description": f"{DESCRIPTION} ({config.mode}) of {what} on its {config.subset} digits",
+            "derived_from": str(source), "derived_from_weights": parent, "mode": config.mode,
+            "subset": config.subset, "trained_parameters": sum(p.numel() for p in parameters),
+            "final_loss": float(np.mean(losses[-50:])), "training_images": int(images)}
+
+
+def _finetune_text(config: FinetuneConfig, source: Path, out: Path, parent: str, progress: bool) -> dict:
+    """An embedded text default (SD, SDXL, SD3) fine-tuned on its bold (or thin) training digits, with
+    captions made as text_base makes them (so "bold" and "thin" prompts keep their meaning), by the
+    training loop text_base trained it with; written as the family's pipeline folder."""
+    from . import textdigits
+
+    recipe = textdigits.base_recipe(source)
+    shared = textdigits.load_shared(recipe["shared"])
+    weight = textdigits.WEIGHTS.index(config.subset)  # the stroke-weight third the captions call so
+    train_idx = np.flatnonzero(shared["w_train"] == weight)
+    hold_idx = np.flatnonzero(shared["w_hold"] == weight)
+    pipe = textdigits.load_pipeline(source)
+    parameters, plain = _trainable(textdigits.denoiser_of(pipe), config)
+    settings = SimpleNamespace(seed=config.seed, captions_per_image=recipe["captions_per_image"],
+                               agnostic_share=recipe["agnostic_share"], train_steps=config.steps,
+                               batch_size=config.batch_size, learning_rate=config.learning_rate,
+                               caption_dropout=config.label_dropout, ema_decay=config.ema_decay,
+                               flow_shift=recipe["flow_shift"])
+    losses, _, _ = textdigits.fit_on_digits(
+        recipe["family"], pipe, shared["x_train"][train_idx], shared["y_train"][train_idx],
+        shared["w_train"][train_idx], settings, progress, parameters,
+        desc=f"finetune: {config.mode} on {config.subset} digits")
+    net = plain().requires_grad_(False).eval()
+    if textdigits.denoiser_of(pipe) is not net:  # peft hands back the module it wrapped, LoRA merged
+        raise ModelError("finetune: the merged LoRA is not the pipeline's denoiser (a peft change?)")
+
+    staging = staging_folder(out)
+    pipe.save_pretrained(staging)
+    for name in (CLASSIFIER_DIR, textdigits.PROMPTS_DIR):
+        shutil.copytree(source / name, staging / name)
+    np.savez_compressed(staging / HOLDOUT_FILE, images=shared["x_hold"][hold_idx], labels=shared["y_hold"][hold_idx])
+    meta = _meta(config, source, parent, parameters, losses, len(train_idx),
+                 f"the embedded {recipe['family']} default")
+    original = json.loads((source / "agd_base.json").read_text())
+    if "max_sequence_length" in original:  # SD3 without T5: its prompt length carries over
+        meta["max_sequence_length"] = original["max_sequence_length"]
+    (staging / "agd_base.json").write_text(json.dumps(meta, indent=2) + "\n")
+    swap_in(staging, out)
     return meta

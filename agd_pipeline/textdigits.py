@@ -426,15 +426,8 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
     check_replaceable(out, "text_base.out_dir", "embedded default: tiny", BASE_ENTRIES, "a text_base output")
     with tempfile.TemporaryDirectory() as scratch:
         pipe = build_pipeline(family_name, config, vae, Path(scratch))
-        captions, owners = caption_set(shared["y_train"], shared["w_train"], config.seed, config.captions_per_image,
-                                       config.agnostic_share)
-        table, uncond = encode_captions(pipe, family, captions)
-        with torch.no_grad():
-            images = torch.from_numpy(shared["x_train"]).expand(-1, 3, -1, -1)
-            z = vae.encode(images).latent_dist.mean
-            latents = (z - (shift or 0.0)) * vae.config.scaling_factor
-        net = pipe.transformer if family_name == "sd3" else pipe.unet
-        losses = _fit(family, net, latents, owners, table, uncond, pipe.scheduler, config, progress)
+        losses, latents, captions = fit_on_digits(family_name, pipe, shared["x_train"], shared["y_train"],
+                                                  shared["w_train"], config, progress)
         # written next to out_dir, then swapped in: a killed run leaves the previous pipeline whole
         staging = staging_folder(out)
         pipe.save_pretrained(staging)
@@ -442,15 +435,70 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
         shutil.copytree(Path(config.shared) / name, staging / name)
     np.savez_compressed(staging / "holdout.npz", images=shared["x_hold"], labels=shared["y_hold"])
     write_real_pairs(staging / REAL_PAIRS, latents, shared)
-    final = float(np.mean(losses[-100:]))
+    net = denoiser_of(pipe)
     meta = {"description": f"embedded default: tiny {family.title} pipeline on captioned 16x16 digits",
-            "final_loss": final, "parameters": sum(p.numel() for p in net.parameters()),
+            "final_loss": float(np.mean(losses[-100:])), "parameters": sum(p.numel() for p in net.parameters()),
             "captions": len(captions)}
     if family_name == "sd3":  # no T5: its part of the prompt is MAX_TOKENS of zero padding, not 256
         meta["max_sequence_length"] = MAX_TOKENS
     (staging / "agd_base.json").write_text(json.dumps(meta, indent=2) + "\n")
     swap_in(staging, out)
     return meta
+
+
+def denoiser_of(pipe):
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+
+
+def fit_on_digits(family_name: str, pipe, images: np.ndarray, labels: np.ndarray, weights: np.ndarray, config,
+                  progress: bool, parameters: list | None = None, desc: str = "") -> tuple[list[float], torch.Tensor,
+                                                                                            list[str]]:
+    """Train the pipeline's denoiser on digit images with ``config.captions_per_image`` generated captions
+    each (``parameters``: what is trained, default every weight of the denoiser). Returns (losses, the
+    images' latents, the captions). What text_base trains a default with, and finetune a derivative."""
+    from . import families
+
+    family = families.get(family_name)
+    captions, owners = caption_set(labels, weights, config.seed, config.captions_per_image, config.agnostic_share)
+    table, uncond = encode_captions(pipe, family, captions)
+    latents = digit_latents(pipe.vae, images)
+    losses = _fit(family, denoiser_of(pipe), latents, owners, table, uncond, pipe.scheduler, config, progress,
+                  parameters, desc or f"text_base: train {family.name}")
+    return losses, latents, captions
+
+
+@torch.no_grad()
+def digit_latents(vae, images: np.ndarray) -> torch.Tensor:
+    """The VAE's latents of 1-channel digit images in [-1, 1], scaled (and shifted, SD3) as the pipeline
+    expects them."""
+    rgb = torch.from_numpy(np.asarray(images, dtype=np.float32)).expand(-1, 3, -1, -1)
+    z = vae.encode(rgb).latent_dist.mean
+    return (z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
+
+
+def load_pipeline(folder: str | Path):
+    """A text_base (or finetune) output as its diffusers pipeline; components it leaves out (SD's safety
+    checker, SD3's T5) stay None."""
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
+    return DiffusionPipeline.from_pretrained(folder, **absent)
+
+
+def base_recipe(folder: str | Path) -> dict:
+    """The ``text_base`` settings a default was trained with (its resolved_config.json), which a
+    derivative is fine-tuned with too."""
+    path = Path(folder) / "resolved_config.json"
+    try:
+        recipe = json.loads(path.read_text())["text_base"]
+        for key in ("family", "shared", "captions_per_image", "agnostic_share", "flow_shift"):
+            recipe[key]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{path}: cannot read the text_base settings this base was trained with ({err!r}); "
+                         "finetune derives from an embedded text default (`python -m stages.text_base` "
+                         "writes it)") from None
+    return recipe
 
 
 REAL_PAIRS = "train.npz"  # generate.real_data of the forward-noised ablation
@@ -479,16 +527,17 @@ BASE_ENTRIES = {"model_index.json", "agd_base.json", "resolved_config.json", "ho
                 "tokenizer_2"}
 
 
-def _fit(family, net, latents, owners, table, uncond, scheduler, config, progress) -> list[float]:
+def _fit(family, net, latents, owners, table, uncond, scheduler, config, progress, parameters, desc) -> list[float]:
     """Denoising training on (latent, caption) pairs with caption dropout to the empty prompt; the
-    weights end as their exponential moving average."""
+    trained weights (``parameters``, or every weight of ``net``) end as their exponential moving average."""
     from diffusers.training_utils import EMAModel
 
     flow = "FlowMatch" in type(scheduler).__name__
     alphas = None if flow else scheduler.alphas_cumprod
     net.train()
-    net.requires_grad_(True)
-    parameters = list(net.parameters())
+    if parameters is None:
+        net.requires_grad_(True)
+        parameters = list(net.parameters())
     ema = EMAModel(parameters, decay=config.ema_decay)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -496,7 +545,7 @@ def _fit(family, net, latents, owners, table, uncond, scheduler, config, progres
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     image_of = torch.from_numpy(owners)
-    bar = tqdm(range(config.train_steps), desc=f"text_base: train {family.name}", disable=not progress, unit="step")
+    bar = tqdm(range(config.train_steps), desc=desc, disable=not progress, unit="step")
     for step in bar:
         pick = torch.randint(0, len(owners), (config.batch_size,), generator=gen)
         x0 = latents[image_of[pick]]
@@ -518,6 +567,6 @@ def _fit(family, net, latents, owners, table, uncond, scheduler, config, progres
         losses.append(descent_step(loss, parameters, optimizer, schedule, ema))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    ema.copy_to(net.parameters())
+    ema.copy_to(parameters)
     net.eval().requires_grad_(False)
     return losses

@@ -123,6 +123,8 @@ def test_prepare_runs_the_stages_before_the_first_one_a_variant_changes():
     assert prepared["fewer-steps-sd3"] == "pipelines/text/dvc.yaml:train@sd3"
     # variants without params (one run of a whole pipeline): all of it, as before
     assert prepared["fine-tuned-derivatives"] == "pipelines/derivatives/dvc.yaml"
+    # an experiment that names it: the SD3 default, which both derivative runs start from
+    assert prepared["fine-tuned-derivatives-sd3"] == "pipelines/text/dvc.yaml:evaluate@sd3"
 
 
 def _queue_runner(experiment, states_after: list[dict], calls: list):
@@ -317,3 +319,55 @@ def test_one_run_experiments_read_each_row_from_its_own_summary_file():
         broken = replace(experiment, variants=(experiment.variants[0],
                                                replace(experiment.variants[1], params={"train.width": 8})))
         broken.runs()
+
+
+def _declared_metrics() -> set[str]:
+    """Every metrics file a dvc.yaml of the repository declares (foreach items and ${section.key} from
+    the root params expanded): what `dvc exp show` reports."""
+    root_params = yaml.safe_load((REPO / "params.yaml").read_text())
+    found = set()
+    for path in [REPO / "dvc.yaml", *sorted(REPO.glob("pipelines/*/dvc.yaml"))]:
+        for stage in yaml.safe_load(path.read_text())["stages"].values():
+            items = stage.get("foreach", [None])
+            for entry in stage.get("do", stage).get("metrics", []):
+                name = next(iter(entry)) if isinstance(entry, dict) else entry
+                for item in items:
+                    expanded = name.replace("${item}", str(item))
+                    for section, values in root_params.items():
+                        for key, value in (values or {}).items() if isinstance(values, dict) else ():
+                            expanded = expanded.replace("${%s.%s}" % (section, key), str(value))
+                    found.add(expanded)
+    return found
+
+
+def test_every_row_reads_a_summary_a_pipeline_declares_as_metrics():
+    declared = _declared_metrics()
+    assert {"data/eval/summary.json", "data/text/sd3/eval/summary.json"} <= declared
+    for experiment in EXPERIMENTS.values():
+        for variant in experiment.variants:
+            assert variant.summary in declared, (experiment.name, variant.name)
+
+
+def test_sd3_derivatives_run_full_and_lora_at_once_with_two_rows_each():
+    """fine-tuned-derivatives-sd3: a DVC experiment per fine-tune (queued side by side), each giving the
+    original adapters' row and the retrained adapters' row; the reference row is the SD3 default's."""
+    experiment = get_experiment("fine-tuned-derivatives-sd3")
+    commands = run_commands(experiment, queue=True)
+    assert [c[c.index("-n") + 1] for c in commands] == ["fine-tuned-derivatives-sd3-lora",
+                                                         "fine-tuned-derivatives-sd3-full"]
+    assert all(c[-1] == "pipelines/derivatives-sd3/dvc.yaml" for c in commands)
+    assert 'pipelines/derivatives-sd3/params.yaml:finetune.mode="full"' in commands[1]
+    shown = fake_show({})
+    runs = []
+    for i, mode in enumerate(("lora", "full")):
+        metrics = {f"data/derived/sd3/eval-{kind}/summary.json": {"data": {"gap_closed": i + j / 10}}
+                   for j, kind in enumerate(("original", "retrained"))}
+        metrics["data/text/sd3/eval/summary.json"] = {"data": {"gap_closed": 0.8}}
+        name = f"fine-tuned-derivatives-sd3-{mode}"
+        runs.append({"revs": [{"rev": f"r{i}", "name": name, "error": None, "experiments": None,
+                               "data": {"rev": f"r{i}", "metrics": metrics}}], "executor": None, "name": name})
+    shown[1]["experiments"] = runs
+    rows = collect(experiment, shown)
+    assert [(r["variant"], r["gap_closed"]) for r in rows] == [
+        ("original", 0.8), ("full-original", 1.0), ("full-retrained", 1.1), ("lora-original", 0.0),
+        ("lora-retrained", 0.1)]

@@ -139,14 +139,6 @@ def test_text_base_refuses_a_folder_that_is_not_shared_data(tmp_path):
         result.stderr
 
 
-def _load_pipeline(folder: Path):
-    from diffusers import DiffusionPipeline
-
-    index = json.loads((folder / "model_index.json").read_text())
-    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
-    return DiffusionPipeline.from_pretrained(folder, **absent)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, family):
@@ -195,7 +187,7 @@ def test_tiny_text_default_runs_generate_train_evaluate(shared_dir, tmp_path, fa
     if family != "sd":  # pooled models also see the mean of the prompt tokens, by default
         assert {"text_mean", "negative_text_mean"} <= set(config["adapter"]["condition_on"])
 
-    pipe = _load_pipeline(base)
+    pipe = textdigits.load_pipeline(base)
     assert type(pipe).__name__ == {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
                                    "sd3": "StableDiffusion3Pipeline"}[family]
     pipe.set_progress_bar_config(disable=True)
@@ -296,3 +288,70 @@ def test_text_base_never_replaces_a_folder_it_did_not_write(shared_dir, tmp_path
                       "--out-dir", ours, "--no-progress", *TINY_BASE)
     assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1 and "not a text_base output" in damaged.stderr
     assert (ours / "model_index.json").is_file()
+
+
+# ---------------------------------------------------------------------- fine-tuned derivatives
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,mode", [("sd3", "lora"), ("sd3", "full"), ("sd", "lora")])
+def test_a_text_default_fine_tunes_into_a_derivative_of_its_family(shared_dir, tmp_path, family, mode):
+    """stages.finetune on a text default (pipelines/derivatives-sd3): the family's pipeline again, with
+    the weights its mode trains changed, the bold held-out digits, and the original's adapters loading
+    into it with the fine-tune warning."""
+    from agd_pipeline.adapters import AdaptedModel, AdapterConfig, load_adapted_model, save_adapters
+    from agd_pipeline.finetune import DERIVATIVE_ENTRIES
+    from agd_pipeline.models import load_base_model
+
+    base, derived = tmp_path / "base", tmp_path / "derived"
+    _ok(run_main("stages.text_base", "--params", f"pipelines/text/{family}.yaml", "--shared", shared_dir,
+                "--out-dir", base, "--no-progress", *TINY_BASE))
+    result = _ok(run_main("stages.finetune", "--params", "pipelines/derivatives-sd3/params.yaml", "--base-model",
+                         base, "--out-dir", derived, "--mode", mode, "--steps", "3", "--batch-size", "8",
+                         "--learning-rate", "0.05", "--no-progress"))
+    assert f"fine-tuned derivative ({mode}) of the embedded {family} default" in result.stdout
+    original, derivative = load_base_model(str(base)), load_base_model(str(derived))
+    assert derivative.family == original.family and derivative.conditioning == "text"
+    assert derivative.architecture_fingerprint() == original.architecture_fingerprint()
+    before, after = original.net.state_dict(), derivative.net.state_dict()
+    assert set(after) == set(before)  # a merged LoRA leaves no extra weights behind
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    projections = {k for k in before if any(f".{p}." in k for p in ("to_q", "to_k", "to_v", "to_out.0"))}
+    if mode == "lora":
+        assert changed and changed <= projections
+    else:
+        assert changed - projections
+    meta = json.loads((derived / "agd_base.json").read_text())
+    assert meta["derived_from_weights"] == original.weights_fingerprint()
+    assert meta.get("max_sequence_length") == (textdigits.MAX_TOKENS if family == "sd3" else None)
+    # fine-tuned on the bold training digits, measured against the bold held-out ones
+    shared = np.load(shared_dir / "digits.npz")
+    assert meta["training_images"] == int((shared["w_train"] == 2).sum())
+    kept = np.load(derived / "holdout.npz")
+    assert np.array_equal(kept["labels"], shared["y_hold"][shared["w_hold"] == 2])
+    assert {p.name for p in derived.iterdir()} <= DERIVATIVE_ENTRIES
+    assert (derived / "prompts" / "eval.tsv").is_file()  # the original's prompt sets come along
+    assert type(textdigits.load_pipeline(derived)) is type(textdigits.load_pipeline(base))
+    placement = "attention+output" if family == "sd3" else "cross_attention"
+    adapted = AdaptedModel(original, AdapterConfig(width=4, embed_dim=8, placement=placement,
+                                                   condition_on=["guidance", "timestep"]))
+    save_adapters(adapted, tmp_path / "adapters", extra={"sampler": {"num_steps": 4},
+                                                         "guidance": {"min": 1.0, "max": 5.0}})
+    with pytest.warns(UserWarning, match="e.g. a fine-tune"):
+        load_adapted_model(tmp_path / "adapters", derivative)
+
+
+def test_finetune_refuses_a_text_base_without_its_recipe(shared_dir, tmp_path):
+    from agd_pipeline.config import FinetuneConfig, load_config
+    from agd_pipeline.errors import ModelError
+    from agd_pipeline.finetune import finetune
+
+    base = tmp_path / "base"
+    _ok(run_main("stages.text_base", "--params", "pipelines/text/sd3.yaml", "--shared", shared_dir,
+                "--out-dir", base, "--no-progress", *TINY_BASE))
+    (base / "resolved_config.json").unlink()
+    config = load_config(FinetuneConfig, {"base_model": str(base), "out_dir": str(tmp_path / "d"), "steps": 2,
+                                          "batch_size": 4})
+    with pytest.raises(ModelError, match="resolved_config.json.*text_base"):
+        finetune(config, progress=False)
+    assert not (tmp_path / "d").exists()
