@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -332,11 +333,8 @@ def _declared_metrics() -> set[str]:
             for entry in stage.get("do", stage).get("metrics", []):
                 name = next(iter(entry)) if isinstance(entry, dict) else entry
                 for item in items:
-                    expanded = name.replace("${item}", str(item))
-                    for section, values in root_params.items():
-                        for key, value in (values or {}).items() if isinstance(values, dict) else ():
-                            expanded = expanded.replace("${%s.%s}" % (section, key), str(value))
-                    found.add(expanded)
+                    found.add(re.sub(r"\$\{(\w+)\.(\w+)\}", lambda m: str(root_params[m[1]][m[2]]),
+                                     name.replace("${item}", str(item))))
     return found
 
 
