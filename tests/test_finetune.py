@@ -136,3 +136,27 @@ def test_cli_and_the_derivatives_pipeline(default_like_base, tmp_path):
         assert params["finetune"]["mode"] == kind and params["generate"]["base_model"] == params["finetune"]["out_dir"]
         load_config(FinetuneConfig, params["finetune"])
     assert "--adapters data/adapters" in stages["evaluate_original"]["do"]["cmd"]
+
+
+def test_the_sd3_derivatives_pipeline_retrains_with_the_sd3_defaults_settings():
+    """pipelines/derivatives-sd3: the finetune stage tracks every result key, each section is valid,
+    the chain's paths follow one another, and generate and train are the SD3 default's settings
+    (pipelines/text/sd3.yaml) but for the paths, so "retrained" means retrained like the default."""
+    from agd_pipeline.config import EvaluateConfig, GenerateConfig, TrainConfig
+
+    folder = REPO / "pipelines/derivatives-sd3"
+    stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    listed = {p for entry in stages["finetune"]["params"] for p in next(iter(entry.values()))}
+    assert listed == {f"finetune.{f.name}" for f in dataclasses.fields(FinetuneConfig) if f.name != "out_dir"}
+    for cls in (FinetuneConfig, GenerateConfig, TrainConfig, EvaluateConfig):
+        load_config(cls, params[cls.section])
+    assert params["finetune"]["base_model"] == "data/text/sd3/base"
+    assert params["generate"]["base_model"] == params["finetune"]["out_dir"]
+    assert params["train"]["store"] == params["generate"]["out_dir"]
+    assert params["evaluate"]["adapters"] == params["train"]["out_dir"]
+    assert "--adapters data/text/sd3/adapters" in stages["evaluate_original"]["cmd"]
+    default = yaml.safe_load((REPO / "pipelines/text/sd3.yaml").read_text())
+    for section in ("generate", "train"):
+        differs = {k for k in default[section] if default[section][k] != params[section].get(k)}
+        assert differs <= {"base_model", "out_dir", "store", "prompts_file", "negative_prompts_file"}, section
