@@ -561,11 +561,28 @@ def run(experiment: Experiment, log=print, runner=subprocess.run, jobs: int = 1,
         runner(["dvc", "queue", "stop"], capture_output=True, text=True)
 
 
+SHOW_RETRIES = 8  # consecutive failed `dvc exp show` calls while waiting before giving up (2 minutes)
+
+
 def _wait_for_queue(names: list[str], runner, log, sleep) -> None:
-    """Until every named run has left DVC's queue; a failed run stops it with its log's path."""
-    waiting = None
+    """Until every named run has left DVC's queue; a failed run stops it with its log's path. A
+    ``dvc exp show`` that fails while the queue's workers set up or clear their temporary copies
+    (DVC reads a copy's folder as it is removed: "directory '.dvc/tmp/exps/tmp.../.dvc' does not
+    exist") is asked again at the next poll; only SHOW_RETRIES failures in a row stop the wait."""
+    waiting, failures = None, 0
     while True:
-        states = _run_states(show_json(runner, names), names)
+        try:
+            shown = show_json(runner, names)
+        except AgdError as err:
+            failures += 1
+            if failures >= SHOW_RETRIES:
+                raise AgdError(f"{err} ({failures} times in a row while waiting for the queue; the runs go "
+                               "on: `dvc queue status`, then `python -m stages.experiments report NAME`)") from None
+            log(f"dvc exp show failed, asking again in {POLL_SECONDS} s: {str(err)[-300:]}")
+            sleep(POLL_SECONDS)
+            continue
+        failures = 0
+        states = _run_states(shown, names)
         failed = [name for name in names if states.get(name, {}).get("state") == "failed"]
         if failed:
             logs = ", ".join(f"{name}: {states[name].get('log') or 'dvc queue logs ' + name}" for name in failed)

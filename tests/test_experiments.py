@@ -162,6 +162,38 @@ def test_queued_runs_run_jobs_at_a_time_and_are_waited_for():
     assert len(slept) == 2  # polled until both had finished
 
 
+def test_a_failing_exp_show_while_waiting_is_asked_again(monkeypatch):
+    """DVC's `exp show` fails now and then while a queue worker creates or removes its temporary copy;
+    the wait asks again, and gives up only after SHOW_RETRIES failures in a row."""
+    from agd_pipeline import experiments
+
+    experiment = get_experiment("trajectories-vs-forward-noised-sd3")
+    names = [experiment.run_name(v) for v in experiment.variants]
+    race = "ERROR: failed to show experiments - directory '.dvc/tmp/exps/tmpz7w5hmbl/.dvc' does not exist"
+
+    def flaky(failing_polls: int):
+        calls, shows = [], {"n": 0}
+        good = _queue_runner(experiment, [{n: "running" for n in names}, {n: "success" for n in names}], calls)
+
+        def runner(command, **kwargs):
+            if command[:3] == ["dvc", "exp", "show"]:
+                shows["n"] += 1
+                if 2 <= shows["n"] < 2 + failing_polls:  # the first show (before queueing) succeeds
+                    calls.append(command)
+                    return subprocess.CompletedProcess(command, 1, "", race)
+            return good(command, **kwargs)
+        return runner, calls
+
+    runner, calls = flaky(2)
+    logged = []
+    run(experiment, log=logged.append, runner=runner, jobs=2, sleep=lambda s: None)
+    assert sum("asking again" in line for line in logged) == 2 and calls[-1] == ["dvc", "queue", "stop"]
+    runner, calls = flaky(100)
+    with pytest.raises(AgdError, match=f"{experiments.SHOW_RETRIES} times in a row"):
+        run(experiment, log=lambda *a: None, runner=runner, jobs=2, sleep=lambda s: None)
+    assert calls[-1] == ["dvc", "queue", "stop"]
+
+
 def test_a_failed_queued_run_stops_the_wait_with_its_log():
     experiment = get_experiment("trajectories-vs-forward-noised-sd3")
     names = [experiment.run_name(v) for v in experiment.variants]
