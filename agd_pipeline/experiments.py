@@ -552,24 +552,36 @@ def run(experiment: Experiment, log=print, runner=subprocess.run, jobs: int = 1,
         if started.returncode != 0:
             errors.seek(0)
             raise AgdError(f"dvc queue start failed (exit {started.returncode}): {errors.read().strip()[-2000:]}")
+    def restart() -> None:
+        log("$ " + " ".join(start) + "   (queued runs left and no worker running them)")
+        with tempfile.TemporaryFile("w+") as errors:
+            runner(start, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+
     try:
-        _wait_for_queue(names, runner, log, sleep)
+        _wait_for_queue(names, runner, log, sleep, restart)
     except KeyboardInterrupt:  # the queue's workers are not this process's children: stop them too
         runner(["dvc", "queue", "kill", *names], capture_output=True, text=True)
-        raise
-    finally:
         runner(["dvc", "queue", "stop"], capture_output=True, text=True)
+        raise
+    except AgdError:  # a failed run: the others finish, nothing new starts
+        runner(["dvc", "queue", "stop"], capture_output=True, text=True)
+        raise
+    # finished: the workers leave by themselves once the queue is empty (no `dvc queue stop` needed)
 
 
 SHOW_RETRIES = 8  # consecutive failed `dvc exp show` calls while waiting before giving up (2 minutes)
 
 
-def _wait_for_queue(names: list[str], runner, log, sleep) -> None:
+def _wait_for_queue(names: list[str], runner, log, sleep, restart=None) -> None:
     """Until every named run has left DVC's queue; a failed run stops it with its log's path. A
     ``dvc exp show`` that fails while the queue's workers set up or clear their temporary copies
     (DVC reads a copy's folder as it is removed: "directory '.dvc/tmp/exps/tmp.../.dvc' does not
-    exist") is asked again at the next poll; only SHOW_RETRIES failures in a row stop the wait."""
-    waiting, failures = None, 0
+    exist") is asked again at the next poll; only SHOW_RETRIES failures in a row stop the wait.
+    When runs are left queued and none runs for two polls in a row, the workers have gone: ``restart``
+    starts them again. (Seen once: both workers logged "Got shutdown from remote" as they took their
+    first task and left two queued runs unstarted; the cause was not found, a scratch repository
+    with the same queue did not show it.)"""
+    waiting, failures, idle = None, 0, 0
     while True:
         try:
             shown = show_json(runner, names)
@@ -591,6 +603,11 @@ def _wait_for_queue(names: list[str], runner, log, sleep) -> None:
         left = [name for name in names if states.get(name, {}).get("state") not in ("success", "done")]
         if not left:
             return
+        running = any(states.get(name, {}).get("state") == "running" for name in names)
+        idle = 0 if running else idle + 1
+        if idle >= 2 and restart is not None:
+            restart()
+            idle = 0
         if left != waiting:
             log(f"waiting for {len(left)} of {len(names)} runs: {', '.join(left)} (dvc queue status; "
                 "dvc queue logs NAME)")
