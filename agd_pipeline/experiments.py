@@ -116,6 +116,16 @@ _SIZE_COLUMNS = (
     Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
 )
 
+# what the SD3 experiments' tables show after their first column (distance to CFG, accuracy, FID)
+_TEXT_QUALITY_COLUMNS = (
+    Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
+    Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+    Column("mean_accuracy_agd", "acc AGD"),
+    Column("mean_accuracy_cfg", "acc CFG"),
+    Column("mean_fid_agd", "FID AGD", ".2f"),
+    Column("mean_fid_cfg", "FID CFG", ".2f"),
+)
+
 # the data-scaling experiments' table (class default and SD3)
 _DATA_COLUMNS = (
     Column("training_pairs", "(x, t, w) pairs", ",d"),
@@ -344,15 +354,7 @@ EXPERIMENTS = {
                       summary=f"data/derived/sd3/eval-{adapters}/{SUMMARY_FILE}")
               for mode, label in (("full", "full"), ("lora", "LoRA")) for adapters in ("original", "retrained")),
         ),
-        columns=(
-            Column("gap_closed", "gap closed"),
-            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
-            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
-            Column("mean_accuracy_agd", "acc AGD"),
-            Column("mean_accuracy_cfg", "acc CFG"),
-            Column("mean_fid_agd", "FID AGD", ".2f"),
-            Column("mean_fid_cfg", "FID CFG", ".2f"),
-        ),
+        columns=(Column("gap_closed", "gap closed"), *_TEXT_QUALITY_COLUMNS),
         plot=("gap_closed", "max_fidelity_ratio"),
         row_header="base and adapters",
         pipeline="pipelines/derivatives-sd3/dvc.yaml",
@@ -404,15 +406,7 @@ EXPERIMENTS = {
                     "flow-matching Euler (recorded sampler)",
                     summary=_SD3_SUMMARY)
             for k in (8, 12, 24, 40)),
-        columns=(
-            Column("num_steps", "steps", "d"),
-            Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
-            Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
-            Column("mean_accuracy_agd", "acc AGD"),
-            Column("mean_accuracy_cfg", "acc CFG"),
-            Column("mean_fid_agd", "FID AGD", ".2f"),
-            Column("mean_fid_cfg", "FID CFG", ".2f"),
-        ),
+        columns=(Column("num_steps", "steps", "d"), *_TEXT_QUALITY_COLUMNS),
         plot=("max_fidelity_ratio", "max_accuracy_drop_points"),
         row_header="sampler",
         x="num_steps",
