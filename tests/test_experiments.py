@@ -166,7 +166,7 @@ def test_queued_runs_run_jobs_at_a_time_and_are_waited_for():
 
 def test_queued_runs_left_without_workers_get_them_started_again():
     """DVC's workers left after one task each once (a shutdown from the broker, cause not found): when
-    runs stay queued with none running for two polls, the wait starts the workers again."""
+    runs stay queued with fewer running than --jobs for two polls, the wait starts the workers again."""
     experiment = get_experiment("size-and-placement-sd3")
     names = [experiment.run_name(v) for v in experiment.variants]
     calls = []
@@ -178,7 +178,7 @@ def test_queued_runs_left_without_workers_get_them_started_again():
         sleep=lambda s: None)
     starts = [c for c in calls if c[:3] == ["dvc", "queue", "start"]]
     assert starts == [["dvc", "queue", "start", "--jobs", "2"]] * 2
-    assert any("no worker running them" in line for line in logged)
+    assert any("a worker missing" in line for line in logged)
     # one poll without a running run is not enough (workers may be about to take the next task)
     calls = []
     states = [{names[0]: "success", names[1]: "queued"}, {names[0]: "success", names[1]: "running"},
@@ -186,6 +186,41 @@ def test_queued_runs_left_without_workers_get_them_started_again():
     run(experiment, log=lambda *a: None, runner=_queue_runner(experiment, states, calls), jobs=2,
         sleep=lambda s: None)
     assert sum(c[:3] == ["dvc", "queue", "start"] for c in calls) == 1
+
+
+def test_a_worker_that_left_early_is_started_again_while_the_other_runs():
+    """Seen on 2026-12-07: one of two workers left after its first task and the other ran the remaining
+    runs one at a time. Runs left queued with one running of --jobs 2 for two polls start the missing
+    worker; when `dvc queue start` says every worker is up (busy with another experiment's runs, say),
+    nothing is logged and the wait goes on."""
+    experiment = get_experiment("guidance-interval-sd3")
+    a, b, c = [experiment.run_name(v) for v in experiment.variants]
+    one_left = [{a: "running", b: "queued", c: "queued"}, {a: "running", b: "queued", c: "queued"},
+                {a: "running", b: "running", c: "queued"}, {a: "success", b: "running", c: "running"},
+                {a: "success", b: "success", c: "success"}]
+    calls, logged = [], []
+    run(experiment, log=logged.append, runner=_queue_runner(experiment, one_left, calls), jobs=2,
+        sleep=lambda s: None)
+    assert [c for c in calls if c[:3] == ["dvc", "queue", "start"]] == [["dvc", "queue", "start", "--jobs", "2"]] * 2
+    assert sum("a worker missing" in line for line in logged) == 1
+    # two running and one queued: every worker is busy, no start
+    calls = []
+    both = [{a: "running", b: "running", c: "queued"}] * 3 + [{a: "success", b: "success", c: "success"}]
+    run(experiment, log=lambda *a: None, runner=_queue_runner(experiment, both, calls), jobs=2,
+        sleep=lambda s: None)
+    assert sum(c[:3] == ["dvc", "queue", "start"] for c in calls) == 1
+    # DVC answers that it started no worker (all up): the wait says nothing and polls on
+    calls, logged = [], []
+    fake = _queue_runner(experiment, one_left, calls)
+
+    def runner(command, **kwargs):
+        if command[:3] == ["dvc", "queue", "start"] and kwargs.get("stdout") not in (None, subprocess.DEVNULL):
+            kwargs["stdout"].write("Started '0' new experiments task queue worker.\n")
+        return fake(command, **kwargs)
+
+    run(experiment, log=logged.append, runner=runner, jobs=2, sleep=lambda s: None)
+    assert sum(c[:3] == ["dvc", "queue", "start"] for c in calls) == 2
+    assert not any("a worker missing" in line for line in logged)
 
 
 def test_a_failing_exp_show_while_waiting_is_asked_again(monkeypatch):
