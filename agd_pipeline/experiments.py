@@ -18,6 +18,7 @@ import json
 import re
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -516,8 +517,6 @@ def run(experiment: Experiment, log=print, runner=subprocess.run, jobs: int = 1,
     experiment, replacing earlier runs of the same name: one after the other in temporary copies
     (``jobs`` 1), or queued and run ``jobs`` at a time by DVC's queue workers (each stage runs one
     torch thread, so one job per core uses the machine)."""
-    import time
-
     sleep = sleep or time.sleep
     names = list(experiment.runs())
     existing = set(_experiment_rows(show_json(runner, names)))
@@ -640,13 +639,19 @@ def _run_states(shown, names: list[str]) -> dict[str, dict]:
     return states
 
 
-def show_json(runner=subprocess.run, names: list[str] | None = None) -> list:
+def show_json(runner=subprocess.run, names: list[str] | None = None, tries: int = 1, sleep=None) -> list:
     """``dvc exp show --json`` of the commits the experiments ``names`` were run on (plain ``dvc exp
     show`` lists only those of HEAD, which moves when results are committed during or after a run),
-    and of HEAD."""
+    and of HEAD. With ``tries`` above 1 a failing ``dvc exp show`` is asked again POLL_SECONDS later
+    (it fails now and then while a queue worker sets up or clears its temporary copy)."""
     revs = _baselines(runner, names) if names else []
     command = ["dvc", "exp", "show", "--json", *(arg for rev in revs for arg in ("--rev", rev))]
-    result = _check(runner(command, capture_output=True, text=True), "dvc exp show")
+    for attempt in range(1, tries + 1):
+        result = runner(command, capture_output=True, text=True)
+        if result.returncode == 0 or attempt == tries:
+            break
+        (sleep or time.sleep)(POLL_SECONDS)
+    _check(result, "dvc exp show")
     try:
         return json.loads(result.stdout)
     except json.JSONDecodeError as err:

@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 from agd_pipeline.errors import AgdError
-from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, prepare_command, read_results,
-                                      readme_block, run, run_commands, show_json, write_results)
+from agd_pipeline.experiments import (EXPERIMENTS, SHOW_RETRIES, collect, get_experiment, prepare_command,
+                                      read_results, readme_block, run, run_commands, show_json, write_results)
 
 
 def default_jobs() -> int:
@@ -40,7 +40,7 @@ def report(name: str, readme: Path, log=print, from_results: bool = False) -> in
 
     experiment = get_experiment(name)
     rows = read_results(experiment) if from_results else collect(
-        experiment, show_json(names=[experiment.run_name(v) for v in experiment.variants]))
+        experiment, show_json(names=[experiment.run_name(v) for v in experiment.variants], tries=SHOW_RETRIES))
     folder = write_results(experiment, rows)
     log((folder / "results.md").read_text().rstrip())
     log(f"{folder}: results.csv, results.md, plot.png")

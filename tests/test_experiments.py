@@ -114,6 +114,32 @@ def test_runs_are_found_on_the_commits_they_were_run_on():
     assert calls[-1] == ["dvc", "exp", "show", "--json", "--rev", "HEAD"]
 
 
+def test_show_json_asks_again_while_a_worker_races_it():
+    """`report` reads `dvc exp show` while queue workers may be setting up a copy (seen on 2026-12-07:
+    "directory '.dvc/tmp/exps/tmp5lm7rur0/.dvc' does not exist"); with tries it asks again."""
+    from agd_pipeline.experiments import POLL_SECONDS, show_json
+
+    def flaky(failures: int):
+        state = {"shows": 0}
+
+        def runner(command, **kwargs):
+            if command[:3] == ["dvc", "exp", "show"]:
+                state["shows"] += 1
+                if state["shows"] <= failures:
+                    return subprocess.CompletedProcess(command, 1, "", "ERROR: directory '.dvc/tmp/exps/x/.dvc' "
+                                                                       "does not exist")
+                return subprocess.CompletedProcess(command, 0, "[]", "")
+            return subprocess.CompletedProcess(command, 0, "", "")
+        return runner
+
+    slept = []
+    assert show_json(flaky(2), ["a"], tries=3, sleep=slept.append) == [] and slept == [POLL_SECONDS] * 2
+    with pytest.raises(AgdError, match="dvc exp show failed.*does not exist"):
+        show_json(flaky(3), ["a"], tries=3, sleep=slept.append)
+    with pytest.raises(AgdError, match="dvc exp show failed"):  # one try: as before
+        show_json(flaky(1), ["a"])
+
+
 def test_prepare_runs_the_stages_before_the_first_one_a_variant_changes():
     prepared = {name: prepare_command(experiment)[-1] for name, experiment in EXPERIMENTS.items()}
     assert prepared["trajectories-vs-forward-noised"] == "dvc.yaml:base"  # variants set generate.*
