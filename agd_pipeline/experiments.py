@@ -763,11 +763,20 @@ def read_results(experiment: Experiment, root: Path = EXPERIMENTS_DIR) -> list[d
     without the DVC experiments (a fresh clone has the tracked table, not the runs)."""
     path = Path(root) / experiment.name / "results.csv"
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             stored = list(csv.DictReader(f))
     except FileNotFoundError:
         raise AgdError(f"{path} does not exist; run `python -m stages.experiments run {experiment.name}` "
                        "first") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise AgdError(f"{path} is not a readable CSV table ({e}); restore it with `git checkout -- {path}` "
+                       "or run the experiment again") from None
+    for line, row in enumerate(stored, start=2):
+        # csv fills a short row's missing cells with None and keeps a long row's extra ones under None
+        if None in row or None in row.values():
+            raise AgdError(f"{path}, line {line}: {'cut short' if None in row.values() else 'too many cells'} "
+                           f"(a truncated or damaged file?); restore it with `git checkout -- {path}` or run "
+                           "the experiment again")
     names = [v.name for v in experiment.variants]
     if [row.get("variant") for row in stored] != names:
         raise AgdError(f"{path} holds the variants {[row.get('variant') for row in stored]}, not the "

@@ -414,6 +414,15 @@ def test_report_from_results_renders_again_from_the_tracked_table(tmp_path):
     (folder / "results.csv").write_text("\n".join(lines[:-1]) + "\n")  # a variant's row lost
     with pytest.raises(AgdError, match="not the experiment's"):
         read_results(experiment, tmp_path)
+    (folder / "results.csv").write_text(csv_text[:csv_text.rindex(",")])  # cut inside the last row
+    with pytest.raises(AgdError, match=rf"line {len(lines)}: cut short"):
+        read_results(experiment, tmp_path)
+    (folder / "results.csv").write_text("\n".join([lines[0], lines[1] + ",extra", *lines[2:]]) + "\n")
+    with pytest.raises(AgdError, match="line 2: too many cells"):
+        read_results(experiment, tmp_path)
+    (folder / "results.csv").write_bytes(b"variant,run\n\xff\xfe,\x00\n")
+    with pytest.raises(AgdError, match="not a readable CSV table"):
+        read_results(experiment, tmp_path)
     with pytest.raises(AgdError, match="does not exist"):
         read_results(get_experiment("unseen-w"), tmp_path)
 
