@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 import subprocess
 import tempfile
 import time
@@ -529,7 +530,7 @@ def run(experiment: Experiment, log=print, runner=subprocess.run, jobs: int = 1,
         runner(["dvc", "queue", "remove", *names], capture_output=True, text=True)
     commands = [prepare_command(experiment), *run_commands(experiment, queue=jobs > 1)]
     for command in commands:
-        log("$ " + " ".join(command))
+        log("$ " + shlex.join(command))
         result = runner(command, text=True)
         if result.returncode != 0:
             raise AgdError(f"{' '.join(command)} failed (exit {result.returncode}); its output is above. "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -79,20 +80,20 @@ def main(argv=None) -> int:
             return 0
         if not args.name:
             parser.error(f"{args.action} needs an experiment name: {', '.join(EXPERIMENTS)}")
+        if args.from_results and args.action != "report":
+            parser.error("--from-results goes with report only")
         experiment = get_experiment(args.name)
         if args.jobs < 1:
             parser.error(f"--jobs must be at least 1 (got {args.jobs})")
         jobs = min(args.jobs, len(experiment.runs()))
         if args.action == "commands":
             for command in [prepare_command(experiment), *run_commands(experiment, queue=jobs > 1)]:
-                print(" ".join(command))
+                print(shlex.join(command))  # pasteable into a shell
             if jobs > 1:
                 print(f"dvc queue start --jobs {jobs}")
             return 0
         if args.action == "run":
             run(experiment, jobs=jobs, log=lambda message: print(message, flush=True))
-        if args.from_results and args.action != "report":
-            parser.error("--from-results goes with report only")
         return report(args.name, Path(args.readme), from_results=args.from_results)
     except AgdError as err:
         print(f"error: {err}", file=sys.stderr)

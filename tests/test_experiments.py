@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -353,6 +354,23 @@ def test_cli_lists_and_prints_commands_without_running_anything(tmp_path):
     assert bad.returncode == 2 and "unknown experiment 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert not Path(tmp_path / "experiments").exists()
+
+
+def test_printed_commands_paste_into_a_shell_and_misplaced_flags_are_refused_before_running(capsys, monkeypatch):
+    """`commands` prints each command shell-quoted (a list param holds spaces), so pasting it runs exactly
+    what `run` would; `run --from-results` is refused up front, not after an hour of runs."""
+    from stages import experiments as cli
+
+    experiment = get_experiment("unseen-w")
+    assert cli.main(["commands", "unseen-w", "--jobs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [shlex.split(line) for line in lines[:-1]] == [prepare_command(experiment),
+                                                           *run_commands(experiment, queue=True)]
+    assert any("[2.0, 3.0" in part for part in shlex.split(lines[1]))  # one argument, spaces and all
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("run started"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "unseen-w", "--from-results"])
+    assert exit_.value.code == 2 and "--from-results goes with report only" in capsys.readouterr().err
 
 
 def test_curve_experiments_plot_each_group_against_x(tmp_path):
