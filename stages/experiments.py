@@ -16,7 +16,8 @@ pipelines/text/dvc.yaml): `dvc exp show` lists them with their params and summar
 what git and DVC track), sharing the DVC cache, as many at a time as --jobs says (DVC's queue; with
 --jobs 1 one after the other, `dvc exp run --temp`). The first command runs the stages no variant
 changes (the base model, say) in the workspace, so they run once, in a fresh clone too.
-Interrupted with Ctrl-C, `run` stops the queue's runs of the experiment as well."""
+Interrupted with Ctrl-C or stopped with SIGTERM (`kill`), `run` stops the queue's runs of the
+experiment as well."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from agd_pipeline.cli import terminate_as_interrupt
 from agd_pipeline.errors import AgdError
 from agd_pipeline.experiments import (EXPERIMENTS, SHOW_RETRIES, collect, get_experiment, prepare_command,
                                       read_results, readme_block, run, run_commands, show_json, write_results)
@@ -93,7 +95,13 @@ def main(argv=None) -> int:
                 print(f"dvc queue start --jobs {jobs}")
             return 0
         if args.action == "run":
-            run(experiment, jobs=jobs, log=lambda message: print(message, flush=True))
+            try:
+                with terminate_as_interrupt():
+                    run(experiment, jobs=jobs, log=lambda message: print(message, flush=True))
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: the runs of {args.name} were stopped; `python -m stages.experiments run "
+                      f"{args.name}` starts them again (finished ones are replaced)", file=sys.stderr)
+                return 130
         return report(args.name, Path(args.readme), from_results=args.from_results)
     except AgdError as err:
         print(f"error: {err}", file=sys.stderr)

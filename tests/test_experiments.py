@@ -250,6 +250,36 @@ def test_a_worker_that_left_early_is_started_again_while_the_other_runs():
     assert not any("a worker missing" in line for line in logged)
 
 
+def test_sigterm_stops_the_queued_runs_as_ctrl_c_does(monkeypatch, capsys):
+    """`kill` (SIGTERM) of `stages.experiments run` while it waits: the queue's workers are not its
+    children, so it kills the experiment's runs and stops the workers, says so, exits 130 and puts the
+    previous SIGTERM handler back. A real signal to this process."""
+    import functools
+    import os
+    import signal
+
+    from agd_pipeline import experiments
+    from stages import experiments as cli
+
+    experiment = get_experiment("trajectories-vs-forward-noised-sd3")
+    names = [experiment.run_name(v) for v in experiment.variants]
+    calls = []
+    runner = _queue_runner(experiment, [{n: "running" for n in names}] * 5, calls)
+    monkeypatch.setattr(cli, "run", functools.partial(experiments.run, runner=runner,
+                                                      sleep=lambda s: os.kill(os.getpid(), signal.SIGTERM)))
+    def unhandled(signum, frame):  # what the test sees if `run` leaves SIGTERM alone (not a dead pytest)
+        raise AssertionError("SIGTERM reached the previous handler")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert cli.main(["run", experiment.name, "--jobs", "2"]) == 130
+        assert calls[-2:] == [["dvc", "queue", "kill", *names], ["dvc", "queue", "stop"]]
+        assert "interrupted: the runs of trajectories-vs-forward-noised-sd3 were stopped" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_failing_exp_show_while_waiting_is_asked_again(monkeypatch):
     """DVC's `exp show` fails now and then while a queue worker creates or removes its temporary copy;
     the wait asks again, and gives up only after SHOW_RETRIES failures in a row."""
