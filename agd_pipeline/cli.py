@@ -4,11 +4,9 @@ clean one-line errors, exit codes, and the resolved config written next to the o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
 import typing
 from pathlib import Path
@@ -17,21 +15,6 @@ from collections.abc import Callable
 from .config import DEFAULT_PARAMS, StageConfig, load_config
 from .devices import apply_thread_policy
 from .errors import AgdError, os_reason
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """Inside: SIGTERM (``kill``, a scheduler or CI stopping the job) raises KeyboardInterrupt, as Ctrl-C
-    does, so the same clean-up runs (for `stages.experiments run`: the queue's workers, which are not
-    its children, are stopped). The previous handler comes back afterwards. Main thread only."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

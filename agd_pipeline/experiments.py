@@ -13,10 +13,13 @@ from them (``python -m stages.experiments report NAME``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import tempfile
 import time
@@ -513,7 +516,52 @@ def prepare_command(experiment: Experiment) -> list[str]:
 POLL_SECONDS = 15
 
 
-def run(experiment: Experiment, log=print, runner=subprocess.run, jobs: int = 1, sleep=None) -> None:
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Inside: SIGTERM (``kill``, a scheduler or CI stopping the job) raises KeyboardInterrupt as Ctrl-C
+    does, so the same clean-up runs: the running command's process group is stopped (:func:`run_in_group`)
+    and the queue's workers, which are not this process's children, too. The previous handler comes
+    back afterwards. Main thread only."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+GRACE_SECONDS = 20  # an interrupted command's group gets SIGINT, then SIGKILL after this long
+
+
+def run_in_group(command: list[str], capture_output: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with the command in a process group of its own. Interrupted (Ctrl-C, or SIGTERM
+    inside :func:`terminate_as_interrupt`), the whole group gets SIGINT, as a terminal gives it, and
+    SIGKILL after GRACE_SECONDS (a background job ignores SIGINT): `dvc repro` and the stage it runs stop
+    together, where ``subprocess.run`` would SIGKILL dvc alone and leave its stage running unseen."""
+    if capture_output:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with subprocess.Popen(command, start_new_session=True, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate()
+        except BaseException:
+            _stop_group(process)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(GRACE_SECONDS)
+    with contextlib.suppress(ProcessLookupError):  # what is left of the group: the stage under a dead dvc, say
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run(experiment: Experiment, log=print, runner=run_in_group, jobs: int = 1, sleep=None) -> None:
     """Run the shared stages in the workspace (:func:`prepare_command`), then every variant as a DVC
     experiment, replacing earlier runs of the same name: one after the other in temporary copies
     (``jobs`` 1), or queued and run ``jobs`` at a time by DVC's queue workers (each stage runs one
@@ -640,7 +688,7 @@ def _run_states(shown, names: list[str]) -> dict[str, dict]:
     return states
 
 
-def show_json(runner=subprocess.run, names: list[str] | None = None, tries: int = 1, sleep=None) -> list:
+def show_json(runner=run_in_group, names: list[str] | None = None, tries: int = 1, sleep=None) -> list:
     """``dvc exp show --json`` of the commits the experiments ``names`` were run on (plain ``dvc exp
     show`` lists only those of HEAD, which moves when results are committed during or after a run),
     and of HEAD. With ``tries`` above 1 a failing ``dvc exp show`` is asked again POLL_SECONDS later

@@ -27,10 +27,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from agd_pipeline.cli import terminate_as_interrupt
 from agd_pipeline.errors import AgdError
 from agd_pipeline.experiments import (EXPERIMENTS, SHOW_RETRIES, collect, get_experiment, prepare_command,
-                                      read_results, readme_block, run, run_commands, show_json, write_results)
+                                      read_results, readme_block, run, run_commands, show_json,
+                                      terminate_as_interrupt, write_results)
 
 
 def default_jobs() -> int:

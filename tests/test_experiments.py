@@ -280,6 +280,44 @@ def test_sigterm_stops_the_queued_runs_as_ctrl_c_does(monkeypatch, capsys):
         signal.signal(signal.SIGTERM, before)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in state  # a zombie has finished
+
+
+def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tmp_path):
+    """SIGTERM while `run` waits for a command (`dvc repro` of the shared stages, say): the command's
+    whole process group is stopped, the stage dvc started included, and SIGKILL follows when SIGINT is
+    ignored (as in a background job). subprocess.run killed dvc alone and left its stage running."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from agd_pipeline import experiments
+
+    done = experiments.run_in_group(["sh", "-c", "echo out; echo err >&2; exit 3"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+    monkeypatch.setattr(experiments, "GRACE_SECONDS", 1)
+    pid_file = tmp_path / "child.pid"
+    # a parent and a child that both ignore SIGINT; the parent waits for the child (like dvc for its stage)
+    script = f"trap '' INT; sleep 300 & echo $! > {pid_file}; wait"
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), experiments.terminate_as_interrupt():
+        experiments.run_in_group(["sh", "-c", script])
+    assert time.monotonic() - started < 30
+    child = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILL is delivered at once; the child's exit is seen a moment later
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
 def test_a_failing_exp_show_while_waiting_is_asked_again(monkeypatch):
     """DVC's `exp show` fails now and then while a queue worker creates or removes its temporary copy;
     the wait asks again, and gives up only after SHOW_RETRIES failures in a row."""
