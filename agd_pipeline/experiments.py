@@ -538,8 +538,9 @@ GRACE_SECONDS = 20  # an interrupted command's group gets SIGINT, then SIGKILL a
 def run_in_group(command: list[str], capture_output: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run`` with the command in a process group of its own. Interrupted (Ctrl-C, or SIGTERM
     inside :func:`terminate_as_interrupt`), the whole group gets SIGINT, as a terminal gives it, and
-    SIGKILL after GRACE_SECONDS (a background job ignores SIGINT): `dvc repro` and the stage it runs stop
-    together, where ``subprocess.run`` would SIGKILL dvc alone and leave its stage running unseen."""
+    SIGKILL after GRACE_SECONDS (a background job ignores SIGINT) or at a second interrupt: `dvc repro`
+    and the stage it runs stop together, where ``subprocess.run`` would SIGKILL dvc alone and leave its
+    stage running unseen."""
     if capture_output:
         kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with subprocess.Popen(command, start_new_session=True, **kwargs) as process:
@@ -554,7 +555,7 @@ def run_in_group(command: list[str], capture_output: bool = False, **kwargs) -> 
 def _stop_group(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
+    with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C: wait no longer
         process.wait(GRACE_SECONDS)
     with contextlib.suppress(ProcessLookupError):  # what is left of the group: the stage under a dead dvc, say
         os.killpg(process.pid, signal.SIGKILL)
@@ -581,7 +582,7 @@ def run(experiment: Experiment, log=print, runner=run_in_group, jobs: int = 1, s
         log("$ " + shlex.join(command))
         result = runner(command, text=True)
         if result.returncode != 0:
-            raise AgdError(f"{' '.join(command)} failed (exit {result.returncode}); its output is above. "
+            raise AgdError(f"{shlex.join(command)} failed (exit {result.returncode}); its output is above. "
                            "Fix the cause and run the same command again: finished variants are replaced.")
     if jobs == 1:
         return

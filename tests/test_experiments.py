@@ -316,6 +316,20 @@ def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tm
             break
         time.sleep(0.1)
     assert not _alive(child)
+    # a second interrupt while the group is given its grace: SIGKILL at once
+    monkeypatch.setattr(experiments, "GRACE_SECONDS", 60)
+    for delay in (1.0, 2.0):
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), experiments.terminate_as_interrupt():
+        experiments.run_in_group(["sh", "-c", script])
+    assert time.monotonic() - started < 30
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    assert not _alive(child)
 
 
 def test_a_failing_exp_show_while_waiting_is_asked_again(monkeypatch):
