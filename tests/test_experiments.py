@@ -288,10 +288,9 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in state  # a zombie has finished
 
 
-def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tmp_path):
-    """SIGTERM while `run` waits for a command (`dvc repro` of the shared stages, say): the command's
-    whole process group is stopped, the stage dvc started included, and SIGKILL follows when SIGINT is
-    ignored (as in a background job). subprocess.run killed dvc alone and left its stage running."""
+def _interrupt(script: str, pid_file: Path, delays: tuple[float, ...]) -> None:
+    """Run ``script`` through run_in_group, send this process SIGTERM after each of ``delays``, and check
+    that the interrupt came through well before the grace ran out and the child in pid_file is gone."""
     import os
     import signal
     import threading
@@ -299,13 +298,8 @@ def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tm
 
     from agd_pipeline import experiments
 
-    done = experiments.run_in_group(["sh", "-c", "echo out; echo err >&2; exit 3"], capture_output=True, text=True)
-    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
-    monkeypatch.setattr(experiments, "GRACE_SECONDS", 1)
-    pid_file = tmp_path / "child.pid"
-    # a parent and a child that both ignore SIGINT; the parent waits for the child (like dvc for its stage)
-    script = f"trap '' INT; sleep 300 & echo $! > {pid_file}; wait"
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    for delay in delays:
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt), experiments.terminate_as_interrupt():
         experiments.run_in_group(["sh", "-c", script])
@@ -316,20 +310,24 @@ def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tm
             break
         time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tmp_path):
+    """SIGTERM while `run` waits for a command (`dvc repro` of the shared stages, say): the command's
+    whole process group is stopped, the stage dvc started included, and SIGKILL follows when SIGINT is
+    ignored (as in a background job). subprocess.run killed dvc alone and left its stage running."""
+    from agd_pipeline import experiments
+
+    done = experiments.run_in_group(["sh", "-c", "echo out; echo err >&2; exit 3"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+    pid_file = tmp_path / "child.pid"
+    # a parent and a child that both ignore SIGINT; the parent waits for the child (like dvc for its stage)
+    script = f"trap '' INT; sleep 300 & echo $! > {pid_file}; wait"
+    monkeypatch.setattr(experiments, "GRACE_SECONDS", 1)
+    _interrupt(script, pid_file, (1.0,))
     # a second interrupt while the group is given its grace: SIGKILL at once
     monkeypatch.setattr(experiments, "GRACE_SECONDS", 60)
-    for delay in (1.0, 2.0):
-        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt), experiments.terminate_as_interrupt():
-        experiments.run_in_group(["sh", "-c", script])
-    assert time.monotonic() - started < 30
-    child = int(pid_file.read_text())
-    for _ in range(50):
-        if not _alive(child):
-            break
-        time.sleep(0.1)
-    assert not _alive(child)
+    _interrupt(script, pid_file, (1.0, 2.0))
 
 
 def test_a_failing_exp_show_while_waiting_is_asked_again(monkeypatch):
