@@ -56,11 +56,24 @@ DIGIT_TEMPLATES = (
 AGNOSTIC_TEMPLATES = ("a {w}handwritten digit", "a digit", "some handwritten number", "a {w}digit on a dark background")
 NEGATIVE_TEMPLATES = ("the digit {d}", "a {d}", "number {d}")
 AGNOSTIC_CHECK_PROMPT = "a handwritten digit"
+# The test split's phrasings, which neither a base (its captions) nor stage one (its prompts) sees. The words are
+# the training templates' own, in new orders: see the vocabulary check below.
+TEST_DIGIT_TEMPLATES = (
+    "the {w}handwritten digit {d}", "a {w}{d} drawn by hand", "the digit {d} written in {w}strokes",
+    "a picture of the {w}number {d}", "the {w}number {d} on a dark background", "a {w}digit {d} written by hand",
+    "digit {d}", "the {w}{d}",
+)
+TEST_NEGATIVE_TEMPLATES = ("the number {d}", "a picture of the digit {d}", "the handwritten {d}")
+TEST_AGNOSTIC_CHECK_PROMPT = "a digit drawn by hand"
+TRAINING_TEMPLATES = DIGIT_TEMPLATES + AGNOSTIC_TEMPLATES + NEGATIVE_TEMPLATES + (AGNOSTIC_CHECK_PROMPT,)
+TEST_TEMPLATES = TEST_DIGIT_TEMPLATES + TEST_NEGATIVE_TEMPLATES + (TEST_AGNOSTIC_CHECK_PROMPT,)
 
 SHARED_FILES = ("vae", "classifier", "digits.npz", "prompts")
 PROMPTS_DIR = "prompts"
 TRAIN_PROMPTS, EVAL_PROMPTS, NEGATIVE_PROMPTS, NEGATIVE_CHECK = (
     "train.txt", "eval.tsv", "negatives.txt", "negative_check.json")
+# the test split (reporting only): held-out digits in TEST_DIGIT_TEMPLATES, the check with TEST_NEGATIVE_TEMPLATES
+TEST_PROMPTS, TEST_NEGATIVE_CHECK = "test.tsv", "negative_check_test.json"
 
 
 # ------------------------------------------------------------------------------------ the data
@@ -110,17 +123,38 @@ def caption_set(labels: np.ndarray, weights: np.ndarray, seed: int, per_image: i
 
 
 def vocabulary() -> list[str]:
-    """Every word a caption, negative prompt or check prompt can hold."""
-    words = set(DIGIT_WORDS) | {str(d) for d in range(10)} | {w for w in WEIGHTS if w}
-    for template in DIGIT_TEMPLATES + AGNOSTIC_TEMPLATES + NEGATIVE_TEMPLATES + (AGNOSTIC_CHECK_PROMPT,):
-        words |= {part for part in template.replace("{w}", "").split() if "{" not in part}
-    return sorted(words)
+    """Every word a caption, negative prompt or check prompt can hold (the tokenizers' words: training templates
+    only, so a base's tokenizer does not change with the test split)."""
+    return sorted(set(DIGIT_WORDS) | {str(d) for d in range(10)} | {w for w in WEIGHTS if w}
+                  | template_words(TRAINING_TEMPLATES))
+
+
+def template_words(templates) -> set[str]:
+    """The fixed words of templates (not what {d} and {w} fill in)."""
+    return {part for template in templates for part in template.replace("{w}", "").split() if "{" not in part}
+
+
+# A word outside the vocabulary would be spelled out character by character, which no base learned; adding it to
+# the vocabulary would change every tokenizer and so every trained base. The test phrasings only reorder words.
+assert template_words(TEST_TEMPLATES) <= set(vocabulary()), template_words(TEST_TEMPLATES) - set(vocabulary())
+
+
+def phrasings(template: str) -> set[str]:
+    """Every text a template writes: each digit as a word and as a numeral, each stroke weight."""
+    return {template.format(d=name, w=f"{word} " if word else "")
+            for d in range(10) for name in (DIGIT_WORDS[d], str(d)) for word in WEIGHTS}
+
+
+def training_captions() -> set[str]:
+    """Every caption a base (or a fine-tuned derivative) can have been trained on."""
+    return set().union(*map(phrasings, DIGIT_TEMPLATES + AGNOSTIC_TEMPLATES))
 
 
 def write_prompt_files(folder: Path, train_labels, train_weights, hold_labels, hold_weights, config) -> np.ndarray:
     """The prompt sets the later stages read: training prompts for generate (captions of training
     images, every template), held-out prompts with their digit for evaluate (digit templates only, so
-    accuracy is defined), negative prompts naming each digit, and the negative-prompt check.
+    accuracy is defined), negative prompts naming each digit, and the negative-prompt check; and the test split
+    (reporting only): the same held-out images and check in held-out phrasings (TEST_PROMPTS, TEST_NEGATIVE_CHECK).
     Returns the training image each training prompt captions (the real data of forward-noised
     stores: :func:`write_real_pairs`)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,11 +170,74 @@ def write_prompt_files(folder: Path, train_labels, train_weights, hold_labels, h
     (folder / EVAL_PROMPTS).write_text("\n".join(lines) + "\n")
     negatives = [t.format(d=name) for d in range(10) for name in (DIGIT_WORDS[d], str(d)) for t in NEGATIVE_TEMPLATES]
     (folder / NEGATIVE_PROMPTS).write_text("\n".join(negatives) + "\n")
-    (folder / NEGATIVE_CHECK).write_text(json.dumps({
-        "prompt": AGNOSTIC_CHECK_PROMPT,
-        "negatives": {str(d): f"the digit {DIGIT_WORDS[d]}" for d in range(10)},
-    }, indent=2) + "\n")
+    check = {"prompt": AGNOSTIC_CHECK_PROMPT, "negatives": {str(d): f"the digit {DIGIT_WORDS[d]}" for d in range(10)}}
+    (folder / NEGATIVE_CHECK).write_text(json.dumps(check, indent=2) + "\n")
+
+    # The test split: the same held-out images in phrasings no base, stage one or validation run sees. Its own
+    # random stream, so the files above stay byte for byte what they were for a seed.
+    seen = (training_captions() | set(train) | {line.split("\t", 1)[1] for line in lines} | set(negatives)
+            | {check["prompt"], *check["negatives"].values()})
+    test_rng = np.random.default_rng([config.seed, 7, 1])
+    used: set[str] = set()
+    test_lines = []
+    for i in picks:
+        prompt = held_out_caption(test_rng, int(hold_labels[i]), int(hold_weights[i]), seen, used)
+        used.add(prompt)
+        test_lines.append(f"{hold_labels[i]}\t{prompt}")
+    (folder / TEST_PROMPTS).write_text("\n".join(test_lines) + "\n")
+    test_check = {"prompt": TEST_AGNOSTIC_CHECK_PROMPT,
+                  "negatives": {str(d): TEST_NEGATIVE_TEMPLATES[0].format(d=DIGIT_WORDS[d]) for d in range(10)}}
+    seen_before = [text for text in (test_check["prompt"], *test_check["negatives"].values()) if text in seen]
+    if seen_before:
+        raise ModelError(f"the test negative-prompt check {seen_before} is also a training or validation prompt: "
+                         "change TEST_NEGATIVE_TEMPLATES / TEST_AGNOSTIC_CHECK_PROMPT")
+    (folder / TEST_NEGATIVE_CHECK).write_text(json.dumps(test_check, indent=2) + "\n")
     return images.astype(np.int64)
+
+
+def held_out_caption(rng: np.random.Generator, digit: int, weight: int, seen: set[str], used: set[str]) -> str:
+    """A test-template caption of one image that is not in ``seen``: the template and the digit's naming drawn at
+    random, then (while that caption is seen, or already ``used`` by another test prompt) the other naming and the
+    next templates in turn. A caption in ``used`` is taken only when every unseen one is."""
+    word = WEIGHTS[weight]
+    start = int(rng.integers(len(TEST_DIGIT_TEMPLATES)))
+    names = (DIGIT_WORDS[digit], str(digit)) if rng.random() < 0.5 else (str(digit), DIGIT_WORDS[digit])
+    order = TEST_DIGIT_TEMPLATES[start:] + TEST_DIGIT_TEMPLATES[:start]
+    unseen = [text for text in (t.format(d=name, w=f"{word} " if word else "") for t in order for name in names)
+              if text not in seen]
+    if not unseen:
+        raise ModelError(f"every test phrasing of the digit {digit} is also a training or validation prompt: "
+                         "change TEST_DIGIT_TEMPLATES")
+    return next((text for text in unseen if text not in used), unseen[0])
+
+
+def prompt_overlap(folder: str | Path) -> dict:
+    """How far a prompts folder's test split is from what training and validation saw: how many test prompts
+    (``test.tsv``) and test check texts (the prompt and negatives of ``negative_check_test.json``) occur verbatim
+    among the training captions, stage one's prompts, the negative prompts and the validation files; and how many
+    test templates can write a training caption, negative or check prompt (an identical template among them)."""
+    from .models import read_prompts
+
+    folder = Path(folder)
+    test_prompts = read_eval_prompts(folder / TEST_PROMPTS)[0]
+    test_check = json.loads((folder / TEST_NEGATIVE_CHECK).read_text())
+    check_texts = [text.strip() for text in (test_check["prompt"], *test_check["negatives"].values())]
+    validation_check = json.loads((folder / NEGATIVE_CHECK).read_text())
+    sources = {
+        "training_captions": training_captions(),
+        "stage_one_prompts": set(read_prompts(folder / TRAIN_PROMPTS)),
+        "negative_prompts": set(read_prompts(folder / NEGATIVE_PROMPTS)),
+        "validation": {*read_eval_prompts(folder / EVAL_PROMPTS)[0],
+                       *(t.strip() for t in (validation_check["prompt"], *validation_check["negatives"].values()))},
+    }
+    counts = {"test_prompts": len(test_prompts), "distinct_test_prompts": len(set(test_prompts)),
+              "test_check_texts": len(check_texts)}
+    for source, texts in sources.items():
+        counts[f"test_prompts_in_{source}"] = sum(text in texts for text in test_prompts)
+        counts[f"test_check_texts_in_{source}"] = sum(text in texts for text in check_texts)
+    trained = set().union(*map(phrasings, TRAINING_TEMPLATES))
+    counts["test_templates_in_training"] = sum(bool(phrasings(t) & trained) for t in TEST_TEMPLATES)
+    return counts
 
 
 def read_eval_prompts(path: str | Path) -> tuple[list[str], list[int] | None]:
