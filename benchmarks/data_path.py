@@ -217,35 +217,57 @@ def shipped_header(config: str, trajectories: int = 0, fmt: str = "zarr") -> tup
 
 
 def write_paper_layout(root: Path, store: TrajectoryStore) -> None:
-    """The paper's layout: one file per trajectory (torch.save of its tensors: every step's model
-    input and guided output, the timesteps, w and the condition)."""
+    """The reference implementation's layout, as its training scripts read it: ``timesteps.pt`` and
+    ``latent_shape.pt`` at the root, and a folder per trajectory holding ``trajectory.npy`` (raw
+    float16, [steps, 2, *latent]: each step's model input and guided output, read with np.memmap)
+    and ``conditioning.pt`` (w and the condition tensors, torch.save): 2 files per trajectory plus 2.
+    (Its DiT files hold a third array per step, the learned variance; our stores record the
+    prediction channels only, so this layout reads 2/3 of the bytes its DiT reader would.)"""
     import dask
 
     root.mkdir(parents=True)
-    names = ["model_input", "guided_output", "timesteps", "guidance_scale", *store.manifest.condition_arrays]
-    arrays = store.dask_arrays(names)
+    conditions = list(store.manifest.condition_arrays)
+    names = ["model_input", "guided_output", "guidance_scale", *conditions]
+    arrays = store.dask_arrays([*names, "timesteps"])
+    torch.save(torch.from_numpy(np.asarray(arrays["timesteps"][0].compute())), root / "timesteps.pt")
+    torch.save(tuple(arrays["model_input"].shape[2:]), root / "latent_shape.pt")
     for first in range(0, store.num_trajectories, 50):  # 50 trajectories in memory at a time
-        block = dask.compute(*(arrays[n][first:first + 50] for n in names))
-        for i in range(block[0].shape[0]):
-            torch.save({n: torch.from_numpy(np.ascontiguousarray(v[i])) for n, v in zip(names, block)},
-                       root / f"traj_{first + i:06d}.pt")
+        block = dict(zip(names, dask.compute(*(arrays[n][first:first + 50] for n in names))))
+        for i in range(block["model_input"].shape[0]):
+            folder = root / f"{first + i:06d}"
+            folder.mkdir()
+            steps = np.stack([block["model_input"][i], block["guided_output"][i]], axis=1).astype(np.float16)
+            raw = np.memmap(folder / "trajectory.npy", dtype=np.float16, mode="w+", shape=steps.shape)
+            raw[:] = steps
+            raw.flush()
+            del raw
+            torch.save({"cfg_scale": torch.tensor(float(block["guidance_scale"][i])),
+                        **{n: torch.from_numpy(np.ascontiguousarray(block[n][i])) for n in conditions}},
+                       folder / "conditioning.pt")
 
 
 class PaperDataset(torch.utils.data.Dataset):
-    """One (trajectory, step) sample per item: torch.load of the trajectory's file (memory-mapped,
-    so only the pages of that step are read), the step picked out."""
+    """One (trajectory, step) sample per item, read the way the reference implementation reads its
+    layout: np.memmap of the trajectory's raw file and a copy of that step, then torch.load of its
+    ``conditioning.pt``."""
 
     def __init__(self, root: Path, trajectories: int, steps: int):
         self.root, self.trajectories, self.steps = root, trajectories, steps
+        self.timesteps = torch.load(root / "timesteps.pt", weights_only=True)
+        self.latent_shape = tuple(torch.load(root / "latent_shape.pt", weights_only=True))
 
     def __len__(self):
         return self.trajectories * self.steps
 
     def __getitem__(self, index):
         traj, step = divmod(index, self.steps)
-        tensors = torch.load(self.root / f"traj_{traj:06d}.pt", mmap=True, weights_only=True)
-        return {name: value[step].clone() if name in ("model_input", "guided_output", "timesteps") else value.clone()
-                for name, value in tensors.items()}
+        folder = self.root / f"{traj:06d}"
+        raw = np.memmap(folder / "trajectory.npy", dtype=np.float16, mode="r",
+                        shape=(self.steps, 2, *self.latent_shape))
+        model_input, guided_output = torch.from_numpy(raw[step].copy())
+        conditioning = torch.load(folder / "conditioning.pt", weights_only=True)
+        return {"model_input": model_input, "guided_output": guided_output, "timesteps": self.timesteps[step],
+                "guidance_scale": conditioning.pop("cfg_scale"), **conditioning}
 
 
 def _epoch_rate(batches, samples: int) -> tuple[float, float]:

@@ -41,13 +41,28 @@ from agd_pipeline.memory import (disable_base_checkpointing, enable_base_checkpo
 
 from .models import ARCHITECTURES, adapter_config, build_base, random_condition
 
-MODES = ("agd-fp32", "agd-bf16", "agd-fp32-ckpt", "agd-bf16-ckpt", "full-fp32")
-# the adapters the shipped configs train (configs/*.yaml: train.adapter, placement, width)
-SHIPPED_ADAPTERS = {
-    "dit-xl-2-256": dict(kind="bottleneck", placement="attention+output", width=214),
-    "sd-2.1-unet": dict(kind="cross_attention", placement="cross_attention", width=640),
-    "sdxl-unet": dict(kind="cross_attention", placement="cross_attention", width=292),
-}
+# full-fp32-ckpt: the peer with the same gradient checkpointing, so a checkpointed AGD row has a like peer
+MODES = ("agd-fp32", "agd-bf16", "agd-fp32-ckpt", "agd-bf16-ckpt", "full-fp32", "full-fp32-ckpt")
+# the shipped config (configs/) of each architecture whose adapters the benchmarks build
+SHIPPED_CONFIGS = {"dit-xl-2-256": "dit-xl-2-256.yaml", "sd-2.1-unet": "sd-2.1.yaml", "sdxl-unet": "sdxl.yaml"}
+# train keys of a config -> AdapterConfig fields
+_ADAPTER_KEYS = {"adapter": "kind", "placement": "placement", "width": "width", "embed_dim": "embed_dim",
+                 "fourier_frequencies": "fourier_frequencies", "condition_on": "condition_on",
+                 "guidance_gate": "guidance_gate"}
+
+
+def shipped_adapters(name: str) -> dict:
+    """The adapter settings a shipped config trains, read from the config itself (every key it sets
+    of train.adapter, placement, width, embed_dim, fourier_frequencies, condition_on, guidance_gate),
+    so a benchmark times the adapters that ship, not a hand-kept copy of them."""
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "configs" / SHIPPED_CONFIGS[name]
+    train = yaml.safe_load(path.read_text())["train"]
+    return {field: train[key] for key, field in _ADAPTER_KEYS.items() if train.get(key) not in (None, [], "")}
+
+
+SHIPPED_ADAPTERS = {name: shipped_adapters(name) for name in SHIPPED_CONFIGS}
 GPU_CAPACITIES_GB = (24, 40, 80)  # GiB, as GPUs are sold ("24 GB" cards hold 24 GiB)
 GPU_RESERVE = 2 ** 30  # CUDA context and allocator slack kept out of the projection
 GIB = 2 ** 30
@@ -166,6 +181,9 @@ def training_step_row(name: str, mode: str, batch: int = 1, side: int | None = N
     if full:
         base.net.requires_grad_(True)
         model, trainable = None, list(base.net.parameters())
+        if mode.endswith("-ckpt"):  # diffusers' own block checkpointing (no adapters to restore here)
+            base.net.train()
+            base.net.enable_gradient_checkpointing()
     else:
         model = AdaptedModel(base, adapter_config(name, base, **SHIPPED_ADAPTERS.get(name, {}))).train()
         trainable = list(model.parameters())
@@ -210,7 +228,8 @@ def project(rows: list[dict]) -> list[dict]:
     for r in rows:
         if not r.get("measured"):
             # a bf16 mode's activations: its fp32 twin's, at half the bytes per element (computed)
-            twin = r["mode"].replace("bf16", "fp32") if "bf16" in r["mode"] else "agd-fp32"
+            twin = (r["mode"].replace("bf16", "fp32") if "bf16" in r["mode"]
+                    else "agd-fp32-ckpt" if r["mode"].endswith("-ckpt") else "agd-fp32")
             reference = by_key.get((r["architecture"], twin))
             if reference is None or not reference.get("measured"):
                 continue

@@ -148,7 +148,7 @@ def parser() -> Parser:
     parser.add_argument("--workdir", default="data/benchmarks",
                         help="loader, loader-shipped, storage, lossy, verify-cache, manifest-commit: scratch "
                         "folder (lossy keeps its stores and adapters there)")
-    parser.add_argument("--modes", default="agd-fp32,agd-bf16,agd-fp32-ckpt,agd-bf16-ckpt,full-fp32",
+    parser.add_argument("--modes", default="agd-fp32,agd-bf16,agd-fp32-ckpt,agd-bf16-ckpt,full-fp32,full-fp32-ckpt",
                         help="training: comma-separated modes")
     parser.add_argument("--latent-sides", default="sd-2.1-unet=64,sdxl-unet=64",
                         help="training: NAME=SIDE latent sides to measure at where the native one does not fit "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from benchmarks.models import build_base, parameter_table, step_times
 from agd_pipeline.models import count_parameters
 
 from conftest import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_meta_device_counts_equal_real_weights_counts():
@@ -122,6 +125,11 @@ def test_paper_layout_holds_the_store_and_the_shipped_table_runs(tiny_store, tmp
     np.testing.assert_array_equal(item["guided_output"].numpy(), arrays["guided_output"][9, 2].compute())
     assert float(item["timesteps"]) == float(arrays["timesteps"][9, 2].compute())
     assert int(item["class_label"]) == int(arrays["class_label"][9].compute())
+    assert float(item["guidance_scale"]) == pytest.approx(float(arrays["guidance_scale"][9].compute()))
+    # the reference implementation's layout: a folder per trajectory with its two files, two at the root
+    files = [p for p in (tmp_path / "paper").rglob("*") if p.is_file()]
+    assert len(files) == 2 * store.num_trajectories + 2
+    assert {p.name for p in files} == {"trajectory.npy", "conditioning.pt", "timesteps.pt", "latent_shape.pt"}
 
     configs = {}
     for name, conditions in (("class", bench.CLASS_CONDITION), ("text", {
@@ -138,7 +146,7 @@ def test_paper_layout_holds_the_store_and_the_shipped_table_runs(tiny_store, tmp
     for r in rows:
         assert len(r["zarr_over_paper"]) == len(r["webdataset_over_paper"]) == 2
         assert all(v > 0 for v in r["zarr_samples_per_s"] + r["paper_samples_per_s"] + r["paper_first_batch_s"])
-        assert r["paper_files_per_1000"] == 1000  # one file per trajectory
+        assert r["paper_files_per_1000"] == 1000 * (2 * 8 + 2) / 8  # two a trajectory, two at the root
         assert r["webdataset_files_per_1000"] == 1000 * 5 / 8  # 2 tars, their sidecars and the manifest
 
 
@@ -245,3 +253,20 @@ def test_gap_closed_on_a_text_model_cycles_the_prompts_given(text_pipeline_dirs,
     # without the prompts a text model has nothing to cycle: refused with a message
     with pytest.raises(Exception, match="class-conditional"):
         gap_closed(tmp_path / "fresh", num_trajectories=4)
+
+
+def test_benchmarks_build_the_adapters_the_shipped_configs_train():
+    """The training and adapter-cost benchmarks read the adapters from configs/ (a hand-kept copy
+    once left out SD's and SDXL's condition_on, timing 3 attention keys instead of the 79 prompt
+    tokens that ship)."""
+    import yaml
+
+    from benchmarks.training import SHIPPED_ADAPTERS, SHIPPED_CONFIGS
+
+    for name, config_file in SHIPPED_CONFIGS.items():
+        train = yaml.safe_load((REPO / "configs" / config_file).read_text())["train"]
+        adapters = SHIPPED_ADAPTERS[name]
+        assert adapters["kind"] == train["adapter"] and adapters["width"] == train["width"]
+        assert adapters["placement"] == train["placement"]
+        assert adapters.get("condition_on") == train.get("condition_on"), name
+    assert "text_tokens" in SHIPPED_ADAPTERS["sd-2.1-unet"]["condition_on"]

@@ -128,8 +128,11 @@ def test_training_benchmark_measures_every_mode_on_a_toy_dit(tmp_path):
                       "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
-    assert [r["mode"] for r in rows] == ["agd-fp32", "agd-bf16", "agd-fp32-ckpt", "agd-bf16-ckpt", "full-fp32"]
-    agd, full = rows[0], rows[-1]
+    assert [r["mode"] for r in rows] == ["agd-fp32", "agd-bf16", "agd-fp32-ckpt", "agd-bf16-ckpt", "full-fp32",
+                                         "full-fp32-ckpt"]
+    agd, full = rows[0], rows[-2]
+    # the checkpointed peer: the same trainable parameters and optimizer state as full-fp32, measured
+    assert rows[-1]["measured"] and rows[-1]["optimizer_bytes"] == full["optimizer_bytes"]
     measured = [r for r in rows if "bf16" not in r["mode"]]
     assert all(r["measured"] and r["seconds_per_step"] > 0 for r in measured)
     # on a CPU the bf16 modes are computed: exact bytes, their fp32 twin's activations at half the size
