@@ -561,6 +561,9 @@ class EvaluateConfig(StageConfig):
     scheduler: str = option("", "diffusers scheduler class to sample with; empty: the one the adapters' "
                             "trajectories were recorded with (another one warns)")
     seed: int = option(1234, "seed of the evaluation noise (the same for every method)")
+    split: str = option("validation", "validation: the seeds (and, for the embedded text defaults, prompts) every "
+                        "tuning decision is made on; test: fresh seeds and held-out prompts, for reporting only",
+                        choices=("validation", "test"))
     batch_size: int = option(500, "images sampled together; the speed ratio is measured at this size")
     grid_columns: int = option(6, "samples per class shown in the PNG grids")
     prompts_file: str = option("", "text models: evaluation prompts, one per line, or 'digit<TAB>prompt' lines "

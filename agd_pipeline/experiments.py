@@ -68,11 +68,17 @@ class Experiment:
         return f"{self.name}-{variant.run or variant.name}"
 
     def runs(self) -> dict[str, dict]:
-        """{DVC experiment name: its params}, in order; variants that share a run must agree on them."""
+        """{DVC experiment name: its params}, in order; variants that share a run must agree on them.
+        Every run evaluates on the validation split: experiments decide, so they never see the test
+        split (the pipelines without a -S key for it hold ``split: validation`` in their params file)."""
         runs: dict[str, dict] = {}
         for variant in self.variants:
+            if any(key.rpartition(":")[2] == "evaluate.split" for key in variant.params):
+                raise ConfigError(f"experiment {self.name}: variant {variant.name!r} sets evaluate.split; experiments "
+                                  "take decisions, so they evaluate on the validation split only")
             name = self.run_name(variant)
-            if runs.setdefault(name, variant.params) != variant.params:
+            params = {**variant.params, **VALIDATION_SPLIT.get(self.pipeline, {})}
+            if runs.setdefault(name, params) != params:
                 raise ConfigError(f"experiment {self.name}: variants of run {name!r} set different params")
         return runs
 
@@ -95,6 +101,9 @@ _SIZE = {"train.adapter": "bottleneck", "train.placement": "attention+output", "
 # the SD3 text-to-image default's pipeline stage, params file and summary (pipelines/text/)
 _SD3, _SD3_SUMMARY = "pipelines/text/sd3.yaml", "data/text/sd3/eval/summary.json"
 _SD3_PIPELINE = "pipelines/text/dvc.yaml:evaluate@sd3"
+# the -S override that puts a pipeline's evaluation on the validation split (its params file reports on test)
+VALIDATION_SPLIT = {"dvc.yaml": {"evaluate.split": "validation"},
+                    _SD3_PIPELINE: {f"{_SD3}:evaluate.split": "validation"}}
 # the SD3 derivatives' fine-tunes (pipelines/derivatives-sd3/params.yaml): a full one at a lower learning rate
 _SD3_DERIVED = {mode: {f"pipelines/derivatives-sd3/params.yaml:finetune.{key}": value for key, value in
                        (("mode", mode), ("learning_rate", 0.0005 if mode == "full" else 0.002))}

@@ -173,15 +173,19 @@ class CFG:
                  interval: tuple[float, float] | None = None, branches: bool = False):
         self.base, self.guidance_scale, self.uncond = base, guidance_scale, uncond
         self.interval, self.branches = interval, branches
+        self.evaluations = 0  # network evaluations per sample so far (outside an interval: one a step)
 
     def __call__(self, x, t, cond: dict) -> Prediction:
         w = _per_sample(self.guidance_scale, x)
         if self.interval is None:
+            self.evaluations += 2
             return Prediction(*self.base.cfg_predict(x, t, cond, w, self.uncond))
         mask = guidance.inside(t, self.interval, guidance.num_train_timesteps(self.base.scheduler)).to(x.device)
         if not mask.any() and not self.branches:
+            self.evaluations += 1
             out = self.base.prediction_channels(self.base.predict(x, t, cond))
             return Prediction(out, out)
+        self.evaluations += 2
         guided, cond_out, uncond_out = self.base.cfg_predict(x, t, cond, torch.where(mask, w, torch.ones_like(w)),
                                                              self.uncond)
         mask = mask.view(-1, *[1] * (guided.dim() - 1)) if mask.dim() else mask

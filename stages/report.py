@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from agd_pipeline.results import results_table
+from agd_pipeline.results import evidence_table, results_table, second_judge_table, speed_table
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
@@ -65,6 +65,8 @@ def render(metrics: dict, metrics_path: str, link_root: Path, block: str = "") -
         raise ReportError(f"{metrics_path} is not a metrics file of the evaluate stage (missing {err})") from None
     if not rows:
         raise ReportError(f"{metrics_path} holds no guidance scale")
+    if "evidence" in metrics:
+        return render_evidence(metrics, metrics_path, link_root, block)
     inside = [r for r in rows if r["in_training_range"]] or rows
     outside = [r for r in rows if not r["in_training_range"]]
     has_classifier = rows[0].get("accuracy_cfg") is not None
@@ -104,6 +106,92 @@ def render(metrics: dict, metrics_path: str, link_root: Path, block: str = "") -
         lines += _figures(inside, out_dir, link_root, bool(negative))
     lines.append(end)
     return "\n".join(lines)
+
+
+TARGET_NAMES = {"accuracy_drop": "accuracy drop of AGD below CFG, worst in-range w (points)",
+                "guidance_recovered": "guidance recovered, pooled over the in-range w",
+                "fid_ratio": "FID against real data, AGD / CFG, every in-range w",
+                "fidelity": "FID(AGD, CFG) / FID(unguided, CFG), worst in-range w",
+                "speed": "AGD / CFG images per second at the evaluation batch",
+                "negative": "negative-prompt avoidance, AGD / CFG"}
+
+
+def _bound(value) -> str:
+    if value is None:
+        return "undefined"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
+    return f"{value:.3g}"
+
+
+def render_evidence(metrics: dict, metrics_path: str, link_root: Path, block: str = "") -> str:
+    """The block of a run with per-sample outcomes: results with 95 % intervals, the targets judged
+    on their bounds, and speed from interleaved repeats."""
+    start, end = markers(block)
+    rows = list(metrics["per_w"].values())
+    low, high = metrics["training_range"]
+    evid, speed = metrics["evidence"], metrics["speed"]
+    boot, summary = evid["bootstrap"], evid["summary"]
+    inside = [r for r in rows if r["in_training_range"]] or rows
+    drawn = "prompts" if boot["clusters"] == "prompt" else "samples"
+    lines = [start, NOTICE.format(metrics=f"`{Path(metrics_path).as_posix()}`"), "",
+             f"From `{Path(metrics_path).as_posix()}`: the **{metrics.get('split', 'validation')} split**, "
+             f"{metrics['samples_per_w']:,} samples per w, {metrics['num_steps']} sampling steps; `*` marks a w "
+             f"outside the training range U[{_w(low)}, {_w(high)}]. Brackets hold 95 % intervals: a paired bootstrap "
+             f"over {drawn} ({boot['replicates']:,} replicates; the same draw for every method and w, the real "
+             "reference set drawn on its own; FID intervals bias-corrected). McNemar p: exact test of CFG against AGD "
+             "on the same seeds.", "",
+             evidence_table(rows, evid["per_w"]), "",
+             "Targets, each judged on the end of its interval that could fail it (each quality target is one the "
+             "unguided model fails):",
+             "", "| target | estimate [95 % interval] | judged on | bound | met |", "|---|---|---|---|---|"]
+    drop = summary["max_accuracy_drop_points"]
+    estimates = {"accuracy_drop": f"{drop['point']:.2f} [{drop['low']:.2f}, {drop['high']:.2f}] (w = {_w(drop['w'])})",
+                 "guidance_recovered": _ci_text(summary["guidance_recovered"], ".3f")}
+    if "fid_ratio_agd_over_cfg" in summary:
+        ratio = summary["fid_ratio_agd_over_cfg"]
+        estimates["fid_ratio"] = (f"{ratio['min_point']:.2f}–{ratio['max_point']:.2f} "
+                                  f"[{ratio['low']:.2f}, {ratio['high']:.2f}]")
+        fidelity = summary["max_fidelity_ratio"]
+        estimates["fidelity"] = (f"{fidelity['point']:.3f} [{fidelity['low']:.3f}, {fidelity['high']:.3f}] "
+                                 f"(w = {_w(fidelity['w'])})")
+    targets = dict(summary["targets"])
+    main = speed["per_batch"][speed["evaluation_batch"]]["speed_ratio_agd_over_cfg"]
+    targets["speed"], estimates["speed"] = speed["target"], (f"{main['median']:.2f}x (min {main['min']:.2f}x over "
+                                                             f"{speed['per_batch'][speed['evaluation_batch']]['repeats']}"
+                                                             " repeats)")
+    if "negative" in evid:
+        targets["negative"] = evid["negative"]["target"]
+        estimates["negative"] = _ci_text(evid["negative"]["avoidance_ratio_agd_over_cfg"], ".2f")
+    for name, target in targets.items():
+        lines.append(f"| {TARGET_NAMES[name]} | {estimates[name]} | {target['limit']} | {_bound(target['bound'])} | "
+                     f"{'yes' if target['met'] else '**no**'} |")
+    second = evid.get("second_judge")
+    if second is not None:
+        about = metrics.get("second_judge", {})
+        verdicts = ", ".join(f"{name.replace('_', ' ')} {'met' if t['met'] else 'not met'} "
+                             f"(bound {_bound(t['bound'])})" for name, t in second["summary"]["targets"].items())
+        lines += ["", f"A second judge, {about.get('architecture', 'another classifier')}, trained on "
+                  f"{about.get('trained_on', 'other data')} (accuracy "
+                  f"{about.get('accuracy_on_its_reference_digits', float('nan')):.3f} on {about.get('fid_reference')}, "
+                  "its FID reference), scores the same samples; under it the same targets read: "
+                  f"{verdicts}.", "", second_judge_table(rows, second)]
+    lines += ["", f"Speed: images per second from {speed['per_batch'][speed['evaluation_batch']]['repeats']} "
+              "interleaved repeats in one warm process, median (min–max); the methods take turns within a repeat. "
+              f"CFG makes {speed['nfe_per_image']['cfg']} network evaluations per image, AGD "
+              f"{speed['nfe_per_image']['agd']}: a ceiling of {speed['ceiling_agd_over_cfg']:.2f}x for AGD / CFG.", "",
+              speed_table(speed), ""]
+    met = metrics["summary_in_training_range"]["targets_met"]
+    lines += [f"`summary_in_training_range.targets_met`: `{str(met).lower()}`.", ""]
+    lines += _figures(inside, Path(metrics_path).parent, link_root, "negative_prompt_check" in metrics)
+    lines.append(end)
+    return "\n".join(lines)
+
+
+def _ci_text(estimate: dict, spec: str) -> str:
+    if estimate.get("point") is None:
+        return "undefined (CFG gains nothing over the unguided model)"
+    return f"{estimate['point']:{spec}} [{estimate['low']:{spec}}, {estimate['high']:{spec}}]"
 
 
 def _bullets(inside: list[dict], summary: dict, has_classifier: bool) -> list[str]:
@@ -175,6 +263,99 @@ def model_card(folder: str, metrics: dict, metrics_path: Path) -> int:
     return 0
 
 
+VARIANTS = ("<!-- variants:start -->", "<!-- variants:end -->")
+# the class default's reported variants (pipelines/variants/dvc.yaml): {label: metrics.json}; the
+# seed runs are those whose label starts with "seed"
+VARIANT_RUNS = {"seed 0 (the default)": "data/eval/metrics.json",
+                "seed 1": "data/variants/seed-1/eval/metrics.json",
+                "seed 2": "data/variants/seed-2/eval/metrics.json",
+                "paper share (width 8, embed 16), seed 0": "data/variants/share-2pct/eval/metrics.json"}
+
+
+def render_variants(runs: dict[str, Path]) -> str:
+    """The variants block: each run's adapter share and in-range claims with their intervals and
+    targets, then the mean and standard deviation of the seed runs' point estimates."""
+    import statistics
+
+    lines = [VARIANTS[0], NOTICE.format(metrics=", ".join(f"`{p.as_posix()}`" for p in runs.values())), "",
+             "| adapters | share of base | worst acc drop (points) | guidance recovered | FID AGD / CFG (range "
+             "over w) | FID(AGD,CFG) / FID(unguided,CFG) | speed AGD / CFG | targets met |",
+             "|---|---|---|---|---|---|---|---|"]
+    seeds = {"drop": [], "recovered": [], "fidelity": []}
+    for label, path in runs.items():
+        try:
+            metrics = json.loads(path.read_text())
+            summary = metrics["evidence"]["summary"]
+            share = metrics["adapters"]["share"]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise ReportError(f"{path}: not an evaluate run with intervals ({err})") from None
+        drop, recovered = summary["max_accuracy_drop_points"], summary["guidance_recovered"]
+        ratio, fidelity = summary["fid_ratio_agd_over_cfg"], summary["max_fidelity_ratio"]
+        speed = metrics["speed"]["per_batch"][metrics["speed"]["evaluation_batch"]]["speed_ratio_agd_over_cfg"]
+        if label.startswith("seed"):
+            seeds["drop"].append(drop["point"])
+            seeds["recovered"].append(recovered["point"])
+            seeds["fidelity"].append(fidelity["point"])
+        lines.append(f"| {label} | {100 * share:.1f} % | {drop['point']:.2f} [{drop['low']:.2f}, {drop['high']:.2f}] | "
+                     f"{_ci_text(recovered, '.3f')} | {ratio['min_point']:.2f}–{ratio['max_point']:.2f} "
+                     f"[{ratio['low']:.2f}, {ratio['high']:.2f}] | {fidelity['point']:.3f} [{fidelity['low']:.3f}, "
+                     f"{fidelity['high']:.3f}] | {speed['median']:.2f}x (min {speed['min']:.2f}x) | "
+                     f"{'yes' if metrics['summary_in_training_range']['targets_met'] else 'no'} |")
+    if len(seeds["drop"]) > 1:
+        def spread(values, spec):
+            return f"{statistics.mean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+        lines += ["", f"Over the {len(seeds['drop'])} training seeds (mean ± standard deviation of the point "
+                  f"estimates): worst accuracy drop {spread(seeds['drop'], '.2f')} points, guidance recovered "
+                  f"{spread(seeds['recovered'], '.3f')}, FID(AGD,CFG) / FID(unguided,CFG) "
+                  f"{spread(seeds['fidelity'], '.3f')}."]
+    lines.append(VARIANTS[1])
+    return "\n".join(lines)
+
+
+def recomputed_differences(metrics: dict, metrics_path: Path) -> list[str]:
+    """Every interval and target of a run with per-sample files, recomputed from those files and
+    compared with metrics.json (none for a run that predates them)."""
+    if "evidence" not in metrics:
+        return []
+    from agd_pipeline.evidence import EvidenceError, assess_folder, differences
+
+    try:
+        again = assess_folder(metrics_path.parent, metrics)
+    except (EvidenceError, KeyError, OSError, ValueError) as err:
+        return [f"cannot recompute ({err})"]
+    return (differences(metrics["evidence"], again["evidence"], "evidence")
+            + differences(metrics["speed"], again["speed"], "speed"))
+
+
+def variants_main(runs: dict[str, Path], readme: Path, check: bool) -> int:
+    paths = list(runs.values())
+    try:
+        text = readme.read_text()
+        start, end = VARIANTS
+        if text.count(start) != 1 or text.count(end) != 1:
+            raise ReportError(f"{readme} needs exactly one {start} followed by one {end}")
+        updated = text[:text.index(start)] + render_variants(runs) + text[text.index(end) + len(end):]
+    except (ReportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if check:
+        for path in paths:  # each run's intervals follow from its own per-sample files
+            stale = recomputed_differences(json.loads(path.read_text()), path)
+            if stale:
+                print(f"{path}: the stored intervals differ from those recomputed from the per-sample files:\n  "
+                      + "\n  ".join(stale[:10]), file=sys.stderr)
+                return 1
+        if updated != text:
+            print(f"{readme}: the variants block is out of date: run `python -m stages.report --variants`",
+                  file=sys.stderr)
+            return 1
+        print(f"{readme}: the variants block matches {len(paths)} runs")
+        return 0
+    readme.write_text(updated)
+    print(f"{readme}: variants block rewritten from {len(paths)} runs")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,12 +367,17 @@ def main(argv=None) -> int:
                         "<!-- results:text-sd:start --> (default: the class default's block)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when the block differs from the render of the metrics")
+    parser.add_argument("--variants", action="store_true",
+                        help="instead, rewrite README's block of the class default's reported variants (training "
+                        f"seeds, paper share) from {', '.join(VARIANT_RUNS.values())}")
     parser.add_argument("--model-card", metavar="ADAPTERS", default=None,
                         help="instead, rewrite the README.md model card of this adapter folder with the "
                         "evaluation numbers (for publishing; under DVC, `dvc commit train` afterwards)")
     args = parser.parse_args(argv)
     metrics_path = Path(args.metrics) if args.metrics else default_metrics()
     readme = Path(args.readme)
+    if args.variants:
+        return variants_main({label: Path(p) for label, p in VARIANT_RUNS.items()}, readme, args.check)
     try:
         try:
             metrics = json.loads(metrics_path.read_text())
@@ -213,6 +399,11 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.check:
+        stale = recomputed_differences(metrics, metrics_path)
+        if stale:
+            print(f"{metrics_path}: the stored intervals differ from those recomputed from the per-sample files:\n  "
+                  + "\n  ".join(stale[:10]), file=sys.stderr)
+            return 1
         if updated != text:
             print(f"{readme} is out of date with {metrics_path}: run `python -m stages.report`", file=sys.stderr)
             return 1

@@ -119,6 +119,13 @@ def test_readme_results_block_is_the_render_of_the_committed_metrics(block):
     assert result.returncode == 0, result.stderr
 
 
+def test_readme_variants_block_is_the_render_of_the_committed_runs():
+    """The seeds and paper-share table, and each of its runs' intervals, follow from the tracked files."""
+    result = subprocess.run([sys.executable, "-m", "stages.report", "--variants", "--check"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_report_writes_a_named_block_with_the_negative_prompt_check(tmp_path):
     (tmp_path / "eval").mkdir()
     metrics = tmp_path / "eval" / "metrics.json"

@@ -87,4 +87,5 @@ def test_pipeline_end_to_end(tmp_path):
     assert summary["training_pairs"] == manifest["num_trajectories"] * 4 and summary["num_steps"] == 4
     store_bytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     assert summary["store_megabytes"] == store_bytes / 2**20
-    assert len(summary) < 25 and not any(isinstance(v, (dict, list)) for v in summary.values())
+    # a few flat numbers (each judged claim: its point and the bound it is judged on)
+    assert len(summary) < 30 and not any(isinstance(v, (dict, list)) for v in summary.values())

@@ -68,7 +68,8 @@ def test_run_commands_are_temp_dvc_experiments_with_quoted_params():
     commands = run_commands(experiment)
     assert commands[1] == ["dvc", "exp", "run", "--temp", "-n", "trajectories-vs-forward-noised-forward-noised",
                            "-S", 'generate.source="forward_noised"', "-S",
-                           'generate.real_data="data/base/train.npz"', "dvc.yaml"]
+                           'generate.real_data="data/base/train.npz"', "-S", 'evaluate.split="validation"',
+                           "dvc.yaml"]
     assert 'generate.real_data=""' in commands[0]
     with pytest.raises(ConfigError, match="unknown experiment 'nope'"):
         get_experiment("nope")

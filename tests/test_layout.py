@@ -96,7 +96,8 @@ def test_dvc_lists_every_library_module_a_stage_runs():
     derived_commands = {"evaluate_original": "evaluate", "evaluate_retrained": "evaluate"}
     pipelines = [(REPO / "dvc.yaml", {}), (REPO / "pipelines/text/dvc.yaml", text_commands),
                  (REPO / "pipelines/derivatives/dvc.yaml", derived_commands),
-                 (REPO / "pipelines/derivatives-sd3/dvc.yaml", derived_commands)]
+                 (REPO / "pipelines/derivatives-sd3/dvc.yaml", derived_commands),
+                 (REPO / "pipelines/variants/dvc.yaml", {})]
     for dvc_yaml, commands in pipelines:
         stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
         for stage, spec in stages.items():
