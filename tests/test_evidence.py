@@ -273,3 +273,21 @@ def test_fid_intervals_contain_their_point_where_resampling_bias_exceeds_the_fid
     assert intervals.interval(raw)[0] > point  # the plain percentile interval misses its point
     fixed = evidence._fid_estimate(point, raw)
     assert fixed["low"] <= point <= fixed["high"] and fixed["low"] >= 0
+
+
+def test_a_text_base_without_test_prompts_is_refused_with_the_way_out(tmp_path):
+    """A text base made before the test split has only prompts/eval.tsv: the test split says which
+    file is missing and what to do, the validation split still evaluates."""
+    from types import SimpleNamespace
+
+    from agd_pipeline.config import EvaluateConfig
+    from agd_pipeline.evaluation import evaluation_set
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "eval.tsv").write_text("3\ta three\n")
+    base = SimpleNamespace(conditioning="text", model_id="old-text-base")
+    with pytest.raises(ConfigError, match=r"test prompts .*test\.tsv is missing.*evaluate\.split to validation"):
+        evaluation_set(EvaluateConfig(split="test"), base, str(tmp_path), {})
+    # the validation split gets as far as encoding its prompts (which this stand-in base cannot do)
+    with pytest.raises(AttributeError):
+        evaluation_set(EvaluateConfig(split="validation"), base, str(tmp_path), {"negative_prompt": ""})
