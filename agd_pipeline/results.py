@@ -58,14 +58,15 @@ def speed_table(speed: dict) -> str:
     def spread(values: dict, spec: str, suffix: str = "") -> str:
         return f"{values['median']:{spec}}{suffix} ({values['min']:{spec}}–{values['max']:{spec}})"
 
-    lines = ["| batch | repeats | img/s unguided | img/s CFG | img/s AGD | AGD / CFG | AGD time / unguided time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| batch | repeats | img/s unguided | img/s CFG | img/s AGD | AGD / CFG | AGD time / unguided time "
+             "| CFG time / unguided time |", "|---|---|---|---|---|---|---|---|"]
     for batch, r in sorted(speed["per_batch"].items(), key=lambda item: int(item[0])):
         ratio = ("above the ceiling: noise, not a result" if r["above_ceiling"]
                  else spread(r["speed_ratio_agd_over_cfg"], ".2f", "x"))
         lines.append(f"| {batch} | {r['repeats']} | {spread(r['images_per_second_unguided'], '.0f')} | "
                      f"{spread(r['images_per_second_cfg'], '.0f')} | {spread(r['images_per_second_agd'], '.0f')} | "
-                     f"{ratio} | {spread(r['time_ratio_agd_over_unguided'], '.2f')} |")
+                     f"{ratio} | {spread(r['time_ratio_agd_over_unguided'], '.2f')} | "
+                     f"{spread(r['time_ratio_cfg_over_unguided'], '.2f')} |")
     return "\n".join(lines)
 
 

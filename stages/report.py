@@ -120,8 +120,8 @@ def _bound(value) -> str:
     if value is None:
         return "undefined"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
-    return f"{value:.3g}"
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+    return f"{value:.4g}"
 
 
 def render_evidence(metrics: dict, metrics_path: str, link_root: Path, block: str = "") -> str:
@@ -146,7 +146,7 @@ def render_evidence(metrics: dict, metrics_path: str, link_root: Path, block: st
              "unguided model fails):",
              "", "| target | estimate [95 % interval] | judged on | bound | met |", "|---|---|---|---|---|"]
     drop = summary["max_accuracy_drop_points"]
-    estimates = {"accuracy_drop": f"{drop['point']:.2f} [{drop['low']:.2f}, {drop['high']:.2f}] (w = {_w(drop['w'])})",
+    estimates = {"accuracy_drop": f"{drop['point']:.2f} [{drop['low']:.2f}, {drop['high']:.4g}] (w = {_w(drop['w'])})",
                  "guidance_recovered": _ci_text(summary["guidance_recovered"], ".3f")}
     if "fid_ratio_agd_over_cfg" in summary:
         ratio = summary["fid_ratio_agd_over_cfg"]
