@@ -296,7 +296,7 @@ def render_variants(runs: dict[str, Path]) -> str:
             seeds["drop"].append(drop["point"])
             seeds["recovered"].append(recovered["point"])
             seeds["fidelity"].append(fidelity["point"])
-        lines.append(f"| {label} | {100 * share:.1f} % | {drop['point']:.2f} [{drop['low']:.2f}, {drop['high']:.2f}] | "
+        lines.append(f"| {label} | {100 * share:.1f} % | {drop['point']:.2f} [{drop['low']:.2f}, {drop['high']:.4g}] | "
                      f"{_ci_text(recovered, '.3f')} | {ratio['min_point']:.2f}–{ratio['max_point']:.2f} "
                      f"[{ratio['low']:.2f}, {ratio['high']:.2f}] | {fidelity['point']:.3f} [{fidelity['low']:.3f}, "
                      f"{fidelity['high']:.3f}] | {speed['median']:.2f}x (min {speed['min']:.2f}x) | "
