@@ -195,39 +195,24 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     training_range = (adapter_config["guidance"]["min"], adapter_config["guidance"]["max"])
 
     # -- the same seeds (and classes) for every method ------------------------------------------
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    samples_dir, grids_dir = out / "samples", out / "grids"
-    shutil.rmtree(grids_dir, ignore_errors=True)
-    grids_dir.mkdir(parents=True)
+    out, samples_dir, grids_dir = _output_folders(config.out_dir)
     labels, conditions, uncond, prompts_file, prompts = evaluation_set(config, base, base_id, adapter_config)
     n = len(labels)
     seeds = evaluation_seeds(config.split, config.seed, n)
     scheduler = scheduler_for(base, adapter_config.get("sampler"), config.scheduler, "evaluate.scheduler")
     sampler = ImageSampler(base, conditions, seeds, steps, config.batch_size, scheduler)
-    if config.clip_model and prompts is None:
-        raise ConfigError("evaluate.clip_model: the CLIP score compares images with their prompts; "
-                          f"{base.model_id!r} is class-conditional")
     judges = Judges(base_id, labels if labels.min() >= 0 else None, samples_dir / "real", config.fid_reference,
                     config.clip_model, prompts, base.device)
 
     # -- unguided once, then CFG (2 NFE/step) against AGD (1 NFE/step) at every w --------------
-    unguided, unguided_seconds = sampler.run(Unguided(base))
-    baseline = {"images": unguided, "pixels": to_uint8(unguided), "judged": judges.judged(unguided)}
-    write_pngs(baseline["pixels"], samples_dir / "unguided")
-    baseline.update(fid=judges.fid_real(samples_dir / "unguided"), accuracy=judges.accuracy(unguided),
-                    real=judges.real_model_metrics("unguided", samples_dir / "unguided", baseline["pixels"]))
-    rows, judged = [], {}
-    timed = {m: [] for m in METHODS}  # seconds per w pass: the evaluation batch's speed repeats
+    baseline, unguided_seconds = _unguided_baseline(sampler, base, judges, samples_dir)
+    rows, judged, timed = [], {}, {m: [] for m in METHODS}  # timed: seconds per w pass (speed repeats)
     for w in tqdm(config.guidance_scales, desc="evaluate: guidance scales", disable=not progress):
         # The three methods take turns, the first one rotating from one w to the next, so drift in a
         # shared machine's speed hits all alike (within a w too: ImageSampler.run_interleaved).
         row = _compare_at(w, sampler, base, adapted, judges, baseline, samples_dir, uncond, shift=len(rows),
                           in_range=training_range[0] <= w <= training_range[1])
-        panels = {"unguided (1 NFE/step)": baseline["pixels"], f"CFG w={w:g} (2 NFE/step)": row.pop("cfg_pixels"),
-                  f"AGD w={w:g} (1 NFE/step)": row.pop("agd_pixels")}
-        title = f"same seeds, w = {w:g}" + (": rows ask for the digits 0-9 in held-out prompts" if prompts_file else "")
-        grid_figure(panels, labels.numpy(), config.grid_columns, title, grids_dir / f"w{w:g}.png")
+        _grid_at(w, row, baseline, labels, config.grid_columns, bool(prompts_file), grids_dir)
         judged[w] = row.pop("judged")
         for method, seconds in row.pop("seconds").items():
             timed[method].append(seconds)
@@ -243,12 +228,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
                               prompt_ids=_prompt_ids(base, n, config.samples_per_class))
     if negative is not None and assessed is not None:
         assessed["negative"] = negative.pop("evidence")
-    evaluation_batch = min(config.batch_size, n)
-    timings = {str(evaluation_batch): timed,
-               **time_small_batches(sampler, base, adapted, in_range[0], uncond, evaluation_batch)}
-    speed = evidence.speed_summary(
-        timings, {"cfg": rows[0]["nfe_per_image_cfg"], "agd": rows[0]["nfe_per_image_agd"]},
-        {batch: (n if batch == str(evaluation_batch) else int(batch)) for batch in timings}, str(evaluation_batch))
+    speed = measure_speed(sampler, base, adapted, rows, timed, in_range[0], uncond)
     metrics = {
         "num_steps": steps, "samples_per_w": n, "batch_size": config.batch_size, "split": config.split,
         "training_range": list(training_range), "unguided_images_per_second": n / unguided_seconds,
@@ -270,11 +250,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = summary_metrics(metrics, config, adapted, adapter_config, conditions, uncond)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    _write_csv(out / "fid_vs_w.csv", rows, {"unguided": "fid_unguided", "cfg": "fid_cfg", "agd": "fid_agd"})
-    _write_csv(out / "accuracy_vs_w.csv", rows,
-               {"unguided": "accuracy_unguided", "cfg": "accuracy_cfg", "agd": "accuracy_agd"})
-    _write_csv(out / "fidelity_vs_w.csv", rows,
-               {"agd_to_cfg": "fid_to_cfg_agd", "unguided_to_cfg": "fid_to_cfg_unguided"})
+    _write_plot_csvs(out, rows)
     if judges.classifier is not None:
         curves_figure(rows, training_range, out / "curves.png",
                       "prompt accuracy" if base.conditioning == "text" else "class accuracy")
@@ -351,6 +327,9 @@ def evaluation_set(config: EvaluateConfig, base, base_id: str, adapter_config: d
     from .models import encode_prompts
 
     if base.conditioning == "class":
+        if config.clip_model:
+            raise ConfigError("evaluate.clip_model: the CLIP score compares images with their prompts; "
+                              f"{base.model_id!r} is class-conditional")
         for key in ("prompts_file", "negative_check_scale"):
             if getattr(config, key):
                 raise ConfigError(f"evaluate.{key}: {base.model_id!r} is class-conditional; prompts and the "
@@ -477,6 +456,57 @@ def _compare_at(w: float, sampler: ImageSampler, base, adapted, judges: Judges, 
         "judged": {"cfg": judges.judged(cfg_images), "agd": judges.judged(agd_images)},
         "seconds": {"cfg": cfg_seconds, "agd": agd_seconds, "unguided": results[unguided][1]},
     }
+
+
+def _output_folders(out_dir: str) -> tuple[Path, Path, Path]:
+    """(the output folder, its samples/ and its grids/, the grids emptied first)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples_dir, grids_dir = out / "samples", out / "grids"
+    shutil.rmtree(grids_dir, ignore_errors=True)
+    grids_dir.mkdir(parents=True)
+    return out, samples_dir, grids_dir
+
+
+def _unguided_baseline(sampler: ImageSampler, base, judges: Judges, samples_dir: Path) -> tuple[dict, float]:
+    """The unguided model's samples (as PNGs too), what the judges make of them, and its seconds."""
+    unguided, seconds = sampler.run(Unguided(base))
+    baseline = {"images": unguided, "pixels": to_uint8(unguided), "judged": judges.judged(unguided)}
+    write_pngs(baseline["pixels"], samples_dir / "unguided")
+    baseline.update(fid=judges.fid_real(samples_dir / "unguided"), accuracy=judges.accuracy(unguided),
+                    real=judges.real_model_metrics("unguided", samples_dir / "unguided", baseline["pixels"]))
+    return baseline, seconds
+
+
+def _write_plot_csvs(out: Path, rows: list[dict]) -> None:
+    """DVC's plot files: FID, accuracy and distance to CFG against w."""
+    _write_csv(out / "fid_vs_w.csv", rows, {"unguided": "fid_unguided", "cfg": "fid_cfg", "agd": "fid_agd"})
+    _write_csv(out / "accuracy_vs_w.csv", rows,
+               {"unguided": "accuracy_unguided", "cfg": "accuracy_cfg", "agd": "accuracy_agd"})
+    _write_csv(out / "fidelity_vs_w.csv", rows,
+               {"agd_to_cfg": "fid_to_cfg_agd", "unguided_to_cfg": "fid_to_cfg_unguided"})
+
+
+def _grid_at(w: float, row: dict, baseline: dict, labels: torch.Tensor, columns: int, prompted: bool,
+             grids_dir: Path) -> None:
+    """The PNG grid of one w: unguided | CFG | AGD from the same seeds (takes the pixels out of ``row``)."""
+    panels = {"unguided (1 NFE/step)": baseline["pixels"], f"CFG w={w:g} (2 NFE/step)": row.pop("cfg_pixels"),
+              f"AGD w={w:g} (1 NFE/step)": row.pop("agd_pixels")}
+    title = f"same seeds, w = {w:g}" + (": rows ask for the digits 0-9 in held-out prompts" if prompted else "")
+    grid_figure(panels, labels.numpy(), columns, title, grids_dir / f"w{w:g}.png")
+
+
+def measure_speed(sampler: ImageSampler, base, adapted, rows: list[dict], timed: dict[str, list[float]], w: float,
+                  uncond: dict | None) -> dict:
+    """Speed with its spread (:func:`agd_pipeline.evidence.speed_summary`): the w passes are the
+    repeats at the evaluation batch; batches of SPEED_BATCHES are timed on their own at ``w``."""
+    n = len(sampler.seeds)
+    evaluation_batch = min(sampler.batch_size, n)
+    timings = {str(evaluation_batch): timed,
+               **time_small_batches(sampler, base, adapted, w, uncond, evaluation_batch)}
+    return evidence.speed_summary(
+        timings, {"cfg": rows[0]["nfe_per_image_cfg"], "agd": rows[0]["nfe_per_image_agd"]},
+        {batch: (n if batch == str(evaluation_batch) else int(batch)) for batch in timings}, str(evaluation_batch))
 
 
 def time_small_batches(sampler: ImageSampler, base, adapted, w: float, uncond: dict | None,
