@@ -25,12 +25,12 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ci(estimate: dict | None, spec: str, scale: float = 1.0) -> str:
-    """'point [low, high]' of an evidence estimate; '-' where it is undefined."""
+def ci_text(estimate: dict | None, spec: str, undefined: str = "-") -> str:
+    """'point [low, high]' of an evidence estimate; ``undefined`` where it has none."""
     if not estimate or estimate.get("point") is None:
-        return "-"
-    return (f"{scale * estimate['point']:{spec}} [{scale * estimate['low']:{spec}}, "
-            f"{scale * estimate['high']:{spec}}]")
+        return undefined
+    return f"{estimate['point']:{spec}} [{estimate['low']:{spec}}, {estimate['high']:{spec}}]"
+
 
 
 def evidence_table(rows: list[dict], per_w: dict) -> str:
@@ -42,13 +42,20 @@ def evidence_table(rows: list[dict], per_w: dict) -> str:
     for r in rows:
         e = per_w[f"w{r['w']:g}"]
         mark = "" if r["in_training_range"] else " *"
-        lines.append(
-            f"| {r['w']:g}{mark} | {_ci(e['accuracy_unguided'], '.3f')} | {_ci(e['accuracy_cfg'], '.3f')} | "
-            f"{_ci(e['accuracy_agd'], '.3f')} | {_ci(e['accuracy_drop_points'], '.1f')} | "
-            f"{e['mcnemar']['p_value']:.2g} | {_ci(e['guidance_recovered'], '.2f')} | {_ci(e.get('fid_cfg'), '.1f')} | "
-            f"{_ci(e.get('fid_agd'), '.1f')} | {_ci(e.get('fid_ratio_agd_over_cfg'), '.2f')} | "
-            f"{_ci(e.get('fidelity_ratio'), '.3f')} |")
+        cells = [f"{r['w']:g}{mark}", *_estimates(e, ACCURACY_COLUMNS), f"{e['mcnemar']['p_value']:.2g}",
+                 *_estimates(e, FID_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+ACCURACY_COLUMNS = (("accuracy_unguided", ".3f"), ("accuracy_cfg", ".3f"), ("accuracy_agd", ".3f"),
+                    ("accuracy_drop_points", ".1f"))
+FID_COLUMNS = (("guidance_recovered", ".2f"), ("fid_cfg", ".1f"), ("fid_agd", ".1f"),
+               ("fid_ratio_agd_over_cfg", ".2f"), ("fidelity_ratio", ".3f"))
+
+
+def _estimates(row: dict, columns) -> list[str]:
+    return [ci_text(row.get(key), spec) for key, spec in columns]
 
 
 def speed_table(speed: dict) -> str:
@@ -80,8 +87,7 @@ def second_judge_table(rows: list[dict], second: dict) -> str:
         e = second["per_w"][tag]
         mark = "" if r["in_training_range"] else " *"
         agree = second["agreement"]
-        lines.append(f"| {r['w']:g}{mark} | {_ci(e['accuracy_unguided'], '.3f')} | {_ci(e['accuracy_cfg'], '.3f')} | "
-                     f"{_ci(e['accuracy_agd'], '.3f')} | {_ci(e['accuracy_drop_points'], '.1f')} | "
-                     f"{_ci(agree[f'cfg_{tag}'], '.3f')} | {_ci(agree[f'agd_{tag}'], '.3f')} | "
-                     f"{_ci(e.get('fidelity_ratio'), '.3f')} |")
+        cells = [f"{r['w']:g}{mark}", *_estimates(e, ACCURACY_COLUMNS), ci_text(agree[f"cfg_{tag}"], ".3f"),
+                 ci_text(agree[f"agd_{tag}"], ".3f"), ci_text(e.get("fidelity_ratio"), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from agd_pipeline.results import evidence_table, results_table, second_judge_table, speed_table
+from agd_pipeline.results import ci_text, evidence_table, results_table, second_judge_table, speed_table
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
@@ -189,9 +189,7 @@ def render_evidence(metrics: dict, metrics_path: str, link_root: Path, block: st
 
 
 def _ci_text(estimate: dict, spec: str) -> str:
-    if estimate.get("point") is None:
-        return "undefined (CFG gains nothing over the unguided model)"
-    return f"{estimate['point']:{spec}} [{estimate['low']:{spec}}, {estimate['high']:{spec}}]"
+    return ci_text(estimate, spec, undefined="undefined (CFG gains nothing over the unguided model)")
 
 
 def _bullets(inside: list[dict], summary: dict, has_classifier: bool) -> list[str]:
