@@ -564,3 +564,26 @@ def test_inspect_reports_the_real_size_of_a_tar_store(tiny_store, tmp_path):
     assert summary["bytes_on_disk"] == sum(p.stat().st_size for p in tar.glob("shard-*.tar"))
     assert summary["compression_ratio"] == pytest.approx(summary["bytes_raw"] / summary["bytes_on_disk"])
     assert "0.00 MiB" not in result.stdout
+
+
+def test_a_zarr_temporary_renamed_while_the_folder_is_listed_is_still_ours(tmp_path, monkeypatch):
+    """zarr renames its metadata temporaries from worker threads: a name listed a moment ago may be
+    gone when it is looked at. Such a name is ours (it made a store being written look foreign, at
+    random, in a fresh clone's test run)."""
+    from pathlib import Path
+
+    from agd_pipeline.store.ownership import foreign_entries
+
+    shard = tmp_path / "shard-000000.zarr.partial"
+    (shard / "model_input").mkdir(parents=True)
+    (shard / "zarr.json").write_text("{}")
+    phantom = shard / "model_input" / ("zarr." + "0" * 32 + ".partial")  # listed, then renamed away
+    real_iterdir = Path.iterdir
+
+    def listing(self):
+        yield from real_iterdir(self)
+        if self == phantom.parent:
+            yield phantom
+
+    monkeypatch.setattr(Path, "iterdir", listing)
+    assert foreign_entries(tmp_path) == []

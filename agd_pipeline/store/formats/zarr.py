@@ -121,7 +121,11 @@ class ZarrFormat(ShardFormat):
                 or not re.fullmatch(rf"{SHARD_INDEX}\.{self.extension}(\.partial)?", entry.name):
             return False
         def metadata(child: Path) -> bool:
-            return child.is_file() and (child.name == "zarr.json" or bool(ZARR_TEMPORARY.fullmatch(child.name)))
+            # zarr writes metadata from worker threads: a temporary listed a moment ago may already be
+            # renamed away, so its name alone makes it ours (unless it is a folder)
+            if ZARR_TEMPORARY.fullmatch(child.name):
+                return not child.is_dir()
+            return child.name == "zarr.json" and child.is_file()
 
         for child in entry.iterdir():
             if metadata(child):
