@@ -29,7 +29,7 @@ from . import evidence, textdigits, toy
 from .figures import grid_figure, to_uint8
 from .results import results_table
 
-METHODS = ("unguided", "cfg", "agd")
+METHODS = evidence.METHODS  # unguided, cfg, agd: the outcome files' method names
 SPLITS = ("validation", "test")
 TEST_STREAM = 3  # the test split's seeds: their own SeedSequence stream (generation uses streams 1 and 2)
 SPEED_BATCHES = (1, 8)  # batch sizes timed besides the evaluation batch
