@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 import typing
 from pathlib import Path
@@ -15,6 +13,7 @@ from collections.abc import Callable
 from .config import DEFAULT_PARAMS, StageConfig, load_config
 from .devices import apply_thread_policy
 from .errors import AgdError, os_reason
+from .outputs import write_resolved  # noqa: F401 - the stages import it from here
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -134,10 +133,3 @@ def config_from_args(cls: type[StageConfig], args: argparse.Namespace):
     params = args.params if Path(args.params).exists() or args.params != DEFAULT_PARAMS else None
     return load_config(cls, params, overrides)
 
-
-
-def write_resolved(config: StageConfig, folder: str | os.PathLike, name: str = "resolved_config.json") -> None:
-    """Write the whole resolved config next to the outputs (EDM-style), for the record."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(json.dumps({config.section: config.to_dict()}, indent=2) + "\n")

@@ -487,8 +487,9 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
     dtype: str = option("", "dtype the frozen base runs in; empty takes the one stage one used (the "
                         "adapters themselves train in float32)", ("", "float32", "float16", "bfloat16"))
-    restart_on_mismatch: bool = option(False, "when out_dir holds a checkpoint of other settings, delete it "
-                                       "and start over; otherwise refuse")
+    restart_on_mismatch: bool = option(False, "when out_dir holds a checkpoint or finished adapters of other "
+                                       "settings or another store, delete them and start over; otherwise "
+                                       "refuse (the same settings on the same store: nothing to do)")
     verify: str = option("changed", "store check before training (never train on corrupted data): changed "
                          "re-reads every shard against its checksums except those that passed such a re-read "
                          "before and whose files are unchanged since (same names, sizes and modification "

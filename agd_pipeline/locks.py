@@ -56,8 +56,10 @@ def _describe_holder(text: str) -> str:
 class FolderLock:
     """Exclusive (writers) or shared (readers) lock on a folder; use as a context manager."""
 
-    def __init__(self, folder: str | os.PathLike, purpose: str, shared: bool = False, create: bool = True):
+    def __init__(self, folder: str | os.PathLike, purpose: str, shared: bool = False, create: bool = True,
+                 lock_file: str = LOCK_FILE):
         self.folder = Path(folder)
+        self.lock_file = lock_file  # another name: a lock for a sibling that is replaced as a whole
         self.purpose = purpose
         self.shared = shared
         self.create = create
@@ -69,13 +71,13 @@ class FolderLock:
         try:
             if self.create:
                 self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / LOCK_FILE
+            path = self.folder / self.lock_file
             self._file = open(path, "r+" if path.exists() else "a+")
         except OSError as err:
             if self.shared and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
                 self._file = None  # a read-only folder: nobody can write it under us either
                 return self
-            raise LockError(f"{self.folder}: cannot create the lock file {LOCK_FILE} "
+            raise LockError(f"{self.folder}: cannot create the lock file {self.lock_file} "
                             f"({err.strerror or err})") from None
         try:
             fcntl.flock(self._file.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -84,7 +86,8 @@ class FolderLock:
             self._file.close()
             self._file = None
             verb = "read" if self.shared else "written"
-            raise LockError(f"{self.folder} is in use by {holder}; it cannot be {verb} by this "
+            what = self.folder if self.lock_file == LOCK_FILE else self.folder / self.lock_file[1:-len(LOCK_FILE)]
+            raise LockError(f"{what} is in use by {holder}; it cannot be {verb} by this "
                             f"{self.purpose} run at the same time. Wait for that run to finish (or stop it), "
                             "then run this command again.") from None
         if not self.shared:

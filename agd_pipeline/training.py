@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from diffusers.optimization import get_scheduler
 
-from .adapters import (MEAN_SOURCES, NEGATIVE_SOURCES, TEXT_SOURCES, AdaptedModel, AdapterConfig,
-                       default_condition_on, resolve_placement, save_adapters)
+from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MEAN_SOURCES, MODEL_CARD, NEGATIVE_SOURCES, TEXT_SOURCES,
+                       AdaptedModel, AdapterConfig, default_condition_on, read_adapter_config, resolve_placement,
+                       save_adapters)
 from .config import TrainConfig, check_interval
 from .devices import resolve_device, torch_dtype
 from .errors import AgdError, ConfigError, ModelError, StoreError, os_reason
@@ -33,6 +34,7 @@ from .loader import StepBatches
 from .locks import FolderLock
 from .memory import enable_base_checkpointing
 from .models import load_base_model, recorded_hub_options
+from .outputs import RESOLVED_CONFIG, owned_output, write_resolved
 from .store import Manifest, TrajectoryStore, differences, read_manifest
 
 CHECKPOINT = "checkpoint"
@@ -122,13 +124,77 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     out, store_root = Path(config.out_dir), Path(config.store)
     if out.resolve() == store_root.resolve() or store_root.resolve() in out.resolve().parents:
         raise ConfigError(f"train.out_dir ({out}) must not be the store ({store_root}) or lie inside it")
-    read_manifest(store_root)  # a missing or broken store is refused before anything is created
+    manifest = read_manifest(store_root)  # a missing or broken store is refused before anything is created
+    inputs = [store_root, config.base_model or manifest.base_model.get("id")]
     with contextlib.ExitStack() as held:
         if accelerator.is_main_process:
-            # one training run per output folder; the store must not be rewritten while it is read
-            held.enter_context(FolderLock(out, "stages.train"))
+            # one training run per output folder, which holds nothing else (agd_pipeline.outputs);
+            # the store must not be rewritten while it is read
+            held.enter_context(owned_output(config, inputs, ours=_holds_training, own_name=_train_output_name,
+                                            record=False))
             held.enter_context(FolderLock(store_root, "stages.train (reading the store)", shared=True, create=False))
+            finished = _finished_run(config, manifest.fingerprint(), log)
+            if finished is not None:
+                return finished
+            write_resolved(config, out)  # from here on the folder is recognisably this run's
         return _train(config, accelerator, progress, log)
+
+
+# what stages.train writes into its output folder (anything else there is refused, not overwritten)
+TRAIN_OUTPUTS = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD, LOSS_CSV, CHECKPOINT, VALIDATION, "tracking",
+                 RESOLVED_CONFIG}
+
+
+def _train_output_name(name: str) -> bool:
+    return name in TRAIN_OUTPUTS or (name.endswith(".tmp") and name[:-len(".tmp")] in TRAIN_OUTPUTS)
+
+
+def _holds_training(folder: Path) -> bool:
+    """A training output written before the folder record existed: a checkpoint or adapters."""
+    return (folder / ADAPTER_CONFIG).is_file() or any(
+        (folder / checkpoint / name).is_file() for checkpoint in (CHECKPOINT, CHECKPOINT + ".tmp")
+        for name in ("state.json", *LEGACY_CHECKPOINT_FILES))
+
+
+def _finished_run(config: TrainConfig, fingerprint: str, log) -> dict | None:
+    """For an output folder that holds finished adapters (and no checkpoint to resume): their
+    result when they were trained with these settings on this store (nothing to do), else None
+    after clearing them (train.restart_on_mismatch) or a ConfigError naming the difference."""
+    out = Path(config.out_dir)
+    if not (out / ADAPTER_CONFIG).exists() or (out / CHECKPOINT).exists():
+        return None
+    try:
+        recorded = read_adapter_config(out)
+        trained = recorded.get("training")
+        if not isinstance(trained, dict):
+            raise ModelError(f"{out / ADAPTER_CONFIG}: no training record")
+        ran = {k: v for k, v in trained.items() if k not in RESUMABLE_KEYS}
+        now = _comparable(config)
+        # where the store and the folder lie does not matter: the store is compared by its fingerprint
+        changed = [k for k in now if k not in ("store", "out_dir") and ran.get(k, now[k]) != now[k]]
+        if changed:
+            difference = "; ".join(f"{config.key(k)} {ran[k]!r} there, {now[k]!r} now" for k in changed[:3])
+        elif (recorded.get("store") or {}).get("fingerprint") != fingerprint:
+            difference = (f"trained on another store (fingerprint {(recorded.get('store') or {}).get('fingerprint')} "
+                          f"there, {fingerprint} of {config.store} now)")
+        else:
+            log(f"train: {out} already holds adapters trained with these settings on this store (final loss "
+                f"{recorded.get('final_loss')}); nothing to do")
+            return {"parameters": recorded.get("parameters"), "seconds": 0.0,
+                    "final_loss": recorded.get("final_loss"), "skipped": True}
+    except ModelError as err:
+        difference = f"its adapters cannot be read ({err})"
+    if not config.restart_on_mismatch:
+        raise ConfigError(f"train.out_dir: {out} holds finished adapters: {difference}; nothing was changed. Choose "
+                          "another out_dir, or pass --restart-on-mismatch true to replace them")
+    log(f"train: {out} held finished adapters ({difference}); replacing them (restart_on_mismatch)")
+    for name in sorted(TRAIN_OUTPUTS - {RESOLVED_CONFIG}):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return None
 
 
 def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:

@@ -316,7 +316,7 @@ def test_a_run_killed_while_swapping_checkpoints_resumes_from_the_new_one(tiny_s
     training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), progress=False, log=messages.append)
     assert any(f"resuming from {checkpoint} at step 2" in m for m in messages), messages
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == \
-        ["README.md", "adapter_config.json", "adapters.safetensors", "loss.csv"]
+        ["README.md", "adapter_config.json", "adapters.safetensors", "loss.csv", "resolved_config.json"]
     assert not checkpoint.exists() and not checkpoint.with_name("checkpoint.tmp").exists()
 
 
