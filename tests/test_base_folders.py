@@ -28,7 +28,8 @@ def copy_with(tiny_base_dir, tmp_path, edit) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("delta, expect", [(1, "the weights lack"), (-1, "has no place for")], ids=["more layers", "fewer"])
+@pytest.mark.parametrize("delta, expect", [(1, "the weights lack"), (-1, "has no place for")],
+                         ids=["more layers", "fewer"])
 def test_config_that_does_not_fit_the_weights_is_refused(tiny_base_dir, tmp_path, delta, expect):
     folder = copy_with(tiny_base_dir, tmp_path, lambda c: c.update(num_layers=c["num_layers"] + delta))
     with pytest.raises(ModelError, match=f"transformer/config.json does not fit its weights.*{expect}"):
