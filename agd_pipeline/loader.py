@@ -192,7 +192,10 @@ class _ReadAhead:
                     futures = [self._pool.submit(self.reader.__getitem__, unit) for unit, _, _ in buffer]
                     parts = [future.result() for future in futures]
                 else:
-                    parts = [next(self._units) for _ in buffer]
+                    try:
+                        parts = [next(self._units) for _ in buffer]
+                    except StoreError as err:
+                        raise _from_worker(err) from None
                 data = {key: [np.asarray(part[key]) for part in parts] for key in parts[0]}
                 self._ready.put((buffer, data))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
@@ -219,6 +222,17 @@ class _ReadAhead:
         elif not self._thread.is_alive():
             self._units._shutdown_workers()  # not left to garbage collection, mid-run
         self._units = self._loader = None
+
+
+def _from_worker(err: StoreError) -> StoreError:
+    """A store error raised in a DataLoader worker process, as the one line it was there (torch
+    re-raises it with the worker's traceback in its message)."""
+    text = str(err).strip()
+    if "\n" not in text:
+        return err
+    last = text.splitlines()[-1]  # "agd_pipeline.loader.ChangedOnDisk: <the message>"
+    _, _, message = last.partition(": ")
+    return type(err)(message or last)
 
 
 def _as_is(item):

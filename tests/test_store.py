@@ -414,6 +414,20 @@ def test_flipped_bytes_in_an_uncompressed_chunk_stop_training_under_verify_cheap
     assert not (tmp_path / "adapters" / ADAPTER_WEIGHTS).exists()
 
 
+def test_a_changed_unit_read_in_a_worker_process_is_one_line_too(raw_store, tmp_path):
+    from agd_pipeline.loader import StepBatches
+
+    root = tmp_path / "store"
+    shutil.copytree(raw_store, root)
+    flip_two_bytes(chunk_files(root, SHARD_NAMES[1], "model_input")[0])
+    with pytest.raises(StoreError) as err:
+        for _ in zip(range(100), StepBatches(TrajectoryStore(root), 4, seed=0, workers=1)):
+            pass
+    assert str(err.value).startswith(f"{root}/{SHARD_NAMES[1]}/model_input: trajectories 0-2 do not match the "
+                                     "digest recorded"), str(err.value)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
 def test_bytes_changed_with_their_mtime_put_back_never_reach_training(raw_store, tmp_path):
     """verify=changed trusts a shard whose files look as when it passed a full re-read; bytes
     flipped behind its back are caught by the digests checked as the loader reads."""
@@ -452,6 +466,23 @@ def test_malformed_read_time_digests_are_a_clear_error(store_copy):
     with pytest.raises(StoreError, match=rf"shard {SHARD_NAMES[1]} has malformed unit_rows/unit_checksums.*"
                                          "--rebuild-manifest"):
         TrajectoryStore(store_copy)
+
+
+def test_a_json_write_that_fails_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from agd_pipeline.store import files, write_json_atomic
+
+    (tmp_path / "m.json").write_text("{}")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    assert (tmp_path / "m.json").read_text() == "{}"
 
 
 def test_sound_store_passes_inspect(tiny_store):
