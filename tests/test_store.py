@@ -459,6 +459,17 @@ def test_a_store_written_before_read_time_digests_is_read_and_re_read_under_veri
     assert sum(1 for _ in zip(range(5), StepBatches(store, 4, seed=0))) == 5
 
 
+def test_an_edited_read_time_digest_is_found_by_the_full_check(store_copy):
+    """The digests the loader checks are themselves checked by a full re-read (inspect --verify)."""
+    manifest = json.loads((store_copy / MANIFEST).read_text())
+    digests = manifest["shards"][2]["unit_checksums"]["guided_output"]
+    digests[0] = "0" * 32
+    (store_copy / MANIFEST).write_text(json.dumps(manifest))
+    assert [str(p) for p in TrajectoryStore(store_copy).problems(full=True)] == [
+        f"{SHARD_NAMES[2]}/guided_output: the manifest's unit_checksums differ from the data (the manifest was "
+        "edited or damaged)"]
+
+
 def test_malformed_read_time_digests_are_a_clear_error(store_copy):
     manifest = json.loads((store_copy / MANIFEST).read_text())
     manifest["shards"][1]["unit_checksums"]["model_input"] = ["0" * 32] * 7

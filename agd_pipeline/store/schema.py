@@ -264,22 +264,29 @@ def whole_checksum(value: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def unit_checksums(arr, units: list[slice], check_finite: bool = False) -> tuple[str, list[str], bool]:
+    """Re-read an array unit by unit: (its checksum, as ``array_checksum``; the digest of each
+    unit; whether every value is finite, if asked). One pass over the data."""
+    digest, per_unit, finite = hashlib.sha256(f"{arr.dtype}|{arr.shape}".encode()), [], True
+    for rows in units:
+        block = np.ascontiguousarray(arr[rows])
+        digest.update(block.reshape(-1).view(np.uint8))
+        per_unit.append(unit_checksum(block))
+        if check_finite and block.dtype.kind == "f" and not np.isfinite(block).all():
+            finite = False
+    return digest.hexdigest(), per_unit, finite
+
+
 def stored_checksums(shard, names, units: list[slice]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Re-read the arrays ``names`` of an open shard: (checksum of each, as ``array_checksum``;
     the digest of each read unit of the arrays read by unit). One pass over the data."""
     sums, per_unit = {}, {}
     for name in names:
         arr = shard[name]
-        if not read_by_unit(name, arr.shape, arr.dtype):
+        if read_by_unit(name, arr.shape, arr.dtype):
+            sums[name], per_unit[name], _ = unit_checksums(arr, units)
+        else:
             sums[name] = array_checksum(arr)[0]
-            continue
-        digest = hashlib.sha256(f"{arr.dtype}|{arr.shape}".encode())
-        per_unit[name] = []
-        for rows in units:
-            block = np.ascontiguousarray(arr[rows])
-            digest.update(block.reshape(-1).view(np.uint8))
-            per_unit[name].append(unit_checksum(block))
-        sums[name] = digest.hexdigest()
     return sums, per_unit
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .schema import (UNIT_CHECKSUMS, UNIT_ROWS, array_checksum, array_specs, combined_checksum, read_by_unit,
-                     unit_checksum, whole_checksum)
+                     row_slices, unit_checksum, unit_checksums, whole_checksum)
 from .verified import Listing, VerifiedShards
 
 # How a store is verified (train.verify): "changed" re-reads the shards without a matching record
@@ -183,9 +183,18 @@ def verify_contents(fmt, name: str, shard, entry: dict) -> list[Problem]:
         return [Problem(name, None, whole)]
     found, sums = [], {}
     expected = entry.get("checksums") or {}
+    recorded = entry.get(UNIT_CHECKSUMS) or {}  # the digests the loader checks (absent in older entries)
+    rows = entry.get(UNIT_ROWS)
+    if not isinstance(rows, int) or rows <= 0 or not isinstance(recorded, dict):
+        recorded, rows = {}, 1  # validate_manifest refuses these; a shard's own record may still hold them
+    units = list(row_slices(entry["trajectories"], rows))
     for array in sorted(shard.array_keys()):
+        per_unit = None
         try:
-            sums[array], finite = array_checksum(shard[array], check_finite=True)
+            if array in recorded:  # one pass: the checksum and the digest of every unit
+                sums[array], per_unit, finite = unit_checksums(shard[array], units, check_finite=True)
+            else:
+                sums[array], finite = array_checksum(shard[array], check_finite=True)
         except Exception as err:  # noqa: BLE001 - truncated chunks fail in the codec
             found.append(Problem(name, array, f"unreadable ({type(err).__name__}: {err})"))
             continue
@@ -193,6 +202,9 @@ def verify_contents(fmt, name: str, shard, entry: dict) -> list[Problem]:
             found.append(Problem(name, array, "holds NaN or inf"))
         if array in expected and sums[array] != expected[array]:
             found.append(Problem(name, array, "checksum differs from the manifest (data changed on disk)"))
+        elif per_unit is not None and per_unit != recorded[array]:
+            found.append(Problem(name, array, f"the manifest's {UNIT_CHECKSUMS} differ from the data (the manifest "
+                                 "was edited or damaged)"))
     if not found and combined_checksum(sums) != entry.get("checksum"):
         found.append(Problem(name, None, "checksum differs from the manifest (data changed on disk)"))
     return found
