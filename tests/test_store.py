@@ -456,6 +456,8 @@ def test_a_store_written_before_read_time_digests_is_read_and_re_read_under_veri
     for _ in range(2):
         store.check(mode="changed", log=messages.append)
     assert messages[1].startswith("store: 0 shard(s) verified earlier and unchanged, 3 re-read"), messages
+    assert messages[1].endswith("; 3 written before read-time digests are re-read at every start (write the "
+                                "store again with this release to record them)"), messages
     assert sum(1 for _ in zip(range(5), StepBatches(store, 4, seed=0))) == 5
 
 

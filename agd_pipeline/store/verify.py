@@ -86,7 +86,10 @@ def find_problems(root: Path, manifest, full: bool = False, only: set[str] | Non
         skipped, read = outcomes.count("skipped"), outcomes.count("re-read")
         seconds = time.perf_counter() - began
         if mode == "changed":
-            log(f"store: {skipped} shard(s) verified earlier and unchanged, {read} re-read ({seconds:.1f} s)")
+            older = sum(1 for e in entries if e.get("status") == "complete" and UNIT_CHECKSUMS not in e)
+            note = (f"; {older} written before read-time digests are re-read at every start (write the store "
+                    "again with this release to record them)") if older else ""
+            log(f"store: {skipped} shard(s) verified earlier and unchanged, {read} re-read ({seconds:.1f} s){note}")
         else:
             log(f"store: {read} shard(s) re-read against their checksums ({seconds:.1f} s)")
     return [problem for problems, _, _ in results for problem in problems]
