@@ -494,10 +494,12 @@ class TrainConfig(StageConfig):
                          "re-reads every shard against its checksums except those that passed such a re-read "
                          "before and whose files are unchanged since (same names, sizes and modification "
                          "times; the record is kept outside the store, in $AGD_CACHE_DIR, else "
-                         "$XDG_CACHE_HOME/agd-pipeline, else ~/.cache/agd-pipeline); bytes changed in place "
-                         "with the modification time kept (or by a failing disk) are caught only by full, "
-                         "which re-reads every shard (and renews the records); cheap checks presence, shapes, "
-                         "chunk files and sizes only", ("changed", "full", "cheap"))
+                         "$XDG_CACHE_HOME/agd-pipeline, else ~/.cache/agd-pipeline); full re-reads every shard "
+                         "(and renews the records); cheap checks presence, shapes, chunk files, sizes and a "
+                         "tar's members only. Whatever the mode, the loader checks every unit it reads against "
+                         "the digest recorded when it was written, so bytes changed in place (modification "
+                         "time kept, or a failing disk) stop training at the damaged unit; full finds them "
+                         "before training starts", ("changed", "full", "cheap"))
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
     report_to: str = option("none", "experiment tracker for the loss and learning rate, through accelerate "
                             "(loss.csv is always written and is what `dvc plots show` draws)", TRACKERS)
