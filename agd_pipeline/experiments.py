@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .interrupts import signals_as_interrupts
 from .errors import AgdError, ConfigError
 
 EXPERIMENTS_DIR = Path("docs/experiments")
@@ -525,20 +526,10 @@ def prepare_command(experiment: Experiment) -> list[str]:
 POLL_SECONDS = 15
 
 
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """Inside: SIGTERM (``kill``, a scheduler or CI stopping the job) raises KeyboardInterrupt as Ctrl-C
-    does, so the same clean-up runs: the running command's process group is stopped (:func:`run_in_group`)
-    and the queue's workers, which are not this process's children, too. The previous handler comes
-    back afterwards. Main thread only."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+# Inside: SIGTERM and SIGHUP raise agd_pipeline.cli.Interrupted (a KeyboardInterrupt), so the same clean-up
+# runs as for Ctrl-C: the running command's process group is stopped (:func:`run_in_group`) and the
+# queue's workers, which are not this process's children, too. Every stage's main runs inside it.
+terminate_as_interrupt = signals_as_interrupts
 
 
 GRACE_SECONDS = 20  # an interrupted command's group gets SIGINT, then SIGKILL after this long

@@ -253,8 +253,8 @@ def test_a_worker_that_left_early_is_started_again_while_the_other_runs():
 
 def test_sigterm_stops_the_queued_runs_as_ctrl_c_does(monkeypatch, capsys):
     """`kill` (SIGTERM) of `stages.experiments run` while it waits: the queue's workers are not its
-    children, so it kills the experiment's runs and stops the workers, says so, exits 130 and puts the
-    previous SIGTERM handler back. A real signal to this process."""
+    children, so it kills the experiment's runs and stops the workers, says so, exits 143 (128 + SIGTERM;
+    Ctrl-C: 130) and puts the previous SIGTERM handler back. A real signal to this process."""
     import functools
     import os
     import signal
@@ -273,9 +273,10 @@ def test_sigterm_stops_the_queued_runs_as_ctrl_c_does(monkeypatch, capsys):
 
     before = signal.signal(signal.SIGTERM, unhandled)
     try:
-        assert cli.main(["run", experiment.name, "--jobs", "2"]) == 130
+        assert cli.main(["run", experiment.name, "--jobs", "2"]) == 143
         assert calls[-2:] == [["dvc", "queue", "kill", *names], ["dvc", "queue", "stop"]]
-        assert "interrupted: the runs of trajectories-vs-forward-noised-sd3 were stopped" in capsys.readouterr().err
+        assert "interrupted (SIGTERM): the runs of trajectories-vs-forward-noised-sd3 were stopped" in \
+            capsys.readouterr().err
         assert signal.getsignal(signal.SIGTERM) is unhandled
     finally:
         signal.signal(signal.SIGTERM, before)
