@@ -142,3 +142,15 @@ def test_a_signalled_experiments_command_leaves_no_dvc_behind(action, slow, sign
             break
         time.sleep(0.1)
     assert not _alive(child), f"dvc ({slow}) outlived the command"
+
+
+@pytest.mark.parametrize("signum", list(STATUS), ids=lambda s: signal.Signals(s).name)
+def test_a_signal_while_a_command_starts_is_one_line(signum):
+    """`python -m stages.X` handles the signals from the moment the stages package loads, before the
+    command's (slow) imports and its main: a signal then is one line and its status too."""
+    script = ("import sys; sys.argv[:1] = ['-m']; import stages, os, time; "  # as `python -m stages.X` starts
+              f"os.kill(os.getpid(), {int(signum)}); time.sleep(10)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == STATUS[signum], result.stderr
+    assert lines == [f"interrupted ({NAMES[signum]}): re-run the same command"], result.stderr
