@@ -339,12 +339,22 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, e
     accumulate = config.gradient_accumulation_steps
     model.train()
     running = list(recent or [])
-    with open(Path(config.out_dir) / LOSS_CSV if main else os.devnull, "a", newline="") as loss_file, \
+    # line-buffered: a row that cannot be written (a full disk) fails where it is written, named below
+    with open(out / LOSS_CSV if main else os.devnull, "a", newline="", buffering=1) as loss_file, \
             tqdm(range(start_step, config.steps), desc="train: adapters", unit="step",
                  disable=not progress or not main, initial=start_step, total=config.steps) as bar:
         writer = csv.writer(loss_file)
+
+        def record(row: list) -> None:
+            try:
+                writer.writerow(row)
+            except OSError as err:
+                raise AgdError(f"{out / LOSS_CSV}: cannot write the loss of step {row[0]} ({os_reason(err)})"
+                               + (f"; the checkpoint in {checkpoint} is intact" if checkpoint.exists() else "")
+                               + ". Free space (or fix permissions) and run the same command to resume") from None
+
         if start_step == 0:
-            writer.writerow(["step", "loss", "lr"])
+            record(["step", "loss", "lr"])
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
@@ -376,7 +386,7 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, e
             running.append(logged)
             del running[:-FINAL_LOSS_STEPS]  # only these go into final_loss and the checkpoint
             lr = lr_schedule.get_last_lr()[0]
-            writer.writerow([step + 1, f"{logged:.6g}", f"{lr:.6g}"])
+            record([step + 1, f"{logged:.6g}", f"{lr:.6g}"])
             if config.report_to != "none":
                 accelerator.log({"loss": logged, "lr": lr}, step=step + 1)
             if (step + 1) % 25 == 0:

@@ -104,6 +104,45 @@ def test_a_full_disk_at_the_adapters_is_one_line_and_resumes_without_training(ti
     assert (out / ADAPTER_WEIGHTS).exists() and not (out / training.CHECKPOINT).exists()
 
 
+def test_a_full_disk_at_loss_csv_is_one_line_naming_it(tiny_store, tmp_path, monkeypatch):
+    out = tmp_path / "adapters"
+
+    class FullAfter:
+        """loss.csv on a disk that fills up after ``rows`` rows (the header included)."""
+        def __init__(self, f, rows):
+            self.f, self.rows = f, rows
+
+        def write(self, text):
+            self.rows -= 1
+            if self.rows < 0:
+                raise OSError(28, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        return FullAfter(f, 3) if Path(path).name == training.LOSS_CSV else f
+
+    monkeypatch.setattr(training, "open", full_open, raising=False)
+    with pytest.raises(AgdError) as err:
+        training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), **QUIET)
+    message = str(err.value)
+    assert message.startswith(f"{out / training.LOSS_CSV}: cannot write the loss of step 3 (the disk is full)"), message
+    assert "\n" not in message and "is intact" in message
+    monkeypatch.undo()
+    training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), **QUIET)
+    with open(out / training.LOSS_CSV) as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()] == ["step", "1", "2", "3", "4", "5", "6"]
+
+
 # ----------------------------------------------------------------------------- finite losses
 
 
