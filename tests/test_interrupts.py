@@ -76,6 +76,50 @@ def test_a_signal_ends_every_command_with_one_line(command, signum, tmp_path, mo
     assert {s: signal.getsignal(s) for s in STATUS} == before, "the previous signal handlers were not put back"
 
 
+SLOW_CONVERT = """
+import os, time
+import agd_pipeline.store
+
+
+def convert_store(*args, **kwargs):  # the conversion, slowed down: the signal lands inside it
+    open(os.environ["AGD_TEST_READY"], "w").close()
+    time.sleep(60)
+
+
+agd_pipeline.store.convert_store = convert_store
+"""
+
+
+@pytest.mark.parametrize("signum", list(STATUS), ids=lambda s: signal.Signals(s).name)
+def test_a_signalled_convert_process_ends_with_one_line(signum, tmp_path):
+    """A real `python -m stages.convert` (its conversion slowed down by a sitecustomize), signalled while
+    it converts: its status, one line, no traceback."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_CONVERT)
+    (tmp_path / "source").mkdir()
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)]),
+           "AGD_TEST_READY": str(ready), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "stages.convert", str(tmp_path / "source"),
+                                str(tmp_path / "target"), "--no-progress"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == STATUS[signum], stderr
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    assert lines[0] == f"interrupted ({NAMES[signum]}): re-run the same command to finish converting " \
+        f"{tmp_path / 'source'} (it resumes)", stderr
+
+
 # ------------------------------------------------------------------ real processes, a fake `dvc` on PATH
 
 
