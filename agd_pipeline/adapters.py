@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
 from . import families, guidance
 from .config import check_interval
-from .errors import ModelError, os_reason
+from .errors import ModelError, WriteError, write_errors, write_reason
 from .models import BaseModel, count_parameters, load_base_model, recorded_hub_options
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -438,14 +437,12 @@ def save_adapters(model: AdaptedModel, folder: str | Path, extra: dict | None = 
         # a kill between the two renames leaves files whose digests disagree: refused on load
         weights_tmp.replace(folder / ADAPTER_WEIGHTS)
         config_tmp.replace(folder / ADAPTER_CONFIG)
-    except (OSError, SafetensorError) as err:
+    except write_errors() as err:
         for tmp in (weights_tmp, config_tmp):
             tmp.unlink(missing_ok=True)
-        reason = os_reason(err) if isinstance(err, OSError) else str(err)
-        if "No space left" in reason:
-            reason = "the disk is full"
-        raise ModelError(f"{folder}: cannot write the adapters ({reason}); nothing there was replaced. Free "
-                         "space or choose another output folder, then run the command again") from None
+        reason = write_reason(err)
+        raise WriteError(f"{folder}: cannot write the adapters ({reason}); nothing there was replaced. Free "
+                         "space or choose another output folder, then run the command again", reason) from None
     write_model_card(folder, config)
     return folder
 
@@ -506,7 +503,12 @@ def write_model_card(folder: str | Path, config: dict, metrics: dict | None = No
             lines.append(f"| {row['w']:g} | {' | '.join(fid)} | {row['speed_ratio_agd_over_cfg']:.2f}x |")
         lines.append("")
     path = folder / MODEL_CARD
-    path.write_text("\n".join(lines))
+    tmp = path.with_name(MODEL_CARD + ".tmp")  # a failed write never leaves half a card
+    try:
+        tmp.write_text("\n".join(lines))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -355,6 +355,13 @@ def variants_main(runs: dict[str, Path], readme: Path, check: bool) -> int:
 
 
 def main(argv=None) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP: one line, exit status 130, 143 or 129 (agd_pipeline.interrupts)."""
+    from agd_pipeline.interrupts import interruptible
+
+    return interruptible(lambda: _main(argv), "re-run the same `python -m stages.report` command")
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metrics", default=None,

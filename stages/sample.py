@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         print(f"{out}: {len(result['labels'])} images, {result['method'].upper()} w={args.guidance_scale:g}{note}, "
               f"{result['nfe_per_image']} network evaluations per image, {result['seconds']:.1f} s")
 
-    return run_command(body, lambda: check_args(args))
+    return run_command(body, lambda: check_args(args),
+                       interrupted="re-run the same command to sample (every image is written again)")
 
 if __name__ == "__main__":
     sys.exit(main())
