@@ -414,7 +414,7 @@ def config_digest(config: dict) -> str:
 def save_adapters(model: AdaptedModel, folder: str | Path, extra: dict | None = None) -> Path:
     """Write adapters.safetensors, adapter_config.json (with the sha256 of both, checked on every
     load) and the model card. Both files are written to temporaries first; a failed write (disk
-    full, permission) removes them and raises one ModelError, leaving the folder as it was."""
+    full, permission) removes them and raises one WriteError, leaving the folder as it was."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

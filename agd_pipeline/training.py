@@ -179,6 +179,9 @@ def _finished_run(config: TrainConfig, fingerprint: str, log) -> dict | None:
         changed = [k for k in now if k not in ("store", "out_dir") and ran.get(k, now[k]) != now[k]]
         if changed:
             difference = "; ".join(f"{config.key(k)} {ran[k]!r} there, {now[k]!r} now" for k in changed[:3])
+        elif recorded.get("code") != code_fingerprint():
+            difference = (f"trained by other code of this tool (source digest {recorded.get('code')} there, "
+                          f"{code_fingerprint()} now)")
         elif (recorded.get("store") or {}).get("fingerprint") != fingerprint:
             difference = (f"trained on another store (fingerprint {(recorded.get('store') or {}).get('fingerprint')} "
                           f"there, {fingerprint} of {config.store} now)")
@@ -531,7 +534,20 @@ def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: st
         "guidance": manifest.guidance,
         "negative_prompt": manifest.negative_prompt,
         "final_loss": final_loss,
+        "code": code_fingerprint(),
     }
+
+
+def code_fingerprint() -> str:
+    """sha256 (16 hex digits) of this package's Python source: adapters trained by other code are not
+    "the same run" (under `dvc repro` a code change must retrain, although the output folder persists)."""
+    import hashlib
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _silent(*args, **kwargs) -> None:

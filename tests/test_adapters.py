@@ -11,7 +11,7 @@ import torch
 import agd_pipeline.adapters as adapters_module
 from agd_pipeline.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedModel, AdapterConfig,
                                    load_adapted_model, save_adapters)
-from agd_pipeline.errors import ModelError
+from agd_pipeline.errors import ModelError, WriteError
 from agd_pipeline.models import count_parameters, load_base_model
 
 from conftest import make_base_folder
@@ -319,7 +319,7 @@ def test_a_failed_save_leaves_the_previous_adapters_whole(base, adapted_factory,
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_write_text(self, *args, **kwargs)
         monkeypatch.setattr(type(folder), "write_text", write_text)
-    with pytest.raises(ModelError, match="cannot write the adapters \\(the disk is full\\); nothing there was"):
+    with pytest.raises(WriteError, match="cannot write the adapters \\(the disk is full\\); nothing there was"):
         save_adapters(newer, folder)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporaries, nothing replaced

@@ -358,11 +358,11 @@ def test_real_bugs_keep_their_traceback(bug, tmp_path, monkeypatch):
         stage_main(BaseStageConfig, run, ["--out-dir", str(tmp_path / "out")])
 
 
-@pytest.mark.parametrize("stage, module, function", [("train", "agd_pipeline.training", "train"),
-                                                    ("generate", "agd_pipeline.generation", "generate")])
+@pytest.mark.parametrize("stage, module, function", [("generate", "agd_pipeline.generation", "generate")])
 def test_resolved_config_is_written_except_into_a_store(stage, module, function, tmp_path, monkeypatch):
-    """train records its resolved config next to its outputs; generate does not write into the
-    store (its manifest records the settings, and a DVC-tracked output must not change on a re-run)."""
+    """generate does not write into the store (its manifest records the settings, and a DVC-tracked
+    output must not change on a re-run); train records its resolved config itself, before its first
+    step (tests/test_output_ownership.py)."""
     import importlib
 
     monkeypatch.chdir(tmp_path)

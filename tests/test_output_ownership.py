@@ -216,3 +216,28 @@ def test_finetune_refuses_an_output_inside_its_base_and_a_second_writer(derivabl
     assert f"{out} is in use by" in line and not out.exists()
     assert call(stages.finetune.main, [*argv, "--out-dir", str(out)]) == 0
     assert (out / "agd_base.json").is_file()
+
+
+def test_train_rerun_after_a_code_change_is_not_nothing_to_do(trained, tiny_store, tmp_path, capsys, monkeypatch):
+    """Under `dvc repro` the adapters folder persists and a code change re-runs train: it must retrain
+    (dvc.yaml passes --restart-on-mismatch true), never keep adapters the old code made."""
+    out = tmp_path / "adapters"
+    shutil.copytree(trained, out)
+    monkeypatch.setattr(training, "code_fingerprint", lambda: "0123456789abcdef")
+    one_error_line(call(stages.train.main, train_argv(tiny_store, out)), capsys.readouterr(),
+                   "trained by other code of this tool")
+    assert call(stages.train.main, train_argv(tiny_store, out, "--restart-on-mismatch", "true")) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["code"] == "0123456789abcdef"
+
+
+def test_train_records_its_resolved_config_before_its_first_step(tiny_store, tmp_path, monkeypatch):
+    out = tmp_path / "adapters"
+    config = load_config(TrainConfig, {"store": str(tiny_store), "out_dir": str(out), "steps": 4, "device": "cpu"})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, progress=False, log=lambda *a: None)
+    assert json.loads((out / "resolved_config.json").read_text()) == {"train": config.to_dict()}
