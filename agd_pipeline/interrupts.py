@@ -109,3 +109,28 @@ def quiet_from_the_start() -> None:
         os._exit(interrupted_status(value))
 
     sys.excepthook = hook
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_dvc() -> bool:
+    """Under ``dvc repro`` (DVC sets DVC_STAGE for every stage command), on Linux: ask the kernel to
+    send this process SIGTERM when its parent (dvc, or the shell it started) dies, so that a
+    SIGKILLed ``dvc repro`` does not leave its stage running unseen. Outside DVC nothing is set: a
+    command started with ``nohup ... &`` must outlive the shell it was started from. Returns
+    whether it was set."""
+    if not os.environ.get("DVC_STAGE") or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True

@@ -3,6 +3,7 @@ the signal (130, 143, 129), no traceback, and no child process left running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -198,3 +199,36 @@ def test_a_signal_while_a_command_starts_is_one_line(signum):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == STATUS[signum], result.stderr
     assert lines == [f"interrupted ({NAMES[signum]}): re-run the same command"], result.stderr
+
+
+@pytest.mark.parametrize("under_dvc", [True, False], ids=["under-dvc", "by-hand"])
+def test_a_stage_dies_with_a_killed_dvc_but_not_with_a_shell(under_dvc, tmp_path):
+    """A SIGKILLed `dvc repro` must not leave its stage running unseen: under DVC (DVC_STAGE set) the
+    stage asks for SIGTERM when its parent dies. By hand (`nohup python -m stages.X &`) it outlives
+    the shell it was started from."""
+    stage = ("import sys; sys.argv[:1] = ['-m']; import stages, time; "  # as `python -m stages.X` starts
+             "print('ready', flush=True); time.sleep(60)")
+    parent = ("import os, subprocess, sys, time\n"
+              f"env = {{**os.environ, 'DVC_STAGE': 'evaluate'}} if {under_dvc} else "
+              "{k: v for k, v in os.environ.items() if k != 'DVC_STAGE'}\n"
+              f"child = subprocess.Popen([sys.executable, '-c', {stage!r}], env=env, stdout=subprocess.PIPE, "
+              "text=True)\n"
+              "child.stdout.readline()\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    dvc = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(dvc.stdout.readline())
+        assert _alive(child)
+        dvc.kill()  # SIGKILL: dvc has no chance to stop its stage itself
+        dvc.wait(timeout=30)
+        for _ in range(50):
+            if not _alive(child):
+                break
+            time.sleep(0.1)
+        assert _alive(child) != under_dvc
+    finally:
+        if dvc.poll() is None:
+            dvc.kill()
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(child, signal.SIGKILL)
