@@ -109,16 +109,12 @@ def test_a_signalled_convert_process_ends_with_one_line(signum, tmp_path):
         while not ready.exists() and time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=30)
+        line = signal_for_one_line(process, signum)
     finally:
         if process.poll() is None:
             process.kill()
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert process.returncode == STATUS[signum], stderr
-    assert "Traceback" not in stderr and len(lines) == 1, stderr
-    assert lines[0] == f"interrupted ({NAMES[signum]}): re-run the same command to finish converting " \
-        f"{tmp_path / 'source'} (it resumes)", stderr
+    assert line == f"interrupted ({NAMES[signum]}): re-run the same command to finish converting " \
+        f"{tmp_path / 'source'} (it resumes)"
 
 
 # ------------------------------------------------------------------ real processes, a fake `dvc` on PATH
@@ -142,6 +138,17 @@ esac
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
     return env, pid_file
+
+
+def signal_for_one_line(process: subprocess.Popen, signum: int) -> str:
+    """Send ``signum`` to a running command; it must end with the signal's status and one stderr
+    line, no traceback. Returns that line."""
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=30)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == STATUS[signum], stderr
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    return lines[0]
 
 
 def _alive(pid: int) -> bool:
@@ -173,15 +180,11 @@ def test_a_signalled_experiments_command_leaves_no_dvc_behind(action, slow, sign
             time.sleep(0.05)
         child = int(pid_file.read_text())
         assert _alive(child)
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=30)
+        line = signal_for_one_line(process, signum)
     finally:
         if process.poll() is None:
             process.kill()
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert process.returncode == STATUS[signum], stderr
-    assert "Traceback" not in stderr and len(lines) == 1, stderr
-    assert lines[0].startswith(f"interrupted ({NAMES[signum]}): "), stderr
+    assert line.startswith(f"interrupted ({NAMES[signum]}): "), line
     for _ in range(50):
         if not _alive(child):
             break
