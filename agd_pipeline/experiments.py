@@ -544,13 +544,20 @@ def run_in_group(command: list[str], capture_output: bool = False, **kwargs) -> 
     stage running unseen."""
     if capture_output:
         kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    with subprocess.Popen(command, start_new_session=True, **kwargs) as process:
+    with subprocess.Popen(command, start_new_session=True, preexec_fn=_interruptible_child, **kwargs) as process:
         try:
             stdout, stderr = process.communicate()
         except BaseException:
             _stop_group(process)
             raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _interruptible_child() -> None:
+    """In the child, before it runs the command: SIGINT back to its default. A process started in the
+    background (``nohup ... &``, CI runners) inherits SIGINT ignored, and its children would then
+    ignore the SIGINT that :func:`_stop_group` sends and last the whole grace period."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop_group(process: subprocess.Popen) -> None:

@@ -235,3 +235,30 @@ def test_a_stage_dies_with_a_killed_dvc_but_not_with_a_shell(under_dvc, tmp_path
             dvc.kill()
         with contextlib.suppress(ProcessLookupError, UnboundLocalError):
             os.kill(child, signal.SIGKILL)
+
+
+def test_dvc_gets_sigint_even_when_the_command_was_started_with_it_ignored(tmp_path):
+    """A command started in the background (`nohup ... &`, a CI runner) inherits SIGINT ignored; the
+    dvc it runs must still get the SIGINT it is stopped with (graceful), not wait out the grace
+    period for SIGKILL."""
+    marker, pid_file = tmp_path / "dvc.got-sigint", tmp_path / "dvc.pid"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dvc").write_text(f"#!/bin/sh\ntrap 'echo INT > {marker}; exit 130' INT\n"
+                                 f"echo $$ > {pid_file}\nsleep 60 &\nwait\n")
+    (bin_dir / "dvc").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "stages.experiments", "report", "unseen-w", "--readme",
+                                str(tmp_path / "README.md")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        signal_for_one_line(process, signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert marker.read_text().strip() == "INT"
