@@ -61,8 +61,13 @@ def check_outside_inputs(out: Path, key: str, inputs: Iterable) -> None:
                               "Choose an output folder that does not contain the inputs")
 
 
+# never written by a command, so never in its way: the lock, and the .gitignore DVC writes into an
+# output folder for the cached outputs inside it (data/eval/.gitignore lists /grids, say)
+NOT_OUTPUTS = {LOCK_FILE, ".gitignore"}
+
+
 def _listing(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    return sorted(p.name for p in out.iterdir() if p.name not in NOT_OUTPUTS) if out.is_dir() else []
 
 
 def claim_output(out: Path, key: str, command: str, ours: Callable[[Path], bool], inputs: Iterable = (),

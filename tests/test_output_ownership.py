@@ -241,3 +241,15 @@ def test_train_records_its_resolved_config_before_its_first_step(tiny_store, tmp
     with pytest.raises(KeyboardInterrupt):
         training.train(config, progress=False, log=lambda *a: None)
     assert json.loads((out / "resolved_config.json").read_text()) == {"train": config.to_dict()}
+
+
+def test_the_gitignore_dvc_writes_into_an_output_folder_is_not_in_the_way(tmp_path):
+    """dvc writes data/eval/.gitignore for the cached outputs inside that folder before the stage runs."""
+    from agd_pipeline.outputs import claim_output
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / ".gitignore").write_text("/grids\n")
+    assert claim_output(out, "evaluate.out_dir", "stages.evaluate", lambda folder: False) is False
+    (out / "metrics.json").write_text("{}")
+    assert claim_output(out, "evaluate.out_dir", "stages.evaluate", lambda folder: True) is True
