@@ -254,7 +254,12 @@ def clip_score(images, prompts: list[str], clip_model: str | Path, *, batch_size
 
     ``images``: uint8 [N, H, W, 3] or grey [N, H, W]. Prompts are truncated to the text encoder's length.
     """
-    return float(_clip_scores(images, prompts, clip_model, batch_size, device).mean())
+    return clip_score_of(_clip_scores(images, prompts, clip_model, batch_size, device).numpy())
+
+
+def clip_score_of(scores: np.ndarray) -> float:
+    """The CLIP score of a sample set from its per-image :func:`clip_scores`: their mean."""
+    return float(torch.from_numpy(np.asarray(scores, dtype=np.float64)).mean())
 
 
 def _clip_scores(images, prompts: list[str], clip_model: str | Path, batch_size: int, device) -> torch.Tensor:
