@@ -280,3 +280,35 @@ def test_clip_score_bad_inputs_are_config_errors(clip_folder, clip_images, tmp_p
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="uint8"):
         clip_score(clip_images.astype(np.float32), PROMPTS, clip_folder)
+
+
+# ----------------------------------------------------------------------------- per-sample data behind them
+
+
+def test_per_image_features_give_inception_fid(folders, extractor, tmp_path):
+    """inception_features and load_reference: the per-image data whose FID is inception_fid's number,
+    against a reference folder (its features) and against its statistics (mu and sigma only)."""
+    bright, dark = folders
+    features = real_metrics.inception_features(bright, extractor=extractor)
+    assert features.shape == (12, 4) and features.dtype == np.float64
+    as_folder = real_metrics.load_reference(dark, extractor=extractor)
+    assert set(as_folder) == {"features"} and as_folder["features"].shape == (12, 4)
+    assert real_metrics.fid_from_features(features, as_folder) == inception_fid(bright, dark, extractor=extractor)
+    stats = reference_statistics(dark, tmp_path / "dark.npz", extractor=extractor)
+    as_stats = real_metrics.load_reference(stats)
+    assert set(as_stats) == {"mu", "sigma"}
+    assert real_metrics.fid_from_features(features, as_stats) == inception_fid(bright, stats, extractor=extractor)
+    # one row per image, in sorted file order: a folder of the first two images gives the first two rows
+    first_two = write_folder(tmp_path / "first_two", blocky_images(12, 16, 4, 0, 256, seed=1)[:2])
+    np.testing.assert_allclose(real_metrics.inception_features(first_two, extractor=extractor), features[:2], rtol=1e-6)
+    with pytest.raises(ConfigError, match="do not exist"):
+        real_metrics.load_reference(tmp_path / "absent.npz")
+
+
+def test_per_image_clip_scores_average_to_clip_score(clip_folder, clip_images):
+    scores = real_metrics.clip_scores(clip_images, PROMPTS, clip_folder, batch_size=4)
+    assert scores.shape == (len(PROMPTS),) and scores.dtype == np.float64
+    direct = 100 * np.maximum(direct_cosines(clip_folder, clip_images, PROMPTS), 0)
+    np.testing.assert_allclose(scores, direct, atol=1e-4)
+    assert (scores == 0).any() and (scores > 0).any()  # the floor at 0 is per image
+    assert real_metrics.clip_score_of(scores) == clip_score(clip_images, PROMPTS, clip_folder, batch_size=4)
