@@ -312,3 +312,73 @@ def test_per_image_clip_scores_average_to_clip_score(clip_folder, clip_images):
     np.testing.assert_allclose(scores, direct, atol=1e-4)
     assert (scores == 0).any() and (scores > 0).any()  # the floor at 0 is per image
     assert real_metrics.clip_score_of(scores) == clip_score(clip_images, PROMPTS, clip_folder, batch_size=4)
+
+
+# ------------------------------------------------------------------ the evaluate stage on a "real" checkpoint
+
+
+@pytest.fixture(scope="module")
+def untrained_adapters(tiny_base_dir, tmp_path_factory):
+    """Adapters for the tiny class DiT as stages.train writes them (untrained: evaluate needs no more)."""
+    from agd_pipeline.adapters import AdaptedModel, AdapterConfig, save_adapters
+    from agd_pipeline.models import load_base_model
+
+    base = load_base_model(str(tiny_base_dir), with_vae=False)
+    config = AdapterConfig(width=8, embed_dim=16, num_classes=base.num_classes,
+                           condition_on=["guidance", "timestep", "class"])
+    folder = tmp_path_factory.mktemp("real_adapters") / "adapters"
+    model = AdaptedModel(base, config)
+    save_adapters(model, folder, extra={"training": {}, "sampler": {"num_steps": 3},
+                                        "guidance": {"min": 1.0, "max": 6.0}, "negative_prompt": ""})
+    model.remove()
+    return folder
+
+
+@pytest.mark.parametrize("reference", ["folder", "statistics"])
+def test_evaluate_keeps_per_sample_inception_features_and_intervals(untrained_adapters, extractor, tmp_path,
+                                                                   monkeypatch, reference):
+    """`python -m stages.evaluate --fid-reference` on a checkpoint without a judge (the tiny DiT, clean-fid's
+    Inception replaced by the tiny extractor): features.npz holds every sample set's features and the
+    reference's (or its mu and sigma), metrics.json the real_model intervals, whose points are the per-w
+    Inception FIDs; `stages.report` renders them and --check recomputes them."""
+    import json
+
+    import stages.evaluate
+    from agd_pipeline import evidence
+    from stages.report import main as report
+
+    monkeypatch.setattr(real_metrics, "_inception", lambda device: extractor)
+    folder = write_folder(tmp_path / "reference", blocky_images(24, 16, 4, 0, 256, seed=9))
+    given = folder if reference == "folder" else reference_statistics(folder, tmp_path / "ref.npz",
+                                                                      extractor=extractor)
+    out = tmp_path / "eval"
+    assert stages.evaluate.main(["--adapters", str(untrained_adapters), "--out-dir", str(out), "--device", "cpu",
+                                 "--samples-per-class", "2", "--guidance-scales", "2, 7", "--batch-size", "40",
+                                 "--fid-reference", str(given), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    n = metrics["samples_per_w"]
+    assert not (out / evidence.OUTCOMES).exists()  # no judge
+    real_rows = evidence.read_outcomes(out / evidence.REAL_OUTCOMES, evidence.REAL_COLUMNS)
+    assert len(real_rows) == 5 * n and all(r["clip_score"] is None for r in real_rows)
+    with np.load(out / evidence.FEATURES) as data:
+        keys = set(data.files)
+        assert data["inception/cfg_w2"].shape == (n, 4)
+    sets = {"inception/unguided", "inception/cfg_w2", "inception/agd_w2", "inception/cfg_w7", "inception/agd_w7"}
+    assert keys == sets | ({"inception/real"} if reference == "folder" else
+                           {"inception/reference_mu", "inception/reference_sigma"})
+    real = metrics["evidence"]["real_model"]
+    assert real["fid_reference"]["resampled"] == (reference == "folder")
+    for w in ("w2", "w7"):
+        for method in ("unguided", "cfg", "agd"):
+            stored = metrics["per_w"][w][f"inception_fid_{method}"]
+            assert stored == pytest.approx(inception_fid(out / "samples" / (method if method == "unguided" else
+                                                                            f"{method}/{w}"), given,
+                                                         extractor=extractor), rel=1e-9)
+            estimate = real["per_w"][w][f"inception_fid_{method}"]
+            assert estimate["point"] == pytest.approx(stored, rel=1e-4)  # from float32 features.npz
+            assert estimate["low"] <= estimate["point"] <= estimate["high"]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert report(["--metrics", str(out / "metrics.json"), "--readme", str(readme)]) == 0
+    assert "| w | Inception FID unguided |" in readme.read_text()
+    assert report(["--metrics", str(out / "metrics.json"), "--readme", str(readme), "--check"]) == 0
