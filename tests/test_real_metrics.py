@@ -382,3 +382,47 @@ def test_evaluate_keeps_per_sample_inception_features_and_intervals(untrained_ad
     assert report(["--metrics", str(out / "metrics.json"), "--readme", str(readme)]) == 0
     assert "| w | Inception FID unguided |" in readme.read_text()
     assert report(["--metrics", str(out / "metrics.json"), "--readme", str(readme), "--check"]) == 0
+
+
+def test_evaluate_keeps_per_sample_clip_scores_beside_inception_features(clip_folder, clip_images, extractor,
+                                                                         tmp_path, monkeypatch):
+    """The evaluate stage's judges with a tiny CLIP and the tiny extractor (a text checkpoint without a
+    digit judge, three prompts of two samples): real_outcomes.csv holds every sample's CLIP score, the
+    per-w numbers are clip_score's and inception_fid's, and the real_model intervals (clustered by
+    prompt) have them as points."""
+    from agd_pipeline import evidence
+    from agd_pipeline.evaluation import Judges, write_evidence, write_pngs
+
+    monkeypatch.setattr(real_metrics, "_inception", lambda device: extractor)
+    reference = write_folder(tmp_path / "reference", blocky_images(12, 40, 5, 0, 256, seed=11))
+    judges = Judges(str(tmp_path / "no_judge_here"), None, tmp_path / "samples" / "real", str(reference),
+                    str(clip_folder), PROMPTS)
+    sets = {("unguided", None): clip_images, ("cfg", 2.0): blocky_images(6, 40, 5, 0, 256, seed=12),
+            ("agd", 2.0): blocky_images(6, 40, 5, 20, 256, seed=13)}
+    numbers = {}
+    for (method, w), pixels in sets.items():
+        folder = tmp_path / "samples" / (method if w is None else f"{method}/w{w:g}")
+        write_pngs(pixels, folder)
+        numbers[(method, w)] = judges.real_model_metrics(method, folder, pixels, w)
+        assert numbers[(method, w)] == {
+            f"inception_fid_{method}": pytest.approx(inception_fid(folder, reference, extractor=extractor), rel=1e-12),
+            f"clip_score_{method}": clip_score(pixels, PROMPTS, clip_folder)}
+    out = tmp_path / "eval"
+    out.mkdir()
+    prompts = np.arange(6) // 2  # two samples per prompt: the bootstrap draws prompts
+    assessed = write_evidence(out, judges, None, {}, tmp_path / "samples", [2.0], 1.0, prompts)
+    rows = evidence.read_outcomes(out / evidence.REAL_OUTCOMES, evidence.REAL_COLUMNS)
+    cfg = [r["clip_score"] for r in rows if r["method"] == "cfg"]
+    np.testing.assert_allclose(cfg, real_metrics.clip_scores(sets[("cfg", 2.0)], PROMPTS, clip_folder), rtol=1e-15)
+    assert assessed["bootstrap"]["clusters"] == "prompt" and set(assessed) == {"real_model", "bootstrap"}
+    row = assessed["real_model"]["per_w"]["w2"]
+    for method in ("unguided", "cfg", "agd"):
+        key = (method, None if method == "unguided" else 2.0)
+        assert row[f"clip_score_{method}"]["point"] == pytest.approx(numbers[key][f"clip_score_{method}"], rel=1e-12)
+        assert row[f"inception_fid_{method}"]["point"] == pytest.approx(numbers[key][f"inception_fid_{method}"],
+                                                                         rel=1e-4)
+    difference = row["clip_score_difference_agd_minus_cfg"]
+    assert difference["point"] == pytest.approx(row["clip_score_agd"]["point"] - row["clip_score_cfg"]["point"])
+    assert difference["low"] <= difference["point"] <= difference["high"]
+    with np.load(out / evidence.FEATURES) as data:
+        assert set(data.files) == {"inception/unguided", "inception/cfg_w2", "inception/agd_w2", "inception/real"}
