@@ -282,22 +282,23 @@ def _inception_replicates(features: dict[str, np.ndarray], real: RealOutcomes, w
     missing = [feature_key(*key) for key in real.sets if feature_key(*key) not in features]
     if missing:
         raise EvidenceError(f"features: no Inception features of {', '.join(missing)}")
+    # one call per set: the first row of weights is the set itself (the point), the others the replicates
     if "real" in features:
-        reference = {"features_b": features["real"], "weights_b": _reference_weights(len(features["real"]),
-                                                                                        replicates, seed)}
-        point_reference = {"features_b": features["real"], "weights_b": np.ones((1, len(features["real"])))}
-        about = {"kind": "images", "images": len(features["real"]), "resampled": True}
+        size = len(features["real"])
+        reference = {"features_b": features["real"],
+                     "weights_b": np.vstack([np.ones((1, size)), _reference_weights(size, replicates, seed)])}
+        about = {"kind": "images", "images": size, "resampled": True}
     elif REFERENCE_MEAN[len(INCEPTION_PREFIX):] in features and REFERENCE_COV[len(INCEPTION_PREFIX):] in features:
-        reference = point_reference = {"mean_b": features[REFERENCE_MEAN[len(INCEPTION_PREFIX):]],
-                                       "cov_b": features[REFERENCE_COV[len(INCEPTION_PREFIX):]]}
+        reference = {"mean_b": features[REFERENCE_MEAN[len(INCEPTION_PREFIX):]],
+                     "cov_b": features[REFERENCE_COV[len(INCEPTION_PREFIX):]]}
         about = {"kind": "statistics", "resampled": False}
     else:
         raise EvidenceError("features: no Inception reference (inception/real or inception/reference_mu and _sigma)")
     fids = {}
     for method, w in real.sets:
         values = features[feature_key(method, w)]
-        point = intervals.sample_frechet_distance(values, np.ones((1, len(values))), **point_reference)[0]
-        fids[(method, w)] = (float(point), intervals.sample_frechet_distance(values, weights, **reference))
+        both = intervals.sample_frechet_distance(values, np.vstack([np.ones((1, len(values))), weights]), **reference)
+        fids[(method, w)] = (float(both[0]), both[1:])
     return fids, about
 
 
