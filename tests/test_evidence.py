@@ -481,3 +481,19 @@ def test_report_names_a_statistics_reference_as_fixed():
     metrics = {"per_w": {f"w{w:g}": {"w": w, "in_training_range": w in IN_RANGE} for w in WS}, "evidence": assessed}
     text = "\n".join(_real_model(metrics, list(metrics["per_w"].values())))
     assert "precomputed reference statistics" in text and "only the samples are drawn" in text
+
+
+def test_report_shows_the_real_model_table_beside_a_judges_results():
+    from stages.report import render
+
+    rows, features = _synthetic(n=40)
+    real_rows, real_features = _synthetic_real(n=40, per_prompt=1)
+    assessed = evidence.assess(rows, {**features, **real_features}, IN_RANGE, 1.0, replicates=30, real_rows=real_rows)
+    speed = evidence.speed_summary({"40": _timings([2.0] * 5, [1.0] * 5, [0.95] * 5)}, {"cfg": 8, "agd": 4},
+                                   {"40": 40}, "40")
+    metrics = {"num_steps": 4, "samples_per_w": 40, "training_range": [1.0, 6.0], "speed": speed,
+               "per_w": {f"w{w:g}": {"w": w, "in_training_range": w in IN_RANGE} for w in WS},
+               "summary_in_training_range": {"targets_met": True}, "evidence": {**assessed, "accuracy_tolerance": 1.0}}
+    text = render(json.loads(json.dumps(metrics)), "eval/metrics.json", Path("."))
+    assert "| target |" in text and text.index("Real-model metrics") < text.index("Speed:")
+    assert "| 8 * | " in text.split("Real-model metrics")[1].split("Speed:")[0]
