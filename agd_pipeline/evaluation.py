@@ -211,8 +211,8 @@ class Judges:
         if "features" in self.reference:
             arrays[evidence.INCEPTION_PREFIX + "real"] = self.reference["features"]
         else:
-            arrays.update({evidence.REFERENCE_MEAN: self.reference["mu"],
-                           evidence.REFERENCE_COV: self.reference["sigma"]})
+            arrays.update({evidence.INCEPTION_PREFIX + evidence.REFERENCE_MU: self.reference["mu"],
+                           evidence.INCEPTION_PREFIX + evidence.REFERENCE_SIGMA: self.reference["sigma"]})
         return arrays
 
 

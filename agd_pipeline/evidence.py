@@ -49,7 +49,7 @@ NEGATIVE_COLUMNS = ("sample", "negative_digit", "method", "judged", "shows_negat
 REAL_OUTCOMES = "real_outcomes.csv"
 REAL_COLUMNS = ("sample", "prompt", "method", "w", "clip_score")  # clip_score empty without a CLIP model
 INCEPTION_PREFIX = "inception/"  # features.npz keys of the Inception features (real checkpoints)
-REFERENCE_MEAN, REFERENCE_COV = "inception/reference_mu", "inception/reference_sigma"  # a statistics reference
+REFERENCE_MU, REFERENCE_SIGMA = "reference_mu", "reference_sigma"  # a statistics reference, under INCEPTION_PREFIX
 METHODS = ("unguided", "cfg", "agd")
 
 ACCURACY_TOLERANCE = {"class": 1.0, "text": 2.0}  # points of accuracy AGD may lose against CFG
@@ -288,9 +288,8 @@ def _inception_replicates(features: dict[str, np.ndarray], real: RealOutcomes, w
         reference = {"features_b": features["real"],
                      "weights_b": np.vstack([np.ones((1, size)), _reference_weights(size, replicates, seed)])}
         about = {"kind": "images", "images": size, "resampled": True}
-    elif REFERENCE_MEAN[len(INCEPTION_PREFIX):] in features and REFERENCE_COV[len(INCEPTION_PREFIX):] in features:
-        reference = {"mean_b": features[REFERENCE_MEAN[len(INCEPTION_PREFIX):]],
-                     "cov_b": features[REFERENCE_COV[len(INCEPTION_PREFIX):]]}
+    elif REFERENCE_MU in features and REFERENCE_SIGMA in features:
+        reference = {"mean_b": features[REFERENCE_MU], "cov_b": features[REFERENCE_SIGMA]}
         about = {"kind": "statistics", "resampled": False}
     else:
         raise EvidenceError("features: no Inception reference (inception/real or inception/reference_mu and _sigma)")
