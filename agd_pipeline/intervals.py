@@ -127,10 +127,11 @@ def sample_frechet_distance(features_a, weights_a: np.ndarray, features_b=None, 
     shift = features_a.mean(axis=0)
     a = features_a - shift
     if fixed:
-        values, vectors = np.linalg.eigh(np.asarray(cov_b, dtype=np.float64))
+        cov_b = np.asarray(cov_b, dtype=np.float64)
+        values, vectors = np.linalg.eigh(cov_b)
         cross = a @ (vectors * np.sqrt(np.clip(values, 0, None)))  # A L before weighting: [N, D]
         mean_b = np.asarray(mean_b, dtype=np.float64)[None] - shift
-        trace_b = np.full(len(weights_a), float(np.trace(cov_b)))
+        trace_b = np.full(len(weights_a), np.trace(cov_b))
     else:
         b = np.asarray(features_b, dtype=np.float64) - shift
         cross = a @ b.T  # [N, M]
