@@ -434,7 +434,7 @@ def load_component(cls, name: str, subfolder: str, dtype: torch.dtype, hub: dict
         problem = _weights_misfit(cls, Path(name) / subfolder, hub.get("variant"))
         raise ModelError(f"{where}/config.json does not fit its weights: {problem}; the config was edited or "
                          "belongs to other weights" if problem else
-                         f"{where}: cannot be loaded ({_first_line(err)})") from None
+                         f"base model {name!r}: cannot load its {subfolder}: {_first_line(err)}") from None
     except (NotImplementedError, RuntimeError):
         problem = _weights_misfit(cls, Path(name) / subfolder, hub.get("variant"))
         if problem is None:
