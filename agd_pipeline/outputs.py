@@ -119,7 +119,8 @@ def owned_output(config, inputs: Iterable = (), ours: Callable[[Path], bool] | N
 @contextlib.contextmanager
 def replacing_output(out: Path, key: str, command: str, inputs: Iterable = ()) -> Iterator[None]:
     """For a folder replaced as a whole: refuse one inside an input, and hold a sibling lock file
-    (``.<name>.agd.lock`` next to it) for the block, so two runs cannot swap in over each other."""
+    (``.<name>.agd.lock`` next to it, removed at the end) for the block, so two runs cannot swap in
+    over each other."""
     check_outside_inputs(out, key, inputs)
     with FolderLock(out.parent, command, lock_file=f".{out.name}{LOCK_FILE}"):
         yield

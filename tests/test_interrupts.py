@@ -19,6 +19,25 @@ STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
+def terminal_signals() -> None:
+    """Signals as a command started from a terminal has them. A test run started in the background
+    (nohup, a CI runner's job) inherits SIGINT and SIGHUP ignored, and a command rightly keeps an
+    ignored signal ignored; these tests are about the terminal case. For subprocesses (preexec_fn)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def signals_at_their_defaults():
+    """The same for the in-process tests: Python's own Ctrl-C handler, SIGHUP at its default."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 def stopped_by(signum):
     """A stand-in for a command's work: the signal arrives while it runs (a real one, to this process)."""
     def work(*args, **kwargs):
@@ -103,7 +122,7 @@ def test_a_signalled_convert_process_ends_with_one_line(signum, tmp_path):
            "AGD_TEST_READY": str(ready), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "stages.convert", str(tmp_path / "source"),
                                 str(tmp_path / "target"), "--no-progress"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=terminal_signals)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists() and time.monotonic() < deadline:
@@ -172,7 +191,8 @@ def test_a_signalled_experiments_command_leaves_no_dvc_behind(action, slow, sign
     extra = ["--jobs", "1", "--readme", str(tmp_path / "README.md")] if action == "run" else \
         ["--readme", str(tmp_path / "README.md")]
     process = subprocess.Popen([sys.executable, "-m", "stages.experiments", action, "unseen-w", *extra], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=terminal_signals)
     try:
         deadline = time.monotonic() + 60
         while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
@@ -198,7 +218,8 @@ def test_a_signal_while_a_command_starts_is_one_line(signum):
     command's (slow) imports and its main: a signal then is one line and its status too."""
     script = ("import sys; sys.argv[:1] = ['-m']; import stages, os, time; "  # as `python -m stages.X` starts
               f"os.kill(os.getpid(), {int(signum)}); time.sleep(10)")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            preexec_fn=terminal_signals)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == STATUS[signum], result.stderr
     assert lines == [f"interrupted ({NAMES[signum]}): re-run the same command"], result.stderr
@@ -219,7 +240,8 @@ def test_a_stage_dies_with_a_killed_dvc_but_not_with_a_shell(under_dvc, tmp_path
               "child.stdout.readline()\n"
               "print(child.pid, flush=True)\n"
               "time.sleep(60)\n")
-    dvc = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    dvc = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                           preexec_fn=terminal_signals)
     try:
         child = int(dvc.stdout.readline())
         assert _alive(child)

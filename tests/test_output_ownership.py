@@ -253,3 +253,19 @@ def test_the_gitignore_dvc_writes_into_an_output_folder_is_not_in_the_way(tmp_pa
     assert claim_output(out, "evaluate.out_dir", "stages.evaluate", lambda folder: False) is False
     (out / "metrics.json").write_text("{}")
     assert claim_output(out, "evaluate.out_dir", "stages.evaluate", lambda folder: True) is True
+
+
+def test_a_sibling_lock_leaves_nothing_behind_and_a_removed_one_is_not_held(tmp_path):
+    from agd_pipeline.locks import LockError
+
+    sibling = dict(lock_file=f".derived{LOCK_FILE}")
+    with FolderLock(tmp_path, "stages.finetune", **sibling):
+        with pytest.raises(LockError, match="derived is in use by stages.finetune"):
+            FolderLock(tmp_path, "stages.finetune", **sibling).acquire()
+    assert list(tmp_path.iterdir()) == []  # released: no lock file left beside the folder
+    late = FolderLock(tmp_path, "stages.finetune", **sibling)
+    late._file = open(tmp_path / sibling["lock_file"], "a+")  # opened, then the holder released and removed it
+    (tmp_path / sibling["lock_file"]).unlink()
+    assert not late._still_linked()
+    late._file.close()
+    late._file = None
