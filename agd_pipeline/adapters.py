@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import warnings
@@ -25,18 +26,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from . import families, guidance
 from .config import check_interval
-from .errors import ModelError
+from .errors import ModelError, WriteError, write_errors, write_reason
 from .models import BaseModel, count_parameters, load_base_model, recorded_hub_options
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "agd-adapters"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "integrity" records the sha256 of the weights and of the config itself
+READABLE_VERSIONS = (1, FORMAT_VERSION)  # 1 loads with a warning: it carries no digests
+INTEGRITY = "integrity"
 
 
 @dataclass
@@ -400,12 +404,20 @@ class AdaptedModel(nn.Module):
 # ----------------------------------------------------------------------------- save & load
 
 
+def config_digest(config: dict) -> str:
+    """sha256 of an adapter config without its own "integrity" section, in a canonical JSON form
+    (sorted keys, no spaces), so the digest does not depend on formatting."""
+    body = {k: v for k, v in config.items() if k != INTEGRITY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def save_adapters(model: AdaptedModel, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write adapters.safetensors, adapter_config.json (with the sha256 of both, checked on every
+    load) and the model card. Both files are written to temporaries first; a failed write (disk
+    full, permission) removes them and raises one WriteError, leaving the folder as it was."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, folder / (ADAPTER_WEIGHTS + ".tmp"))
-    (folder / (ADAPTER_WEIGHTS + ".tmp")).replace(folder / ADAPTER_WEIGHTS)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -415,11 +427,32 @@ def save_adapters(model: AdaptedModel, folder: str | Path, extra: dict | None = 
         "parameters": model.parameter_report(),
         **(extra or {}),
     }
-    tmp = folder / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(folder / ADAPTER_CONFIG)
+    config.pop(INTEGRITY, None)
+    weights_tmp, config_tmp = folder / (ADAPTER_WEIGHTS + ".tmp"), folder / (ADAPTER_CONFIG + ".tmp")
+    try:
+        save_file(tensors, weights_tmp)
+        config[INTEGRITY] = {"algorithm": "sha256", "files": {ADAPTER_WEIGHTS: _file_digest(weights_tmp)},
+                             "config": config_digest(config)}
+        config_tmp.write_text(json.dumps(config, indent=2) + "\n")
+        # a kill between the two renames leaves files whose digests disagree: refused on load
+        weights_tmp.replace(folder / ADAPTER_WEIGHTS)
+        config_tmp.replace(folder / ADAPTER_CONFIG)
+    except write_errors() as err:
+        for tmp in (weights_tmp, config_tmp):
+            tmp.unlink(missing_ok=True)
+        reason = write_reason(err)
+        raise WriteError(f"{folder}: cannot write the adapters ({reason}); nothing there was replaced. Free "
+                         "space or choose another output folder, then run the command again", reason) from None
     write_model_card(folder, config)
     return folder
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 MODEL_CARD = "README.md"
@@ -470,7 +503,12 @@ def write_model_card(folder: str | Path, config: dict, metrics: dict | None = No
             lines.append(f"| {row['w']:g} | {' | '.join(fid)} | {row['speed_ratio_agd_over_cfg']:.2f}x |")
         lines.append("")
     path = folder / MODEL_CARD
-    path.write_text("\n".join(lines))
+    tmp = path.with_name(MODEL_CARD + ".tmp")  # a failed write never leaves half a card
+    try:
+        tmp.write_text("\n".join(lines))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -534,9 +572,9 @@ def _adapter_config_problem(config) -> str | None:
         return "it must hold a JSON object"
     if config.get("format") != FORMAT:
         return f"not an AGD adapter config (format {json.dumps(config.get('format'))}, expected {FORMAT!r})"
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") not in READABLE_VERSIONS:
         return (f"format_version {json.dumps(config.get('format_version'))}; this version reads "
-                f"{FORMAT_VERSION}")
+                f"{' and '.join(map(str, READABLE_VERSIONS))}")
     for key in ("adapter", "placements", "base_model"):
         if key not in config:
             return f"the key {key!r} is missing"
@@ -574,7 +612,18 @@ def _adapter_config_problem(config) -> str | None:
             return str(err)
     if not isinstance(config.get("negative_prompt", ""), str):
         return '"negative_prompt" must be a string'
+    if config["format_version"] >= 2:
+        integrity = config.get(INTEGRITY)
+        if not (isinstance(integrity, dict) and integrity.get("algorithm") == "sha256"
+                and _is_digest(integrity.get("config")) and isinstance(integrity.get("files"), dict)
+                and _is_digest(integrity["files"].get(ADAPTER_WEIGHTS))):
+            return (f'"{INTEGRITY}" must hold the sha256 of the config and of {ADAPTER_WEIGHTS} '
+                    "(training writes it)")
     return None
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def read_adapter_config(folder: str | Path) -> dict:
@@ -598,6 +647,13 @@ def read_adapter_config(folder: str | Path) -> dict:
     problem = _adapter_config_problem(config)
     if problem:
         raise ModelError(f"{path}: {problem}; {RETRAIN}")
+    if config["format_version"] < 2:
+        warnings.warn(f"{folder}: written by an older version of this tool, without digests, so damage to "
+                      "these adapters cannot be detected; re-run training to write them with digests",
+                      stacklevel=2)
+    elif config_digest(config) != config[INTEGRITY]["config"]:
+        raise ModelError(f"{path}: its contents differ from the sha256 recorded when training wrote "
+                         f"it; {RETRAIN}")
     return config
 
 
@@ -647,8 +703,14 @@ def _load_weights(folder: Path, base: BaseModel, config: dict) -> AdaptedModel:
         raise ModelError(f"{folder / ADAPTER_CONFIG}: \"placements\" ({len(config['placements'])} layers) do not "
                          f"match the layers placement {adapter_config.placement!r} wraps in {base.model_id!r} "
                          f"({len(model.target_names)} layers); {RETRAIN}")
+    data = weights.read_bytes()
+    expected = (config.get(INTEGRITY) or {}).get("files", {}).get(ADAPTER_WEIGHTS)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        model.remove()
+        raise ModelError(f"{weights}: its bytes differ from the sha256 recorded in {ADAPTER_CONFIG} (damaged, or "
+                         "replaced by other weights since training wrote them); re-run training")
     try:
-        state = load_file(weights, device=str(base.device))
+        state = {k: v.to(base.device) for k, v in load_safetensors(data).items()}
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
         model.remove()
         raise ModelError(f"{weights}: cannot read adapter weights ({err}); re-run training") from None

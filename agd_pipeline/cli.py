@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 import typing
 from pathlib import Path
@@ -15,6 +13,9 @@ from collections.abc import Callable
 from .config import DEFAULT_PARAMS, StageConfig, load_config
 from .devices import apply_thread_policy
 from .errors import AgdError, os_reason
+from .outputs import write_resolved  # noqa: F401 - the stages import it from here
+# the one place Ctrl-C, SIGTERM and SIGHUP are handled (re-exported: commands import them from here)
+from .interrupts import STOP_SIGNALS, Interrupted, interrupted_status, interruptible, signals_as_interrupts  # noqa: F401
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -49,11 +50,17 @@ def memory_error_line(err: BaseException) -> str:
             "or use another device")
 
 
-def run_command(body: Callable[[], int | None], check: Callable[[], str | None] | None = None) -> int:
+def run_command(body: Callable[[], int | None], check: Callable[[], str | None] | None = None,
+                interrupted: str = "re-run the same command to go on") -> int:
     """Run a command: ``check`` says what is wrong with its arguments (or None), ``body`` does the
     work and may return an exit status. Bad arguments, input and file-system errors (AgdError,
     OSError) and running out of memory end in one ``error: ...`` line and exit status 2; any other
-    exception is a bug and keeps its traceback."""
+    exception is a bug and keeps its traceback. Ctrl-C, SIGTERM and SIGHUP end in one line saying
+    ``interrupted`` (what to do next) and exit status 130, 143 or 129 (:func:`interruptible`)."""
+    return interruptible(lambda: _run_checked(body, check), interrupted)
+
+
+def _run_checked(body: Callable[[], int | None], check: Callable[[], str | None] | None) -> int:
     try:
         apply_thread_policy()  # every command: AGD_NUM_THREADS, else 1 (agd_pipeline.devices)
         problem = check() if check else None
@@ -86,12 +93,7 @@ def stage_main(cls: type[StageConfig], run: Callable, argv=None, description: st
         config.check_machine()  # e.g. --device cuda without a GPU: refused before anything loads
         run(config, args)
 
-    try:
-        return run_command(body)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: re-run `python -m stages.{cls.section}` with the same settings to resume",
-              file=sys.stderr)
-        return 130
+    return run_command(body, interrupted=f"re-run `python -m stages.{cls.section}` with the same settings to resume")
 
 
 def build_parser(cls: type[StageConfig], prog: str, description: str) -> argparse.ArgumentParser:
@@ -134,10 +136,3 @@ def config_from_args(cls: type[StageConfig], args: argparse.Namespace):
     params = args.params if Path(args.params).exists() or args.params != DEFAULT_PARAMS else None
     return load_config(cls, params, overrides)
 
-
-
-def write_resolved(config: StageConfig, folder: str | os.PathLike, name: str = "resolved_config.json") -> None:
-    """Write the whole resolved config next to the outputs (EDM-style), for the record."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(json.dumps({config.section: config.to_dict()}, indent=2) + "\n")

@@ -487,16 +487,19 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
     dtype: str = option("", "dtype the frozen base runs in; empty takes the one stage one used (the "
                         "adapters themselves train in float32)", ("", "float32", "float16", "bfloat16"))
-    restart_on_mismatch: bool = option(False, "when out_dir holds a checkpoint of other settings, delete it "
-                                       "and start over; otherwise refuse")
+    restart_on_mismatch: bool = option(False, "when out_dir holds a checkpoint or finished adapters of other "
+                                       "settings or another store, delete them and start over; otherwise "
+                                       "refuse (the same settings on the same store: nothing to do)")
     verify: str = option("changed", "store check before training (never train on corrupted data): changed "
                          "re-reads every shard against its checksums except those that passed such a re-read "
                          "before and whose files are unchanged since (same names, sizes and modification "
                          "times; the record is kept outside the store, in $AGD_CACHE_DIR, else "
-                         "$XDG_CACHE_HOME/agd-pipeline, else ~/.cache/agd-pipeline); bytes changed in place "
-                         "with the modification time kept (or by a failing disk) are caught only by full, "
-                         "which re-reads every shard (and renews the records); cheap checks presence, shapes, "
-                         "chunk files and sizes only", ("changed", "full", "cheap"))
+                         "$XDG_CACHE_HOME/agd-pipeline, else ~/.cache/agd-pipeline); full re-reads every shard "
+                         "(and renews the records); cheap checks presence, shapes, chunk files, sizes and a "
+                         "tar's members only. Whatever the mode, the loader checks every unit it reads against "
+                         "the digest recorded when it was written, so bytes changed in place (modification "
+                         "time kept, or a failing disk) stop training at the damaged unit; full finds them "
+                         "before training starts", ("changed", "full", "cheap"))
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
     report_to: str = option("none", "experiment tracker for the loss and learning rate, through accelerate "
                             "(loss.csv is always written and is what `dvc plots show` draws)", TRACKERS)

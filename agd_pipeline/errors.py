@@ -29,3 +29,36 @@ def os_reason(err: OSError) -> str:
             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
             errno.EROFS: "the file system is read-only", errno.ENOTDIR: "a path component is a file, not a folder",
             errno.EISDIR: "it is a folder, not a file"}.get(err.errno, err.strerror or str(err))
+
+
+class WriteError(AgdError):
+    """A file could not be written (disk full, permission); ``reason`` says why in plain words."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a write of a file or of safetensors can fail with: safetensors raises its own error (not
+    OSError) for a full disk, "Error while serializing: IoError(Os { code: 28, ... })"."""
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError)
+
+
+def write_reason(err: BaseException) -> str:
+    """Why a write failed, in plain words (the disk is full, permission denied, ...), also for
+    safetensors' own error, whose message carries the operating system's error code."""
+    import os
+    import re
+
+    if isinstance(err, WriteError):
+        return err.reason
+    if isinstance(err, OSError):
+        return os_reason(err)
+    code = re.search(r"code: (\d+)", str(err))
+    if code:
+        number = int(code.group(1))
+        return os_reason(OSError(number, os.strerror(number)))
+    return " ".join(str(err).split())[:300] or type(err).__name__

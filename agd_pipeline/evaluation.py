@@ -118,6 +118,11 @@ class Judges:
     def __init__(self, base_id: str, labels: torch.Tensor | None, real_dir: Path, fid_reference: str = "",
                  clip_model: str = "", prompts: list[str] | None = None, device="cpu"):
         self.fid_reference, self.clip_model, self.prompts, self.device = fid_reference, clip_model, prompts, device
+        # real checkpoints: the reference (loaded once) and the per-sample data of every sample set, by
+        # (method, w): Inception features and CLIP scores (the intervals' inputs)
+        self.reference: dict | None = None
+        self.inception: dict[tuple[str, float | None], np.ndarray] = {}
+        self.clip: dict[tuple[str, float | None], np.ndarray] = {}
         self.classifier = textdigits.load_judge(base_id)
         holdout = toy.load_holdout(base_id)
         self.fid = CleanFid(toy.ClassifierFeatures(self.classifier)) if self.classifier is not None else None
@@ -166,18 +171,49 @@ class Judges:
     def fid_between(self, a: Path, b: Path) -> float | None:
         return self.fid(a, b) if self.fid else None
 
-    def real_model_metrics(self, method: str, folder: Path, pixels: np.ndarray) -> dict:
+    def real_model_metrics(self, method: str, folder: Path, pixels: np.ndarray, w: float | None = None) -> dict:
         """Inception FID against ``evaluate.fid_reference`` and the CLIP score under
-        ``evaluate.clip_model``, where set (real checkpoints)."""
+        ``evaluate.clip_model``, where set (real checkpoints): the numbers real_metrics.inception_fid
+        and clip_score give, from per-sample data kept for the intervals (:meth:`real_rows`)."""
         from . import real_metrics
 
-        out = {}
+        out, key = {}, (method, w)
         if self.fid_reference:
-            out[f"inception_fid_{method}"] = real_metrics.inception_fid(folder, self.fid_reference, device=self.device)
+            if self.reference is None:  # a reference folder's features are extracted once, not per sample set
+                self.reference = real_metrics.load_reference(self.fid_reference, device=self.device)
+            self.inception[key] = real_metrics.inception_features(folder, device=self.device)
+            out[f"inception_fid_{method}"] = real_metrics.fid_from_features(
+                self.inception[key], self.reference, f"FID of {folder} against {Path(self.fid_reference)}")
         if self.clip_model:
-            out[f"clip_score_{method}"] = real_metrics.clip_score(pixels, self.prompts, self.clip_model,
-                                                                  device=self.device)
+            self.clip[key] = real_metrics.clip_scores(pixels, self.prompts, self.clip_model, device=self.device)
+            out[f"clip_score_{method}"] = real_metrics.clip_score_of(self.clip[key])
         return out
+
+    def real_rows(self, prompt_ids: np.ndarray) -> list[dict]:
+        """The rows of real_outcomes.csv: each sample's prompt and, under a CLIP model, its CLIP score,
+        per sample set; none without evaluate.fid_reference and evaluate.clip_model."""
+        rows = []
+        for method, w in self.inception or self.clip:
+            clip = self.clip.get((method, w))
+            rows += [{"sample": i, "prompt": int(prompt), "method": method, "w": w,
+                      # every digit, so that the file gives back the number the intervals were computed from
+                      "clip_score": f"{clip[i]:.17g}" if clip is not None else None}
+                     for i, prompt in enumerate(prompt_ids)]
+        return rows
+
+    def inception_arrays(self) -> dict[str, np.ndarray]:
+        """features.npz's Inception arrays: every sample set's, and the reference's features (a folder)
+        or its mu and sigma (statistics: fixed in the intervals)."""
+        if not self.inception:
+            return {}
+        arrays = {evidence.INCEPTION_PREFIX + evidence.feature_key(method, w): value
+                  for (method, w), value in self.inception.items()}
+        if "features" in self.reference:
+            arrays[evidence.INCEPTION_PREFIX + "real"] = self.reference["features"]
+        else:
+            arrays.update({evidence.INCEPTION_PREFIX + evidence.REFERENCE_MU: self.reference["mu"],
+                           evidence.INCEPTION_PREFIX + evidence.REFERENCE_SIGMA: self.reference["sigma"]})
+        return arrays
 
 
 def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
@@ -240,7 +276,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
         "adapters": {key: adapted.parameter_report()[key] for key in ("adapter", "share")},
     }
     if assessed is not None:
-        metrics["evidence"] = {**assessed, "accuracy_tolerance": tolerance}
+        metrics["evidence"] = {**assessed, **({"accuracy_tolerance": tolerance} if "summary" in assessed else {})}
     if judges.second is not None:
         metrics["second_judge"] = judges.second_report
     if prompts_file:
@@ -450,8 +486,8 @@ def _compare_at(w: float, sampler: ImageSampler, base, adapted, judges: Judges, 
         "images_per_second_cfg": n / cfg_seconds, "images_per_second_agd": n / agd_seconds,
         "images_per_second_unguided": n / results[unguided][1],
         "speed_ratio_agd_over_cfg": cfg_seconds / agd_seconds,
-        **baseline["real"], **judges.real_model_metrics("cfg", cfg_dir, cfg_pixels),
-        **judges.real_model_metrics("agd", agd_dir, agd_pixels),
+        **baseline["real"], **judges.real_model_metrics("cfg", cfg_dir, cfg_pixels, w),
+        **judges.real_model_metrics("agd", agd_dir, agd_pixels, w),
         "cfg_pixels": cfg_pixels, "agd_pixels": agd_pixels,
         "judged": {"cfg": judges.judged(cfg_images), "agd": judges.judged(agd_images)},
         "seconds": {"cfg": cfg_seconds, "agd": agd_seconds, "unguided": results[unguided][1]},
@@ -541,11 +577,43 @@ def _prompt_ids(base, n: int, per_prompt: int) -> np.ndarray:
 
 def write_evidence(out: Path, judges: Judges, unguided_judged, judged: dict, samples_dir: Path, in_range: list[float],
                    tolerance: float, prompt_ids: np.ndarray) -> dict | None:
-    """The per-sample files (outcomes.csv, features.npz) and the intervals computed from them
-    (:mod:`agd_pipeline.evidence`); None where there is no judge with labels to score against."""
-    if unguided_judged is None:
+    """The per-sample files (outcomes.csv, features.npz; real checkpoints: real_outcomes.csv and the
+    Inception features) and the intervals computed from them (:mod:`agd_pipeline.evidence`); None
+    where there is neither a judge with labels to score against nor a real-model metric."""
+    rows, features = [], {}
+    if unguided_judged is not None:
+        rows = judge_rows(judges.labels.numpy(), unguided_judged, judged, prompt_ids)
+        evidence.write_outcomes(out / evidence.OUTCOMES, rows)
+        if judges.fid is not None and judges.has_real:
+            folders = {"real": judges.real_dir, "unguided": samples_dir / "unguided",
+                       **{evidence.feature_key(method, w): samples_dir / method / f"w{w:g}"
+                          for w in judged for method in ("cfg", "agd")}}
+            features = {key: judges.fid.features(folder) for key, folder in folders.items()}
+            if judges.second_fid is not None:  # the same sample sets in the second judge's features
+                folders["real"] = judges.second_real_dir
+                features.update({evidence.SECOND_JUDGE_PREFIX + key: judges.second_fid.features(folder)
+                                 for key, folder in folders.items()})
+    else:
+        (out / evidence.OUTCOMES).unlink(missing_ok=True)  # none from an earlier run in this folder
+    real_rows = judges.real_rows(prompt_ids)
+    if real_rows:
+        evidence.write_outcomes(out / evidence.REAL_OUTCOMES, real_rows, evidence.REAL_COLUMNS)
+        real_rows = evidence.read_outcomes(out / evidence.REAL_OUTCOMES, evidence.REAL_COLUMNS)  # as --check reads them
+        features.update(judges.inception_arrays())
+    else:
+        (out / evidence.REAL_OUTCOMES).unlink(missing_ok=True)
+    if features:
+        features = {k: np.asarray(v, dtype=np.float32) for k, v in features.items()}
+        np.savez_compressed(out / evidence.FEATURES, **features)
+    else:
+        (out / evidence.FEATURES).unlink(missing_ok=True)
+    if not rows and not real_rows:
         return None
-    labels = judges.labels.numpy()
+    return evidence.assess(rows, features, in_range, tolerance, real_rows=real_rows or None)
+
+
+def judge_rows(labels: np.ndarray, unguided_judged, judged: dict, prompt_ids: np.ndarray) -> list[dict]:
+    """The rows of outcomes.csv: per sample, method and w, the class each judge saw."""
     rows = []
 
     def add(method: str, w, classes) -> None:
@@ -560,22 +628,7 @@ def write_evidence(out: Path, judges: Judges, unguided_judged, judged: dict, sam
     for w, classes in judged.items():
         add("cfg", w, classes["cfg"])
         add("agd", w, classes["agd"])
-    evidence.write_outcomes(out / evidence.OUTCOMES, rows)
-    features = {}
-    if judges.fid is not None and judges.has_real:
-        folders = {"real": judges.real_dir, "unguided": samples_dir / "unguided",
-                   **{evidence.feature_key(method, w): samples_dir / method / f"w{w:g}"
-                      for w in judged for method in ("cfg", "agd")}}
-        features = {key: judges.fid.features(folder) for key, folder in folders.items()}
-        if judges.second_fid is not None:  # the same sample sets in the second judge's features
-            folders["real"] = judges.second_real_dir
-            features.update({evidence.SECOND_JUDGE_PREFIX + key: judges.second_fid.features(folder)
-                             for key, folder in folders.items()})
-        features = {k: np.asarray(v, dtype=np.float32) for k, v in features.items()}
-        np.savez_compressed(out / evidence.FEATURES, **features)
-    else:
-        (out / evidence.FEATURES).unlink(missing_ok=True)
-    return evidence.assess(rows, features, in_range, tolerance)
+    return rows
 
 
 def summarise(assessed: dict | None, speed: dict) -> dict:
@@ -584,7 +637,7 @@ def summarise(assessed: dict | None, speed: dict) -> dict:
     (:mod:`agd_pipeline.evidence` defines the targets)."""
     main = speed["per_batch"][speed["evaluation_batch"]]["speed_ratio_agd_over_cfg"]
     summary = {"speed_ratio_agd_over_cfg": main["median"], "speed_ratio_min": main["min"]}
-    if assessed is None:
+    if assessed is None or "summary" not in assessed:  # no judge (a real checkpoint): no quality targets
         return summary
     evid = assessed["summary"]
     summary.update({

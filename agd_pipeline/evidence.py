@@ -20,6 +20,14 @@ Targets are judged on the interval's unfavourable end, and each is one the ungui
 - text models' negative-prompt check: avoidance of the negative digit relative to CFG's, lower
   bound >= 0.8.
 
+Real checkpoints (``evaluate.fid_reference``, ``evaluate.clip_model``) add ``real_outcomes.csv`` (the
+prompt of each sample and, under a CLIP model, its CLIP score) and their Inception features to
+``features.npz`` (keys ``inception/...``); from the same draw of prompts come intervals for the
+Inception FID of each method at each w, AGD's over CFG's, the CLIP score of each method and AGD's
+minus CFG's (``real_model`` in the result). They are reported, not judged: no target rests on them.
+A reference given as statistics (mu, sigma) is fixed: then only the samples are resampled, and the
+intervals leave out the reference's own sampling error.
+
 Only numpy and scipy: no torch, so a report can be checked anywhere.
 """
 
@@ -38,6 +46,10 @@ NEGATIVE_OUTCOMES = "negative_outcomes.csv"
 FEATURES = "features.npz"
 OUTCOME_COLUMNS = ("sample", "prompt", "label", "method", "w", "judged", "correct", "judged2", "correct2")
 NEGATIVE_COLUMNS = ("sample", "negative_digit", "method", "judged", "shows_negative_digit")
+REAL_OUTCOMES = "real_outcomes.csv"
+REAL_COLUMNS = ("sample", "prompt", "method", "w", "clip_score")  # clip_score empty without a CLIP model
+INCEPTION_PREFIX = "inception/"  # features.npz keys of the Inception features (real checkpoints)
+REFERENCE_MU, REFERENCE_SIGMA = "reference_mu", "reference_sigma"  # a statistics reference, under INCEPTION_PREFIX
 METHODS = ("unguided", "cfg", "agd")
 
 ACCURACY_TOLERANCE = {"class": 1.0, "text": 2.0}  # points of accuracy AGD may lose against CFG
@@ -84,7 +96,16 @@ def read_outcomes(path: Path, columns=OUTCOME_COLUMNS) -> list[dict]:
     rows = []
     for line, row in enumerate(reader, start=2):
         try:
-            parsed = {"sample": int(row["sample"]), "method": row["method"], "judged": int(row["judged"])}
+            parsed = {"sample": int(row["sample"]), "method": row["method"]}
+            if columns == REAL_COLUMNS:
+                parsed.update(prompt=int(row["prompt"]), w=float(row["w"]) if row["w"] else None,
+                              clip_score=float(row["clip_score"]) if row["clip_score"] else None)
+                if parsed["method"] not in METHODS or (parsed["w"] is None) != (parsed["method"] == "unguided") \
+                        or not np.isfinite(parsed["clip_score"] if parsed["clip_score"] is not None else 0):
+                    raise ValueError
+                rows.append(parsed)
+                continue
+            parsed["judged"] = int(row["judged"])
             if columns == OUTCOME_COLUMNS:
                 parsed.update(prompt=int(row["prompt"]), label=int(row["label"]),
                               w=float(row["w"]) if row["w"] else None, correct=int(row["correct"]),
@@ -138,21 +159,63 @@ class Outcomes:
         return sorted({w for (_, w) in self.correct if w is not None})
 
 
+class RealOutcomes:
+    """The real-model per-sample file as arrays in sample order: the prompt (cluster) of each sample,
+    the sample sets (method, w) there are, and ``clip[(method, w)]`` the CLIP score of each sample
+    (empty without a CLIP model)."""
+
+    def __init__(self, rows: list[dict]):
+        samples = sorted({r["sample"] for r in rows})
+        if samples != list(range(len(samples))):
+            raise EvidenceError("real outcomes: sample ids must run 0 .. N-1")
+        scored = {r["clip_score"] is not None for r in rows}
+        if len(scored) > 1:
+            raise EvidenceError("real outcomes: clip_score is given for some rows only")
+        self.samples = len(samples)
+        self.prompts = np.zeros(self.samples, dtype=np.int64)
+        seen: dict[tuple[str, float | None], np.ndarray] = {}
+        self.clip: dict[tuple[str, float | None], np.ndarray] = {}
+        for r in rows:
+            key = (r["method"], r["w"])
+            seen.setdefault(key, np.zeros(self.samples, dtype=bool))[r["sample"]] = True
+            if True in scored:
+                self.clip.setdefault(key, np.full(self.samples, np.nan))[r["sample"]] = r["clip_score"]
+            self.prompts[r["sample"]] = r["prompt"]
+        for key, present in seen.items():
+            if not present.all():
+                raise EvidenceError(f"real outcomes: {key[0]} at w = {key[1]} lacks {int((~present).sum())} samples")
+        if ("unguided", None) not in seen:
+            raise EvidenceError("real outcomes: no unguided rows")
+        self.sets = list(seen)
+
+    def ws(self) -> list[float]:
+        return sorted({w for (_, w) in self.sets if w is not None})
+
+
 SECOND_JUDGE_PREFIX = "judge2_"  # features.npz keys of the second judge's feature space
 
 
 def assess(rows: list[dict], features: dict[str, np.ndarray], in_range: list[float], tolerance: float,
-           replicates: int = intervals.REPLICATES, seed: int = 0) -> dict:
+           replicates: int = intervals.REPLICATES, seed: int = 0, real_rows: list[dict] | None = None) -> dict:
     """Per-w intervals and the in-range summary with the targets (speed and the negative check
     excluded: :func:`speed_summary`, :func:`negative_summary`), under the first judge; where the
     outcomes carry a second judge, the same numbers under it (reported beside the targets, which
-    the first judge decides) and the two judges' agreement. ``features`` may be empty (no FID)."""
+    the first judge decides) and the two judges' agreement. ``features`` may be empty (no FID).
+
+    ``real_rows`` (a real checkpoint's ``real_outcomes.csv``) add ``real_model``
+    (:func:`real_model_assessment`) from the same draw of prompts; without a judge (``rows`` empty)
+    the result holds only that and the bootstrap's settings."""
+    real = RealOutcomes(real_rows) if real_rows else None
+    if real is not None and not rows:
+        weights = intervals.bootstrap_weights(real.prompts, replicates, seed)
+        return {"real_model": real_model_assessment(real, features, weights, replicates, seed),
+                "bootstrap": _bootstrap(real.prompts, replicates, seed)}
     outcomes = Outcomes(rows)
     ws = outcomes.ws()
     if not set(in_range) <= set(ws):
         raise EvidenceError(f"outcomes: in-range w {sorted(set(in_range) - set(ws))} missing")
     weights = intervals.bootstrap_weights(outcomes.prompts, replicates, seed)
-    first = {k: v for k, v in features.items() if not k.startswith(SECOND_JUDGE_PREFIX)}
+    first = {k: v for k, v in features.items() if not k.startswith((SECOND_JUDGE_PREFIX, INCEPTION_PREFIX))}
     result = _judge_assessment(outcomes.correct, outcomes.samples, first, ws, in_range, tolerance, weights,
                                replicates, seed)
     if outcomes.correct2:
@@ -163,10 +226,84 @@ def assess(rows: list[dict], features: dict[str, np.ndarray], in_range: list[flo
         result["second_judge"]["agreement"] = {
             feature_key(method, w): intervals.estimate(values.mean(), intervals.weighted_mean(values, weights))
             for (method, w), values in outcomes.agree.items()}
-    result["bootstrap"] = {"confidence": intervals.CONFIDENCE, "replicates": replicates, "seed": seed,
-                           "clusters": "prompt" if len(set(outcomes.prompts.tolist())) < outcomes.samples
-                           else "sample", "samples": outcomes.samples}
+    if real is not None:
+        if real.samples != outcomes.samples or (real.prompts != outcomes.prompts).any():
+            raise EvidenceError("real outcomes: their samples and prompts are not those of the outcomes")
+        result["real_model"] = real_model_assessment(real, features, weights, replicates, seed)
+    result["bootstrap"] = _bootstrap(outcomes.prompts, replicates, seed)
     return result
+
+
+def _bootstrap(prompts: np.ndarray, replicates: int, seed: int) -> dict:
+    return {"confidence": intervals.CONFIDENCE, "replicates": replicates, "seed": seed,
+            "clusters": "prompt" if len(set(prompts.tolist())) < len(prompts) else "sample", "samples": len(prompts)}
+
+
+def real_model_assessment(real: RealOutcomes, features: dict[str, np.ndarray], weights: np.ndarray, replicates: int,
+                          seed: int) -> dict:
+    """Per w, the Inception FID of each method against the reference (bias-corrected like the
+    judge's FIDs), FID_AGD / FID_CFG, the CLIP score of each method and AGD's minus CFG's, under the
+    bootstrap ``weights`` of the other statistics. Reported, not judged: no target rests on them.
+
+    The reference is ``inception/real`` (features of a folder of images, resampled on their own
+    like the judge's real digits) or ``inception/reference_mu`` and ``..._sigma`` (statistics:
+    fixed, so only the samples are resampled and the reference's own sampling error is left out)."""
+    ws = real.ws()
+    per_w: dict[str, dict] = {f"w{w:g}": {} for w in ws}
+    result: dict = {}
+    inception = {k[len(INCEPTION_PREFIX):]: v for k, v in features.items() if k.startswith(INCEPTION_PREFIX)}
+    if inception:
+        fids, result["fid_reference"] = _inception_replicates(inception, real, weights, replicates, seed)
+        for w in ws:
+            (cfg_point, cfg_reps), (agd_point, agd_reps) = fids[("cfg", w)], fids[("agd", w)]
+            per_w[f"w{w:g}"].update({
+                "inception_fid_unguided": _fid_estimate(*fids[("unguided", None)]),
+                "inception_fid_cfg": _fid_estimate(cfg_point, cfg_reps),
+                "inception_fid_agd": _fid_estimate(agd_point, agd_reps),
+                "inception_fid_ratio_agd_over_cfg": _fid_estimate(agd_point / cfg_point, agd_reps / cfg_reps)})
+    if real.clip:
+        scores = {key: (values.mean(), intervals.weighted_mean(values, weights)) for key, values in real.clip.items()}
+        ung_point, ung_reps = scores[("unguided", None)]
+        for w in ws:
+            (cfg_point, cfg_reps), (agd_point, agd_reps) = scores[("cfg", w)], scores[("agd", w)]
+            per_w[f"w{w:g}"].update({
+                "clip_score_unguided": intervals.estimate(ung_point, ung_reps),
+                "clip_score_cfg": intervals.estimate(cfg_point, cfg_reps),
+                "clip_score_agd": intervals.estimate(agd_point, agd_reps),
+                "clip_score_difference_agd_minus_cfg": intervals.estimate(agd_point - cfg_point, agd_reps - cfg_reps)})
+    return {**result, "per_w": per_w}
+
+
+def _inception_replicates(features: dict[str, np.ndarray], real: RealOutcomes, weights: np.ndarray, replicates: int,
+                          seed: int) -> tuple[dict, dict]:
+    """(FID of each sample set against the reference: (point, replicates) by (method, w), a
+    description of the reference). Computed by :func:`intervals.sample_frechet_distance`: Inception
+    features have more dimensions than a run has samples."""
+    missing = [feature_key(*key) for key in real.sets if feature_key(*key) not in features]
+    if missing:
+        raise EvidenceError(f"features: no Inception features of {', '.join(missing)}")
+    # one call per set: the first row of weights is the set itself (the point), the others the replicates
+    if "real" in features:
+        size = len(features["real"])
+        reference = {"features_b": features["real"],
+                     "weights_b": np.vstack([np.ones((1, size)), _reference_weights(size, replicates, seed)])}
+        about = {"kind": "images", "images": size, "resampled": True}
+    elif REFERENCE_MU in features and REFERENCE_SIGMA in features:
+        reference = {"mean_b": features[REFERENCE_MU], "cov_b": features[REFERENCE_SIGMA]}
+        about = {"kind": "statistics", "resampled": False}
+    else:
+        raise EvidenceError("features: no Inception reference (inception/real or inception/reference_mu and _sigma)")
+    fids = {}
+    for method, w in real.sets:
+        values = features[feature_key(method, w)]
+        both = intervals.sample_frechet_distance(values, np.vstack([np.ones((1, len(values))), weights]), **reference)
+        fids[(method, w)] = (float(both[0]), both[1:])
+    return fids, about
+
+
+def _reference_weights(size: int, replicates: int, seed: int) -> np.ndarray:
+    """The real reference set's own draw (it is not paired with the samples)."""
+    return intervals.bootstrap_weights(np.arange(size), replicates, seed + 1)
 
 
 def _judge_assessment(correct: dict, samples: int, features: dict, ws: list[float], in_range: list[float],
@@ -262,7 +399,7 @@ def _fid_replicates(features: dict[str, np.ndarray], ws: list[float], weights: n
     per replicate; the real set is resampled on its own (it is not paired with the samples)."""
     if "real" not in features:
         raise EvidenceError("features: no 'real' set")
-    real_weights = intervals.bootstrap_weights(np.arange(len(features["real"])), replicates, seed + 1)
+    real_weights = _reference_weights(len(features["real"]), replicates, seed)
     cache: dict[str, tuple] = {}
 
     def moments(key: str) -> tuple:
@@ -384,21 +521,23 @@ def assess_folder(folder: Path, metrics: dict) -> dict:
     numbers): ``{"evidence": ..., "speed": ...}``."""
     folder = Path(folder)
     boot = metrics["evidence"]["bootstrap"]
-    rows = read_outcomes(folder / OUTCOMES)
+    real_rows = read_outcomes(folder / REAL_OUTCOMES, REAL_COLUMNS) if (folder / REAL_OUTCOMES).is_file() else None
+    # a real checkpoint without a judge has real outcomes only
+    rows = read_outcomes(folder / OUTCOMES) if real_rows is None or (folder / OUTCOMES).is_file() else []
     features = {}
     if (folder / FEATURES).is_file():
         with np.load(folder / FEATURES) as data:
             features = {k: data[k] for k in data.files}
     in_range = [r["w"] for r in metrics["per_w"].values() if r["in_training_range"]]
-    result = assess(rows, features, in_range, metrics["evidence"]["accuracy_tolerance"], boot["replicates"],
-                    boot["seed"])
+    tolerance = metrics["evidence"].get("accuracy_tolerance")  # none without a judge
+    result = assess(rows, features, in_range, tolerance, boot["replicates"], boot["seed"], real_rows)
     if (folder / NEGATIVE_OUTCOMES).is_file():
         result["negative"] = negative_summary(read_outcomes(folder / NEGATIVE_OUTCOMES, NEGATIVE_COLUMNS),
                                               boot["replicates"], boot["seed"])
     speed = metrics["speed"]
     recomputed_speed = speed_summary({b: r["seconds"] for b, r in speed["per_batch"].items()}, speed["nfe_per_image"],
                                      {b: r["images"] for b, r in speed["per_batch"].items()}, speed["evaluation_batch"])
-    return {"evidence": {**result, "accuracy_tolerance": metrics["evidence"]["accuracy_tolerance"]},
+    return {"evidence": {**result, **({"accuracy_tolerance": tolerance} if tolerance is not None else {})},
             "speed": recomputed_speed}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import re
 import shlex
@@ -26,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AgdError, ConfigError
+from .interrupts import signals_as_interrupts
+from .errors import AgdError, ConfigError, os_reason
 
 EXPERIMENTS_DIR = Path("docs/experiments")
 SUMMARY_FILE = "summary.json"  # evaluate's DVC metrics file (agd_pipeline.evaluation.SUMMARY)
@@ -525,20 +527,10 @@ def prepare_command(experiment: Experiment) -> list[str]:
 POLL_SECONDS = 15
 
 
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """Inside: SIGTERM (``kill``, a scheduler or CI stopping the job) raises KeyboardInterrupt as Ctrl-C
-    does, so the same clean-up runs: the running command's process group is stopped (:func:`run_in_group`)
-    and the queue's workers, which are not this process's children, too. The previous handler comes
-    back afterwards. Main thread only."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+# Inside: SIGTERM and SIGHUP raise agd_pipeline.cli.Interrupted (a KeyboardInterrupt), so the same clean-up
+# runs as for Ctrl-C: the running command's process group is stopped (:func:`run_in_group`) and the
+# queue's workers, which are not this process's children, too. Every stage's main runs inside it.
+terminate_as_interrupt = signals_as_interrupts
 
 
 GRACE_SECONDS = 20  # an interrupted command's group gets SIGINT, then SIGKILL after this long
@@ -552,13 +544,20 @@ def run_in_group(command: list[str], capture_output: bool = False, **kwargs) -> 
     stage running unseen."""
     if capture_output:
         kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    with subprocess.Popen(command, start_new_session=True, **kwargs) as process:
+    with subprocess.Popen(command, start_new_session=True, preexec_fn=_interruptible_child, **kwargs) as process:
         try:
             stdout, stderr = process.communicate()
         except BaseException:
             _stop_group(process)
             raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _interruptible_child() -> None:
+    """In the child, before it runs the command: SIGINT back to its default. A process started in the
+    background (``nohup ... &``, CI runners) inherits SIGINT ignored, and its children would then
+    ignore the SIGINT that :func:`_stop_group` sends and last the whole grace period."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -780,8 +779,13 @@ def collect(experiment: Experiment, shown) -> list[dict]:
         if not summary:
             raise AgdError(f"no finished DVC experiment {name!r} with {variant.summary}; run "
                            f"`python -m stages.experiments run {experiment.name}` first")
-        rows.append({"variant": variant.name, "label": variant.label, "run": name,
-                     **{key: summary.get(key) for key in _keys(experiment)}})
+        values = {key: summary.get(key) for key in _keys(experiment)}
+        bad = {key: value for key, value in values.items() if isinstance(value, float) and not math.isfinite(value)}
+        if bad:  # never into results.csv and the README table
+            listed = ", ".join(f"{key} = {value}" for key, value in bad.items())
+            raise AgdError(f"DVC experiment {name!r}: {variant.summary} holds {listed}, not a finite number; look "
+                           "into that run (`dvc exp show`), fix the cause and run it again")
+        rows.append({"variant": variant.name, "label": variant.label, "run": name, **values})
     return rows
 
 
@@ -827,6 +831,9 @@ def read_results(experiment: Experiment, root: Path = EXPERIMENTS_DIR) -> list[d
     except FileNotFoundError:
         raise AgdError(f"{path} does not exist; run `python -m stages.experiments run {experiment.name}` "
                        "first") from None
+    except OSError as err:  # a folder in its place, no permission, ...
+        raise AgdError(f"{path}: cannot read it ({os_reason(err)}); restore it with `git checkout -- {path}` or run "
+                       "the experiment again") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise AgdError(f"{path} is not a readable CSV table ({e}); restore it with `git checkout -- {path}` "
                        "or run the experiment again") from None
@@ -845,18 +852,26 @@ def read_results(experiment: Experiment, root: Path = EXPERIMENTS_DIR) -> list[d
         raise AgdError(f"{path} has no column {', '.join(missing)}; run the experiment again")
     labels = {v.name: v.label for v in experiment.variants}
     return [{"variant": row["variant"], "label": labels[row["variant"]], "run": row["run"],
-             **{key: _number(row[key], path, key) for key in _keys(experiment)}} for row in stored]
+             **{key: _number(row[key], path, key, line) for key in _keys(experiment)}}
+            for line, row in enumerate(stored, start=2)]
 
 
-def _number(text: str, path: Path, key: str):
+# what write_results writes for a number: an int, or a float as repr gives it (no nan, inf, 1_0, 0x1, spaces)
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _number(text: str, path: Path, key: str, line: int):
+    """A cell of results.csv as the number write_results wrote (int or float), None for an empty cell;
+    anything else (nan, inf, 1_0, ' 1', 1e999) is refused naming the file, line and column."""
     if text == "":
         return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise AgdError(f"{path}: column {key} holds {text!r}, not a number")
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    if _DECIMAL.fullmatch(text) and math.isfinite(float(text)):
+        return float(text)
+    raise AgdError(f"{path}, line {line}: column {key} holds {text!r}, not a finite decimal number; restore it with "
+                   f"`git checkout -- {path}` or run the experiment again")
 
 
 def plot(experiment: Experiment, rows: list[dict], path: Path) -> None:

@@ -55,14 +55,33 @@ def shifted_subset(images: np.ndarray, labels: np.ndarray, subset: str) -> np.nd
     return np.sort(np.concatenate(keep))
 
 
-def _read_split(folder: Path, name: str, images_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(folder: Path, name: str, images_key: str, shape: tuple[int, ...],
+                num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The base's images (or latents) of ``shape`` each and their labels in [0, num_classes), checked
+    before any training: a damaged, truncated or mismatched file is one ModelError naming it."""
+    import zipfile
+
     path = folder / name
+    rebuild = "finetune works on the embedded default (`python -m stages.base` writes it)"
     try:
         with np.load(path) as data:
-            return data[images_key].astype(np.float32), data["labels"].astype(np.int64)
-    except (OSError, KeyError, ValueError) as err:
-        raise ModelError(f"{path}: cannot read the base's {name} ({err}); finetune works on the embedded default "
-                         "(`python -m stages.base` writes it)") from None
+            images, labels = data[images_key], data["labels"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        reason = f"no array {err}" if isinstance(err, KeyError) else " ".join(str(err).split()) or type(err).__name__
+        raise ModelError(f"{path}: cannot read the base's {name} ({reason}); {rebuild}") from None
+    problem = None
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape) or not len(images):
+        problem = f"{images_key} has shape {tuple(images.shape)}; the base takes (N, {', '.join(map(str, shape))})"
+    elif labels.shape != (len(images),):
+        problem = f"labels has shape {tuple(labels.shape)} for {len(images)} {images_key}: one label per item needed"
+    elif not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
+        problem = f"labels must be integers in [0, {num_classes})"
+    elif not np.issubdtype(images.dtype, np.number) or not np.isfinite(images).all():
+        problem = f"{images_key} holds {int((~np.isfinite(images)).sum()):,} values that are NaN or infinite" if \
+            np.issubdtype(images.dtype, np.number) else f"{images_key} is not numeric ({images.dtype})"
+    if problem:
+        raise ModelError(f"{path}: {problem}; nothing was trained. {rebuild}")
+    return images.astype(np.float32), labels.astype(np.int64)
 
 
 def _trainable(net, config: FinetuneConfig):
@@ -92,8 +111,9 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict:
     if base.family != "dit" or base.conditioning != "class":
         raise ConfigError(f"finetune.base_model: {source} is a {base.family} {base.conditioning} model; finetune "
                           "derives from the embedded defaults (data/base, or data/text/<family>/base)")
-    x_train, y_train = _read_split(source, TRAIN_FILE, "latents")
-    x_hold, y_hold = _read_split(source, HOLDOUT_FILE, "images")
+    latent = (base.latent_channels, base.sample_size, base.sample_size)
+    x_train, y_train = _read_split(source, TRAIN_FILE, "latents", latent, base.num_classes)
+    x_hold, y_hold = _read_split(source, HOLDOUT_FILE, "images", latent, base.num_classes)
     train_idx = shifted_subset(x_train, y_train, config.subset)
     hold_idx = shifted_subset(x_hold, y_hold, config.subset)
     parameters, plain = _trainable(base.net, config)

@@ -363,15 +363,16 @@ def _write_shard(writer: StoreWriter, index: int, config: GenerateConfig, condit
     message; the shards completed before stay valid, and the same command resumes."""
     name = shard_name(index, writer.format)
     try:
-        shard = writer.begin_shard(index)
-        for batch_start in range(shard.start, shard.stop, config.batch_size):
-            batch_stop = min(shard.stop, batch_start + config.batch_size)
-            plan = conditions.plan(config.seed, range(batch_start, batch_stop),
-                                   config.guidance_min, config.guidance_max)
-            arrays = record(plan)
-            shard.write(batch_start - shard.start, arrays)
-            bar.update(batch_stop - batch_start)
-        shard.finish()
+        # an error closes what the shard's writer opened and removes its partial files
+        with writer.begin_shard(index) as shard:
+            for batch_start in range(shard.start, shard.stop, config.batch_size):
+                batch_stop = min(shard.stop, batch_start + config.batch_size)
+                plan = conditions.plan(config.seed, range(batch_start, batch_stop),
+                                       config.guidance_min, config.guidance_max)
+                arrays = record(plan)
+                shard.write(batch_start - shard.start, arrays)
+                bar.update(batch_stop - batch_start)
+            shard.finish()
     except OSError as err:
         reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
                   errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only"}.get(

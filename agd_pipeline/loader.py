@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import StoreError
 from .store import REPAIR, Manifest, TrajectoryStore
-from .store.schema import SMALL_ROW_BYTES
+from .store.schema import read_by_unit
+from .store.verify import read_problem
 
 PER_STEP = ("model_input", "guided_output", "timesteps")
 READ_THREADS = 4
@@ -43,6 +44,10 @@ LARGE_ROW_BYTES = 16 << 10  # rows larger than this are gathered sample by sampl
 BUFFER_BYTES = 2 << 30  # model inputs and targets of the two buffers in memory (one read ahead), at most
 WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 OPEN_SHARDS = 64  # opened shards kept for their next units (a tar's map holds a file descriptor)
+
+
+class ChangedOnDisk(StoreError):
+    """Data read from a store does not match the digest recorded when it was written."""
 
 
 class UnitReader(Dataset):
@@ -57,6 +62,7 @@ class UnitReader(Dataset):
         self._store = None
         self._open_shards = collections.OrderedDict()
         self._small = {}
+        self._entries = None
         self._lock = threading.Lock()
 
     def __getstate__(self):
@@ -88,13 +94,30 @@ class UnitReader(Dataset):
                 self._small = {k: v for k, v in self._small.items() if k[0] != old}
             return shard
 
+    def _entry(self, name: str) -> dict:
+        if self._entries is None:
+            self._entries = {entry["name"]: entry for entry in self.manifest.shards}
+        return self._entries[name]
+
+    def _checked(self, name: str, key: str, array, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of an array, checked against the digest recorded when the shard was
+        written, as they are read (no pass over the data of its own): bytes changed on disk since
+        any earlier check stop training here."""
+        value = np.asarray(array[start:stop])
+        problem = read_problem(self.manifest.shard_format, self._entry(name), key, array, start, stop, value)
+        if problem is not None:
+            raise ChangedOnDisk(f"{self.root}/{name}/{key}: {problem}; `python -m stages.inspect {self.root} --verify` "
+                             f"lists every damaged array. {REPAIR}")
+        return value
+
     def _read(self, shard, name: str, key: str, start: int, stop: int) -> np.ndarray:
         array = shard[key]
-        if key in PER_STEP[:2] or int(np.prod(array.shape[1:])) * array.dtype.itemsize > SMALL_ROW_BYTES:
-            return np.asarray(array[start:stop])
-        # Small per-trajectory arrays (w, class, timesteps) are one chunk per shard: read once.
+        if read_by_unit(key, array.shape, array.dtype):
+            return self._checked(name, key, array, start, stop)
+        # Small per-trajectory arrays (w, class, timesteps) are one chunk per shard: read once,
+        # checked against the array's checksum.
         if (name, key) not in self._small:
-            self._small[(name, key)] = np.asarray(array[:])
+            self._small[(name, key)] = self._checked(name, key, array, 0, array.shape[0])
         return self._small[(name, key)][start:stop]
 
     def __getitem__(self, unit: tuple[str, int, int]) -> dict:
@@ -107,6 +130,8 @@ class UnitReader(Dataset):
         for key in self.names:
             try:
                 out[key] = self._read(shard, name, key, start, stop)
+            except ChangedOnDisk:
+                raise
             except Exception as err:  # noqa: BLE001 - a damaged chunk fails inside the codec
                 raise StoreError(
                     f"{self.root}/{name}/{key}: cannot read trajectories {start}-{stop} "
@@ -167,7 +192,10 @@ class _ReadAhead:
                     futures = [self._pool.submit(self.reader.__getitem__, unit) for unit, _, _ in buffer]
                     parts = [future.result() for future in futures]
                 else:
-                    parts = [next(self._units) for _ in buffer]
+                    try:
+                        parts = [next(self._units) for _ in buffer]
+                    except StoreError as err:
+                        raise _from_worker(err) from None
                 data = {key: [np.asarray(part[key]) for part in parts] for key in parts[0]}
                 self._ready.put((buffer, data))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
@@ -194,6 +222,17 @@ class _ReadAhead:
         elif not self._thread.is_alive():
             self._units._shutdown_workers()  # not left to garbage collection, mid-run
         self._units = self._loader = None
+
+
+def _from_worker(err: StoreError) -> StoreError:
+    """A store error raised in a DataLoader worker process, as the one line it was there (torch
+    re-raises it with the worker's traceback in its message)."""
+    text = str(err).strip()
+    if "\n" not in text:
+        return err
+    last = text.splitlines()[-1]  # "agd_pipeline.loader.ChangedOnDisk: <the message>"
+    _, _, message = last.partition(": ")
+    return type(err)(message or last)
 
 
 def _as_is(item):

@@ -7,7 +7,10 @@ them (training reads the store) take a shared lock: any number of readers, no wr
 
 The kernel releases a ``flock`` when its process dies, SIGKILL included, so a killed run never
 leaves a stale lock; the file itself stays (it is listed in ``.dvcignore``, so it never counts in
-DVC's hash of the folder).
+DVC's hash of the folder). A folder replaced as a whole is guarded by a sibling file instead
+(``lock_file=".<name>.agd.lock"`` in its parent), removed on release so nothing is left beside the
+folder; a run that opened it just before it was removed sees that (the path no longer names the
+file it locked) and is refused rather than holding a lock nobody else can see.
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ def _describe_holder(text: str) -> str:
 class FolderLock:
     """Exclusive (writers) or shared (readers) lock on a folder; use as a context manager."""
 
-    def __init__(self, folder: str | os.PathLike, purpose: str, shared: bool = False, create: bool = True):
+    def __init__(self, folder: str | os.PathLike, purpose: str, shared: bool = False, create: bool = True,
+                 lock_file: str = LOCK_FILE):
         self.folder = Path(folder)
+        self.lock_file = lock_file  # another name: a lock for a sibling that is replaced as a whole
         self.purpose = purpose
         self.shared = shared
         self.create = create
@@ -69,13 +74,13 @@ class FolderLock:
         try:
             if self.create:
                 self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / LOCK_FILE
+            path = self.folder / self.lock_file
             self._file = open(path, "r+" if path.exists() else "a+")
         except OSError as err:
             if self.shared and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
                 self._file = None  # a read-only folder: nobody can write it under us either
                 return self
-            raise LockError(f"{self.folder}: cannot create the lock file {LOCK_FILE} "
+            raise LockError(f"{self.folder}: cannot create the lock file {self.lock_file} "
                             f"({err.strerror or err})") from None
         try:
             fcntl.flock(self._file.fileno(), (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -84,9 +89,16 @@ class FolderLock:
             self._file.close()
             self._file = None
             verb = "read" if self.shared else "written"
-            raise LockError(f"{self.folder} is in use by {holder}; it cannot be {verb} by this "
+            what = self.folder if self.lock_file == LOCK_FILE else self.folder / self.lock_file[1:-len(LOCK_FILE)]
+            raise LockError(f"{what} is in use by {holder}; it cannot be {verb} by this "
                             f"{self.purpose} run at the same time. Wait for that run to finish (or stop it), "
                             "then run this command again.") from None
+        if self.lock_file != LOCK_FILE and not self._still_linked():
+            # a sibling lock is removed on release: this one was removed between our open and our lock
+            self._file.close()
+            self._file = None
+            raise LockError(f"{self.folder / self.lock_file}: released by another run while this one took it; "
+                            "run this command again")
         if not self.shared:
             self._file.seek(0)
             self._file.truncate()
@@ -108,6 +120,13 @@ class FolderLock:
             time.sleep(0.05)
         return text
 
+    def _still_linked(self) -> bool:
+        """Whether the lock file's path still names the file this process opened."""
+        try:
+            return os.stat(self.folder / self.lock_file).st_ino == os.fstat(self._file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
         if self._file is None:
             return
@@ -115,6 +134,8 @@ class FolderLock:
             if not self.shared:
                 self._file.seek(0)
                 self._file.truncate()
+            if self.lock_file != LOCK_FILE:  # a sibling of the folder it guards: no litter beside it
+                (self.folder / self.lock_file).unlink(missing_ok=True)
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
         finally:
             self._file.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -379,10 +380,7 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
     # -- the denoiser, frozen and in eval() (DiT's label embedding drops labels in train mode) ----
     denoiser = family.denoiser_folder
     net_class = _diffusers_class(net_class_name, "denoiser", name)
-    try:
-        net = net_class.from_pretrained(name, subfolder=denoiser, dtype=dtype, **hub)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"base model {name!r}: cannot load its {denoiser}: {err}") from None
+    net = load_component(net_class, name, denoiser, dtype, hub)
     net.requires_grad_(False).eval()
     config = net.config
     family = families.refine(family, config)  # e.g. a bare SDXL UNet folder without model_index.json
@@ -413,6 +411,80 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
     return model.to(device)
 
 
+PICKLE_ENV = "AGD_ALLOW_PICKLE_WEIGHTS"
+
+
+def load_component(cls, name: str, subfolder: str, dtype: torch.dtype, hub: dict) -> nn.Module:
+    """``cls.from_pretrained(name, subfolder=...)`` from safetensors only (pickle files can run code
+    when loaded: they load only with AGD_ALLOW_PICKLE_WEIGHTS=1), refused with one ModelError when
+    the folder's config.json does not fit its weights (a layer more: diffusers would fail deep
+    inside; a layer fewer: it would load the model truncated, with a log line at most)."""
+    pickles = os.environ.get(PICKLE_ENV, "").strip() == "1"
+    where = f"base model {name!r}: {subfolder}"
+    try:
+        net = cls.from_pretrained(name, subfolder=subfolder, dtype=dtype, use_safetensors=None if pickles else True,
+                                  **hub)
+    except (OSError, ValueError) as err:
+        local = Path(name) / subfolder
+        found = sorted(p.name for p in local.glob("*.bin")) if local.is_dir() else []
+        if found and not pickles and not list(local.glob("*.safetensors")):
+            raise ModelError(f"{where}/ has no safetensors weights, only pickle files ({', '.join(found[:2])}), which "
+                             f"can run code when loaded; convert them to safetensors, or set {PICKLE_ENV}=1 to load "
+                             "them with torch's weights-only loader") from None
+        problem = _weights_misfit(cls, Path(name) / subfolder, hub.get("variant"))
+        raise ModelError(f"{where}/config.json does not fit its weights: {problem}; the config was edited or "
+                         "belongs to other weights" if problem else
+                         f"base model {name!r}: cannot load its {subfolder}: {_first_line(err)}") from None
+    except (NotImplementedError, RuntimeError):
+        problem = _weights_misfit(cls, Path(name) / subfolder, hub.get("variant"))
+        if problem is None:
+            raise  # not a misfit (out of memory, or a bug): keep it as it is
+        raise ModelError(f"{where}/config.json does not fit its weights: {problem}; the config was edited or "
+                         "belongs to other weights") from None
+    problem = _weights_misfit(cls, Path(name) / subfolder, hub.get("variant"))
+    if problem:
+        raise ModelError(f"{where}/config.json does not fit its weights: {problem}; the config was edited or "
+                         "belongs to other weights")
+    return net
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _weights_misfit(cls, folder: Path, variant: str | None) -> str | None:
+    """What the safetensors weights in a local ``folder`` and the model its config.json describes
+    disagree on (tensor names), or None (they agree, or there is nothing local to compare)."""
+    import re
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    suffix = f".{variant}" if variant else ""
+    single, index = folder / f"diffusion_pytorch_model{suffix}.safetensors", folder / (
+        f"diffusion_pytorch_model.safetensors.index{suffix}.json")
+    try:
+        if single.is_file():
+            with safe_open(single, "pt") as f:
+                stored = set(f.keys())
+        elif index.is_file():
+            stored = set(json.loads(index.read_text())["weight_map"])
+        else:
+            return None
+        with init_empty_weights():
+            expected = set(cls.from_config(cls.load_config(folder)).state_dict())
+    except Exception:  # noqa: BLE001 - an unreadable file is diffusers' error to report, not this check's
+        return None
+    ignored = [re.compile(p) for p in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected = sorted(k for k in stored - expected if not any(p.search(k) for p in ignored))
+    missing = sorted(expected - stored)
+    if missing:
+        return f"the weights lack {len(missing)} tensors the config asks for (e.g. {missing[0]})"
+    if unexpected:
+        return f"the config has no place for {len(unexpected)} tensors of the weights (e.g. {unexpected[0]})"
+    return None
+
+
 def _load_vae(name: str, index: dict | None, dtype: torch.dtype, with_vae: bool, hub: dict):
     """(the VAE or None, pixels per latent cell). The scale factor is read from the VAE's config
     even when the VAE itself is skipped; a pixel-space model has neither (factor 1)."""
@@ -425,7 +497,7 @@ def _load_vae(name: str, index: dict | None, dtype: torch.dtype, with_vae: bool,
     vae_scale_factor = 2 ** (len(config["block_out_channels"]) - 1)
     if not with_vae:
         return None, vae_scale_factor
-    vae = vae_class.from_pretrained(name, subfolder="vae", dtype=dtype, **hub)
+    vae = load_component(vae_class, name, "vae", dtype, hub)
     vae.requires_grad_(False).eval()
     return vae, vae_scale_factor
 

@@ -3,6 +3,8 @@
 ``inception_fid`` and ``reference_statistics`` use clean-fid's "clean" preprocessing (PIL bicubic resize
 to 299x299, float images in [0, 255]) and, by default, its Inception network. ``clip_score`` is the
 CLIPScore of Hessel et al. (2021) with weight 100: the mean over images of 100 * max(cos(image, text), 0).
+The per-image data behind them (``inception_features`` with ``load_reference`` and ``fid_from_features``;
+``clip_scores``) give the same numbers and let the evaluate stage put bootstrap intervals on them.
 Every problem with the user's files is raised as :class:`ConfigError` with a one-line message.
 """
 
@@ -133,6 +135,42 @@ def _frechet(mu1, sigma1, mu2, sigma2, where: str) -> float:
                           f"feature dimensions") from None
 
 
+def inception_features(folder: str | Path, *, extractor: Callable | None = None, batch_size: int = 64,
+                       device="cpu") -> np.ndarray:
+    """[N, D] float64 features of the images in ``folder``, one row per image in sorted file order (what
+    :func:`inception_fid` takes the mean and covariance of); ``extractor`` as there."""
+    return _folder_features(folder, extractor, batch_size, device)
+
+
+def load_reference(reference: str | Path, *, extractor: Callable | None = None, batch_size: int = 64,
+                   device="cpu") -> dict:
+    """A FID reference: ``{"features": [M, D]}`` for a folder of images, ``{"mu": [D], "sigma": [D, D]}``
+    for a .npz of statistics (then only its moments are known)."""
+    reference = Path(reference)
+    if reference.is_file() and reference.suffix.lower() == ".npz":
+        mu, sigma = _load_statistics(reference)
+        return {"mu": mu, "sigma": sigma}
+    _check_reference(reference)
+    return {"features": _folder_features(reference, extractor, batch_size, device)}
+
+
+def _check_reference(reference: Path) -> None:
+    """Refuse a reference that is neither statistics nor a folder of images (before any slow features)."""
+    if reference.suffix.lower() == ".npz" and not reference.exists():
+        raise ConfigError(f"reference statistics {reference} do not exist")
+    if reference.is_file() and reference.suffix.lower() != ".npz":
+        raise ConfigError(f"reference {reference} is neither a folder of images nor a .npz file with mu and sigma")
+    if not reference.is_file():
+        _image_files(reference)  # a missing or empty reference folder fails before the sample features
+
+
+def fid_from_features(features: np.ndarray, reference: dict, where: str = "FID") -> float:
+    """FID of per-image ``features`` against a :func:`load_reference` reference: what
+    :func:`inception_fid` returns for the folder the features came from."""
+    mu2, sigma2 = (reference["mu"], reference["sigma"]) if "mu" in reference else _statistics(reference["features"])
+    return _frechet(*_statistics(np.asarray(features, dtype=np.float64)), mu2, sigma2, where)
+
+
 def inception_fid(samples: str | Path, reference: str | Path, *, extractor: Callable | None = None,
                   batch_size: int = 64, device="cpu") -> float:
     """FID between a folder of images and a reference folder or a reference .npz (arrays ``mu``, ``sigma``).
@@ -142,18 +180,14 @@ def inception_fid(samples: str | Path, reference: str | Path, *, extractor: Call
     """
     reference = Path(reference)
     if reference.is_file() and reference.suffix.lower() == ".npz":
-        mu2, sigma2 = _load_statistics(reference)  # checked before the (slow) sample features
-    elif reference.suffix.lower() == ".npz" and not reference.exists():
-        raise ConfigError(f"reference statistics {reference} do not exist")
-    elif reference.is_file():
-        raise ConfigError(f"reference {reference} is neither a folder of images nor a .npz file with mu and sigma")
+        stats = load_reference(reference)  # checked before the (slow) sample features
     else:
-        _image_files(reference)  # a missing or empty reference folder fails before the sample features
-        mu2 = sigma2 = None
-    mu1, sigma1 = _statistics(_folder_features(samples, extractor, batch_size, device))
-    if mu2 is None:
-        mu2, sigma2 = _statistics(_folder_features(reference, extractor, batch_size, device))
-    return _frechet(mu1, sigma1, mu2, sigma2, f"FID of {samples} against {reference}")
+        _check_reference(reference)
+        stats = None
+    features = _folder_features(samples, extractor, batch_size, device)
+    if stats is None:
+        stats = load_reference(reference, extractor=extractor, batch_size=batch_size, device=device)
+    return fid_from_features(features, stats, f"FID of {samples} against {reference}")
 
 
 def reference_statistics(folder: str | Path, out_npz: str | Path, *, extractor: Callable | None = None,
@@ -205,11 +239,30 @@ def _as_rgb(images) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
+def clip_scores(images, prompts: list[str], clip_model: str | Path, *, batch_size: int = 32,
+                device="cpu") -> np.ndarray:
+    """Per image, 100 * max(cos(image embedding, prompt embedding), 0) as float64 [N]; one prompt per image
+    (:func:`clip_score` is their mean).
+
+    ``images``: uint8 [N, H, W, 3] or grey [N, H, W]. Prompts are truncated to the text encoder's length.
+    """
+    return _clip_scores(images, prompts, clip_model, batch_size, device).numpy()
+
+
 def clip_score(images, prompts: list[str], clip_model: str | Path, *, batch_size: int = 32, device="cpu") -> float:
     """Mean over images of 100 * max(cos(image embedding, prompt embedding), 0); one prompt per image.
 
     ``images``: uint8 [N, H, W, 3] or grey [N, H, W]. Prompts are truncated to the text encoder's length.
     """
+    return clip_score_of(_clip_scores(images, prompts, clip_model, batch_size, device).numpy())
+
+
+def clip_score_of(scores: np.ndarray) -> float:
+    """The CLIP score of a sample set from its per-image :func:`clip_scores`: their mean."""
+    return float(torch.from_numpy(np.asarray(scores, dtype=np.float64)).mean())
+
+
+def _clip_scores(images, prompts: list[str], clip_model: str | Path, batch_size: int, device) -> torch.Tensor:
     images = _as_rgb(images)
     prompts = list(prompts)
     if len(prompts) != len(images):
@@ -233,4 +286,4 @@ def clip_score(images, prompts: list[str], clip_model: str | Path, *, batch_size
                                                              attention_mask=text["attention_mask"])).float()
             cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
             scores.append((100 * cosine.clamp(min=0)).cpu().double())
-    return float(torch.cat(scores).mean())
+    return torch.cat(scores)

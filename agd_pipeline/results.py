@@ -58,6 +58,29 @@ def _estimates(row: dict, columns) -> list[str]:
     return [ci_text(row.get(key), spec) for key, spec in columns]
 
 
+REAL_MODEL_COLUMNS = (("inception_fid_unguided", "Inception FID unguided", ".2f"),
+                      ("inception_fid_cfg", "Inception FID CFG", ".2f"),
+                      ("inception_fid_agd", "Inception FID AGD", ".2f"),
+                      ("inception_fid_ratio_agd_over_cfg", "Inception FID AGD / CFG", ".3f"),
+                      ("clip_score_unguided", "CLIP unguided", ".2f"), ("clip_score_cfg", "CLIP CFG", ".2f"),
+                      ("clip_score_agd", "CLIP AGD", ".2f"),
+                      ("clip_score_difference_agd_minus_cfg", "CLIP AGD − CFG", ".2f"))
+
+
+def real_model_table(rows: list[dict], real: dict) -> str:
+    """The real-model metrics with 95 % intervals (``evidence.real_model`` of metrics.json): one row
+    per w, a column per metric the run measured (Inception FID, CLIP score)."""
+    first = real["per_w"][f"w{rows[0]['w']:g}"]
+    columns = [(key, title, spec) for key, title, spec in REAL_MODEL_COLUMNS if key in first]
+    lines = ["| w | " + " | ".join(title for _, title, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in rows:
+        e = real["per_w"][f"w{r['w']:g}"]
+        mark = "" if r["in_training_range"] else " *"
+        lines.append("| " + " | ".join([f"{r['w']:g}{mark}", *(ci_text(e.get(key), spec) for key, _, spec in columns)])
+                     + " |")
+    return "\n".join(lines)
+
+
 def speed_table(speed: dict) -> str:
     """Images per second per batch size: median (min-max) over interleaved repeats, and the paired
     ratios; a row whose AGD / CFG median lies over 15 % above the evaluation-count ceiling is shown

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optim import check_finite
 from .textdigits import PooledClassifier
 
 SIDE = 8  # the judge sees 8x8 grey images (16x16 text-default digits are average-pooled)
@@ -65,11 +66,12 @@ def train_second_judge(images: np.ndarray, labels: np.ndarray, steps: int = TRAI
     gen = torch.Generator().manual_seed(seed)
     xs, ys = x[train], y[train]
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(0, len(xs), (64,), generator=gen)
         batch = F.pad(xs[idx], (1, 1, 1, 1), value=-1.0)
         dx, dy = torch.randint(0, 3, (2,), generator=gen).tolist()
         loss = F.cross_entropy(model(batch[:, :, dy:dy + SIDE, dx:dx + SIDE]), ys[idx])
+        check_finite(loss, "evaluate: train the second judge", step, optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ModelError
-from .optim import cosine_with_warmup, descent_step
+from .optim import check_finite, cosine_with_warmup, descent_step
 from .outputs import check_replaceable, staging_folder, swap_in
 
 IMAGE_SIZE = 16
@@ -337,12 +337,13 @@ def train_vae(images: torch.Tensor, config, progress: bool = True):
     gen = torch.Generator().manual_seed(config.seed + 3)
     rgb = images.expand(-1, 3, -1, -1)
     bar = tqdm(range(config.vae_steps), desc="text_data: train VAE", disable=not progress, unit="step")
-    for _ in bar:
+    for step in bar:
         x = rgb[torch.randint(0, len(rgb), (config.vae_batch_size,), generator=gen)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
         loss = F.mse_loss(recon, x) + config.vae_kl_weight * posterior.kl().mean() / z[0].numel()
+        check_finite(loss, "text_data: train VAE", step, config.vae_learning_rate)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -661,7 +662,7 @@ def _fit(family, net, latents, owners, table, uncond, scheduler, config, progres
             a = alphas[t].view(-1, 1, 1, 1)
             x_t, target = a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
         loss = F.mse_loss(family.predict(net, x_t, t, cond), target)
-        losses.append(descent_step(loss, parameters, optimizer, schedule, ema))
+        losses.append(descent_step(loss, parameters, optimizer, schedule, ema, what=desc, step=step))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     ema.copy_to(parameters)

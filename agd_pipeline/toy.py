@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import BaseStageConfig
-from .optim import cosine_with_warmup, descent_step
+from .optim import check_finite, cosine_with_warmup, descent_step
 from .errors import ModelError
 from .models import save_dit_folder
 
@@ -137,7 +137,8 @@ def fit_class_denoiser(net, parameters: list, images: torch.Tensor, labels: torc
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = net(x_t, timestep=t, class_labels=y).sample
-        losses.append(descent_step(F.mse_loss(pred, noise), parameters, optimizer, lr_schedule, ema))
+        losses.append(descent_step(F.mse_loss(pred, noise), parameters, optimizer, lr_schedule, ema, what=desc,
+                                   step=step))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     ema.copy_to(parameters)
@@ -182,10 +183,11 @@ def train_classifier(x_train, y_train, x_hold, y_hold, config: BaseStageConfig, 
     images, labels = torch.from_numpy(x_train), torch.from_numpy(y_train)
     gen = torch.Generator().manual_seed(config.seed + 1)
     model.train()
-    for _ in tqdm(range(config.classifier_steps), desc="base: train classifier", disable=not progress,
-                  unit="step"):
+    for step in tqdm(range(config.classifier_steps), desc="base: train classifier", disable=not progress,
+                     unit="step"):
         idx = torch.randint(0, len(images), (128,), generator=gen)
         loss = F.cross_entropy(model(_augment(images[idx], gen)), labels[idx])
+        check_finite(loss, "base: train classifier", step, optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import shutil
 import time
@@ -24,15 +25,17 @@ from tqdm.auto import tqdm
 
 from diffusers.optimization import get_scheduler
 
-from .adapters import (MEAN_SOURCES, NEGATIVE_SOURCES, TEXT_SOURCES, AdaptedModel, AdapterConfig,
-                       default_condition_on, resolve_placement, save_adapters)
+from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MEAN_SOURCES, MODEL_CARD, NEGATIVE_SOURCES, TEXT_SOURCES,
+                       AdaptedModel, AdapterConfig, default_condition_on, read_adapter_config, resolve_placement,
+                       save_adapters)
 from .config import TrainConfig, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import AgdError, ConfigError, ModelError, StoreError, os_reason
+from .errors import AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, write_errors, write_reason
 from .loader import StepBatches
 from .locks import FolderLock
 from .memory import enable_base_checkpointing
 from .models import load_base_model, recorded_hub_options
+from .outputs import RESOLVED_CONFIG, owned_output, write_resolved
 from .store import Manifest, TrajectoryStore, differences, read_manifest
 
 CHECKPOINT = "checkpoint"
@@ -51,6 +54,10 @@ LEGACY_CHECKPOINT_FILES = ("progress.json", "model.safetensors", "optimizer.bin"
 # (not `steps`: the learning-rate schedule depends on it).
 RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch", "loader_workers", "report_to",
                   "validate_every", "gradient_checkpointing")
+
+
+FINAL_LOSS_STEPS = 50  # adapter_config.json's final_loss: the mean loss of the run's last this many steps
+WRITE_ERRORS = (*write_errors(), WriteError)  # a file or safetensors write that failed (agd_pipeline.errors)
 
 
 def weighted_mse(output, target, guidance_scale, weighting: str) -> torch.Tensor:
@@ -122,13 +129,80 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     out, store_root = Path(config.out_dir), Path(config.store)
     if out.resolve() == store_root.resolve() or store_root.resolve() in out.resolve().parents:
         raise ConfigError(f"train.out_dir ({out}) must not be the store ({store_root}) or lie inside it")
-    read_manifest(store_root)  # a missing or broken store is refused before anything is created
+    manifest = read_manifest(store_root)  # a missing or broken store is refused before anything is created
+    inputs = [store_root, config.base_model or manifest.base_model.get("id")]
     with contextlib.ExitStack() as held:
         if accelerator.is_main_process:
-            # one training run per output folder; the store must not be rewritten while it is read
-            held.enter_context(FolderLock(out, "stages.train"))
+            # one training run per output folder, which holds nothing else (agd_pipeline.outputs);
+            # the store must not be rewritten while it is read
+            held.enter_context(owned_output(config, inputs, ours=_holds_training, own_name=_train_output_name,
+                                            record=False))
             held.enter_context(FolderLock(store_root, "stages.train (reading the store)", shared=True, create=False))
+            finished = _finished_run(config, manifest.fingerprint(), log)
+            if finished is not None:
+                return finished
+            write_resolved(config, out)  # from here on the folder is recognisably this run's
         return _train(config, accelerator, progress, log)
+
+
+# what stages.train writes into its output folder (anything else there is refused, not overwritten)
+TRAIN_OUTPUTS = {ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD, LOSS_CSV, CHECKPOINT, VALIDATION, "tracking",
+                 RESOLVED_CONFIG}
+
+
+def _train_output_name(name: str) -> bool:
+    return name in TRAIN_OUTPUTS or (name.endswith(".tmp") and name[:-len(".tmp")] in TRAIN_OUTPUTS)
+
+
+def _holds_training(folder: Path) -> bool:
+    """A training output written before the folder record existed: a checkpoint or adapters."""
+    return (folder / ADAPTER_CONFIG).is_file() or any(
+        (folder / checkpoint / name).is_file() for checkpoint in (CHECKPOINT, CHECKPOINT + ".tmp")
+        for name in ("state.json", *LEGACY_CHECKPOINT_FILES))
+
+
+def _finished_run(config: TrainConfig, fingerprint: str, log) -> dict | None:
+    """For an output folder that holds finished adapters (and no checkpoint to resume): their
+    result when they were trained with these settings on this store (nothing to do), else None
+    after clearing them (train.restart_on_mismatch) or a ConfigError naming the difference."""
+    out = Path(config.out_dir)
+    if not (out / ADAPTER_CONFIG).exists() or (out / CHECKPOINT).exists():
+        return None
+    try:
+        recorded = read_adapter_config(out)
+        trained = recorded.get("training")
+        if not isinstance(trained, dict):
+            raise ModelError(f"{out / ADAPTER_CONFIG}: no training record")
+        ran = {k: v for k, v in trained.items() if k not in RESUMABLE_KEYS}
+        now = _comparable(config)
+        # where the store and the folder lie does not matter: the store is compared by its fingerprint
+        changed = [k for k in now if k not in ("store", "out_dir") and ran.get(k, now[k]) != now[k]]
+        if changed:
+            difference = "; ".join(f"{config.key(k)} {ran[k]!r} there, {now[k]!r} now" for k in changed[:3])
+        elif recorded.get("code") != code_fingerprint():
+            difference = (f"trained by other code of this tool (source digest {recorded.get('code')} there, "
+                          f"{code_fingerprint()} now)")
+        elif (recorded.get("store") or {}).get("fingerprint") != fingerprint:
+            difference = (f"trained on another store (fingerprint {(recorded.get('store') or {}).get('fingerprint')} "
+                          f"there, {fingerprint} of {config.store} now)")
+        else:
+            log(f"train: {out} already holds adapters trained with these settings on this store (final loss "
+                f"{recorded.get('final_loss')}); nothing to do")
+            return {"parameters": recorded.get("parameters"), "seconds": 0.0,
+                    "final_loss": recorded.get("final_loss"), "skipped": True}
+    except ModelError as err:
+        difference = f"its adapters cannot be read ({err})"
+    if not config.restart_on_mismatch:
+        raise ConfigError(f"train.out_dir: {out} holds finished adapters: {difference}; nothing was changed. Choose "
+                          "another out_dir, or pass --restart-on-mismatch true to replace them")
+    log(f"train: {out} held finished adapters ({difference}); replacing them (restart_on_mismatch)")
+    for name in sorted(TRAIN_OUTPUTS - {RESOLVED_CONFIG}):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return None
 
 
 def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
@@ -171,7 +245,8 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT
     fingerprint = store.fingerprint()
-    start_step = _resume(accelerator, checkpoint, config, fingerprint, log, model, optimizer, lr_schedule, ema)
+    start_step, recent = _resume(accelerator, checkpoint, config, fingerprint, log, model, optimizer, lr_schedule,
+                                 ema)
     if main:
         _truncate_losses(out / LOSS_CSV, start_step)
     if config.report_to != "none":
@@ -185,18 +260,23 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
         log(f"train: {accelerator.num_processes} processes, {loader.batches_per_epoch()} batches each per epoch")
     started = time.perf_counter()
     batches = loader.from_step(start_step * config.gradient_accumulation_steps)
+    # the losses of the last FINAL_LOSS_STEPS steps of the whole run: a resumed run takes those before
+    # its checkpoint from the checkpoint, so it records the final_loss of an uninterrupted one
     running = _optimise(config, accelerator, model, optimizer, lr_schedule, ema, batches, store, base.latent_channels,
-                        start_step, fingerprint, progress)
+                        start_step, fingerprint, progress, recent)
     seconds = time.perf_counter() - started
-    final_loss = float(np.mean(running[-50:])) if running else None
+    final_loss = float(np.mean(running[-FINAL_LOSS_STEPS:])) if running else None
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
     # -- the adapters (their EMA, with train.ema_decay), with everything they were trained from -----
+    # The checkpoint of the last step stays until the last output (the validation grid) is written: a
+    # run killed before that resumes at the end and writes the outputs again, without training again.
     if main:
         trained = accelerator.unwrap_model(model).eval()
         if ema is not None:
             ema.copy_to(trained.parameters())
+        _check_finite_weights(trained, config, config.steps)
         _save_trained(trained, config, store, fingerprint, final_loss)
         log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
             f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
@@ -205,9 +285,11 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
                 grid = _validation_grid(out, out, config.steps, config.seed, store.manifest, str(accelerator.device))
                 scales = ", ".join(map(str, _validation_scales(store.manifest)))
                 log(f"{grid}: validation grid (CFG | AGD at w = {scales})")
-            except (AgdError, OSError) as err:  # a picture that cannot be made must not fail a finished run
+            except (AgdError, *WRITE_ERRORS) as err:  # a picture that cannot be made must not fail a finished run
                 warnings.warn(f"{out}: the adapters are saved, but no validation grid was made ({err}); "
                               "set train.validate_every: -1 to skip it", stacklevel=2)
+        for leftover in (checkpoint, checkpoint.with_name(checkpoint.name + ".tmp")):  # the run is complete
+            shutil.rmtree(leftover, ignore_errors=True)
     return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
 
 
@@ -297,23 +379,35 @@ def _recorded_base(config: TrainConfig, manifest, device):
 
 
 def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, ema, batches, store, channels: int,
-              start_step: int, fingerprint: str, progress: bool) -> list[float]:
+              start_step: int, fingerprint: str, progress: bool, recent: list[float] | None = None) -> list[float]:
     """Steps start_step .. config.steps, each over gradient_accumulation_steps micro-batches:
-    loss.csv rows, the tracker, the progress bar, checkpoints, validation grids. Returns the losses
-    of this run (the mean over micro-batches and processes)."""
+    loss.csv rows, the tracker, the progress bar, checkpoints (with train.checkpoint_every, also one
+    at the last step), validation grids. Returns the losses of the last FINAL_LOSS_STEPS steps of
+    the whole run (the mean over micro-batches and processes): ``recent``, those before start_step
+    (from the checkpoint), then this run's."""
     main = accelerator.is_main_process
     manifest = store.manifest
     out = Path(config.out_dir)
     checkpoint = out / CHECKPOINT
     accumulate = config.gradient_accumulation_steps
     model.train()
-    running = []
-    with open(Path(config.out_dir) / LOSS_CSV if main else os.devnull, "a", newline="") as loss_file, \
+    running = list(recent or [])
+    # line-buffered: a row that cannot be written (a full disk) fails where it is written, named below
+    with open(out / LOSS_CSV if main else os.devnull, "a", newline="", buffering=1) as loss_file, \
             tqdm(range(start_step, config.steps), desc="train: adapters", unit="step",
                  disable=not progress or not main, initial=start_step, total=config.steps) as bar:
         writer = csv.writer(loss_file)
+
+        def record(row: list) -> None:
+            try:
+                writer.writerow(row)
+            except OSError as err:
+                raise AgdError(f"{out / LOSS_CSV}: cannot write the loss of step {row[0]} ({os_reason(err)})"
+                               + (f"; the checkpoint in {checkpoint} is intact" if checkpoint.exists() else "")
+                               + ". Free space (or fix permissions) and run the same command to resume") from None
+
         if start_step == 0:
-            writer.writerow(["step", "loss", "lr"])
+            record(["step", "loss", "lr"])
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
@@ -326,9 +420,12 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, e
                 loss = weighted_mse(output[:, :channels].float(), target, batch["guidance_scale"],
                                     config.loss_weighting)
                 if not torch.isfinite(loss):
-                    raise AgdError(f"train: loss became {loss.item()} at step {step}; lower train.learning_rate "
-                                   f"(now {config.learning_rate}) or check the store with "
-                                   "`python -m stages.inspect --verify`")
+                    raise AgdError(
+                        f"train: the loss became {loss.item()} at step {step + 1}; training stopped before the "
+                        "weights took it in, and nothing of this step was saved"
+                        + (f" (the checkpoint in {checkpoint} is of an earlier step)" if checkpoint.exists() else "")
+                        + f". Lower train.learning_rate (now {config.learning_rate:g}) or check the store for "
+                        "NaN/inf with `python -m stages.inspect --verify`")
                 # gradients are averaged over processes once, at the last micro-batch
                 with accelerator.no_sync(model) if micro + 1 < accumulate else contextlib.nullcontext():
                     accelerator.backward(loss / accumulate if accumulate > 1 else loss)
@@ -340,18 +437,22 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, e
             # the mean over micro-batches and processes
             logged = accelerator.reduce(total / accumulate if accumulate > 1 else total, "mean").item()
             running.append(logged)
+            del running[:-FINAL_LOSS_STEPS]  # only these go into final_loss and the checkpoint
             lr = lr_schedule.get_last_lr()[0]
-            writer.writerow([step + 1, f"{logged:.6g}", f"{lr:.6g}"])
+            record([step + 1, f"{logged:.6g}", f"{lr:.6g}"])
             if config.report_to != "none":
                 accelerator.log({"loss": logged, "lr": lr}, step=step + 1)
             if (step + 1) % 25 == 0:
                 bar.set_postfix(loss=f"{np.mean(running[-25:]):.5f}")
-            if step + 1 >= config.steps:
-                continue
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            last = step + 1 >= config.steps
+            # the last step's checkpoint lets a run killed while it writes its outputs finish them
+            # without training again (it is removed once they are written)
+            if config.checkpoint_every and (last or (step + 1) % config.checkpoint_every == 0):
                 loss_file.flush()
                 _save_checkpoint(accelerator, checkpoint, config, fingerprint, step + 1, model, optimizer,
-                                 lr_schedule, ema)
+                                 lr_schedule, ema, losses=running)
+            if last:
+                continue
             if config.validate_every > 0 and (step + 1) % config.validate_every == 0:
                 _validate_now(accelerator, config, store, fingerprint, model, ema, step + 1)
     return running
@@ -371,6 +472,12 @@ def _validate_now(accelerator, config: TrainConfig, store, fingerprint: str, mod
             with context:
                 save_adapters(adapted.eval(), scratch, extra=_adapter_record(config, store, fingerprint, None))
             _validation_grid(scratch, out, step, config.seed, store.manifest, str(accelerator.device))
+        except WRITE_ERRORS as err:
+            checkpoint = out / CHECKPOINT
+            raise AgdError(f"{out / VALIDATION}: cannot write the validation grid of step {step} ({write_reason(err)})"
+                           + (f"; the checkpoint in {checkpoint} is intact" if checkpoint.exists() else "")
+                           + ". Free space (or fix permissions) and run the same command to resume, or set "
+                           "train.validate_every: -1") from None
         finally:
             adapted.train(was_training)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -390,18 +497,30 @@ def ema_weights(ema, model):
 
 def _save_trained(model: AdaptedModel, config: TrainConfig, store: TrajectoryStore, fingerprint: str,
                   final_loss: float | None) -> None:
-    """adapters.safetensors and adapter_config.json (with the store they were trained on); then the
-    checkpoint, no longer needed, is removed."""
+    """adapters.safetensors and adapter_config.json (with the store they were trained on). The
+    checkpoint stays (the caller removes it once the run's last output is written); a failed write
+    leaves no temporary behind."""
     out = Path(config.out_dir)
     checkpoint = out / CHECKPOINT
     try:
         save_adapters(model, out, extra=_adapter_record(config, store, fingerprint, final_loss))
-    except OSError as err:
-        raise AgdError(f"{out}: cannot write the adapters ({os_reason(err)})"
-                       + (f"; the checkpoint in {checkpoint} is intact: fix this and run the same command to "
-                          "finish" if checkpoint.exists() else "")) from None
-    for leftover in (checkpoint, checkpoint.with_name(checkpoint.name + ".tmp")):
-        shutil.rmtree(leftover, ignore_errors=True)
+    except WRITE_ERRORS as err:
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            (out / (name + ".tmp")).unlink(missing_ok=True)
+        raise AgdError(f"{out}: cannot write the adapters ({write_reason(err)})"
+                       + (f"; the checkpoint in {checkpoint} is intact: free space (or fix permissions) and run "
+                          "the same command to finish" if checkpoint.exists() else "")) from None
+
+
+def _check_finite_weights(model, config: TrainConfig, step: int, ema=None) -> None:
+    """Refuse to save adapters (or their EMA) holding NaN or inf: the optimiser took in a gradient
+    that overflowed."""
+    tensors = [*model.parameters(), *(ema.shadow_params if ema is not None else [])]
+    if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        return
+    raise AgdError(f"train: the adapter weights became NaN or inf by step {step}; nothing of it was saved. Lower "
+                   f"train.learning_rate (now {config.learning_rate:g}) or check the store for NaN/inf with "
+                   "`python -m stages.inspect --verify`")
 
 
 def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: str, final_loss: float | None) -> dict:
@@ -415,7 +534,20 @@ def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: st
         "guidance": manifest.guidance,
         "negative_prompt": manifest.negative_prompt,
         "final_loss": final_loss,
+        "code": code_fingerprint(),
     }
+
+
+def code_fingerprint() -> str:
+    """sha256 (16 hex digits) of this package's Python source: adapters trained by other code are not
+    "the same run" (under `dvc repro` a code change must retrain, although the output folder persists)."""
+    import hashlib
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _silent(*args, **kwargs) -> None:
@@ -423,9 +555,13 @@ def _silent(*args, **kwargs) -> None:
 
 
 def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, fingerprint: str, step: int, model,
-                     optimizer, lr_schedule, ema=None) -> None:
-    """Adapters and optimizer state as safetensors, the rest as JSON (nothing that unpickles), in
-    a temporary folder renamed over the previous checkpoint once complete (by the main process)."""
+                     optimizer, lr_schedule, ema=None, losses: list[float] | None = None) -> None:
+    """Adapters and optimizer state as safetensors, the rest as JSON (nothing that unpickles; with
+    ``losses``, those of the last FINAL_LOSS_STEPS steps, for final_loss), in a temporary folder
+    renamed over the previous checkpoint once complete (by the main process). Weights that are not
+    finite are refused; a failed write (a full disk) removes the temporary and leaves the previous
+    checkpoint as it was."""
+    _check_finite_weights(accelerator.unwrap_model(model), config, step, ema)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp = folder.with_name(folder.name + ".tmp")
@@ -439,7 +575,8 @@ def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, fingerprint
             save_file(tensors, tmp / "optimizer.safetensors")
             state = {"format": CHECKPOINT_FORMAT, "step": step, "config": _comparable(config),
                      "store_fingerprint": fingerprint, "store_path": str(config.store),
-                     "optimizer": optimizer_meta, "lr_schedule": lr_schedule.state_dict()}
+                     "optimizer": optimizer_meta, "lr_schedule": lr_schedule.state_dict(),
+                     "recent_losses": list(losses or [])[-FINAL_LOSS_STEPS:]}
             if ema is not None:
                 ema_state = ema.state_dict()
                 save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
@@ -451,9 +588,11 @@ def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, fingerprint
                     os.fsync(f.fileno())
             _remove_checkpoint(folder)
             tmp.replace(folder)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise AgdError(f"{tmp}: cannot write the training checkpoint at step {step} ({os_reason(err)}). "
+        except WRITE_ERRORS as err:
+            if folder.exists() or not (tmp / "state.json").exists():
+                # else the previous one is gone and this complete one is the only one: resume takes it
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise AgdError(f"{tmp}: cannot write the training checkpoint at step {step} ({write_reason(err)}). "
                            + (f"The previous checkpoint in {folder} is intact; " if folder.exists() else "")
                            + "free space (or fix permissions) and run the same command to resume") from None
     accelerator.wait_for_everyone()
@@ -492,10 +631,11 @@ def _remove_checkpoint(folder: Path) -> None:
 
 
 def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, log, model, optimizer,
-            lr_schedule, ema=None) -> int:
-    """The step to start from: a checkpoint of the same settings on the same store is loaded;
-    one of other settings, of another store or of an older release starts over (with
-    restart_on_mismatch) or is refused."""
+            lr_schedule, ema=None) -> tuple[int, list[float]]:
+    """The step to start from, and the losses of the last FINAL_LOSS_STEPS steps before it: a
+    checkpoint of the same settings on the same store is loaded (one of the last step: training is
+    over, its outputs are written again); one of other settings, of another store or of an older
+    release starts over (with restart_on_mismatch) or is refused."""
     state_file = folder / "state.json"
     tmp = folder.with_name(folder.name + ".tmp")
     if not folder.exists() and (tmp / "state.json").exists():
@@ -506,7 +646,7 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
             tmp.replace(folder)
         accelerator.wait_for_everyone()
     if not folder.exists():
-        return 0
+        return 0, []
     reason = None
     if not state_file.exists():
         reason = ("was written by an earlier release (it is never loaded: it holds pickles)"
@@ -528,6 +668,8 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
             reason = (f"was trained on another store (fingerprint {saved.get('store_fingerprint')} of "
                       f"{saved.get('store_path')!r}; {config.store} now has {fingerprint}: it was rewritten or "
                       "replaced since); resuming would mix two datasets")
+        elif not 0 < saved["step"] <= config.steps or not _losses(saved.setdefault("recent_losses", [])):
+            reason = f"is damaged (step {saved['step']} of {config.steps}, or its recent_losses are not finite numbers)"
     if reason is not None:
         if config.restart_on_mismatch:
             log(f"train: {folder} {reason}; discarding it and starting over (restart_on_mismatch)")
@@ -535,11 +677,10 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
             if accelerator.is_main_process:
                 _remove_checkpoint(folder)
             accelerator.wait_for_everyone()
-            return 0
+            return 0, []
         raise AgdError(f"{folder} {reason}. Delete {folder} to start over (or pass --restart-on-mismatch true)"
                        + (", or restore those settings to resume it" if "settings" in reason else ""))
-    if saved["step"] >= config.steps:
-        return 0
+    recent = saved["recent_losses"]
     try:
         device = accelerator.device
         # read on the CPU (safetensors refuses a device named like "cpu:0", which accelerate gives each
@@ -555,8 +696,14 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
     except Exception as err:  # noqa: BLE001 - safetensors, torch and KeyError: all mean a damaged checkpoint
         raise AgdError(f"{folder}: the checkpoint is damaged ({type(err).__name__}: {str(err)[:200]}); delete it "
                        "to start over (or pass --restart-on-mismatch true)") from None
-    log(f"train: resuming from {folder} at step {saved['step']}")
-    return int(saved["step"])
+    log(f"train: resuming from {folder} at step {saved['step']}"
+        + (" (training is over: writing its outputs)" if saved["step"] == config.steps else ""))
+    return int(saved["step"]), [float(v) for v in recent]
+
+
+def _losses(values) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
 def _truncate_losses(path: Path, step: int) -> None:

@@ -1,0 +1,9 @@
+"""The commands, each run as ``python -m stages.<name>`` (see each module's docstring)."""
+
+import sys
+
+if sys.argv[:1] == ["-m"]:  # started as `python -m stages.X` (not imported by a test or another program)
+    from agd_pipeline.interrupts import quiet_from_the_start, stop_with_dvc
+
+    quiet_from_the_start()  # Ctrl-C, SIGTERM or SIGHUP while the command's imports load: one line too
+    stop_with_dvc()  # under dvc repro: SIGTERM when dvc dies, SIGKILL included

@@ -7,10 +7,12 @@ from agd_pipeline.config import BaseStageConfig
 
 
 def run(config: BaseStageConfig, args) -> None:
+    from agd_pipeline.outputs import owned_output
     from agd_pipeline.toy import train_base
 
-    result = train_base(config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+    with owned_output(config):
+        result = train_base(config, progress=not args.no_progress)
+        write_resolved(config, config.out_dir)
     print(f"{config.out_dir}: DiT with {result['parameters']:,} parameters, final loss "
           f"{result['final_loss']:.4f}; evaluation classifier held-out accuracy "
           f"{result['classifier_holdout_accuracy']:.3f}")

@@ -115,11 +115,18 @@ def write_json(rows, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Bad options: one ``error:`` line, exit 2. Ctrl-C, SIGTERM or SIGHUP: one line, exit status 130,
+    143 or 129 (agd_pipeline.interrupts)."""
+    from agd_pipeline.interrupts import interruptible
+
+    def guarded() -> int:
+        try:
+            return run(argv)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return interruptible(guarded, "re-run the same command to measure again")
 
 
 def parser() -> Parser:

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         convert_store(args.source, args.target, args.format, args.compressor, args.bitround_keepbits,
                       progress=not args.no_progress)
 
-    return run_command(body, lambda: check_args(args))
+    return run_command(body, lambda: check_args(args),
+                       interrupted=f"re-run the same command to finish converting {args.source} (it resumes)")
 
 if __name__ == "__main__":
     sys.exit(main())

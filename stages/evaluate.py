@@ -7,10 +7,14 @@ from agd_pipeline.config import EvaluateConfig
 
 
 def run(config: EvaluateConfig, args) -> None:
+    from agd_pipeline.adapters import read_adapter_config
     from agd_pipeline.evaluation import evaluate  # imported here: --help stays fast
+    from agd_pipeline.outputs import owned_output
 
-    evaluate(config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+    inputs = [config.adapters, config.base_model or read_adapter_config(config.adapters)["base_model"]["id"]]
+    with owned_output(config, inputs, ours=lambda folder: (folder / "metrics.json").is_file()):
+        evaluate(config, progress=not args.no_progress)
+        write_resolved(config, config.out_dir)
 
 
 def main(argv=None) -> int:

@@ -16,8 +16,9 @@ pipelines/text/dvc.yaml): `dvc exp show` lists them with their params and summar
 what git and DVC track), sharing the DVC cache, as many at a time as --jobs says (DVC's queue; with
 --jobs 1 one after the other, `dvc exp run --temp`). The first command runs the stages no variant
 changes (the base model, say) in the workspace, so they run once, in a fresh clone too.
-Interrupted with Ctrl-C or stopped with SIGTERM (`kill`), `run` stops the queue's runs of the
-experiment as well."""
+Interrupted with Ctrl-C, stopped with SIGTERM (`kill`) or SIGHUP (the terminal closed), every command
+stops the dvc command it runs with everything that command started, and `run` the queue's runs of the
+experiment as well; exit status 130, 143 or 129."""
 
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from agd_pipeline.interrupts import interruptible
 from agd_pipeline.errors import AgdError
 from agd_pipeline.experiments import (EXPERIMENTS, SHOW_RETRIES, collect, get_experiment, prepare_command,
-                                      read_results, readme_block, run, run_commands, show_json,
-                                      terminate_as_interrupt, write_results)
+                                      read_results, readme_block, run, run_commands, show_json, write_results)
 
 
 def default_jobs() -> int:
@@ -60,6 +61,20 @@ def report(name: str, readme: Path, log=print, from_results: bool = False) -> in
 
 
 def main(argv=None) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP: the running dvc command's process group is stopped (and the queue's
+    runs of `run`), one line says so, exit status 130, 143 or 129 (agd_pipeline.cli.interruptible)."""
+    args = parser().parse_args(argv)
+    return interruptible(lambda: _main(args), _advice(args))
+
+
+def _advice(args) -> str:
+    if args.action == "run":
+        return (f"the runs of {args.name} were stopped; `python -m stages.experiments run {args.name}` starts them "
+                "again (finished ones are replaced)")
+    return f"re-run `python -m stages.experiments {args.action}{' ' + args.name if args.name else ''}`"
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("list", "run", "report", "commands"))
@@ -73,7 +88,10 @@ def main(argv=None) -> int:
                         help="report: read the rows from docs/experiments/NAME/results.csv instead of "
                              "`dvc exp show` (re-renders the table, plot and README block after a change to "
                              "the renderer, or in a clone without the runs)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(args) -> int:
     try:
         if args.action == "list":
             for experiment in EXPERIMENTS.values():
@@ -81,12 +99,12 @@ def main(argv=None) -> int:
                 print(f"{experiment.name}: {experiment.question}\n  variants: {variants}")
             return 0
         if not args.name:
-            parser.error(f"{args.action} needs an experiment name: {', '.join(EXPERIMENTS)}")
+            parser().error(f"{args.action} needs an experiment name: {', '.join(EXPERIMENTS)}")
         if args.from_results and args.action != "report":
-            parser.error("--from-results goes with report only")
+            parser().error("--from-results goes with report only")
         experiment = get_experiment(args.name)
         if args.jobs < 1:
-            parser.error(f"--jobs must be at least 1 (got {args.jobs})")
+            parser().error(f"--jobs must be at least 1 (got {args.jobs})")
         jobs = min(args.jobs, len(experiment.runs()))
         if args.action == "commands":
             for command in [prepare_command(experiment), *run_commands(experiment, queue=jobs > 1)]:
@@ -95,13 +113,7 @@ def main(argv=None) -> int:
                 print(f"dvc queue start --jobs {jobs}")
             return 0
         if args.action == "run":
-            try:
-                with terminate_as_interrupt():
-                    run(experiment, jobs=jobs, log=lambda message: print(message, flush=True))
-            except KeyboardInterrupt:
-                print(f"\ninterrupted: the runs of {args.name} were stopped; `python -m stages.experiments run "
-                      f"{args.name}` starts them again (finished ones are replaced)", file=sys.stderr)
-                return 130
+            run(experiment, jobs=jobs, log=lambda message: print(message, flush=True))
         return report(args.name, Path(args.readme), from_results=args.from_results)
     except AgdError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,10 +8,14 @@ from agd_pipeline.config import FinetuneConfig
 
 
 def run(config: FinetuneConfig, args) -> None:
-    from agd_pipeline.finetune import finetune
+    from pathlib import Path
 
-    result = finetune(config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+    from agd_pipeline.finetune import finetune
+    from agd_pipeline.outputs import replacing_output
+
+    with replacing_output(Path(config.out_dir), config.key("out_dir"), "stages.finetune", [config.base_model]):
+        result = finetune(config, progress=not args.no_progress)
+        write_resolved(config, config.out_dir)
     print(f"{config.out_dir}: {result['description']}; {result['trained_parameters']:,} parameters trained on "
           f"{result['training_images']} images, final loss {result['final_loss']:.4f}")
 

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
                 json.dump(summary, f, indent=2)
         return 0 if all(summary["finite"].values()) else 1
 
-    return run_command(body, lambda: check_args(args))
+    return run_command(body, lambda: check_args(args),
+                       interrupted=f"re-run the same command to inspect {args.store} again")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from agd_pipeline.results import ci_text, evidence_table, results_table, second_judge_table, speed_table
+from agd_pipeline.results import (ci_text, evidence_table, real_model_table, results_table, second_judge_table,
+                                  speed_table)
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
@@ -65,7 +66,7 @@ def render(metrics: dict, metrics_path: str, link_root: Path, block: str = "") -
         raise ReportError(f"{metrics_path} is not a metrics file of the evaluate stage (missing {err})") from None
     if not rows:
         raise ReportError(f"{metrics_path} holds no guidance scale")
-    if "evidence" in metrics:
+    if "summary" in metrics.get("evidence", {}):
         return render_evidence(metrics, metrics_path, link_root, block)
     inside = [r for r in rows if r["in_training_range"]] or rows
     outside = [r for r in rows if not r["in_training_range"]]
@@ -100,6 +101,7 @@ def render(metrics: dict, metrics_path: str, link_root: Path, block: str = "") -
                   f"{100 * rates['unguided']:.1f} % of unguided samples, {100 * rates['cfg']:.1f} % with CFG and "
                   f"{100 * rates['agd']:.1f} % with AGD; AGD avoids it "
                   + (f"{ratio:.2f} times as well as CFG." if ratio is not None else "(CFG does not avoid it)."), ""]
+    lines += _real_model(metrics, rows)
     if "targets_met" in summary:
         lines += [f"`summary_in_training_range.targets_met`: `{str(summary['targets_met']).lower()}`.", ""]
     if has_classifier:
@@ -176,6 +178,8 @@ def render_evidence(metrics: dict, metrics_path: str, link_root: Path, block: st
                   f"{about.get('accuracy_on_its_reference_digits', float('nan')):.3f} on {about.get('fid_reference')}, "
                   "its FID reference), scores the same samples; under it the same targets read: "
                   f"{verdicts}.", "", second_judge_table(rows, second)]
+    if "real_model" in evid:
+        lines += ["", *_real_model(metrics, rows)[:-1]]
     lines += ["", f"Speed: images per second from {speed['per_batch'][speed['evaluation_batch']]['repeats']} "
               "interleaved repeats in one warm process, median (min–max); the methods take turns within a repeat. "
               f"CFG makes {speed['nfe_per_image']['cfg']} network evaluations per image, AGD "
@@ -186,6 +190,26 @@ def render_evidence(metrics: dict, metrics_path: str, link_root: Path, block: st
     lines += _figures(inside, Path(metrics_path).parent, link_root, "negative_prompt_check" in metrics)
     lines.append(end)
     return "\n".join(lines)
+
+
+def _real_model(metrics: dict, rows: list[dict]) -> list[str]:
+    """The real-model metrics with their intervals (Inception FID, CLIP score), where the run has them."""
+    evid = metrics.get("evidence", {})
+    real = evid.get("real_model")
+    if not real:
+        return []
+    boot = evid["bootstrap"]
+    reference = real.get("fid_reference")
+    about = ""
+    if reference is not None:
+        about = (f" Inception FID against {reference['images']:,} reference images, drawn on their own; "
+                 if reference["kind"] == "images" else
+                 " Inception FID against precomputed reference statistics, which stay fixed: only the samples are "
+                 "drawn, so the intervals leave out the reference's own sampling error; ")
+        about += "FID intervals bias-corrected."
+    return [f"Real-model metrics (reported, not judged). Brackets hold 95 % intervals from the same paired bootstrap "
+            f"over {'prompts' if boot['clusters'] == 'prompt' else 'samples'} ({boot['replicates']:,} "
+            f"replicates).{about}", "", real_model_table(rows, real), ""]
 
 
 def _ci_text(estimate: dict, spec: str) -> str:
@@ -355,6 +379,13 @@ def variants_main(runs: dict[str, Path], readme: Path, check: bool) -> int:
 
 
 def main(argv=None) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP: one line, exit status 130, 143 or 129 (agd_pipeline.interrupts)."""
+    from agd_pipeline.interrupts import interruptible
+
+    return interruptible(lambda: _main(argv), "re-run the same `python -m stages.report` command")
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metrics", default=None,

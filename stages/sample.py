@@ -5,11 +5,21 @@ classifier-free guidance (two evaluations per step) for comparison. Class-condit
 
 import argparse
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
 from agd_pipeline.cli import one_line_errors, run_command
 from agd_pipeline.config import MAX_SEED, OUTPUT_MARKERS
+
+
+OWN_NAMES = re.compile(r"\d{5}_(class|prompt)\d+\.png|grid\.png|samples\.json")
+
+
+def sample_output_name(name: str) -> bool:
+    """What stages.sample writes into --out-dir: anything else there is refused, never overwritten."""
+    return OWN_NAMES.fullmatch(name) is not None
 
 
 def parse_classes(text: str) -> list[int] | None:
@@ -85,20 +95,32 @@ def main(argv=None) -> int:
 
     def body() -> None:
         from agd_pipeline.inference import sample_images, save_images
+        from agd_pipeline.locks import FolderLock
         from agd_pipeline.models import read_prompts
+        from agd_pipeline.outputs import claim_output
 
+        out = Path(args.out_dir)
+        claim = (out, "--out-dir", "stages.sample", lambda folder: (folder / "samples.json").is_file(),
+                 [args.adapters, args.base_model], sample_output_name)
+        claim_output(*claim)  # before any work: a folder of someone else's is refused, nothing written
         prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         result = sample_images(args.adapters, args.guidance_scale, parse_classes(args.classes), args.per_class,
                                args.steps, args.seed, not args.cfg, args.base_model, args.device, args.batch_size,
                                prompts=prompts, negative_prompt=args.negative_prompt, dtype=args.dtype,
                                scheduler=args.scheduler)
-        out = save_images(result, args.out_dir)
+        with FolderLock(out, "stages.sample"):  # the folder is created only now, with something to write
+            if claim_output(*claim):  # an earlier sample run: its images go, none is left to mix with these
+                for name in os.listdir(out):
+                    if sample_output_name(name):
+                        (out / name).unlink()
+            out = save_images(result, args.out_dir)
         lo, hi = result["training_range"] or (-math.inf, math.inf)
         note = "" if lo <= args.guidance_scale <= hi else f" (outside the training range [{lo:g}, {hi:g}])"
         print(f"{out}: {len(result['labels'])} images, {result['method'].upper()} w={args.guidance_scale:g}{note}, "
               f"{result['nfe_per_image']} network evaluations per image, {result['seconds']:.1f} s")
 
-    return run_command(body, lambda: check_args(args))
+    return run_command(body, lambda: check_args(args),
+                       interrupted="re-run the same command to sample (every image is written again)")
 
 if __name__ == "__main__":
     sys.exit(main())

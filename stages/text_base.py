@@ -8,10 +8,14 @@ from agd_pipeline.config import TextBaseConfig
 
 
 def run(config: TextBaseConfig, args) -> None:
+    from pathlib import Path
+
+    from agd_pipeline.outputs import replacing_output
     from agd_pipeline.textdigits import train_family_base
 
-    result = train_family_base(config.family, config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+    with replacing_output(Path(config.out_dir), config.key("out_dir"), "stages.text_base", [config.shared]):
+        result = train_family_base(config.family, config, progress=not args.no_progress)
+        write_resolved(config, config.out_dir)
     print(f"{config.out_dir}: {config.family} pipeline, denoiser with {result['parameters']:,} parameters, final "
           f"loss {result['final_loss']:.4f}, trained on {result['captions']:,} captions")
 

@@ -8,10 +8,12 @@ from agd_pipeline.config import TextDataConfig
 
 
 def run(config: TextDataConfig, args) -> None:
+    from agd_pipeline.outputs import owned_output
     from agd_pipeline.textdigits import prepare_shared
 
-    result = prepare_shared(config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+    with owned_output(config):
+        result = prepare_shared(config, progress=not args.no_progress)
+        write_resolved(config, config.out_dir)
     print(f"{config.out_dir}: VAE reconstruction MSE {result['vae_reconstruction_mse']:.4f} (images in [-1, 1]), "
           f"evaluation classifier held-out accuracy {result['classifier_holdout_accuracy']:.3f}")
 

@@ -2,15 +2,14 @@
 
 import sys
 
-from agd_pipeline.cli import stage_main, write_resolved
+from agd_pipeline.cli import stage_main
 from agd_pipeline.config import TrainConfig
 
 
 def run(config: TrainConfig, args) -> None:
     from agd_pipeline.training import train  # imported here: --help stays fast
 
-    train(config, progress=not args.no_progress)
-    write_resolved(config, config.out_dir)
+    train(config, progress=not args.no_progress)  # it records resolved_config.json in out_dir itself
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ import torch
 import agd_pipeline.adapters as adapters_module
 from agd_pipeline.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedModel, AdapterConfig,
                                    load_adapted_model, save_adapters)
-from agd_pipeline.errors import ModelError
+from agd_pipeline.errors import ModelError, WriteError
 from agd_pipeline.models import count_parameters, load_base_model
 
 from conftest import make_base_folder
@@ -203,3 +203,124 @@ def test_guidance_gate_switches_adapters_off_at_w_one(base, inputs, adapted_fact
         at_three = model(x, t, labels, torch.full((len(x),), 3.0))
     assert torch.equal(at_one, reference)
     assert (at_three - reference).abs().max() > 1e-6
+
+
+# ------------------------------------------------------------------ integrity of adapter folders
+
+
+def _saved(adapted_factory, inputs, folder, seed=0):
+    model = adapted_factory(seed=seed)
+    train_one_step(model, inputs)
+    save_adapters(model, folder)
+    return folder
+
+
+def _edit_config(folder, edit):
+    import json
+
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    edit(config)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def test_saved_folder_records_sha256_of_weights_and_config(adapted_factory, inputs, tmp_path):
+    import hashlib
+    import json
+
+    folder = _saved(adapted_factory, inputs, tmp_path / "a")
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    integrity = config["integrity"]
+    assert integrity["files"][ADAPTER_WEIGHTS] == hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+    assert integrity["config"] == adapters_module.config_digest(config)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([ADAPTER_CONFIG, "README.md", ADAPTER_WEIGHTS])
+
+
+def test_flipped_weight_bytes_are_refused_naming_the_file(base, adapted_factory, inputs, tmp_path):
+    folder = _saved(adapted_factory, inputs, tmp_path / "a")
+    data = bytearray((folder / ADAPTER_WEIGHTS).read_bytes())
+    data[-5] ^= 0x01  # one bit of the last tensor's data: a valid safetensors file all the same
+    (folder / ADAPTER_WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=f"{ADAPTER_WEIGHTS}: its bytes differ from the sha256"):
+        load_adapted_model(folder, base)
+
+
+def test_weights_of_another_run_are_refused(base, adapted_factory, inputs, tmp_path):
+    """Same shapes, same config otherwise: only the digest tells the two runs' weights apart."""
+    first = _saved(adapted_factory, inputs, tmp_path / "a", seed=0)
+    second = _saved(adapted_factory, inputs, tmp_path / "b", seed=1)
+    (first / ADAPTER_WEIGHTS).write_bytes((second / ADAPTER_WEIGHTS).read_bytes())
+    with pytest.raises(ModelError, match="replaced by other weights"):
+        load_adapted_model(first, base)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["adapter"].update(guidance_scale_unit=c["adapter"]["guidance_scale_unit"] * 2),
+    lambda c: c["adapter"].update(guidance_gate=not c["adapter"]["guidance_gate"]),
+    lambda c: c.update(guidance={"min": 1.0, "max": 9.0}),
+    lambda c: c.update(sampler={"num_steps": 7}),
+    lambda c: c["base_model"].update(id="someone/else"),
+], ids=["guidance_scale_unit", "guidance_gate", "guidance range", "sampler.num_steps", "base id"])
+def test_edited_config_values_are_refused(base, adapted_factory, inputs, tmp_path, edit):
+    """Values that are valid on their own, so only the recorded digest can tell they were edited."""
+    from agd_pipeline.adapters import read_adapter_config
+    from agd_pipeline.pipelines import AGDAdapters
+
+    folder = _saved(adapted_factory, inputs, tmp_path / "a")
+    read_adapter_config(folder)  # untouched: reads
+    _edit_config(folder, edit)
+    for load in (read_adapter_config, AGDAdapters.from_pretrained, lambda f: load_adapted_model(f, base)):
+        with pytest.raises(ModelError, match=f"{ADAPTER_CONFIG}: its contents differ from the sha256"):
+            load(folder)
+
+
+def test_reformatted_config_still_loads(base, adapted_factory, inputs, tmp_path):
+    """The digest is over the parsed content: indentation or key order do not matter."""
+    folder = _saved(adapted_factory, inputs, tmp_path / "a")
+    _edit_config(folder, lambda c: None)  # rewritten with other whitespace
+    import json
+
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(dict(reversed(list(config.items())))))
+    load_adapted_model(folder, base).remove()
+
+
+def test_missing_integrity_is_refused_and_an_old_folder_warns(base, adapted_factory, inputs, tmp_path):
+    folder = _saved(adapted_factory, inputs, tmp_path / "a")
+    _edit_config(folder, lambda c: c.pop("integrity"))
+    with pytest.raises(ModelError, match='"integrity" must hold the sha256'):
+        load_adapted_model(folder, base)
+    _edit_config(folder, lambda c: c.update(format_version=1))  # as the tool wrote them before digests
+    with pytest.warns(UserWarning, match="without digests"):
+        load_adapted_model(folder, base).remove()
+
+
+@pytest.mark.parametrize("fail_at", ["weights", "config"])
+def test_a_failed_save_leaves_the_previous_adapters_whole(base, adapted_factory, inputs, tmp_path, monkeypatch,
+                                                          fail_at):
+    import errno
+
+    from safetensors import SafetensorError
+
+    folder = _saved(adapted_factory, inputs, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    newer = adapted_factory(seed=3)
+    train_one_step(newer, inputs)
+    if fail_at == "weights":  # safetensors reports a full disk as its own error type, not OSError
+        def save_file(*args, **kwargs):
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                  "message: \"No space left on device\" })")
+        monkeypatch.setattr(adapters_module, "save_file", save_file)
+    else:
+        real_write_text = type(folder).write_text
+
+        def write_text(self, *args, **kwargs):
+            if self.name.endswith(".tmp"):
+                real_write_text(self, "{")  # a partial write, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write_text(self, *args, **kwargs)
+        monkeypatch.setattr(type(folder), "write_text", write_text)
+    with pytest.raises(WriteError, match="cannot write the adapters \\(the disk is full\\); nothing there was"):
+        save_adapters(newer, folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporaries, nothing replaced
+    load_adapted_model(folder, base).remove()

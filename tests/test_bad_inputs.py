@@ -220,27 +220,42 @@ def put(value, *keys):
     return edit
 
 
+def forged(edit):
+    def forge(config):
+        from agd_pipeline.adapters import config_digest
+
+        edit(config)
+        config["integrity"]["config"] = config_digest(config)
+    return forge
+
+
 EDITS = {
     "adapter key removed": (drop("adapter", "width"), "'width'"),
     "wrong type": (put("8", "adapter", "width"), "adapter.width"),
     "unknown extra key": (put(1, "adapter", "dropout"), "'dropout'"),
-    "placements edited": (lambda c: c["placements"].pop(), "placements"),
-    "placement changed": (put("block", "adapter", "placement"), "placements"),
+    "placements edited": (lambda c: c["placements"].pop(), "differ from the sha256"),
+    "placement changed": (put("block", "adapter", "placement"), "differ from the sha256"),
+    "placements edited, digest forged": (forged(lambda c: c["placements"].pop()), "placements"),
+    "placement changed, digest forged": (forged(put("block", "adapter", "placement")), "placements"),
     "base_model missing": (drop("base_model"), "base_model"),
     "base_model id not a string": (put(3, "base_model", "id"), "base_model.id"),
     "sampler removed": (drop("sampler"), "sampler"),
     "guidance reversed": (put({"min": 6.0, "max": 1.0}, "guidance"), "guidance"),
     "format_version": (put(99, "format_version"), "format_version"),
     "condition on text of a class model": (put(["guidance", "text"], "adapter", "condition_on"), "text_dim"),
-    "kind changed": (put("offset", "adapter", "kind"), "does not match"),
-    "shape changed": (put(5, "adapter", "fourier_frequencies"), "does not match"),
+    "kind changed": (put("offset", "adapter", "kind"), "differ from the sha256"),
+    "shape changed": (put(5, "adapter", "fourier_frequencies"), "differ from the sha256"),
+    "guidance unit changed": (put(2.0, "adapter", "guidance_scale_unit"), "differ from the sha256"),
+    # a forger who also recomputes the config's digest: the weights still do not fit the config
+    "kind changed, digest forged": (forged(put("offset", "adapter", "kind")), "does not match"),
+    "shape changed, digest forged": (forged(put(5, "adapter", "fourier_frequencies")), "does not match"),
     "not an object": (lambda c: c.clear() or c.update({"x": 1}), "format"),
 }
 
 
 # evaluate reads the config through the same functions: three edits suffice there
 @pytest.mark.parametrize("name, stage", [(name, "sample") for name in EDITS] + [
-    (name, "evaluate") for name in ("adapter key removed", "placements edited", "sampler removed")])
+    (name, "evaluate") for name in ("adapter key removed", "placements edited, digest forged", "sampler removed")])
 def test_edited_adapter_config_is_one_error_line(name, stage, fresh_adapters, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "adapters"
@@ -257,6 +272,23 @@ def test_edited_adapter_config_is_one_error_line(name, stage, fresh_adapters, tm
                                    "cpu", "--samples-per-class", "2", "--guidance-scales", "2"])
     line = assert_one_error_line(rc, capsys.readouterr(), expect)
     assert "re-run training" in line
+
+
+def test_flipped_adapter_weights_are_one_error_line(fresh_adapters, tmp_path, capsys):
+    """Two flipped bytes inside a tensor leave a readable safetensors file: only the digest sees them."""
+    from agd_pipeline.adapters import ADAPTER_WEIGHTS
+
+    folder = tmp_path / "adapters"
+    shutil.copytree(fresh_adapters, folder)
+    data = bytearray((folder / ADAPTER_WEIGHTS).read_bytes())
+    data[-3] ^= 0x10
+    data[-40] ^= 0x01
+    (folder / ADAPTER_WEIGHTS).write_bytes(bytes(data))
+    rc = call(stages.sample.main, ["--adapters", str(folder), "--classes", "1", "--per-class", "1", "--steps", "2",
+                                   "--device", "cpu", "--out-dir", str(tmp_path / "samples")])
+    line = assert_one_error_line(rc, capsys.readouterr(), f"{ADAPTER_WEIGHTS}: its bytes differ from the sha256")
+    assert "re-run training" in line
+    assert not (tmp_path / "samples").exists()
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -326,11 +358,11 @@ def test_real_bugs_keep_their_traceback(bug, tmp_path, monkeypatch):
         stage_main(BaseStageConfig, run, ["--out-dir", str(tmp_path / "out")])
 
 
-@pytest.mark.parametrize("stage, module, function", [("train", "agd_pipeline.training", "train"),
-                                                    ("generate", "agd_pipeline.generation", "generate")])
+@pytest.mark.parametrize("stage, module, function", [("generate", "agd_pipeline.generation", "generate")])
 def test_resolved_config_is_written_except_into_a_store(stage, module, function, tmp_path, monkeypatch):
-    """train records its resolved config next to its outputs; generate does not write into the
-    store (its manifest records the settings, and a DVC-tracked output must not change on a re-run)."""
+    """generate does not write into the store (its manifest records the settings, and a DVC-tracked
+    output must not change on a re-run); train records its resolved config itself, before its first
+    step (tests/test_output_ownership.py)."""
     import importlib
 
     monkeypatch.chdir(tmp_path)

@@ -141,6 +141,7 @@ def test_disk_errors_stop_cleanly_and_keep_the_finished_shards(tiny_base_dir, re
     monkeypatch.setattr(ZarrShardWriter, "write", failing_write)
     with pytest.raises(StoreError, match=f"shard-000003.zarr: cannot write \\({words}\\).*intact.*resume"):
         generate_store(tiny_base_dir, root, **SETTINGS)
+    assert not list(root.glob("*.partial")) and not list(root.glob("*.tmp"))  # the failed shard's files removed
     manifest = json.loads((root / MANIFEST).read_text())
     assert [s["status"] for s in manifest["shards"]][:4] == ["complete"] * 3 + ["pending"]
     done = {s["name"] for s in manifest["shards"] if s["status"] == "complete"}

@@ -316,7 +316,7 @@ def test_a_run_killed_while_swapping_checkpoints_resumes_from_the_new_one(tiny_s
     training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), progress=False, log=messages.append)
     assert any(f"resuming from {checkpoint} at step 2" in m for m in messages), messages
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == \
-        ["README.md", "adapter_config.json", "adapters.safetensors", "loss.csv"]
+        ["README.md", "adapter_config.json", "adapters.safetensors", "loss.csv", "resolved_config.json"]
     assert not checkpoint.exists() and not checkpoint.with_name("checkpoint.tmp").exists()
 
 
@@ -442,6 +442,7 @@ def test_a_lost_manifest_is_rebuilt_from_the_shards(tiny_base_dir, tiny_store, s
         (store_copy / MANIFEST).unlink()
     else:
         (store_copy / MANIFEST).write_text('{"shards": [')
+        (store_copy / "manifest.log").write_text('{"name": "shard-000000.zarr"}\n')  # its journal
     with pytest.raises(StoreError, match="--rebuild-manifest"):
         TrajectoryStore(store_copy)
     messages = []
@@ -449,9 +450,15 @@ def test_a_lost_manifest_is_rebuilt_from_the_shards(tiny_base_dir, tiny_store, s
     assert summary["written_shards"] == 0, "shards were written again instead of being recovered"
     assert any("rebuilt manifest.json from the shards: 3 verified complete" in m for m in messages), messages
     assert json.loads((store_copy / MANIFEST).read_text()) == json.loads((tiny_store / MANIFEST).read_text())
-    if damage == "garbage":  # the damaged file is kept, not deleted
-        kept = list(store_copy.glob("manifest.json.damaged-*"))
-        assert len(kept) == 1 and kept[0].read_text() == '{"shards": ['
+    # a repaired store holds exactly the files of an uninterrupted one (a DVC output's hash is the same)
+    assert listing(store_copy) == listing(tiny_store)
+    kept = sorted(store_copy.parent.glob("store.manifest-damaged-*"))
+    if damage == "garbage":  # the damaged file and its journal are kept next to the store, not deleted
+        assert [p.name.rsplit(".", 1)[1] for p in kept] == ["json", "log"], kept
+        assert kept[0].read_text() == '{"shards": ['
+        assert any(f"kept the unreadable manifest as {kept[0]}" in m for m in messages), messages
+    else:
+        assert kept == []
 
 
 def test_rebuild_manifest_command_needs_no_settings(tiny_store, store_copy):

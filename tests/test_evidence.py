@@ -291,3 +291,209 @@ def test_a_text_base_without_test_prompts_is_refused_with_the_way_out(tmp_path):
     # the validation split gets as far as encoding its prompts (which this stand-in base cannot do)
     with pytest.raises(AttributeError):
         evaluation_set(EvaluateConfig(split="validation"), base, str(tmp_path), {"negative_prompt": ""})
+
+
+# ------------------------------------------------------------------ real checkpoints (Inception FID, CLIP score)
+
+
+def _synthetic_real(n=120, per_prompt=4, seed=0, dim=6, agd_clip="cfg", reference="images", reference_size=200):
+    """Real-model per-sample data: rows of real_outcomes.csv (CLIP scores) and Inception-like features
+    of every sample set and of the reference (images, or their mu and sigma). CFG's features drift
+    from the reference with w; AGD's are CFG's plus a little noise. AGD's CLIP scores: CFG's own
+    ("cfg"), CFG's plus noise of mean 0 (the same CLIP score, other samples: "same"), or 5 points
+    lower ("lower")."""
+    rng = np.random.default_rng(seed)
+    prompts = np.arange(n) // per_prompt
+    prompt_effect = rng.normal(size=prompts.max() + 1)[prompts] * 3  # samples of a prompt score alike
+    reference_images = rng.normal(size=(reference_size, dim))
+    features = {}
+    if reference == "images":
+        features["inception/real"] = reference_images
+    else:
+        features["inception/reference_mu"], features["inception/reference_sigma"] = \
+            reference_images.mean(0), np.cov(reference_images, rowvar=False)
+    rows = []
+
+    def add(method, w, scores, values):
+        features[evidence.INCEPTION_PREFIX + evidence.feature_key(method, w)] = values
+        rows.extend({"sample": i, "prompt": int(prompts[i]), "method": method, "w": w, "clip_score": float(s)}
+                    for i, s in enumerate(scores))
+
+    add("unguided", None, 25 + prompt_effect + rng.normal(size=n), rng.normal(size=(n, dim)) * 1.2)
+    for w in WS:
+        cfg = 30 + prompt_effect + rng.normal(size=n)
+        cfg_features = rng.normal(size=(n, dim)) * (1 + 0.1 * w) + 0.2 * w
+        add("cfg", w, cfg, cfg_features)
+        noise = rng.normal(size=n) * 2
+        agd = {"cfg": cfg, "same": cfg + noise - noise.mean(), "lower": cfg - 5}[agd_clip]
+        add("agd", w, agd, cfg_features + rng.normal(size=cfg_features.shape) * 0.05)
+    return rows, features
+
+
+REAL_KEYS = ("inception_fid_unguided", "inception_fid_cfg", "inception_fid_agd", "inception_fid_ratio_agd_over_cfg",
+             "clip_score_unguided", "clip_score_cfg", "clip_score_agd", "clip_score_difference_agd_minus_cfg")
+
+
+def test_real_model_points_are_the_real_metrics_numbers_and_intervals_contain_them():
+    from agd_pipeline.real_metrics import clip_score_of, fid_from_features
+
+    for reference in ("images", "statistics"):
+        rows, features = _synthetic_real(reference=reference)
+        real = evidence.assess([], features, IN_RANGE, None, replicates=200, real_rows=rows)
+        assert set(real) == {"real_model", "bootstrap"} and real["bootstrap"]["clusters"] == "prompt"
+        about = real["real_model"]["fid_reference"]
+        assert about["kind"] == reference and about["resampled"] == (reference == "images")
+        stats = ({"features": features["inception/real"]} if reference == "images" else
+                 {"mu": features["inception/reference_mu"], "sigma": features["inception/reference_sigma"]})
+        for w in WS:
+            row = real["real_model"]["per_w"][f"w{w:g}"]
+            assert set(row) == set(REAL_KEYS)
+            for key in REAL_KEYS:
+                assert row[key]["low"] <= row[key]["point"] <= row[key]["high"], (reference, w, key)
+            for method in ("cfg", "agd"):
+                name = evidence.feature_key(method, w)
+                # the points are what agd_pipeline.real_metrics gives for the same per-sample data
+                assert row[f"inception_fid_{method}"]["point"] == pytest.approx(
+                    fid_from_features(features[f"inception/{name}"], stats), rel=1e-9)
+                scores = [r["clip_score"] for r in rows if (r["method"], r["w"]) == (method, w)]
+                assert row[f"clip_score_{method}"]["point"] == pytest.approx(clip_score_of(np.array(scores)), rel=1e-12)
+            ratio = row["inception_fid_agd"]["point"] / row["inception_fid_cfg"]["point"]
+            assert row["inception_fid_ratio_agd_over_cfg"]["point"] == pytest.approx(ratio)
+
+
+def test_real_model_intervals_shrink_with_more_samples():
+    def widths(n):
+        # the reference grows alike: it is drawn on its own, and its share of the width does not shrink
+        rows, features = _synthetic_real(n=n, agd_clip="same", reference_size=n)
+        per_w = evidence.assess([], features, IN_RANGE, None, replicates=200, real_rows=rows)["real_model"]["per_w"]
+        return {key: per_w["w3"][key]["high"] - per_w["w3"][key]["low"] for key in REAL_KEYS}
+
+    small, large = widths(40), widths(320)
+    for key in ("inception_fid_cfg", "inception_fid_agd", "clip_score_cfg", "clip_score_difference_agd_minus_cfg"):
+        assert large[key] < 0.6 * small[key], (key, small[key], large[key])
+
+
+def test_agd_with_cfg_clip_scores_gives_a_difference_interval_around_zero():
+    for like in ("cfg", "same"):
+        rows, _ = _synthetic_real(n=160, agd_clip=like)
+        per_w = evidence.assess([], {}, IN_RANGE, None, replicates=400, real_rows=rows)["real_model"]["per_w"]
+        for w in WS:
+            diff = per_w[f"w{w:g}"]["clip_score_difference_agd_minus_cfg"]
+            assert diff["low"] <= 0 <= diff["high"], (like, w, diff)
+            assert diff["high"] - diff["low"] < (1 if like == "same" else 1e-9)
+    rows, _ = _synthetic_real(n=160, agd_clip="lower")  # and a real loss is seen as one
+    per_w = evidence.assess([], {}, IN_RANGE, None, replicates=400, real_rows=rows)["real_model"]["per_w"]
+    assert all(per_w[f"w{w:g}"]["clip_score_difference_agd_minus_cfg"]["high"] < -4 for w in WS)
+
+
+def test_real_model_intervals_share_the_judges_draw_and_leave_its_numbers_alone():
+    """Beside a judge's outcomes (the embedded text defaults with fid_reference / clip_model): the
+    judge's numbers are those without the real-model data, and the real model's use the same draw."""
+    judge_rows, judge_features = _synthetic(n=120)
+    rows, features = _synthetic_real(n=120, per_prompt=1)
+    alone = evidence.assess(judge_rows, judge_features, IN_RANGE, 1.0, replicates=100)
+    both = evidence.assess(judge_rows, {**judge_features, **features}, IN_RANGE, 1.0, replicates=100, real_rows=rows)
+    assert {k: v for k, v in both.items() if k != "real_model"} == alone
+    only = evidence.assess([], features, IN_RANGE, None, replicates=100, real_rows=rows)
+    assert both["real_model"] == only["real_model"]
+    shuffled = [{**r, "prompt": (r["prompt"] + 1) % 120} for r in rows]
+    with pytest.raises(evidence.EvidenceError, match="not those of the outcomes"):
+        evidence.assess(judge_rows, {**judge_features, **features}, IN_RANGE, 1.0, replicates=10, real_rows=shuffled)
+
+
+def test_real_outcomes_round_trip_and_fid_only_runs(tmp_path):
+    rows, features = _synthetic_real(n=40)
+    path = tmp_path / evidence.REAL_OUTCOMES
+    evidence.write_outcomes(path, [{**r, "clip_score": f"{r['clip_score']:.17g}"} for r in rows], evidence.REAL_COLUMNS)
+    assert evidence.read_outcomes(path, evidence.REAL_COLUMNS) == rows
+    text = path.read_text()
+    path.write_text(text.replace(",agd,1.5,", ",agd,,", 1))
+    with pytest.raises(evidence.EvidenceError, match="line"):
+        evidence.read_outcomes(path, evidence.REAL_COLUMNS)
+    # Inception FID without a CLIP model: no clip_score, FID intervals only
+    fid_only = [{**r, "clip_score": None} for r in rows]
+    per_w = evidence.assess([], features, IN_RANGE, None, replicates=50, real_rows=fid_only)["real_model"]["per_w"]
+    assert set(per_w["w8"]) == {k for k in REAL_KEYS if k.startswith("inception")}
+    with pytest.raises(evidence.EvidenceError, match="no Inception features of agd_w8"):
+        evidence.assess([], {k: v for k, v in features.items() if k != "inception/agd_w8"}, IN_RANGE, None,
+                        replicates=10, real_rows=fid_only)
+
+
+def _real_only_folder(tmp_path: Path) -> Path:
+    """A real checkpoint's evaluate folder (no judge): real_outcomes.csv, features.npz, metrics.json."""
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    rows, features = _synthetic_real(n=48)
+    evidence.write_outcomes(folder / evidence.REAL_OUTCOMES, [{**r, "clip_score": f"{r['clip_score']:.17g}"}
+                                                              for r in rows], evidence.REAL_COLUMNS)
+    np.savez_compressed(folder / evidence.FEATURES, **{k: v.astype(np.float32) for k, v in features.items()})
+    features = dict(np.load(folder / evidence.FEATURES))
+    assessed = evidence.assess([], features, IN_RANGE, None, replicates=100, real_rows=rows)
+    speed = evidence.speed_summary({"48": _timings([2.0] * 5, [1.0] * 5, [0.95] * 5)}, {"cfg": 8, "agd": 4},
+                                   {"48": 48}, "48")
+    per_w = {f"w{w:g}": {"w": w, "in_training_range": w in IN_RANGE, "accuracy_cfg": None, "accuracy_agd": None,
+                         "accuracy_unguided": None, "fid_cfg": None, "fid_agd": None, "fid_unguided": None,
+                         "fid_to_cfg_agd": None, "fid_to_cfg_unguided": None, "rmse_to_cfg_agd": 0.1,
+                         "images_per_second_cfg": 30.0, "images_per_second_agd": 60.0,
+                         "speed_ratio_agd_over_cfg": 2.0, "nfe_per_image_cfg": 8, "nfe_per_image_agd": 4}
+             for w in WS}
+    metrics = {"num_steps": 4, "samples_per_w": 48, "split": "validation", "training_range": [1.0, 6.0],
+               "conditioning": "text", "per_w": per_w, "speed": speed,
+               "summary_in_training_range": {"speed_ratio_agd_over_cfg": 2.0}, "evidence": assessed}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return folder
+
+
+def test_report_renders_and_checks_the_real_model_intervals(tmp_path, capsys):
+    folder = _real_only_folder(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\n<!-- results:end -->\n")
+    assert _report("--metrics", folder / "metrics.json", "--readme", readme) == 0
+    text = readme.read_text()
+    assert "reported, not judged" in text and "| w | Inception FID unguided |" in text and "CLIP AGD − CFG" in text
+    assert "200 reference images" in text
+    assert _report("--metrics", folder / "metrics.json", "--readme", readme, "--check") == 0
+    # one CLIP score edited in the per-sample file: the stored intervals no longer follow from it
+    outcomes = folder / evidence.REAL_OUTCOMES
+    good = outcomes.read_text()
+    lines = good.splitlines()
+    row = next(i for i, line in enumerate(lines) if ",agd,3," in line)
+    lines[row] = lines[row].rsplit(",", 1)[0] + ",99"
+    outcomes.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert _report("--metrics", folder / "metrics.json", "--readme", readme, "--check") == 1
+    assert "clip_score" in capsys.readouterr().err
+    outcomes.write_text(good)
+    # the Inception features of one sample set changed
+    with np.load(folder / evidence.FEATURES) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["inception/cfg_w1.5"] = arrays["inception/cfg_w1.5"] * 1.1
+    np.savez_compressed(folder / evidence.FEATURES, **arrays)
+    assert _report("--metrics", folder / "metrics.json", "--readme", readme, "--check") == 1
+    assert "inception_fid_cfg" in capsys.readouterr().err
+
+
+def test_report_names_a_statistics_reference_as_fixed():
+    from stages.report import _real_model
+
+    rows, features = _synthetic_real(n=40, reference="statistics")
+    assessed = evidence.assess([], features, IN_RANGE, None, replicates=50, real_rows=rows)
+    metrics = {"per_w": {f"w{w:g}": {"w": w, "in_training_range": w in IN_RANGE} for w in WS}, "evidence": assessed}
+    text = "\n".join(_real_model(metrics, list(metrics["per_w"].values())))
+    assert "precomputed reference statistics" in text and "only the samples are drawn" in text
+
+
+def test_report_shows_the_real_model_table_beside_a_judges_results():
+    from stages.report import render
+
+    rows, features = _synthetic(n=40)
+    real_rows, real_features = _synthetic_real(n=40, per_prompt=1)
+    assessed = evidence.assess(rows, {**features, **real_features}, IN_RANGE, 1.0, replicates=30, real_rows=real_rows)
+    speed = evidence.speed_summary({"40": _timings([2.0] * 5, [1.0] * 5, [0.95] * 5)}, {"cfg": 8, "agd": 4},
+                                   {"40": 40}, "40")
+    metrics = {"num_steps": 4, "samples_per_w": 40, "training_range": [1.0, 6.0], "speed": speed,
+               "per_w": {f"w{w:g}": {"w": w, "in_training_range": w in IN_RANGE} for w in WS},
+               "summary_in_training_range": {"targets_met": True}, "evidence": {**assessed, "accuracy_tolerance": 1.0}}
+    text = render(json.loads(json.dumps(metrics)), "eval/metrics.json", Path("."))
+    assert "| target |" in text and text.index("Real-model metrics") < text.index("Speed:")
+    assert "| 8 * | " in text.split("Real-model metrics")[1].split("Speed:")[0]

@@ -253,8 +253,8 @@ def test_a_worker_that_left_early_is_started_again_while_the_other_runs():
 
 def test_sigterm_stops_the_queued_runs_as_ctrl_c_does(monkeypatch, capsys):
     """`kill` (SIGTERM) of `stages.experiments run` while it waits: the queue's workers are not its
-    children, so it kills the experiment's runs and stops the workers, says so, exits 130 and puts the
-    previous SIGTERM handler back. A real signal to this process."""
+    children, so it kills the experiment's runs and stops the workers, says so, exits 143 (128 + SIGTERM;
+    Ctrl-C: 130) and puts the previous SIGTERM handler back. A real signal to this process."""
     import functools
     import os
     import signal
@@ -273,9 +273,10 @@ def test_sigterm_stops_the_queued_runs_as_ctrl_c_does(monkeypatch, capsys):
 
     before = signal.signal(signal.SIGTERM, unhandled)
     try:
-        assert cli.main(["run", experiment.name, "--jobs", "2"]) == 130
+        assert cli.main(["run", experiment.name, "--jobs", "2"]) == 143
         assert calls[-2:] == [["dvc", "queue", "kill", *names], ["dvc", "queue", "stop"]]
-        assert "interrupted: the runs of trajectories-vs-forward-noised-sd3 were stopped" in capsys.readouterr().err
+        assert "interrupted (SIGTERM): the runs of trajectories-vs-forward-noised-sd3 were stopped" in \
+            capsys.readouterr().err
         assert signal.getsignal(signal.SIGTERM) is unhandled
     finally:
         signal.signal(signal.SIGTERM, before)
@@ -524,6 +525,59 @@ def test_report_from_results_renders_again_from_the_tracked_table(tmp_path):
         read_results(experiment, tmp_path)
     with pytest.raises(AgdError, match="does not exist"):
         read_results(get_experiment("unseen-w"), tmp_path)
+
+
+@pytest.mark.parametrize("cell", ["nan", "inf", "-inf", "NaN", "1_0", " 1", "1e999", "0x10", "1,5"])
+def test_results_csv_cells_must_be_finite_plain_decimals(tmp_path, cell):
+    """nan, inf and 1_0 are numbers to Python's float() and int(), not to the table: each is refused naming
+    the file, its line and column, before anything reaches results.md or the README."""
+    experiment = get_experiment("size-and-placement")
+    summaries = {experiment.run_name(v): {"adapter_share": 0.5, "adapter_parameters": 4656 + i, "gap_closed": 0.25,
+                                          "max_fidelity_ratio": 1 / 3, "max_accuracy_drop_points": -1.0,
+                                          "mean_fid_agd": 1.5e-7, "speed_ratio_agd_over_cfg": 2}
+                 for i, v in enumerate(experiment.variants)}
+    folder = write_results(experiment, collect(experiment, fake_show(summaries)), tmp_path)
+    assert read_results(experiment, tmp_path)[0]["mean_fid_agd"] == 1.5e-7  # what write_results writes reads back
+    path = folder / "results.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows[3][rows[0].index("gap_closed")] = cell
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(AgdError) as err:
+        read_results(experiment, tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{path}, line 4: column gap_closed holds {cell!r}, not a finite decimal number"), message
+    assert "\n" not in message and "git checkout" in message
+
+
+def test_a_results_csv_that_is_a_folder_is_one_line(tmp_path, monkeypatch):
+    experiment = get_experiment("size-and-placement")
+    (tmp_path / experiment.name / "results.csv").mkdir(parents=True)
+    with pytest.raises(AgdError, match=r"results.csv: cannot read it \(it is a folder, not a file\); restore it"):
+        read_results(experiment, tmp_path)
+    from agd_pipeline import experiments
+    from stages import experiments as cli
+
+    monkeypatch.setattr(experiments, "EXPERIMENTS_DIR", tmp_path)
+    monkeypatch.setattr(cli, "read_results", lambda experiment: read_results(experiment, tmp_path))
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(["report", experiment.name, "--from-results", "--readme", str(tmp_path / "README.md")])
+    assert code == 2 and err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1, err.getvalue()
+
+
+def test_a_run_whose_summary_holds_nan_is_not_tabulated(tmp_path):
+    experiment = get_experiment("size-and-placement")
+    summaries = {experiment.run_name(v): {"adapter_share": 0.5, "adapter_parameters": 10, "gap_closed": float("nan"),
+                                          "max_fidelity_ratio": 0.5, "max_accuracy_drop_points": 1.0,
+                                          "mean_fid_agd": 1.0, "speed_ratio_agd_over_cfg": 2}
+                 for v in experiment.variants}
+    with pytest.raises(AgdError, match="gap_closed = nan, not a finite number"):
+        collect(experiment, fake_show(summaries))
 
 
 def test_one_run_experiments_read_each_row_from_its_own_summary_file():

@@ -160,3 +160,50 @@ def test_the_sd3_derivatives_pipeline_retrains_with_the_sd3_defaults_settings():
     for section in ("generate", "train"):
         differs = {k for k in default[section] if default[section][k] != params[section].get(k)}
         assert differs <= {"base_model", "out_dir", "store", "prompts_file", "negative_prompts_file"}, section
+
+
+def _damage_truncated(folder):
+    data = (folder / "train.npz").read_bytes()
+    (folder / "train.npz").write_bytes(data[: len(data) // 2])
+
+
+def _damage_short_labels(folder):
+    with np.load(folder / "train.npz") as data:
+        latents, labels = data["latents"], data["labels"]
+    np.savez_compressed(folder / "train.npz", latents=latents, labels=labels[:3])
+
+
+def _damage_nan(folder):
+    with np.load(folder / "train.npz") as data:
+        latents, labels = data["latents"], data["labels"]
+    np.savez_compressed(folder / "train.npz", latents=np.full_like(latents, np.nan), labels=labels)
+
+
+def _damage_shape(folder):
+    with np.load(folder / "train.npz") as data:
+        latents, labels = data["latents"], data["labels"]
+    np.savez_compressed(folder / "train.npz", latents=latents[:, :, :4], labels=labels)
+
+
+def _damage_labels(folder):
+    with np.load(folder / "train.npz") as data:
+        latents, labels = data["latents"], data["labels"]
+    np.savez_compressed(folder / "train.npz", latents=latents, labels=labels + 10)
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (_damage_truncated, "cannot read the base's train.npz"),
+    (_damage_short_labels, "labels has shape (3,)"),
+    (_damage_nan, "values that are NaN or infinite"),
+    (_damage_shape, "latents has shape"),
+    (_damage_labels, "labels must be integers in [0, 10)"),
+], ids=["truncated", "labels shorter than latents", "all NaN", "wrong shape", "labels out of range"])
+def test_damaged_training_data_is_refused_before_training(default_like_base, tmp_path, damage, expect):
+    """Never a traceback, never a model trained on 3 images or on NaN: one error naming the file."""
+    base = tmp_path / "base"
+    shutil.copytree(default_like_base, base)
+    damage(base)
+    with pytest.raises(ModelError) as err:
+        finetune(_config(base, tmp_path / "out"), progress=False)
+    assert str(base / "train.npz") in str(err.value) and expect in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -119,3 +119,29 @@ def test_interval_and_estimate():
     values = np.arange(1001, dtype=float)
     assert intervals.interval(values) == pytest.approx((25.0, 975.0))
     assert intervals.estimate(3.0, values) == pytest.approx({"point": 3.0, "low": 25.0, "high": 975.0})
+
+
+def test_sample_frechet_distance_equals_the_moment_route_without_d_by_d_products():
+    """The replicates' Fréchet distances through sample-by-sample products (what makes 2048-d Inception
+    features feasible) are those of weighted_moments and frechet_distance: against a resampled set,
+    against fixed statistics, and with more dimensions than samples (rank-deficient covariances)."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(30, 5)) * 2 + 3, rng.normal(size=(40, 5)) + 3.5
+    weights_a = intervals.bootstrap_weights(np.arange(30) // 3, replicates=40, seed=1)
+    weights_b = intervals.bootstrap_weights(np.arange(40), replicates=40, seed=2)
+    by_moments = intervals.frechet_distance(*intervals.weighted_moments(a, weights_a),
+                                            *intervals.weighted_moments(b, weights_b))
+    assert intervals.sample_frechet_distance(a, weights_a, b, weights_b) == pytest.approx(by_moments, rel=1e-10)
+    mean, cov = intervals.moments(b)
+    fixed = intervals.frechet_distance(*intervals.weighted_moments(a, weights_a), mean[None], cov[None])
+    assert intervals.sample_frechet_distance(a, weights_a, mean_b=mean, cov_b=cov) == pytest.approx(fixed, rel=1e-10)
+    ones = np.ones((1, 30))
+    assert intervals.sample_frechet_distance(a, ones, b, np.ones((1, 40)))[0] == pytest.approx(intervals.fid(a, b),
+                                                                                               rel=1e-10)
+    # 64 dimensions, 20 and 25 samples: singular covariances (the moment route's eigenvalues of a
+    # singular product carry rounding of order sqrt(eps), hence the looser tolerance)
+    a, b = rng.normal(size=(20, 64)), rng.normal(size=(25, 64)) + 0.2
+    weights_a, weights_b = weights_a[:5, :20], weights_b[:5, :25]
+    by_moments = intervals.frechet_distance(*intervals.weighted_moments(a, weights_a),
+                                            *intervals.weighted_moments(b, weights_b))
+    assert intervals.sample_frechet_distance(a, weights_a, b, weights_b) == pytest.approx(by_moments, rel=1e-6)

@@ -280,3 +280,149 @@ def test_clip_score_bad_inputs_are_config_errors(clip_folder, clip_images, tmp_p
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="uint8"):
         clip_score(clip_images.astype(np.float32), PROMPTS, clip_folder)
+
+
+# ----------------------------------------------------------------------------- per-sample data behind them
+
+
+def test_per_image_features_give_inception_fid(folders, extractor, tmp_path):
+    """inception_features and load_reference: the per-image data whose FID is inception_fid's number,
+    against a reference folder (its features) and against its statistics (mu and sigma only)."""
+    bright, dark = folders
+    features = real_metrics.inception_features(bright, extractor=extractor)
+    assert features.shape == (12, 4) and features.dtype == np.float64
+    as_folder = real_metrics.load_reference(dark, extractor=extractor)
+    assert set(as_folder) == {"features"} and as_folder["features"].shape == (12, 4)
+    assert real_metrics.fid_from_features(features, as_folder) == inception_fid(bright, dark, extractor=extractor)
+    stats = reference_statistics(dark, tmp_path / "dark.npz", extractor=extractor)
+    as_stats = real_metrics.load_reference(stats)
+    assert set(as_stats) == {"mu", "sigma"}
+    assert real_metrics.fid_from_features(features, as_stats) == inception_fid(bright, stats, extractor=extractor)
+    # one row per image, in sorted file order: a folder of the first two images gives the first two rows
+    first_two = write_folder(tmp_path / "first_two", blocky_images(12, 16, 4, 0, 256, seed=1)[:2])
+    np.testing.assert_allclose(real_metrics.inception_features(first_two, extractor=extractor), features[:2], rtol=1e-6)
+    with pytest.raises(ConfigError, match="do not exist"):
+        real_metrics.load_reference(tmp_path / "absent.npz")
+
+
+def test_per_image_clip_scores_average_to_clip_score(clip_folder, clip_images):
+    scores = real_metrics.clip_scores(clip_images, PROMPTS, clip_folder, batch_size=4)
+    assert scores.shape == (len(PROMPTS),) and scores.dtype == np.float64
+    direct = 100 * np.maximum(direct_cosines(clip_folder, clip_images, PROMPTS), 0)
+    np.testing.assert_allclose(scores, direct, atol=1e-4)
+    assert (scores == 0).any() and (scores > 0).any()  # the floor at 0 is per image
+    assert real_metrics.clip_score_of(scores) == clip_score(clip_images, PROMPTS, clip_folder, batch_size=4)
+
+
+# ------------------------------------------------------------------ the evaluate stage on a "real" checkpoint
+
+
+@pytest.fixture(scope="module")
+def untrained_adapters(tiny_base_dir, tmp_path_factory):
+    """Adapters for the tiny class DiT as stages.train writes them (untrained: evaluate needs no more)."""
+    from agd_pipeline.adapters import AdaptedModel, AdapterConfig, save_adapters
+    from agd_pipeline.models import load_base_model
+
+    base = load_base_model(str(tiny_base_dir), with_vae=False)
+    config = AdapterConfig(width=8, embed_dim=16, num_classes=base.num_classes,
+                           condition_on=["guidance", "timestep", "class"])
+    folder = tmp_path_factory.mktemp("real_adapters") / "adapters"
+    model = AdaptedModel(base, config)
+    save_adapters(model, folder, extra={"training": {}, "sampler": {"num_steps": 3},
+                                        "guidance": {"min": 1.0, "max": 6.0}, "negative_prompt": ""})
+    model.remove()
+    return folder
+
+
+@pytest.mark.parametrize("reference", ["folder", "statistics"])
+def test_evaluate_keeps_per_sample_inception_features_and_intervals(untrained_adapters, extractor, tmp_path,
+                                                                   monkeypatch, reference):
+    """`python -m stages.evaluate --fid-reference` on a checkpoint without a judge (the tiny DiT, clean-fid's
+    Inception replaced by the tiny extractor): features.npz holds every sample set's features and the
+    reference's (or its mu and sigma), metrics.json the real_model intervals, whose points are the per-w
+    Inception FIDs; `stages.report` renders them and --check recomputes them."""
+    import json
+
+    import stages.evaluate
+    from agd_pipeline import evidence
+    from stages.report import main as report
+
+    monkeypatch.setattr(real_metrics, "_inception", lambda device: extractor)
+    folder = write_folder(tmp_path / "reference", blocky_images(24, 16, 4, 0, 256, seed=9))
+    given = folder if reference == "folder" else reference_statistics(folder, tmp_path / "ref.npz",
+                                                                      extractor=extractor)
+    out = tmp_path / "eval"
+    assert stages.evaluate.main(["--adapters", str(untrained_adapters), "--out-dir", str(out), "--device", "cpu",
+                                 "--samples-per-class", "2", "--guidance-scales", "2, 7", "--batch-size", "40",
+                                 "--fid-reference", str(given), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    n = metrics["samples_per_w"]
+    assert not (out / evidence.OUTCOMES).exists()  # no judge
+    real_rows = evidence.read_outcomes(out / evidence.REAL_OUTCOMES, evidence.REAL_COLUMNS)
+    assert len(real_rows) == 5 * n and all(r["clip_score"] is None for r in real_rows)
+    with np.load(out / evidence.FEATURES) as data:
+        keys = set(data.files)
+        assert data["inception/cfg_w2"].shape == (n, 4)
+    sets = {"inception/unguided", "inception/cfg_w2", "inception/agd_w2", "inception/cfg_w7", "inception/agd_w7"}
+    assert keys == sets | ({"inception/real"} if reference == "folder" else
+                           {"inception/reference_mu", "inception/reference_sigma"})
+    real = metrics["evidence"]["real_model"]
+    assert real["fid_reference"]["resampled"] == (reference == "folder")
+    for w in ("w2", "w7"):
+        for method in ("unguided", "cfg", "agd"):
+            stored = metrics["per_w"][w][f"inception_fid_{method}"]
+            assert stored == pytest.approx(inception_fid(out / "samples" / (method if method == "unguided" else
+                                                                            f"{method}/{w}"), given,
+                                                         extractor=extractor), rel=1e-9)
+            estimate = real["per_w"][w][f"inception_fid_{method}"]
+            assert estimate["point"] == pytest.approx(stored, rel=1e-4)  # from float32 features.npz
+            assert estimate["low"] <= estimate["point"] <= estimate["high"]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert report(["--metrics", str(out / "metrics.json"), "--readme", str(readme)]) == 0
+    assert "| w | Inception FID unguided |" in readme.read_text()
+    assert report(["--metrics", str(out / "metrics.json"), "--readme", str(readme), "--check"]) == 0
+
+
+def test_evaluate_keeps_per_sample_clip_scores_beside_inception_features(clip_folder, clip_images, extractor,
+                                                                         tmp_path, monkeypatch):
+    """The evaluate stage's judges with a tiny CLIP and the tiny extractor (a text checkpoint without a
+    digit judge, three prompts of two samples): real_outcomes.csv holds every sample's CLIP score, the
+    per-w numbers are clip_score's and inception_fid's, and the real_model intervals (clustered by
+    prompt) have them as points."""
+    from agd_pipeline import evidence
+    from agd_pipeline.evaluation import Judges, write_evidence, write_pngs
+
+    monkeypatch.setattr(real_metrics, "_inception", lambda device: extractor)
+    reference = write_folder(tmp_path / "reference", blocky_images(12, 40, 5, 0, 256, seed=11))
+    judges = Judges(str(tmp_path / "no_judge_here"), None, tmp_path / "samples" / "real", str(reference),
+                    str(clip_folder), PROMPTS)
+    sets = {("unguided", None): clip_images, ("cfg", 2.0): blocky_images(6, 40, 5, 0, 256, seed=12),
+            ("agd", 2.0): blocky_images(6, 40, 5, 20, 256, seed=13)}
+    numbers = {}
+    for (method, w), pixels in sets.items():
+        folder = tmp_path / "samples" / (method if w is None else f"{method}/w{w:g}")
+        write_pngs(pixels, folder)
+        numbers[(method, w)] = judges.real_model_metrics(method, folder, pixels, w)
+        assert numbers[(method, w)] == {
+            f"inception_fid_{method}": pytest.approx(inception_fid(folder, reference, extractor=extractor), rel=1e-12),
+            f"clip_score_{method}": clip_score(pixels, PROMPTS, clip_folder)}
+    out = tmp_path / "eval"
+    out.mkdir()
+    prompts = np.arange(6) // 2  # two samples per prompt: the bootstrap draws prompts
+    assessed = write_evidence(out, judges, None, {}, tmp_path / "samples", [2.0], 1.0, prompts)
+    rows = evidence.read_outcomes(out / evidence.REAL_OUTCOMES, evidence.REAL_COLUMNS)
+    cfg = [r["clip_score"] for r in rows if r["method"] == "cfg"]
+    np.testing.assert_allclose(cfg, real_metrics.clip_scores(sets[("cfg", 2.0)], PROMPTS, clip_folder), rtol=1e-15)
+    assert assessed["bootstrap"]["clusters"] == "prompt" and set(assessed) == {"real_model", "bootstrap"}
+    row = assessed["real_model"]["per_w"]["w2"]
+    for method in ("unguided", "cfg", "agd"):
+        key = (method, None if method == "unguided" else 2.0)
+        assert row[f"clip_score_{method}"]["point"] == pytest.approx(numbers[key][f"clip_score_{method}"], rel=1e-12)
+        assert row[f"inception_fid_{method}"]["point"] == pytest.approx(numbers[key][f"inception_fid_{method}"],
+                                                                         rel=1e-4)
+    difference = row["clip_score_difference_agd_minus_cfg"]
+    assert difference["point"] == pytest.approx(row["clip_score_agd"]["point"] - row["clip_score_cfg"]["point"])
+    assert difference["low"] <= difference["point"] <= difference["high"]
+    with np.load(out / evidence.FEATURES) as data:
+        assert set(data.files) == {"inception/unguided", "inception/cfg_w2", "inception/agd_w2", "inception/real"}

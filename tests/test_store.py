@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import pytest
 import torch
 
 import agd_pipeline.generation as generation
+import agd_pipeline.training as training
+from agd_pipeline.adapters import ADAPTER_WEIGHTS
 from agd_pipeline.errors import ConfigError, StoreError
 from agd_pipeline.generation import trajectory_plan
 from agd_pipeline.models import load_base_model
@@ -19,6 +23,8 @@ from agd_pipeline.locks import LOCK_FILE
 from agd_pipeline.store import MANIFEST, PARTIAL, StoreWriter, TrajectoryStore
 
 from conftest import STORE_SETTINGS, generate_store, read_all_shards, run_cli
+
+QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 NUM_CLASSES = 10
 N = NUM_CLASSES * STORE_SETTINGS["trajectories_per_class"]  # 20
@@ -371,6 +377,125 @@ def test_silently_changed_value_fails_the_checksum(tiny_base_dir, tmp_path):
     problems = TrajectoryStore(root).problems(full=True)
     assert [p.shard for p in problems] == [SHARD_NAMES[1]]
     assert "checksum" in str(problems[0])
+
+
+@pytest.fixture(scope="module")
+def raw_store(tiny_base_dir, tmp_path_factory):
+    """Uncompressed chunks (a changed byte still decodes: only a digest can tell), 2 shards of 2."""
+    root = tmp_path_factory.mktemp("raw") / "store"
+    generate_store(tiny_base_dir, root, classes=[0, 1], trajectories_per_class=2, shard_size=2, batch_size=2,
+                   compressor="none")
+    return root
+
+
+def flip_two_bytes(path: Path, keep_mtime: bool = False) -> None:
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    data[301] ^= 0x40
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_flipped_bytes_in_an_uncompressed_chunk_stop_training_under_verify_cheap(raw_store, tmp_path):
+    """The cheap check sees sizes only; every unit the loader reads is checked against the digest
+    recorded when it was written, as it is read."""
+    from test_training import train_config
+
+    root = tmp_path / "store"
+    shutil.copytree(raw_store, root)
+    flip_two_bytes(chunk_files(root, SHARD_NAMES[1], "model_input")[0])
+    assert TrajectoryStore(root).problems() == []  # same sizes: the cheap check cannot see it
+    expected = re.escape(f"{root}/{SHARD_NAMES[1]}/model_input: trajectories 0-2 do not match the digest recorded")
+    with pytest.raises(StoreError, match=expected + r".*stages.generate --verify full") as err:
+        training.train(train_config(root, tmp_path / "adapters", verify="cheap"), **QUIET)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "adapters" / ADAPTER_WEIGHTS).exists()
+
+
+def test_a_changed_unit_read_in_a_worker_process_is_one_line_too(raw_store, tmp_path):
+    from agd_pipeline.loader import StepBatches
+
+    root = tmp_path / "store"
+    shutil.copytree(raw_store, root)
+    flip_two_bytes(chunk_files(root, SHARD_NAMES[1], "model_input")[0])
+    with pytest.raises(StoreError) as err:
+        for _ in zip(range(100), StepBatches(TrajectoryStore(root), 4, seed=0, workers=1)):
+            pass
+    assert str(err.value).startswith(f"{root}/{SHARD_NAMES[1]}/model_input: trajectories 0-2 do not match the "
+                                     "digest recorded"), str(err.value)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_bytes_changed_with_their_mtime_put_back_never_reach_training(raw_store, tmp_path):
+    """verify=changed trusts a shard whose files look as when it passed a full re-read; bytes
+    flipped behind its back are caught by the digests checked as the loader reads."""
+    from test_training import train_config
+
+    root = tmp_path / "store"
+    shutil.copytree(raw_store, root)
+    assert TrajectoryStore(root).problems(mode="changed") == []  # re-read in full, recorded
+    flip_two_bytes(chunk_files(root, SHARD_NAMES[0], "guided_output")[0], keep_mtime=True)
+    with pytest.raises(StoreError, match=rf"{SHARD_NAMES[0]}/guided_output: trajectories 0-2 do not match"):
+        training.train(train_config(root, tmp_path / "adapters"), **QUIET)  # the default: verify=changed
+    assert not (tmp_path / "adapters" / ADAPTER_WEIGHTS).exists()
+
+
+def test_a_store_written_before_read_time_digests_is_read_and_re_read_under_verify_changed(store_copy):
+    """Entries without unit_checksums (written by an earlier release) are still read; their record
+    in the verification cache is not trusted (the loader cannot check their units as it reads)."""
+    from agd_pipeline.loader import StepBatches
+
+    manifest = json.loads((store_copy / MANIFEST).read_text())
+    assert all("unit_checksums" in s and "unit_rows" in s for s in manifest["shards"])
+    for entry in manifest["shards"]:
+        del entry["unit_checksums"], entry["unit_rows"]
+    (store_copy / MANIFEST).write_text(json.dumps(manifest))
+    store, messages = TrajectoryStore(store_copy), []
+    for _ in range(2):
+        store.check(mode="changed", log=messages.append)
+    assert messages[1].startswith("store: 0 shard(s) verified earlier and unchanged, 3 re-read"), messages
+    assert messages[1].endswith("; 3 written before read-time digests are re-read at every start (write the "
+                                "store again with this release to record them)"), messages
+    assert sum(1 for _ in zip(range(5), StepBatches(store, 4, seed=0))) == 5
+
+
+def test_an_edited_read_time_digest_is_found_by_the_full_check(store_copy):
+    """The digests the loader checks are themselves checked by a full re-read (inspect --verify)."""
+    manifest = json.loads((store_copy / MANIFEST).read_text())
+    digests = manifest["shards"][2]["unit_checksums"]["guided_output"]
+    digests[0] = "0" * 32
+    (store_copy / MANIFEST).write_text(json.dumps(manifest))
+    assert [str(p) for p in TrajectoryStore(store_copy).problems(full=True)] == [
+        f"{SHARD_NAMES[2]}/guided_output: the manifest's unit_checksums differ from the data (the manifest was "
+        "edited or damaged)"]
+
+
+def test_malformed_read_time_digests_are_a_clear_error(store_copy):
+    manifest = json.loads((store_copy / MANIFEST).read_text())
+    manifest["shards"][1]["unit_checksums"]["model_input"] = ["0" * 32] * 7
+    (store_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=rf"shard {SHARD_NAMES[1]} has malformed unit_rows/unit_checksums.*"
+                                         "--rebuild-manifest"):
+        TrajectoryStore(store_copy)
+
+
+def test_a_json_write_that_fails_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from agd_pipeline.store import files, write_json_atomic
+
+    (tmp_path / "m.json").write_text("{}")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    assert (tmp_path / "m.json").read_text() == "{}"
 
 
 def test_sound_store_passes_inspect(tiny_store):

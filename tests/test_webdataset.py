@@ -3,12 +3,15 @@ DataLoader workers, training from either format)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import textwrap
 import time
 
 import numpy as np
@@ -18,10 +21,11 @@ import torch
 
 import agd_pipeline.training as training
 from agd_pipeline.config import TrainConfig, load_config
+from agd_pipeline.errors import StoreError
 from agd_pipeline.loader import StepBatches, batch_sizes
 from agd_pipeline.store import MANIFEST, TrajectoryStore, convert_store
 
-from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli
+from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli, run_main
 
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 # chunks as large as shards: a Zarr chunk row and a tar shard are then the same loader unit
@@ -248,3 +252,110 @@ def test_large_units_shrink_the_buffer(tar_store):
     seen = sorted((i, s) for b in small.epoch(0)
                   for i, s in zip(b["trajectory_index"].tolist(), b["step_index"].tolist()))
     assert seen == [(i, s) for i in range(20) for s in range(4)]
+
+
+# ------------------------------------------------------------------------------ hostile tars
+
+
+def test_a_tar_shard_replaced_by_another_of_the_same_size_stops_training(tar_store, tmp_path):
+    """Same size, a sound tar: the cheap check passes it; the digests checked as the loader reads
+    its units do not."""
+    root = tmp_path / "store"
+    shutil.copytree(tar_store, root)
+    shutil.copy(root / "shard-000000.tar", root / "shard-000001.tar")
+    assert (root / "shard-000000.tar").stat().st_size == (root / "shard-000001.tar").stat().st_size
+    assert TrajectoryStore(root).problems() == []
+    with pytest.raises(StoreError, match=r"shard-000001\.tar/\w+: trajectories \d+-\d+ .*do not match the digest "
+                                         r"recorded.*stages.generate --verify full"):
+        training.train(load_config(TrainConfig, {
+            "store": str(root), "out_dir": str(tmp_path / "adapters"), "steps": 6, "batch_size": 16, "width": 8,
+            "embed_dim": 16, "device": "cpu", "checkpoint_every": 0, "seed": 0, "validate_every": -1,
+            "verify": "cheap"}), **QUIET)
+
+
+def rewrite_tar(root, shard: str, change) -> None:
+    """Write ``shard`` again member for member, ``change(members)`` altering the list of (TarInfo,
+    bytes); the manifest and the sidecar then record the new size, as a forger would."""
+    path = root / shard
+    with tarfile.open(path) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar]
+    change(members)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    size = path.stat().st_size
+    manifest = json.loads((root / MANIFEST).read_text())
+    next(s for s in manifest["shards"] if s["name"] == shard)["bytes"] = size
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    side = root / (shard + ".json")
+    side.write_text(json.dumps({**json.loads(side.read_text()), "bytes": size}))
+
+
+def _special(kind, linkname=""):
+    def add(members):
+        info = tarfile.TarInfo("000000099.trajectory.npz")
+        info.type, info.linkname = kind, linkname
+        members.append((info, b""))
+    return add
+
+
+def _renamed(name):
+    def rename(members):
+        members[0][0].name = name
+    return rename
+
+
+@pytest.mark.parametrize("change, member", [
+    (_renamed("../../EVIL_000000008.trajectory.npz"), "../../EVIL_000000008.trajectory.npz"),
+    (_renamed("/tmp/EVIL_000000008.trajectory.npz"), "/tmp/EVIL_000000008.trajectory.npz"),
+    (_special(tarfile.SYMTYPE, "/etc/passwd"), "000000099.trajectory.npz"),
+    (_special(tarfile.LNKTYPE, "000000008.trajectory.npz"), "000000099.trajectory.npz"),
+    (_special(tarfile.CHRTYPE), "000000099.trajectory.npz"),
+], ids=["parent-path", "absolute-path", "symlink", "hardlink", "device"])
+def test_a_tar_member_outside_the_store_or_not_a_file_is_corruption(tar_store, tmp_path, change, member):
+    root = tmp_path / "store"
+    shutil.copytree(tar_store, root)
+    rewrite_tar(root, "shard-000001.tar", change)
+    for mode in ("full", "cheap"):  # inspect --verify, and train's checks
+        problems = [str(p) for p in TrajectoryStore(root).problems(mode=mode)]
+        assert len(problems) == 1 and problems[0].startswith("shard-000001.tar: "), (mode, problems)
+        assert repr(member) in problems[0] and "\n" not in problems[0], (mode, problems)
+    result = run_main("stages.inspect", root, "--verify")
+    assert result.returncode == 1 and "shard-000001.tar: " in result.stdout and repr(member) in result.stdout
+    assert not list(tmp_path.rglob("EVIL_*"))  # nothing extracted
+
+
+FULL_DISK = textwrap.dedent("""
+    import errno, io, sys
+    import webdataset.writer
+
+    class FullDisk(io.FileIO):  # the disk fills up after 4 KiB
+        written = 0
+
+        def write(self, data):
+            if FullDisk.written + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            FullDisk.written += len(data)
+            return super().write(data)
+
+    webdataset.writer.gopen = lambda path, mode="rb", **kw: io.BufferedWriter(FullDisk(path, "wb"))
+    from stages.generate import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_full_disk_during_a_tar_shard_is_one_error_line_and_leaves_nothing_behind(tiny_base_dir, tmp_path):
+    out = tmp_path / "store"
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"generate": {**SETTINGS, "base_model": str(tiny_base_dir), "out_dir": str(out),
+                                               "format": "webdataset"}}))
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, "--params", str(params), "--no-progress"], cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "the disk is full" in lines[0], result.stderr
+    assert "Exception ignored" not in result.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert not [name for name in left if name.endswith((".partial", ".tmp")) or name.startswith("shard-")], left

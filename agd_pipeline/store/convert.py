@@ -56,14 +56,14 @@ def convert_store(source: str | os.PathLike, target: str | os.PathLike, fmt: str
                     raise StoreError(f"source shard {source / entry['name']} is damaged ({listing}); "
                                      f"nothing of it was converted. Repair the source first. {REPAIR}")
                 group = src.open_shard(entry["name"])
-                shard = writer.begin_shard(index)
-                for rows in src.shard_format.read_units(src.manifest, entry):
-                    try:
-                        arrays = {name: group[name][rows] for name in group.array_keys()}
-                    except Exception as err:  # noqa: BLE001 - a chunk damaged since the check
-                        raise StoreError(f"{source / entry['name']}: cannot read trajectories {rows.start}-{rows.stop} "
-                                         f"({type(err).__name__}: {err}). {REPAIR}") from None
-                    shard.write(rows.start, arrays)
-                shard.finish(expected_checksums=entry.get("checksums") if lossless else None)
+                with writer.begin_shard(index) as shard:  # an error removes its partial files
+                    for rows in src.shard_format.read_units(src.manifest, entry):
+                        try:
+                            arrays = {name: group[name][rows] for name in group.array_keys()}
+                        except Exception as err:  # noqa: BLE001 - a chunk damaged since the check
+                            raise StoreError(f"{source / entry['name']}: cannot read trajectories {rows.start}-"
+                                             f"{rows.stop} ({type(err).__name__}: {err}). {REPAIR}") from None
+                        shard.write(rows.start, arrays)
+                    shard.finish(expected_checksums=entry.get("checksums") if lossless else None)
         log(f"{target}: {len(pending)} shard(s) converted to {fmt}" + ("" if pending else " (already complete)"))
         return {"converted_shards": len(pending), "shards": writer.num_shards}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,14 +11,19 @@ from pathlib import Path
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON to a temporary file, fsync it and rename it into place: readers see the old file
-    or the new one, never half of one."""
+    or the new one, never half of one. A failed write (a full disk) leaves no temporary behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_path(path: Path) -> None:

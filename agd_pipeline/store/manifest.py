@@ -13,8 +13,8 @@ from pathlib import Path
 from ..errors import StoreError
 from .files import write_json_atomic
 from .formats import FORMATS, SHARD_PATTERN, ShardFormat, format_of_shard, get_format, shard_name
-from .schema import (ARRAY_DTYPES, MANIFEST, RUN_KEYS, SCHEMA_VERSION, STORE_TYPE, codec_available,
-                     condition_arrays, run_header, store_fingerprint)
+from .schema import (ARRAY_DTYPES, MANIFEST, RUN_KEYS, SCHEMA_VERSION, STORE_TYPE, UNIT_CHECKSUMS, UNIT_ROWS,
+                     codec_available, condition_arrays, run_header, store_fingerprint)
 from .journal import MANIFEST_LOG, log_path, replay
 from .verify import find_problems
 
@@ -194,6 +194,13 @@ def validate_manifest(manifest, path: Path) -> dict:
         if entry["status"] == "complete" and not (isinstance(entry.get("checksum"), str)
                                                   and isinstance(entry.get("checksums"), dict)):
             raise _fail(path, f"shard {expected} is complete but has no checksums")
+        if UNIT_CHECKSUMS in entry or UNIT_ROWS in entry:  # absent in entries written before them
+            rows, units = entry.get(UNIT_ROWS), entry.get(UNIT_CHECKSUMS)
+            count = -(-entry["trajectories"] // rows) if isinstance(rows, int) and rows > 0 else None
+            if count is None or isinstance(rows, bool) or not isinstance(units, dict) or not all(
+                    isinstance(v, list) and len(v) == count and all(isinstance(d, str) for d in v)
+                    for v in units.values()):
+                raise _fail(path, f"shard {expected} has malformed {UNIT_ROWS}/{UNIT_CHECKSUMS}")
     return manifest
 
 
@@ -271,6 +278,18 @@ def _short(value) -> str:
 # ------------------------------------------------------------------------------------ recovery
 
 
+def damaged_copy(root: Path, stamp: int, suffix: str) -> Path:
+    """Where recovery keeps a damaged manifest (``json``) or journal (``log``): next to the store
+    folder, ``<store>.manifest-damaged-<unix time>.<suffix>`` (numbered if that name is taken)."""
+    root = Path(os.path.abspath(root))
+    kept = root.with_name(f"{root.name}.manifest-damaged-{stamp}.{suffix}")
+    number = 1
+    while kept.exists():
+        number += 1
+        kept = root.with_name(f"{root.name}.manifest-damaged-{stamp}-{number}.{suffix}")
+    return kept
+
+
 def recover_manifest(root: Path, log=print) -> Manifest | None:
     """Rebuild a lost or damaged manifest from the shards' own metadata (each carries its run's
     settings and checksums). Every shard is re-read against its checksums; damaged ones are
@@ -289,15 +308,19 @@ def recover_manifest(root: Path, log=print) -> Manifest | None:
     except (StoreError, KeyError, TypeError) as err:
         raise StoreError(f"{root}: the manifest is missing or damaged and the shards' own settings are unusable "
                          f"({err})") from None
-    damaged_manifest = root / MANIFEST
-    if damaged_manifest.exists():  # keep the damaged one for inspection: nothing is lost
-        kept = root / f"{MANIFEST}.damaged-{int(time.time())}"
-        os.replace(damaged_manifest, kept)
-        log(f"{root}: kept the unreadable manifest as {kept.name}")
-    if log_path(root).exists():  # its journal belongs to it: kept with it, never replayed onto the new one
-        kept = root / f"{MANIFEST_LOG}.damaged-{int(time.time())}"
-        os.replace(log_path(root), kept)
-        log(f"{root}: kept the manifest's journal as {kept.name}")
+    # the damaged manifest is kept for inspection (nothing is lost), and its journal with it (never
+    # replayed onto the new one): both NEXT TO the store, so a repaired store holds exactly the files
+    # of one never damaged (a DVC output's hash is the same; a store's parent folder is no output)
+    stamp = int(time.time())
+    for path, kept, what in ((root / MANIFEST, damaged_copy(root, stamp, "json"), "the unreadable manifest"),
+                             (log_path(root), damaged_copy(root, stamp, "log"), "the manifest's journal")):
+        if path.exists():
+            try:
+                os.replace(path, kept)
+            except OSError as err:
+                raise StoreError(f"{path}: damaged; cannot move it out of the store to {kept} "
+                                 f"({err.strerror or err}); move it away yourself, then run again") from None
+            log(f"{root}: kept {what} as {kept}")
 
     # ---- every shard of the run re-read against its own checksums; damaged ones removed
     fmt, header = manifest.shard_format, manifest.run_header()

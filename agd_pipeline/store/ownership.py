@@ -13,8 +13,9 @@ from .formats import FORMATS, SHARD_PATTERN
 from .journal import MANIFEST_LOG
 from .schema import MANIFEST
 
-# Ours whatever the format: the manifest, its temporary, its journal, the lock, and kept damaged
-# manifests and journals.
+# Ours whatever the format: the manifest, its temporary, its journal, the lock, and the damaged
+# manifests and journals that earlier releases kept inside the store (recovery now keeps them next
+# to the store folder: manifest.damaged_copy).
 OWN_FILES = (MANIFEST, MANIFEST + ".tmp", MANIFEST_LOG, LOCK_FILE)
 DAMAGED_MANIFEST = re.compile(rf"({re.escape(MANIFEST)}|{re.escape(MANIFEST_LOG)})\.damaged(-\d+)?")
 

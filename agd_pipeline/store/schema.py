@@ -230,6 +230,66 @@ def array_checksum(arr, check_finite: bool = False) -> tuple[str, bool]:
     return digest.hexdigest(), finite
 
 
+# ------------------------------------------------------------------------- read-time digests
+
+# A shard's entry also records, for every array the loader reads unit by unit, a digest of each
+# unit's decoded values (``unit_checksums``: array -> one digest per unit of ``unit_rows``
+# trajectories). The loader checks every unit against it as it reads it, and an array it reads
+# whole against the array's checksum, so data changed on disk never reaches training, whatever
+# check ran before (verify=cheap, or a record of the verification cache). Entries written before
+# this lack both fields: their whole-read arrays are still checked, their unit-read arrays not.
+UNIT_CHECKSUMS = "unit_checksums"
+UNIT_ROWS = "unit_rows"
+
+
+def read_by_unit(name: str, shape, dtype) -> bool:
+    """Whether the loader reads array ``name`` unit by unit (model inputs, targets, large rows such
+    as prompt embeddings) rather than whole, once per shard (w, class, timesteps, ...)."""
+    return name in ("model_input", "guided_output") or _row_bytes(shape, dtype) > SMALL_ROW_BYTES
+
+
+def unit_checksum(block: np.ndarray) -> str:
+    """Digest of one unit of an array as decoded: dtype, shape and values (128 bits, hex)."""
+    block = np.ascontiguousarray(block)
+    digest = hashlib.sha256(f"{block.dtype}|{block.shape}".encode())
+    digest.update(block.reshape(-1).view(np.uint8))
+    return digest.hexdigest()[:32]
+
+
+def whole_checksum(value: np.ndarray) -> str:
+    """``array_checksum`` of an array already in memory (what the loader reads whole)."""
+    value = np.ascontiguousarray(value)
+    digest = hashlib.sha256(f"{value.dtype}|{value.shape}".encode())
+    digest.update(value.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def unit_checksums(arr, units: list[slice], check_finite: bool = False) -> tuple[str, list[str], bool]:
+    """Re-read an array unit by unit: (its checksum, as ``array_checksum``; the digest of each
+    unit; whether every value is finite, if asked). One pass over the data."""
+    digest, per_unit, finite = hashlib.sha256(f"{arr.dtype}|{arr.shape}".encode()), [], True
+    for rows in units:
+        block = np.ascontiguousarray(arr[rows])
+        digest.update(block.reshape(-1).view(np.uint8))
+        per_unit.append(unit_checksum(block))
+        if check_finite and block.dtype.kind == "f" and not np.isfinite(block).all():
+            finite = False
+    return digest.hexdigest(), per_unit, finite
+
+
+def stored_checksums(shard, names, units: list[slice]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Re-read the arrays ``names`` of an open shard: (checksum of each, as ``array_checksum``;
+    the digest of each read unit of the arrays read by unit). One pass over the data."""
+    sums, per_unit = {}, {}
+    for name in names:
+        arr = shard[name]
+        if read_by_unit(name, arr.shape, arr.dtype):
+            sums[name], per_unit[name], _ = unit_checksums(arr, units)
+        else:
+            sums[name] = array_checksum(arr)[0]
+    return sums, per_unit
+
+
 def combined_checksum(sums: dict[str, str]) -> str:
     """One checksum for a shard, from its arrays' checksums."""
     return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(sums.items())).encode()).hexdigest()

@@ -7,9 +7,17 @@ shard (relative path, size, modification time in ns; the format says which files
 ``ShardFormat.shard_files``). A later check trusts a shard whose record matches exactly; any
 difference (a file added, removed, resized or touched, another entry) means a re-read.
 
-The limit: bytes changed in place with the modification time restored (or flipped by the disk
-itself) leave the listing as it was; only a full re-read (``train.verify full``,
-``stages.inspect --verify``) catches those.
+Why a listing is enough, though bytes changed in place with the modification time put back (or
+flipped by the disk itself) leave it as it was: the record only decides whether a shard is re-read
+*before* training. Damaged bytes cannot get through that way, because the loader checks every unit
+it reads against a digest of its content recorded when the shard was written (``unit_checksums``
+in the manifest entry; the arrays it reads whole against their checksums; schema.py, verify.
+read_problem), at no extra pass over the data: such a shard stops training at its first damaged
+unit, naming it. Keying the record on a content digest instead would mean reading every shard at
+every start, which is what the record exists to avoid. A shard written before read-time digests
+(an entry without ``unit_checksums``) is therefore never trusted from its record: "changed"
+re-reads it at every start. Only a full re-read (``train.verify full``, ``stages.inspect
+--verify``) finds such damage before training starts, and in arrays the loader does not read.
 
 The record never lives in the store (a DVC output, and train only holds a shared lock on it):
 one JSON file per store, named by a hash of its resolved path, under ``verified/`` of

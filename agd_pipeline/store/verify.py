@@ -1,7 +1,9 @@
 """Checks of a store's shards against its manifest: cheap ones (presence, shapes and dtypes, and
 each format's own: a tar's size, Zarr's chunk files and bytes) or a full re-read of every array
 against its checksums (and for NaN/inf); shards are checked in a few threads, and those re-read
-before and unchanged since can be skipped (the verification cache, ``verified``)."""
+before and unchanged since can be skipped (the verification cache, ``verified``). Whatever ran
+before, the loader checks what it reads against the digests recorded at write time
+(``read_problem``), so none of these checks is the last line of defence against changed bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import array_checksum, array_specs, combined_checksum
+from .schema import (UNIT_CHECKSUMS, UNIT_ROWS, array_checksum, array_specs, combined_checksum, read_by_unit,
+                     row_slices, unit_checksum, unit_checksums, whole_checksum)
 from .verified import Listing, VerifiedShards
 
 # How a store is verified (train.verify): "changed" re-reads the shards without a matching record
@@ -41,8 +44,9 @@ def find_problems(root: Path, manifest, full: bool = False, only: set[str] | Non
     written. ``mode`` (one of VERIFY_MODES) instead: "cheap" as ``full=False``; "full" re-reads
     every shard and records those that pass; "changed" re-reads only the shards without a
     matching record (whose files and entry are exactly as when they passed: that comparison, of
-    every file's size and modification time, stands in for their cheap checks). ``log`` gets one
-    line on what was re-read."""
+    every file's size and modification time, stands in for their cheap checks; bytes changed behind
+    an unchanged listing are caught by the loader's read-time digests, see ``verified``). ``log``
+    gets one line on what was re-read."""
     if mode is not None and mode not in VERIFY_MODES:
         raise ValueError(f"verify mode {mode!r}; allowed: {', '.join(VERIFY_MODES)}")
     reread = full if mode is None else mode != "cheap"
@@ -82,7 +86,10 @@ def find_problems(root: Path, manifest, full: bool = False, only: set[str] | Non
         skipped, read = outcomes.count("skipped"), outcomes.count("re-read")
         seconds = time.perf_counter() - began
         if mode == "changed":
-            log(f"store: {skipped} shard(s) verified earlier and unchanged, {read} re-read ({seconds:.1f} s)")
+            older = sum(1 for e in entries if e.get("status") == "complete" and UNIT_CHECKSUMS not in e)
+            note = (f"; {older} written before read-time digests are re-read at every start (write the store "
+                    "again with this release to record them)") if older else ""
+            log(f"store: {skipped} shard(s) verified earlier and unchanged, {read} re-read ({seconds:.1f} s){note}")
         else:
             log(f"store: {read} shard(s) re-read against their checksums ({seconds:.1f} s)")
     return [problem for problems, _, _ in results for problem in problems]
@@ -107,7 +114,10 @@ def _before_opening(root: Path, manifest, entry: dict, reread: bool, trusted: Ve
     if before_opening:
         return ([Problem(name, None, message) for message in before_opening], None, None), None
     listing = Listing(root, fmt, name) if reread else None
-    if trusted is not None and trusted.matches(name, entry, array_specs(manifest, entry["trajectories"]), listing):
+    # a record is trusted only for a shard whose reads the loader checks against digests (one written
+    # before them could have its bytes changed behind an unchanged listing: it is re-read each time)
+    if trusted is not None and UNIT_CHECKSUMS in entry \
+            and trusted.matches(name, entry, array_specs(manifest, entry["trajectories"]), listing):
         return ([], "skipped", None), None
     return None, listing
 
@@ -134,11 +144,38 @@ def _opened(root: Path, manifest, entry: dict, reread: bool, listing: Listing | 
             found.append(Problem(name, array, f"{stored.dtype} {stored.shape}, the manifest implies {dtype} {shape}"))
         elif not reread:  # a re-read checks the contents themselves
             found.extend(Problem(name, array, message) for message in fmt.array_problems(path, array, stored, entry))
+    if not reread and not found:
+        # a tar's members: each a regular file of ours (no link, device, ../ or absolute name)
+        whole = fmt.whole_shard_problem(shard)
+        if whole is not None:
+            found.append(Problem(name, None, whole))
     if not reread or found:
         return found, None, None
     found = verify_contents(fmt, name, shard, entry)
     unchanged = not found and listing.settled and Listing(root, fmt, name) == listing
     return found, "re-read", (entry, specs, listing) if unchanged else None
+
+
+def read_problem(fmt, entry: dict, key: str, array, start: int, stop: int, value: np.ndarray) -> str | None:
+    """What is wrong with rows [start, stop) of array ``key`` of a shard, as just read (``value``;
+    ``array`` the open array they came from), against the digests recorded when the shard was
+    written: the unit's digest, or for an array read whole its checksum. None when they match, or
+    when the entry records no digest for them (a shard written before read-time digests)."""
+    if read_by_unit(key, array.shape, array.dtype):
+        rows, digests = entry.get(UNIT_ROWS), (entry.get(UNIT_CHECKSUMS) or {}).get(key)
+        if not rows or digests is None:
+            return None
+        unit, offset = divmod(start, rows)
+        if offset or stop != min(entry["trajectories"], start + rows) or unit >= len(digests):
+            return (f"trajectories {start}-{stop} are not a unit of {rows} recorded when the shard was written "
+                    "(internal: the loader reads whole units)")
+        if unit_checksum(value) == digests[unit]:
+            return None
+    elif (start, stop) != (0, entry["trajectories"]) or whole_checksum(value) == (entry.get("checksums") or {}).get(
+            key, whole_checksum(value)):
+        return None
+    return (f"trajectories {start}-{stop} do not match the digest recorded when they were written "
+            f"({fmt.rows_where(entry, array, start, stop)} changed on disk)")
 
 
 def verify_contents(fmt, name: str, shard, entry: dict) -> list[Problem]:
@@ -149,9 +186,18 @@ def verify_contents(fmt, name: str, shard, entry: dict) -> list[Problem]:
         return [Problem(name, None, whole)]
     found, sums = [], {}
     expected = entry.get("checksums") or {}
+    recorded = entry.get(UNIT_CHECKSUMS) or {}  # the digests the loader checks (absent in older entries)
+    rows = entry.get(UNIT_ROWS)
+    if not isinstance(rows, int) or rows <= 0 or not isinstance(recorded, dict):
+        recorded, rows = {}, 1  # validate_manifest refuses these; a shard's own record may still hold them
+    units = list(row_slices(entry["trajectories"], rows))
     for array in sorted(shard.array_keys()):
+        per_unit = None
         try:
-            sums[array], finite = array_checksum(shard[array], check_finite=True)
+            if array in recorded:  # one pass: the checksum and the digest of every unit
+                sums[array], per_unit, finite = unit_checksums(shard[array], units, check_finite=True)
+            else:
+                sums[array], finite = array_checksum(shard[array], check_finite=True)
         except Exception as err:  # noqa: BLE001 - truncated chunks fail in the codec
             found.append(Problem(name, array, f"unreadable ({type(err).__name__}: {err})"))
             continue
@@ -159,6 +205,9 @@ def verify_contents(fmt, name: str, shard, entry: dict) -> list[Problem]:
             found.append(Problem(name, array, "holds NaN or inf"))
         if array in expected and sums[array] != expected[array]:
             found.append(Problem(name, array, "checksum differs from the manifest (data changed on disk)"))
+        elif per_unit is not None and per_unit != recorded[array]:
+            found.append(Problem(name, array, f"the manifest's {UNIT_CHECKSUMS} differ from the data (the manifest "
+                                 "was edited or damaged)"))
     if not found and combined_checksum(sums) != entry.get("checksum"):
         found.append(Problem(name, None, "checksum differs from the manifest (data changed on disk)"))
     return found

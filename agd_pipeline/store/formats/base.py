@@ -71,6 +71,13 @@ class ShardFormat(abc.ABC):
     def read_units(self, manifest, entry: dict) -> list[slice]:
         """The trajectory rows of a shard the loader (and conversion) reads at once."""
 
+    def rows_where(self, entry: dict, array, start: int, stop: int) -> str:
+        """Where trajectories [start, stop) of an array of an open shard lie on disk, for messages:
+        its chunk rows, by default."""
+        rows = max(1, array.chunks[0])
+        first, last = start // rows, max(start, stop - 1) // rows
+        return f"chunk row {first}" if first == last else f"chunk rows {first}-{last}"
+
     # ----------------------------------------------------------------------------- checks
 
     def file_problems(self, path: Path, entry: dict) -> list[str]:
@@ -110,7 +117,8 @@ class ShardFormat(abc.ABC):
 
 class ShardWriter(abc.ABC):
     """Writes one shard under ``<name>.partial``; ``finish`` re-reads it, compares it with the
-    checksums of the values written and only then renames it into place (the commit point).
+    checksums of the values written and only then renames it into place (the commit point). Used
+    as a context manager (``with store.begin_shard(i) as shard``), an error aborts it (``abort``).
 
     ``store`` is the StoreWriter: its ``root``, ``header``, ``shard_range`` and ``mark_complete``."""
 
@@ -122,6 +130,18 @@ class ShardWriter(abc.ABC):
         remove_path(self.partial)  # a stale partial or shard of an earlier attempt
         fmt.remove_shard(self.final)
         self.written = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        """After an error (a full disk, ...): close what the writer opened, without writing more,
+        and remove its partial shard; nothing of the failed write is left behind. Never raises."""
+        remove_path(self.partial)
 
     @abc.abstractmethod
     def write(self, offset: int, arrays: dict) -> None:

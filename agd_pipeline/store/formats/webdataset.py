@@ -15,6 +15,7 @@ keeps every checksum.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import mmap
@@ -29,11 +30,16 @@ import numpy as np
 
 from ...errors import StoreError
 from ..files import remove_path, write_json_atomic
-from ..schema import (SHARD_INDEX, ArrayHasher, array_checksum, array_specs, combined_checksum, row_slices, run_header,
-                      same_run, shard_range, read_rows)
+from ..schema import (SHARD_INDEX, UNIT_CHECKSUMS, UNIT_ROWS, ArrayHasher, array_specs, combined_checksum, row_slices,
+                      run_header, same_run, shard_range, read_rows, stored_checksums)
 from .base import ShardFormat, ShardWriter, check_before_publish
 
 EXTENSION = "trajectory.npz"
+# The only member a shard may hold: <key>.trajectory.npz, the key the trajectory index (no folder,
+# no dots, nothing absolute); and only regular files, never a link or a device
+MEMBER = re.compile(rf"[0-9]{{9,}}\.{re.escape(EXTENSION)}")
+MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
+                tarfile.BLKTYPE: "a device", tarfile.DIRTYPE: "a folder", tarfile.FIFOTYPE: "a FIFO"}
 # a fixed timestamp in every zip entry: the same trajectories give byte-identical shards
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -102,7 +108,13 @@ class WebDatasetFormat(ShardFormat):
         return TarShard(path, specs)
 
     def read_units(self, manifest, entry: dict) -> list[slice]:
-        return list(row_slices(entry["trajectories"], read_rows(manifest)))  # the Zarr store's units
+        # the Zarr store's units: those whose digests were recorded
+        return list(row_slices(entry["trajectories"], entry.get(UNIT_ROWS) or read_rows(manifest)))
+
+    def rows_where(self, entry: dict, array, start: int, stop: int) -> str:
+        first = entry["first_trajectory"]
+        names = [f"{first + i:09d}.{EXTENSION}" for i in (start, max(start, stop - 1))]
+        return f"member {names[0]}" if names[0] == names[1] else f"members {names[0]} to {names[1]}"
 
     def file_problems(self, path: Path, entry: dict) -> list[str]:
         size = path.stat().st_size if path.is_file() else None
@@ -113,6 +125,8 @@ class WebDatasetFormat(ShardFormat):
     def whole_shard_problem(self, shard: TarShard) -> str | None:
         try:
             shard.members()
+        except StoreError as err:  # a member we refuse (named), or a truncated or damaged tar
+            return str(err).removeprefix(f"{shard.path}: ")
         except Exception as err:  # noqa: BLE001 - a broken tar fails in the tar reader
             return f"unreadable tar ({type(err).__name__}: {err})"
         return None
@@ -146,6 +160,31 @@ class TarShardWriter(ShardWriter):
         # A fixed integer mtime and plain ustar headers: no 1 KB pax header per member, and the same
         # trajectories give byte-identical tars.
         self.tar = wds.TarWriter(str(self.partial), mtime=0, format=tarfile.USTAR_FORMAT)
+        self.published = False
+
+    def abort(self) -> None:
+        """Close the tar without writing its end (the disk may be full: a flush would fail again,
+        and again when the objects are collected, as "Exception ignored"), then remove the partial
+        tar and a sidecar written for it."""
+        tar, self.tar = self.tar, None
+        if tar is not None:
+            tar.tarstream.closed = True  # no end-of-archive blocks: the file is removed anyway
+            stream = getattr(tar.tarstream, "fileobj", None)
+            if stream is not None and hasattr(stream, "buf"):  # tarfile's stream buffer, unwritten
+                stream.closed = True
+            own = tar.own_fileobj
+            if own is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    own.close()  # flushes what it holds: may fail on a full disk, but closes
+                raw = getattr(own, "raw", None)
+                if raw is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        raw.close()
+        with contextlib.suppress(OSError):
+            remove_path(self.partial)
+            if not self.published:
+                remove_path(sidecar(self.final))
+                remove_path(sidecar(self.final).with_name(sidecar(self.final).name + ".tmp"))
 
     def write(self, offset: int, arrays: dict[str, np.ndarray]) -> None:
         """Write trajectories [offset, offset + n) of this shard, in order."""
@@ -164,24 +203,32 @@ class TarShardWriter(ShardWriter):
         self.written += n
 
     def finish(self, expected_checksums: dict | None = None) -> dict:
-        self.tar.close()
+        try:
+            self.tar.close()
+        except BaseException:
+            self.abort()
+            raise
+        self.tar = None
         self.check_all_written()
         with open(self.partial, "rb+") as f:
             os.fsync(f.fileno())
         sums = self.hasher.checksums()
         # read the tar back before publishing it: its arrays must be the values written
+        rows = read_rows(self.store.header)
         try:
             shard = TarShard(self.partial, self.specs)
-            stored = {name: array_checksum(shard[name])[0] for name in self.specs}
+            stored, per_unit = stored_checksums(shard, list(self.specs),
+                                                list(row_slices(self.stop - self.start, rows)))
         except Exception as err:  # noqa: BLE001 - whatever the reader raises, the shard is not published
             remove_path(self.partial)
             raise StoreError(f"{self.partial}: unreadable right after it was written ({err}); not published") from None
         check_before_publish(self.partial, stored, sums, expected_checksums)
         entry = {"name": self.final.name, "first_trajectory": self.start, "trajectories": self.stop - self.start,
                  "status": "complete", "checksum": combined_checksum(sums), "checksums": sums,
-                 "bytes": self.partial.stat().st_size}
+                 "bytes": self.partial.stat().st_size, UNIT_ROWS: rows, UNIT_CHECKSUMS: per_unit}
         write_json_atomic(sidecar(self.final), {**entry, "store_header": run_header(self.store.header)})
         os.replace(self.partial, self.final)  # the commit point, as for Zarr shards
+        self.published = True
         self.store.mark_complete(self.index, entry)
         return entry
 
@@ -251,10 +298,15 @@ class TarShard:
             try:
                 with tarfile.open(self.path, mode="r:") as tar:
                     for info in tar:
-                        if not info.isfile():
-                            continue
-                        if not info.name.endswith("." + EXTENSION):
-                            raise StoreError(f"{self.path}: unexpected member {info.name!r}")
+                        # nothing is ever extracted; still, a link, a device or a name with a folder
+                        # (../.., an absolute path) is no sample of ours: the tar is damaged or forged
+                        if not info.isreg():
+                            kind = MEMBER_KINDS.get(info.type, f"of tar type {info.type!r}")
+                            raise StoreError(f"{self.path}: member {info.name!r} is {kind}, not a regular file "
+                                             "(a forged or damaged tar)")
+                        if not MEMBER.fullmatch(info.name):
+                            raise StoreError(f"{self.path}: unexpected member {info.name!r} (a sample is "
+                                             f"<trajectory index>.{EXTENSION}, no folders; a forged or damaged tar)")
                         samples.append(self._index_sample(mapped, info.offset_data, info.size))
             except (tarfile.TarError, zipfile.BadZipFile, struct.error, ValueError, EOFError) as err:
                 raise StoreError(f"{self.path}: sample {len(samples)} is unreadable ({type(err).__name__}: "

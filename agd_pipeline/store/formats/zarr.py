@@ -21,9 +21,9 @@ import zarr.codecs.numcodecs
 
 from ...errors import StoreError
 from ..files import folder_bytes, write_json_atomic
-from ..schema import (LATENT_ARRAYS, MANIFEST, SCHEMA_VERSION, SHARD_INDEX, STORE_TYPE, ArrayHasher, array_checksum,
-                      array_specs, chunk_layout, combined_checksum, dimension_names, row_slices, run_header, same_run,
-                      shard_range, read_rows)
+from ..schema import (LATENT_ARRAYS, MANIFEST, SCHEMA_VERSION, SHARD_INDEX, STORE_TYPE, UNIT_CHECKSUMS, UNIT_ROWS,
+                      ArrayHasher, array_specs, chunk_layout, combined_checksum, dimension_names, row_slices,
+                      run_header, same_run, shard_range, read_rows, stored_checksums)
 from .base import ShardFormat, ShardWriter, check_before_publish
 
 # We write consolidated metadata on purpose (one read opens a shard); zarr warns that v3 has no spec for it.
@@ -79,9 +79,12 @@ class ZarrFormat(ShardFormat):
         if "checksum" not in attrs or attrs.get("trajectories") != n or not isinstance(stored_header, dict) \
                 or not same_run(stored_header, header):
             return None
-        return {"name": final.name, "first_trajectory": start, "trajectories": n, "status": "complete",
-                "checksum": attrs["checksum"], "checksums": attrs.get("checksums", {}), "bytes": folder_bytes(final),
-                "array_bytes": {name: array_files(final / name)[1] for name in attrs.get("checksums", {})}}
+        entry = {"name": final.name, "first_trajectory": start, "trajectories": n, "status": "complete",
+                 "checksum": attrs["checksum"], "checksums": attrs.get("checksums", {}), "bytes": folder_bytes(final),
+                 "array_bytes": {name: array_files(final / name)[1] for name in attrs.get("checksums", {})}}
+        if UNIT_CHECKSUMS in attrs:  # shards written before read-time digests lack them
+            entry.update({UNIT_ROWS: attrs.get(UNIT_ROWS), UNIT_CHECKSUMS: attrs[UNIT_CHECKSUMS]})
+        return entry
 
     def shard_header(self, path: Path) -> dict | None:
         try:
@@ -98,7 +101,8 @@ class ZarrFormat(ShardFormat):
         return da.from_zarr(array, chunks=array.chunks)
 
     def read_units(self, manifest, entry: dict) -> list[slice]:
-        return list(row_slices(entry["trajectories"], read_rows(manifest)))
+        # the units whose digests were recorded (the same as read_rows, unless that rule changed since)
+        return list(row_slices(entry["trajectories"], entry.get(UNIT_ROWS) or read_rows(manifest)))
 
     def array_problems(self, path: Path, name: str, array, entry: dict) -> list[str]:
         """Every chunk (or shard) file present (all are written, even all-zero ones) and the
@@ -221,10 +225,13 @@ class ZarrShardWriter(ShardWriter):
             self._flush(name, whole_files_only=False)
         self.check_all_written()
         expected = self.stop - self.start
-        stored = {name: array_checksum(self.group[name])[0] for name in sorted(self.group.array_keys())}
+        rows = read_rows(self.store.header)
+        stored, per_unit = stored_checksums(self.group, sorted(self.group.array_keys()),
+                                            list(row_slices(expected, rows)))
         sums = self.hasher.checksums() if self.hashed == expected else stored
         check_before_publish(self.partial, stored, sums, expected_checksums)
         self.group.attrs.update({"checksum": combined_checksum(sums), "checksums": sums, "trajectories": expected,
+                                 UNIT_ROWS: rows, UNIT_CHECKSUMS: per_unit,
                                  "store_header": run_header(self.store.header)})
         zarr.consolidate_metadata(str(self.partial))
         # The rename is the commit point: a shard under its final name is complete, whatever
