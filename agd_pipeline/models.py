@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,9 +422,10 @@ def load_component(cls, name: str, subfolder: str, dtype: torch.dtype, hub: dict
     inside; a layer fewer: it would load the model truncated, with a log line at most)."""
     pickles = os.environ.get(PICKLE_ENV, "").strip() == "1"
     where = f"base model {name!r}: {subfolder}"
+    misfit = f"{where}/config.json does not fit its weights: {{}}; the config was edited or belongs to other weights"
     try:
-        net = cls.from_pretrained(name, subfolder=subfolder, dtype=dtype, use_safetensors=None if pickles else True,
-                                  **hub)
+        net, info = cls.from_pretrained(name, subfolder=subfolder, dtype=dtype, output_loading_info=True,
+                                        use_safetensors=None if pickles else True, **hub)
     except (OSError, ValueError) as err:
         local = Path(name) / subfolder
         found = sorted(p.name for p in local.glob("*.bin")) if local.is_dir() else []
@@ -431,20 +433,24 @@ def load_component(cls, name: str, subfolder: str, dtype: torch.dtype, hub: dict
             raise ModelError(f"{where}/ has no safetensors weights, only pickle files ({', '.join(found[:2])}), which "
                              f"can run code when loaded; convert them to safetensors, or set {PICKLE_ENV}=1 to load "
                              "them with torch's weights-only loader") from None
-        problem = _weights_misfit(cls, Path(name) / subfolder, hub.get("variant"))
-        raise ModelError(f"{where}/config.json does not fit its weights: {problem}; the config was edited or "
-                         "belongs to other weights" if problem else
+        problem = _weights_misfit(cls, local, hub.get("variant"))
+        raise ModelError(misfit.format(problem) if problem else
                          f"base model {name!r}: cannot load its {subfolder}: {_first_line(err)}") from None
-    except (NotImplementedError, RuntimeError):
+    except (NotImplementedError, RuntimeError):  # diffusers fails deep inside on tensors the weights lack
         problem = _weights_misfit(cls, Path(name) / subfolder, hub.get("variant"))
         if problem is None:
             raise  # not a misfit (out of memory, or a bug): keep it as it is
-        raise ModelError(f"{where}/config.json does not fit its weights: {problem}; the config was edited or "
-                         "belongs to other weights") from None
-    problem = _weights_misfit(cls, Path(name) / subfolder, hub.get("variant"))
-    if problem:
-        raise ModelError(f"{where}/config.json does not fit its weights: {problem}; the config was edited or "
-                         "belongs to other weights")
+        raise ModelError(misfit.format(problem)) from None
+    # what diffusers itself matched, after its own conversions of older checkpoints' key names
+    ignored = [re.compile(p) for p in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected = sorted(k for k in info.get("unexpected_keys", []) if not any(p.search(k) for p in ignored))
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        raise ModelError(misfit.format(f"the weights lack {len(missing)} tensors the config asks for (e.g. "
+                                       f"{missing[0]})"))
+    if unexpected:
+        raise ModelError(misfit.format(f"the config has no place for {len(unexpected)} tensors of the weights (e.g. "
+                                       f"{unexpected[0]})"))
     return net
 
 
@@ -454,9 +460,8 @@ def _first_line(err: BaseException) -> str:
 
 def _weights_misfit(cls, folder: Path, variant: str | None) -> str | None:
     """What the safetensors weights in a local ``folder`` and the model its config.json describes
-    disagree on (tensor names), or None (they agree, or there is nothing local to compare)."""
-    import re
-
+    disagree on (tensor names), or None (they agree, or there is nothing local to compare). Used to
+    explain a load that failed: a successful one is judged by diffusers' own loading info."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
 
