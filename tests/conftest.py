@@ -80,6 +80,22 @@ def generate_store(base_dir: Path, out_dir: Path, **overrides):
     return config, summary
 
 
+def write_untrained_adapters(base_dir: Path, folder: Path, num_steps: int) -> Path:
+    """An adapter folder as stages.train writes it, from untrained adapters on the tiny class DiT
+    (commands that only read adapters need no training)."""
+    from agd_pipeline.adapters import AdaptedModel, AdapterConfig, save_adapters
+    from agd_pipeline.models import load_base_model
+
+    base = load_base_model(str(base_dir), with_vae=False)
+    config = AdapterConfig(width=8, embed_dim=16, num_classes=base.num_classes,
+                           condition_on=["guidance", "timestep", "class"])
+    model = AdaptedModel(base, config)
+    save_adapters(model, folder, extra={"training": {}, "sampler": {"num_steps": num_steps},
+                                        "guidance": {"min": 1.0, "max": 6.0}, "negative_prompt": ""})
+    model.remove()
+    return folder
+
+
 def read_all_shards(root: Path) -> dict[str, dict[str, np.ndarray]]:
     """{shard name: {array name: numpy array}} for every shard listed in the manifest."""
     from agd_pipeline.store import TrajectoryStore

@@ -19,9 +19,10 @@ import stages.generate
 import stages.inspect
 import stages.sample
 import stages.train
-from agd_pipeline.adapters import ADAPTER_CONFIG, AdaptedModel, AdapterConfig, save_adapters
+from agd_pipeline.adapters import ADAPTER_CONFIG
 from agd_pipeline.cli import stage_main
 from agd_pipeline.config import BaseStageConfig
+from conftest import write_untrained_adapters
 
 MAIN = {"base": stages.base.main, "generate": stages.generate.main, "train": stages.train.main,
         "evaluate": stages.evaluate.main, "sample": stages.sample.main, "inspect": stages.inspect.main,
@@ -157,17 +158,7 @@ def paths(tmp_path, monkeypatch, request):
 @pytest.fixture(scope="session")
 def fresh_adapters(tiny_base_dir, tmp_path_factory) -> Path:
     """An adapter folder as stages.train writes it, from untrained adapters (no training needed)."""
-    from agd_pipeline.models import load_base_model
-
-    base = load_base_model(str(tiny_base_dir), with_vae=False)
-    config = AdapterConfig(width=8, embed_dim=16, num_classes=base.num_classes,
-                           condition_on=["guidance", "timestep", "class"])
-    folder = tmp_path_factory.mktemp("fresh_adapters") / "adapters"
-    model = AdaptedModel(base, config)
-    save_adapters(model, folder, extra={"training": {}, "sampler": {"num_steps": 4},
-                                        "guidance": {"min": 1.0, "max": 6.0}, "negative_prompt": ""})
-    model.remove()
-    return folder
+    return write_untrained_adapters(tiny_base_dir, tmp_path_factory.mktemp("fresh_adapters") / "adapters", 4)
 
 
 def call(main, argv) -> int:

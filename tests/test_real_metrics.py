@@ -320,18 +320,9 @@ def test_per_image_clip_scores_average_to_clip_score(clip_folder, clip_images):
 @pytest.fixture(scope="module")
 def untrained_adapters(tiny_base_dir, tmp_path_factory):
     """Adapters for the tiny class DiT as stages.train writes them (untrained: evaluate needs no more)."""
-    from agd_pipeline.adapters import AdaptedModel, AdapterConfig, save_adapters
-    from agd_pipeline.models import load_base_model
+    from conftest import write_untrained_adapters
 
-    base = load_base_model(str(tiny_base_dir), with_vae=False)
-    config = AdapterConfig(width=8, embed_dim=16, num_classes=base.num_classes,
-                           condition_on=["guidance", "timestep", "class"])
-    folder = tmp_path_factory.mktemp("real_adapters") / "adapters"
-    model = AdaptedModel(base, config)
-    save_adapters(model, folder, extra={"training": {}, "sampler": {"num_steps": 3},
-                                        "guidance": {"min": 1.0, "max": 6.0}, "negative_prompt": ""})
-    model.remove()
-    return folder
+    return write_untrained_adapters(tiny_base_dir, tmp_path_factory.mktemp("real_adapters") / "adapters", 3)
 
 
 @pytest.mark.parametrize("reference", ["folder", "statistics"])
