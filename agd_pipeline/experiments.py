@@ -50,6 +50,9 @@ class Column:
     key: str  # a key of summary.json
     header: str
     spec: str = ".3f"
+    # the summary key of the 95 % bound the target is judged on (``..._high``: an upper bound,
+    # ``..._low``: a lower one), printed after the point; optional in a results.csv written before
+    bound: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,11 +139,15 @@ _SIZE_COLUMNS = (
     Column("adapter_share", "share of base", ".3f"),
     Column("adapter_parameters", "adapter parameters", ",d"),
     Column("gap_closed", "gap closed"),
-    Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG)"),
-    Column("max_accuracy_drop_points", "max acc drop (points)", ".1f"),
+    Column("max_fidelity_ratio", "FID(AGD,CFG) / FID(unguided,CFG) (95 % bound)", bound="max_fidelity_ratio_high"),
+    Column("max_accuracy_drop_points", "max acc drop, points (95 % bound)", ".1f", bound="max_accuracy_drop_points_high"),
     Column("mean_fid_agd", "FID AGD", ".2f"),
     Column("speed_ratio_agd_over_cfg", "AGD / CFG images/s", ".2f"),
 )
+# the class experiment's, re-run with the guidance recovered in its summary
+_SIZE_COLUMNS_RECOVERED = (*_SIZE_COLUMNS[:5],
+                           Column("guidance_recovered", "guidance recovered (95 % bound)", bound="guidance_recovered_low"),
+                           *_SIZE_COLUMNS[5:])
 
 # what the SD3 experiments' tables show after their first column (distance to CFG, accuracy, FID)
 _TEXT_QUALITY_COLUMNS = (
@@ -258,8 +265,16 @@ EXPERIMENTS = {
                     {**_SIZE, "train.adapter": "offset", "train.embed_dim": 16}),
             Variant("cross-attention-w8", "cross-attention w8 e16",
                     {**_SIZE, "train.adapter": "cross_attention", "train.width": 8, "train.embed_dim": 16}),
+            # the two placements at 2 % that one seed cannot separate, each with two more training seeds
+            *(Variant(f"{name}-seed{seed}", f"{label}, train.seed {seed}",
+                      {**_SIZE, "train.width": 8, "train.embed_dim": 16, "train.placement": placement,
+                       "train.seed": seed}, f"{name}, seeds 0-2")
+              for name, label, placement in (("bottleneck-w8", "bottleneck, width 8, embed 16", "attention+output"),
+                                             ("block-output-w8", "bottleneck w8 e16, whole blocks + output",
+                                              "block+output"))
+              for seed in (1, 2)),
         ),
-        columns=_SIZE_COLUMNS,
+        columns=_SIZE_COLUMNS_RECOVERED,
         plot=("gap_closed", "max_fidelity_ratio"),
         row_header="adapters",
         x="adapter_share",
@@ -790,20 +805,32 @@ def collect(experiment: Experiment, shown) -> list[dict]:
 
 
 def _keys(experiment: Experiment) -> list[str]:
-    """The summary keys an experiment's table and plot need, in table order."""
+    """The summary keys an experiment's table and plot need, in table order (each column's bound
+    after the columns)."""
     keys = [c.key for c in experiment.columns]
-    return keys + [key for key in (experiment.x, *experiment.plot) if key and key not in keys]
+    keys += [key for key in (experiment.x, *experiment.plot) if key and key not in keys]
+    return keys + [c.bound for c in experiment.columns if c.bound and c.bound not in keys]
 
 
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _cell(row: dict, column: Column) -> str:
+    """A table cell: the value, and after it the 95 % bound where the column has one and the run
+    recorded it ("1.0 (<= 1.5)")."""
+    text = _fmt(row[column.key], column.spec)
+    bound = row.get(column.bound) if column.bound else None
+    if bound is not None and row[column.key] is not None:
+        text += f" ({'≤' if column.bound.endswith('_high') else '≥'} {_fmt(bound, column.spec)})"
+    return text
+
+
 def markdown_table(experiment: Experiment, rows: list[dict]) -> str:
     header = f"| {experiment.row_header} | " + " | ".join(c.header for c in experiment.columns) + " |"
     lines = [header, "|" + "---|" * (len(experiment.columns) + 1)]
     for row in rows:
-        lines.append(f"| {row['label']} | " + " | ".join(_fmt(row[c.key], c.spec) for c in experiment.columns) + " |")
+        lines.append(f"| {row['label']} | " + " | ".join(_cell(row, c) for c in experiment.columns) + " |")
     return "\n".join(lines)
 
 
@@ -847,12 +874,13 @@ def read_results(experiment: Experiment, root: Path = EXPERIMENTS_DIR) -> list[d
     if [row.get("variant") for row in stored] != names:
         raise AgdError(f"{path} holds the variants {[row.get('variant') for row in stored]}, not the "
                        f"experiment's {names}; run the experiment again")
-    missing = [key for key in _keys(experiment) if key not in stored[0]]
+    bounds = {c.bound for c in experiment.columns if c.bound}  # absent from a table written before them
+    missing = [key for key in _keys(experiment) if key not in stored[0] and key not in bounds]
     if missing:
         raise AgdError(f"{path} has no column {', '.join(missing)}; run the experiment again")
     labels = {v.name: v.label for v in experiment.variants}
     return [{"variant": row["variant"], "label": labels[row["variant"]], "run": row["run"],
-             **{key: _number(row[key], path, key, line) for key in _keys(experiment)}}
+             **{key: _number(row.get(key, ""), path, key, line) for key in _keys(experiment)}}
             for line, row in enumerate(stored, start=2)]
 
 

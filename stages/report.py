@@ -285,35 +285,53 @@ def model_card(folder: str, metrics: dict, metrics_path: Path) -> int:
     return 0
 
 
-VARIANTS = ("<!-- variants:start -->", "<!-- variants:end -->")
-# the class default's reported variants (pipelines/variants/dvc.yaml): {label: metrics.json}; the
-# seed runs are those whose label starts with "seed"
-VARIANT_RUNS = {"seed 0 (the default)": "data/eval/metrics.json",
-                "seed 1": "data/variants/seed-1/eval/metrics.json",
-                "seed 2": "data/variants/seed-2/eval/metrics.json",
-                "paper share (width 8, embed 16), seed 0": "data/variants/share-2pct/eval/metrics.json"}
+# each default's reported variants: {name: (README markers, {label: metrics.json})}; the seed runs are
+# those whose label starts with "seed"
+VARIANT_SETS = {
+    "class": (("<!-- variants:start -->", "<!-- variants:end -->"),  # pipelines/variants/dvc.yaml
+              {"seed 0 (the default)": "data/eval/metrics.json",
+               "seed 1": "data/variants/seed-1/eval/metrics.json",
+               "seed 2": "data/variants/seed-2/eval/metrics.json",
+               "paper share (width 8, embed 16), seed 0": "data/variants/share-2pct/eval/metrics.json"}),
+    "sd3": (("<!-- variants:sd3:start -->", "<!-- variants:sd3:end -->"),  # pipelines/variants-sd3/dvc.yaml
+            {"seed 0 (the default)": "data/text/sd3/eval/metrics.json",
+             "seed 1": "data/variants-sd3/seed-1/eval/metrics.json",
+             "seed 2": "data/variants-sd3/seed-2/eval/metrics.json",
+             "paper share (width 8, embed 16), seed 0": "data/variants-sd3/share-2pct/eval/metrics.json"}),
+}
 
 
-def render_variants(runs: dict[str, Path]) -> str:
+def render_variants(runs: dict[str, Path], markers: tuple[str, str]) -> str:
     """The variants block: each run's adapter share and in-range claims with their intervals and
-    targets, then the mean and standard deviation of the seed runs' point estimates."""
+    targets (text runs: the negative-prompt check too), then the mean and standard deviation of the
+    seed runs' point estimates. A speed above the NFE ceiling is marked as not trusted."""
     import statistics
 
-    lines = [VARIANTS[0], NOTICE.format(metrics=", ".join(f"`{p.as_posix()}`" for p in runs.values())), "",
-             "| adapters | share of base | worst acc drop (points) | guidance recovered | FID AGD / CFG (range "
-             "over w) | FID(AGD,CFG) / FID(unguided,CFG) | speed AGD / CFG | targets met |",
-             "|---|---|---|---|---|---|---|---|"]
-    seeds = {"drop": [], "recovered": [], "fidelity": []}
+    loaded = {}
     for label, path in runs.items():
         try:
             metrics = json.loads(path.read_text())
-            summary = metrics["evidence"]["summary"]
-            share = metrics["adapters"]["share"]
+            loaded[label] = (metrics, metrics["evidence"]["summary"], metrics["adapters"]["share"])
         except (OSError, json.JSONDecodeError, KeyError) as err:
             raise ReportError(f"{path}: not an evaluate run with intervals ({err})") from None
+    negative = all("negative" in metrics["evidence"] for metrics, _, _ in loaded.values())
+    lines = [markers[0], NOTICE.format(metrics=", ".join(f"`{p.as_posix()}`" for p in runs.values())), "",
+             "| adapters | share of base | worst acc drop (points) | guidance recovered | FID AGD / CFG (range "
+             "over w) | FID(AGD,CFG) / FID(unguided,CFG) | " + ("negative avoidance AGD / CFG | " if negative else "")
+             + "speed AGD / CFG | targets met |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if negative else "")]
+    seeds = {"drop": [], "recovered": [], "fidelity": []}
+    for label, (metrics, summary, share) in loaded.items():
         drop, recovered = summary["max_accuracy_drop_points"], summary["guidance_recovered"]
         ratio, fidelity = summary["fid_ratio_agd_over_cfg"], summary["max_fidelity_ratio"]
-        speed = metrics["speed"]["per_batch"][metrics["speed"]["evaluation_batch"]]["speed_ratio_agd_over_cfg"]
+        timed = metrics["speed"]["per_batch"][metrics["speed"]["evaluation_batch"]]
+        speed = timed["speed_ratio_agd_over_cfg"]
+        speed_text = f"{speed['median']:.2f}x (min {speed['min']:.2f}x)"
+        if timed.get("above_ceiling"):
+            speed_text += f", above the {metrics['speed']['ceiling_agd_over_cfg']:.2f}x ceiling: not trusted"
+        avoidance = ""
+        if negative:
+            avoidance = _ci_text(metrics["evidence"]["negative"]["avoidance_ratio_agd_over_cfg"], ".2f") + " | "
         if label.startswith("seed"):
             seeds["drop"].append(drop["point"])
             seeds["recovered"].append(recovered["point"])
@@ -321,7 +339,7 @@ def render_variants(runs: dict[str, Path]) -> str:
         lines.append(f"| {label} | {100 * share:.1f} % | {drop['point']:.2f} [{drop['low']:.2f}, {drop['high']:.4g}] | "
                      f"{_ci_text(recovered, '.3f')} | {ratio['min_point']:.2f}–{ratio['max_point']:.2f} "
                      f"[{ratio['low']:.2f}, {ratio['high']:.2f}] | {fidelity['point']:.3f} [{fidelity['low']:.3f}, "
-                     f"{fidelity['high']:.3f}] | {speed['median']:.2f}x (min {speed['min']:.2f}x) | "
+                     f"{fidelity['high']:.3f}] | {avoidance}{speed_text} | "
                      f"{'yes' if metrics['summary_in_training_range']['targets_met'] else 'no'} |")
     if len(seeds["drop"]) > 1:
         def spread(values, spec):
@@ -330,7 +348,7 @@ def render_variants(runs: dict[str, Path]) -> str:
                   f"estimates): worst accuracy drop {spread(seeds['drop'], '.2f')} points, guidance recovered "
                   f"{spread(seeds['recovered'], '.3f')}, FID(AGD,CFG) / FID(unguided,CFG) "
                   f"{spread(seeds['fidelity'], '.3f')}."]
-    lines.append(VARIANTS[1])
+    lines.append(markers[1])
     return "\n".join(lines)
 
 
@@ -349,14 +367,16 @@ def recomputed_differences(metrics: dict, metrics_path: Path) -> list[str]:
             + differences(metrics["speed"], again["speed"], "speed"))
 
 
-def variants_main(runs: dict[str, Path], readme: Path, check: bool) -> int:
+def variants_main(name: str, readme: Path, check: bool) -> int:
+    markers, labelled = VARIANT_SETS[name]
+    runs = {label: Path(p) for label, p in labelled.items()}
     paths = list(runs.values())
     try:
         text = readme.read_text()
-        start, end = VARIANTS
+        start, end = markers
         if text.count(start) != 1 or text.count(end) != 1:
             raise ReportError(f"{readme} needs exactly one {start} followed by one {end}")
-        updated = text[:text.index(start)] + render_variants(runs) + text[text.index(end) + len(end):]
+        updated = text[:text.index(start)] + render_variants(runs, markers) + text[text.index(end) + len(end):]
     except (ReportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -368,13 +388,13 @@ def variants_main(runs: dict[str, Path], readme: Path, check: bool) -> int:
                       + "\n  ".join(stale[:10]), file=sys.stderr)
                 return 1
         if updated != text:
-            print(f"{readme}: the variants block is out of date: run `python -m stages.report --variants`",
-                  file=sys.stderr)
+            print(f"{readme}: the {name} variants block is out of date: run `python -m stages.report "
+                  f"--variants {name}`", file=sys.stderr)
             return 1
-        print(f"{readme}: the variants block matches {len(paths)} runs")
+        print(f"{readme}: the {name} variants block matches {len(paths)} runs")
         return 0
     readme.write_text(updated)
-    print(f"{readme}: variants block rewritten from {len(paths)} runs")
+    print(f"{readme}: {name} variants block rewritten from {len(paths)} runs")
     return 0
 
 
@@ -396,9 +416,10 @@ def _main(argv=None) -> int:
                         "<!-- results:text-sd:start --> (default: the class default's block)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when the block differs from the render of the metrics")
-    parser.add_argument("--variants", action="store_true",
-                        help="instead, rewrite README's block of the class default's reported variants (training "
-                        f"seeds, paper share) from {', '.join(VARIANT_RUNS.values())}")
+    parser.add_argument("--variants", nargs="?", const="class", choices=sorted(VARIANT_SETS), default=None,
+                        help="instead, rewrite README's block of a default's reported variants (training seeds, "
+                        "paper share): class (the default when given alone; pipelines/variants/dvc.yaml) or sd3 "
+                        "(pipelines/variants-sd3/dvc.yaml)")
     parser.add_argument("--model-card", metavar="ADAPTERS", default=None,
                         help="instead, rewrite the README.md model card of this adapter folder with the "
                         "evaluation numbers (for publishing; under DVC, `dvc commit train` afterwards)")
@@ -406,7 +427,7 @@ def _main(argv=None) -> int:
     metrics_path = Path(args.metrics) if args.metrics else default_metrics()
     readme = Path(args.readme)
     if args.variants:
-        return variants_main({label: Path(p) for label, p in VARIANT_RUNS.items()}, readme, args.check)
+        return variants_main(args.variants, readme, args.check)
     try:
         try:
             metrics = json.loads(metrics_path.read_text())

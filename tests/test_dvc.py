@@ -120,9 +120,10 @@ def test_readme_results_block_is_the_render_of_the_committed_metrics(block):
     assert result.returncode == 0, result.stderr
 
 
-def test_readme_variants_block_is_the_render_of_the_committed_runs():
-    """The seeds and paper-share table, and each of its runs' intervals, follow from the tracked files."""
-    result = subprocess.run([sys.executable, "-m", "stages.report", "--variants", "--check"], cwd=REPO,
+@pytest.mark.parametrize("default", ["class", "sd3"])
+def test_readme_variants_block_is_the_render_of_the_committed_runs(default):
+    """The seeds and paper-share tables, and each of their runs' intervals, follow from the tracked files."""
+    result = subprocess.run([sys.executable, "-m", "stages.report", "--variants", default, "--check"], cwd=REPO,
                             capture_output=True, text=True, timeout=600)  # four runs' intervals: about 50 s quiet
     assert result.returncode == 0, result.stderr
 

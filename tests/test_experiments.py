@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from agd_pipeline.errors import AgdError, ConfigError
-from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, prepare_command, read_results,
-                                      readme_block, run, run_commands, write_results)
+from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, markdown_table, prepare_command,
+                                      read_results, readme_block, run, run_commands, write_results)
 
 from conftest import REPO, run_cli
 
@@ -525,6 +525,31 @@ def test_report_from_results_renders_again_from_the_tracked_table(tmp_path):
         read_results(experiment, tmp_path)
     with pytest.raises(AgdError, match="does not exist"):
         read_results(get_experiment("unseen-w"), tmp_path)
+
+
+def test_columns_with_a_bound_print_it_and_a_table_written_before_bounds_still_renders(tmp_path):
+    """A column judged on a 95 % bound prints it after the point (upper for ..._high, lower for
+    ..._low); a results.csv written before the bounds were recorded renders its points alone."""
+    experiment = get_experiment("size-and-placement")
+    summaries = {experiment.run_name(v): {"adapter_share": 0.02, "adapter_parameters": 7676, "gap_closed": 0.49,
+                                          "max_fidelity_ratio": 0.098, "max_fidelity_ratio_high": 0.12,
+                                          "max_accuracy_drop_points": 1.6, "max_accuracy_drop_points_high": 2.25,
+                                          "guidance_recovered": 0.9, "guidance_recovered_low": 0.84,
+                                          "mean_fid_agd": 50.9, "speed_ratio_agd_over_cfg": 2.5}
+                 for v in experiment.variants}
+    folder = write_results(experiment, collect(experiment, fake_show(summaries)), tmp_path)
+    table = (folder / "results.md").read_text()
+    assert "| 0.098 (≤ 0.120) | 1.6 (≤ 2.2) | 0.900 (≥ 0.840) |" in table
+    with open(folder / "results.csv", newline="") as f:
+        stored = list(csv.DictReader(f))
+    bounds = ["max_fidelity_ratio_high", "max_accuracy_drop_points_high", "guidance_recovered_low"]
+    with open(folder / "results.csv", "w", newline="") as f:  # as an older run wrote it
+        writer = csv.DictWriter(f, [k for k in stored[0] if k not in bounds])
+        writer.writeheader()
+        writer.writerows({k: v for k, v in row.items() if k not in bounds} for row in stored)
+    rows = read_results(experiment, tmp_path)
+    assert all(rows[0][key] is None for key in bounds)
+    assert "| 0.098 | 1.6 | 0.900 |" in markdown_table(experiment, rows)
 
 
 @pytest.mark.parametrize("cell", ["nan", "inf", "-inf", "NaN", "1_0", " 1", "1e999", "0x10", "1,5"])
