@@ -118,6 +118,14 @@ TARGET_NAMES = {"accuracy_drop": "accuracy drop of AGD below CFG, worst in-range
                 "negative": "negative-prompt avoidance, AGD / CFG"}
 
 
+def _share(metrics: dict) -> str:
+    """What the adapters cost: their parameters and their share of the base's."""
+    adapters = metrics.get("adapters") or {}
+    if "adapter" not in adapters or "share" not in adapters:
+        return "unrecorded size"
+    return f"{adapters['adapter']:,} parameters, {100 * adapters['share']:.1f} % of the base's"
+
+
 def _bound(value) -> str:
     if value is None:
         return "undefined"
@@ -138,7 +146,8 @@ def render_evidence(metrics: dict, metrics_path: str, link_root: Path, block: st
     drawn = "prompts" if boot["clusters"] == "prompt" else "samples"
     lines = [start, NOTICE.format(metrics=f"`{Path(metrics_path).as_posix()}`"), "",
              f"From `{Path(metrics_path).as_posix()}`: the **{metrics.get('split', 'validation')} split**, "
-             f"{metrics['samples_per_w']:,} samples per w, {metrics['num_steps']} sampling steps; `*` marks a w "
+             f"{metrics['samples_per_w']:,} samples per w, {metrics['num_steps']} sampling steps; adapters of "
+             f"{_share(metrics)}; `*` marks a w "
              f"outside the training range U[{_w(low)}, {_w(high)}]. Brackets hold 95 % intervals: a paired bootstrap "
              f"over {drawn} ({boot['replicates']:,} replicates; the same draw for every method and w, the real "
              "reference set drawn on its own; FID intervals bias-corrected). McNemar p: exact test of CFG against AGD "
