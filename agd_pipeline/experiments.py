@@ -545,6 +545,7 @@ def prepare_command(experiment: Experiment) -> list[str]:
 
 
 POLL_SECONDS = 15
+POLL_COST_FACTOR = 9  # the wait between polls is at least this many times the last poll's time
 
 
 # Inside: SIGTERM and SIGHUP raise agd_pipeline.cli.Interrupted (a KeyboardInterrupt), so the same clean-up
@@ -659,6 +660,7 @@ def _wait_for_queue(names: list[str], runner, log, sleep, restart=None, jobs: in
     repository did not reproduce it."""
     waiting, failures, short = None, 0, 0
     while True:
+        asked = time.monotonic()
         try:
             shown = show_json(runner, names)
         except AgdError as err:
@@ -688,7 +690,9 @@ def _wait_for_queue(names: list[str], runner, log, sleep, restart=None, jobs: in
             log(f"waiting for {len(left)} of {len(names)} runs: {', '.join(left)} (dvc queue status; "
                 "dvc queue logs NAME)")
             waiting = left
-        sleep(POLL_SECONDS)
+        # `dvc exp show` of a busy queue takes tens of seconds of a core the runs need: poll at most
+        # about a tenth of the time (measured here: 20 s a call with two runs on 2 cores)
+        sleep(max(POLL_SECONDS, POLL_COST_FACTOR * (time.monotonic() - asked)))
 
 
 def _run_states(shown, names: list[str]) -> dict[str, dict]:

@@ -192,6 +192,22 @@ def test_queued_runs_run_jobs_at_a_time_and_are_waited_for():
     assert len(slept) == 2  # polled until both had finished
 
 
+def test_a_slow_exp_show_is_polled_less_often(monkeypatch):
+    """`dvc exp show` of a busy queue costs tens of seconds of a core the runs need: the wait between
+    polls grows with the last poll's time (a fast poll keeps POLL_SECONDS)."""
+    from agd_pipeline import experiments as module
+
+    experiment = get_experiment("trajectories-vs-forward-noised-sd3")
+    names = [experiment.run_name(v) for v in experiment.variants]
+    states = [{names[0]: "running", names[1]: "running"}, {names[0]: "success", names[1]: "running"},
+              {names[0]: "success", names[1]: "success"}]
+    clock = iter([0.0, 20.0, 100.0, 100.5, 200.0, 200.5])  # two 20 s polls... then a 0.5 s one
+    monkeypatch.setattr(module.time, "monotonic", lambda: next(clock))
+    slept = []
+    run(experiment, log=lambda *a: None, runner=_queue_runner(experiment, states, []), jobs=2, sleep=slept.append)
+    assert slept == [module.POLL_COST_FACTOR * 20.0, module.POLL_SECONDS]
+
+
 def test_queued_runs_left_without_workers_get_them_started_again():
     """DVC's workers left after one task each once (a shutdown from the broker, cause not found): when
     runs stay queued with fewer running than --jobs for two polls, the wait starts the workers again."""
