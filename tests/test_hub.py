@@ -326,3 +326,40 @@ def test_a_recorded_base_is_a_hub_id_only_when_it_cannot_be_a_local_folder(tmp_p
     assert is_hub_id("facebook/DiT-XL-2-256") and is_hub_id("stabilityai/stable-diffusion-2-1")
     for local in ("/tmp/base", "./base", "~/base", "data/base/transformer", "C:\\models\\base", ""):
         assert not is_hub_id(local), local
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_text_models_card_snippet_runs(family, text_pipeline_dirs, tmp_path, monkeypatch):
+    """The text families' snippet (prompt, the recorded negative prompt, the recorded scheduler) on a tiny
+    pipeline, with the adapters named by their local folder."""
+    import functools
+
+    from agd_pipeline.models import encode_prompts
+    from test_pipelines import adapter_config
+
+    folder = text_pipeline_dirs[family]
+    base = load_base_model(str(folder))
+    config = adapter_config(base, {family: encode_prompts(base, ["a cat"], "")}, "cross_attention")
+    model = AdaptedModel(base, config)
+    recorded = {"scheduler": type(base.scheduler).__name__, "num_steps": STEPS}
+    save_adapters(model, tmp_path / "adapters", extra={"sampler": recorded, "guidance": {"min": 1.0, "max": 12.0},
+                                                       "negative_prompt": "blurry"})
+    model.remove()
+    adapters_config = AGDAdapters.from_pretrained(tmp_path / "adapters").config
+    code = card_snippet(str(render_model_card(adapters_config, repo_id=str(tmp_path / "adapters"))))
+    assert "negative_prompt=adapters.negative_prompt" in code and f"num_inference_steps={STEPS}" in code
+    code = code.replace(LOCAL_BASE_PLACEHOLDER, str(folder))
+    net_class = type(base.net)
+    forward = net_class.forward
+    evaluations = []
+
+    @functools.wraps(forward)
+    def counting(self, sample, *args, **kwargs):
+        evaluations.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(net_class, "forward", counting)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "model card snippet", "exec"), namespace)  # noqa: S102 - our own snippet
+    assert (tmp_path / "agd.png").is_file() and evaluations == [1] * STEPS
