@@ -71,7 +71,8 @@ def _download(repo_id: str, *, revision, subfolder, token, cache_dir, local_file
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    where = f"{repo_id} (revision {revision or 'main'}" + (f", subfolder {subfolder!r}" if subfolder else "") + ")"
+    where = (f"{repo_id} (no local folder of that name; hub revision {revision or 'main'}"
+             + (f", subfolder {subfolder!r}" if subfolder else "") + ")")
     try:
         return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                                  local_files_only=local_files_only,
@@ -135,11 +136,12 @@ def upload_operations(folder: str | Path, repo_id: str, path_in_repo: str | None
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (or not a file); re-run training "
                          "(`python -m stages.train`) before publishing")
     expected = (config.get(INTEGRITY) or {}).get("files", {}).get(ADAPTER_WEIGHTS)
-    if expected is not None and hashlib.sha256(weights.read_bytes()).hexdigest() != expected:
+    data = weights.read_bytes()  # the bytes checked are the bytes published
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise ModelError(f"{weights}: its bytes differ from the sha256 recorded in {ADAPTER_CONFIG}; nothing was "
                          "published: re-run training to write the adapters again")
     card = published_card(folder, config, repo_id, path_in_repo)
-    files: list[tuple[str, Path | bytes]] = [(ADAPTER_WEIGHTS, weights), (ADAPTER_CONFIG, folder / ADAPTER_CONFIG),
+    files: list[tuple[str, Path | bytes]] = [(ADAPTER_WEIGHTS, data), (ADAPTER_CONFIG, folder / ADAPTER_CONFIG),
                                              (MODEL_CARD, card.encode("utf-8"))]
     grid = newest_validation_grid(folder) if include_validation else None
     if grid is not None:

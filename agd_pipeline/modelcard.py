@@ -25,6 +25,7 @@ LIBRARY_NAME = "agd-pipeline"
 MODEL_CARD = "README.md"
 # the adapters' name in the snippet until push_adapters writes the repository id there
 REPO_PLACEHOLDER = "your-name/agd-adapters"
+PLACEHOLDER_COMMENT = "  # the repository id once pushed (push_to_hub), or this adapter folder's path"
 # the base's name in the snippet when stage one recorded a local folder (never published)
 LOCAL_BASE_PLACEHOLDER = "path/to/the/local/base"
 DEFAULT_LICENSE = "other"  # the adapters derive from the base: its license terms apply
@@ -102,7 +103,8 @@ def usage_snippet(config: dict, repo_id: str = REPO_PLACEHOLDER, subfolder: str 
     if scheduler:
         lines.append(f"pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config)  # the distilled sampler")
     lines.append(f"adapters = AGDAdapters.from_pretrained({repo_id!r}"
-                 + (f", subfolder={subfolder!r}" if subfolder else "") + ")")
+                 + (f", subfolder={subfolder!r}" if subfolder else "") + ")"
+                 + (PLACEHOLDER_COMMENT if repo_id == REPO_PLACEHOLDER else ""))
     generator = "generator=torch.Generator().manual_seed(0)"
     lines.append("with adapters.applied(pipe):  # one denoiser evaluation per step instead of CFG's two")
     if base.get("conditioning") == "text":
@@ -243,5 +245,5 @@ def card_for_repository(text: str, repo_id: str, subfolder: str | None = None) -
     """A card of :func:`render_model_card` with the snippet naming ``repo_id`` (and ``subfolder``)
     instead of :data:`REPO_PLACEHOLDER`."""
     call = f"AGDAdapters.from_pretrained({repo_id!r}" + (f", subfolder={subfolder!r}" if subfolder else "") + ")"
-    return re.sub(r"AGDAdapters\.from_pretrained\(" + re.escape(repr(REPO_PLACEHOLDER)) + r"\)",
-                  lambda _: call, text)
+    return re.sub(r"AGDAdapters\.from_pretrained\(" + re.escape(repr(REPO_PLACEHOLDER)) + r"\)"
+                  + f"(?:{re.escape(PLACEHOLDER_COMMENT)})?", lambda _: call, text)

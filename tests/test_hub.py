@@ -167,7 +167,8 @@ def test_push_uploads_only_the_adapter_files(adapter_folders, monkeypatch, offli
     for name in ("adapters.safetensors", "adapter_config.json", "validation/step-000002.png"):
         assert uploaded[name] == (folder / name).read_bytes(), name
     card = uploaded["README.md"].decode()
-    assert f"AGDAdapters.from_pretrained({REPO_ID!r})" in card and REPO_PLACEHOLDER not in card
+    assert f"AGDAdapters.from_pretrained({REPO_ID!r})\n" in card and REPO_PLACEHOLDER not in card
+    assert "push_to_hub" not in card_snippet(card)  # the placeholder's comment went with it
     assert str(folder) not in card and str(folder.parent) not in card
 
     operations, _ = planned_upload(folder, REPO_ID, monkeypatch, path_in_repo="dit/v1", include_validation=False)
