@@ -81,9 +81,10 @@ def _download(repo_id: str, *, revision, subfolder, token, cache_dir, local_file
         offline = "local_files_only=True" if local_files_only else (
             "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub could not be reached")
         cache = cache_dir or constants.HF_HUB_CACHE
+        command = (f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+                   + (f" --cache-dir {cache_dir}" if cache_dir else ""))
         raise ModelError(f"{where}: not in the hub cache {cache} and {offline}; download it once with network "
-                         f"(`hf download {repo_id}" + (f" --revision {revision}" if revision else "")
-                         + "`), or pass its local folder") from None
+                         f"(`{command}`), or pass its local folder") from None
     except GatedRepoError:
         raise ModelError(f"{where}: a gated repository; accept its terms on the hub and pass token= "
                          "(or `hf auth login`)") from None
