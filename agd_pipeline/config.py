@@ -488,7 +488,9 @@ class TrainConfig(StageConfig):
                                  "Either way reading runs one buffer ahead, and the batches are the same")
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
     dtype: str = option("", "dtype the frozen base runs in; empty takes the one stage one used (the "
-                        "adapters themselves train in float32)", ("", "float32", "float16", "bfloat16"))
+                        "adapters themselves train in float32). accelerate's mixed precision "
+                        "(ACCELERATE_MIXED_PRECISION) must agree: bf16 only with bfloat16, fp16 only with float16",
+                        ("", "float32", "float16", "bfloat16"))
     restart_on_mismatch: bool = option(False, "when out_dir holds a checkpoint or finished adapters of other "
                                        "settings or another store, delete them and start over; otherwise "
                                        "refuse (the same settings on the same store: nothing to do; a larger "

@@ -59,6 +59,8 @@ RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch",
 # is the one `--steps` larger continues from, never an unfinished run to resume
 FINISHED = "finished"
 STATE_TMP = "state.json.tmp"  # the finished mark is written here first, then renamed over state.json
+# accelerate's mixed precision as it resolved it -> the dtype autocast runs the frozen base in
+MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 FINAL_LOSS_STEPS = 50  # adapter_config.json's final_loss: the mean loss of the run's last this many steps
@@ -123,18 +125,70 @@ def _comparable(config: TrainConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS}
 
 
+def runtime_record(accelerator) -> dict:
+    """What changes the bits of the adapters besides train's own settings, as this process runs:
+    recorded in resolved_config.json, adapter_config.json and every checkpoint (``runtime``).
+
+    * ``mixed_precision``: accelerate's, as it resolved it (ACCELERATE_MIXED_PRECISION, or
+      ``accelerate launch``'s config): no, bf16, fp16. Autocast changes every matmul's result, so it
+      is compared like a setting: a checkpoint or finished adapters of another mixed precision are
+      refused (or replaced with train.restart_on_mismatch), never continued.
+    * ``cuda_matmul_allow_tf32``, ``cudnn_allow_tf32``, ``float32_matmul_precision``: torch's TF32
+      switches. They change float32 matmul and convolution results on GPUs with TF32 (Ampere and
+      later), not on the CPU. Recorded only, as train.device is (a run may resume on other hardware).
+    * ``num_threads``, ``num_interop_threads``: torch's thread counts. On the CPU they can change the
+      last bits (a parallel sum is split by thread; tried: a sum of 4 M float32 numbers differs
+      between 1 and 2 threads). Recorded only: a resumed run on another machine is allowed.
+    """
+    return {"mixed_precision": str(accelerator.mixed_precision),
+            "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "num_threads": torch.get_num_threads(), "num_interop_threads": torch.get_num_interop_threads()}
+
+
+def _check_mixed_precision(config: TrainConfig, manifest: Manifest, mixed_precision: str) -> None:
+    """Refuse, before any work, accelerate's mixed precision where it contradicts train.dtype: the
+    frozen base runs in train.dtype (empty: the store's recorded dtype) and the adapters in float32;
+    autocast bf16 (fp16) runs the base's matmuls in bfloat16 (float16) whatever its dtype, so it is
+    accepted only with a base in that dtype. fp8 is never accepted."""
+    if mixed_precision == "no":
+        return
+    source = "accelerate's mixed precision (ACCELERATE_MIXED_PRECISION, or `accelerate launch`'s config)"
+    autocast = MIXED_PRECISION_DTYPES.get(mixed_precision)
+    if autocast is None:
+        raise ConfigError(f"train.dtype: {source} is {mixed_precision!r}, which stages.train does not support (the "
+                          "adapters train in float32 beside a base in train.dtype); nothing was done. Use no, bf16 "
+                          "or fp16")
+    base_dtype = config.dtype or str(manifest.base_model.get("dtype") or "float32")
+    if autocast != base_dtype:
+        where = f"train.dtype {config.dtype}" if config.dtype else "the store's dtype, train.dtype being empty"
+        raise ConfigError(f"train.dtype: {source} is {mixed_precision!r}, which runs the frozen base in {autocast}, "
+                          f"but it runs in {base_dtype} ({where}); nothing was done. Set train.dtype {autocast} "
+                          "to train under it, or mixed precision no")
+
+
 def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     """Train adapters from ``config.store`` into ``config.out_dir``; resume from its checkpoint."""
     from accelerate import Accelerator
 
     device = resolve_device(config.device)
     _check_tracker(config.report_to)
-    accelerator = Accelerator(cpu=device == "cpu", **({} if config.report_to == "none" else {
-        "log_with": config.report_to, "project_dir": str(Path(config.out_dir) / "tracking")}))
+    try:
+        accelerator = Accelerator(cpu=device == "cpu", **({} if config.report_to == "none" else {
+            "log_with": config.report_to, "project_dir": str(Path(config.out_dir) / "tracking")}))
+    except ValueError as err:  # e.g. "fp16 mixed precision is not supported on 'cpu'."
+        if "precision" not in str(err):
+            raise
+        raise ConfigError(f"train.device: accelerate refuses its mixed precision (ACCELERATE_MIXED_PRECISION, or "
+                          f"`accelerate launch`'s config) on {device}: {str(err).rstrip('.')}; nothing was done. "
+                          "Use bf16 or no there") from None
     out, store_root = Path(config.out_dir), Path(config.store)
     if out.resolve() == store_root.resolve() or store_root.resolve() in out.resolve().parents:
         raise ConfigError(f"train.out_dir ({out}) must not be the store ({store_root}) or lie inside it")
     manifest = read_manifest(store_root)  # a missing or broken store is refused before anything is created
+    _check_mixed_precision(config, manifest, accelerator.mixed_precision)
+    runtime = runtime_record(accelerator)
     inputs = [store_root, config.base_model or manifest.base_model.get("id")]
     with contextlib.ExitStack() as held:
         if accelerator.is_main_process:
@@ -143,10 +197,10 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
             held.enter_context(owned_output(config, inputs, ours=_holds_training, own_name=_train_output_name,
                                             record=False))
             held.enter_context(FolderLock(store_root, "stages.train (reading the store)", shared=True, create=False))
-            finished = _finished_run(config, manifest.fingerprint(), log)
+            finished = _finished_run(config, manifest.fingerprint(), runtime, log)
             if finished is not None:
                 return finished
-            write_resolved(config, out)  # from here on the folder is recognisably this run's
+            write_resolved(config, out, runtime=runtime)  # from here on the folder is recognisably this run's
         return _train(config, accelerator, progress, log)
 
 
@@ -166,7 +220,7 @@ def _holds_training(folder: Path) -> bool:
         for name in ("state.json", *LEGACY_CHECKPOINT_FILES))
 
 
-def _finished_run(config: TrainConfig, fingerprint: str, log) -> dict | None:
+def _finished_run(config: TrainConfig, fingerprint: str, runtime: dict, log) -> dict | None:
     """For an output folder that holds finished adapters: their result when they were trained with
     these settings on this store (nothing to do); None when a larger train.steps continues them from
     the checkpoint the finished run kept (where the learning-rate schedule allows it, see
@@ -192,8 +246,12 @@ def _finished_run(config: TrainConfig, fingerprint: str, log) -> dict | None:
         # where the store and the folder lie does not matter: the store is compared by its fingerprint;
         # steps are compared below (more steps continue)
         changed = [k for k in now if k not in ("store", "out_dir", "steps") and ran.get(k, now[k]) != now[k]]
+        ran_precision = (recorded.get("runtime") or {}).get("mixed_precision", runtime["mixed_precision"])
         if changed:
             difference = "; ".join(f"{config.key(k)} {ran[k]!r} there, {now[k]!r} now" for k in changed[:3])
+        elif ran_precision != runtime["mixed_precision"]:
+            difference = (f"accelerate's mixed precision {ran_precision!r} there, {runtime['mixed_precision']!r} now "
+                          "(ACCELERATE_MIXED_PRECISION, or `accelerate launch`'s config)")
         elif recorded.get("code") != code_fingerprint():
             difference = (f"trained by other code of this tool (source digest {recorded.get('code')} there, "
                           f"{code_fingerprint()} now)")
@@ -360,7 +418,7 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
         if ema is not None:
             ema.copy_to(trained.parameters())
         _check_finite_weights(trained, config, config.steps)
-        _save_trained(trained, config, store, fingerprint, final_loss)
+        _save_trained(trained, config, store, fingerprint, final_loss, runtime_record(accelerator))
         log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
             f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
         if config.validate_every >= 0:
@@ -553,7 +611,8 @@ def _validate_now(accelerator, config: TrainConfig, store, fingerprint: str, mod
         was_training = adapted.training
         try:
             with context:
-                save_adapters(adapted.eval(), scratch, extra=_adapter_record(config, store, fingerprint, None))
+                save_adapters(adapted.eval(), scratch,
+                              extra=_adapter_record(config, store, fingerprint, None, runtime_record(accelerator)))
             _validation_grid(scratch, out, step, config.seed, store.manifest, str(accelerator.device))
         except WRITE_ERRORS as err:
             checkpoint = out / CHECKPOINT
@@ -579,14 +638,14 @@ def ema_weights(ema, model):
 
 
 def _save_trained(model: AdaptedModel, config: TrainConfig, store: TrajectoryStore, fingerprint: str,
-                  final_loss: float | None) -> None:
-    """adapters.safetensors and adapter_config.json (with the store they were trained on). The
-    checkpoint stays (the caller marks it finished once the
+                  final_loss: float | None, runtime: dict) -> None:
+    """adapters.safetensors and adapter_config.json (with the store they were trained on and the
+    runtime they were trained under). The checkpoint stays (the caller marks it finished once the
     run's last output is written); a failed write leaves no temporary behind."""
     out = Path(config.out_dir)
     checkpoint = out / CHECKPOINT
     try:
-        save_adapters(model, out, extra=_adapter_record(config, store, fingerprint, final_loss))
+        save_adapters(model, out, extra=_adapter_record(config, store, fingerprint, final_loss, runtime))
     except WRITE_ERRORS as err:
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             (out / (name + ".tmp")).unlink(missing_ok=True)
@@ -606,11 +665,14 @@ def _check_finite_weights(model, config: TrainConfig, step: int, ema=None) -> No
                    "`python -m stages.inspect --verify`")
 
 
-def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: str, final_loss: float | None) -> dict:
-    """What adapter_config.json records besides the architecture: how and from what they were trained."""
+def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: str, final_loss: float | None,
+                    runtime: dict) -> dict:
+    """What adapter_config.json records besides the architecture: how and from what they were trained
+    (``runtime``: :func:`runtime_record`, what changes bits besides the settings)."""
     manifest = store.manifest
     return {
         "training": config.to_dict(),
+        "runtime": runtime,
         "store": {"path": str(config.store), "trajectories": store.num_trajectories, "fingerprint": fingerprint,
                   "shard_checksums": [s.get("checksum") for s in store.shards]},
         "sampler": manifest.sampler,
@@ -657,6 +719,7 @@ def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, fingerprint
             tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
             save_file(tensors, tmp / "optimizer.safetensors")
             state = {"format": CHECKPOINT_FORMAT, "step": step, "config": _comparable(config),
+                     "runtime": runtime_record(accelerator),
                      "store_fingerprint": fingerprint, "store_path": str(config.store),
                      "optimizer": optimizer_meta, "lr_schedule": lr_schedule.state_dict(),
                      "recent_losses": list(losses or [])[-FINAL_LOSS_STEPS:]}
@@ -755,7 +818,7 @@ def _mark_finished(folder: Path) -> None:
 def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, log, model, optimizer,
             lr_schedule, ema=None) -> tuple[int, list[float]]:
     """The step to start from, and the losses of the last FINAL_LOSS_STEPS steps before it: a
-    checkpoint of the same settings on the same store is loaded (one of the
+    checkpoint of the same settings (and mixed precision) on the same store is loaded (one of the
     last step: training is over, its outputs are written again). Of a smaller train.steps it is
     loaded too where the learning-rate schedule over train.steps agrees with its own up to its step
     (:func:`_schedule_difference`): the run continues to the adapters of an uninterrupted run of
@@ -792,8 +855,13 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
         # steps are compared below: a larger count continues where the schedule allows it
         ran_steps = saved["config"].get("steps")
         changed = differences({**saved["config"], "steps": now["steps"]}, now)
+        # a checkpoint written before the runtime was recorded is taken as of this run's mixed precision
+        precision = (saved.get("runtime") or {}).get("mixed_precision", accelerator.mixed_precision)
         if changed:
             reason = f"was written with other settings ({'; '.join('train.' + c for c in changed)}; checkpoint -> now)"
+        elif precision != accelerator.mixed_precision:
+            reason = (f"was written with other settings (accelerate's mixed precision: {precision} -> "
+                      f"{accelerator.mixed_precision}; ACCELERATE_MIXED_PRECISION, or `accelerate launch`'s config)")
         elif saved.get("store_fingerprint") != fingerprint:
             reason = (f"was trained on another store (fingerprint {saved.get('store_fingerprint')} of "
                       f"{saved.get('store_path')!r}; {config.store} now has {fingerprint}: it was rewritten or "
