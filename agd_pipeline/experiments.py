@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .interrupts import signals_as_interrupts
-from .errors import AgdError, ConfigError, os_reason
+from .errors import AgdError, ConfigError, os_reason, require
 
 EXPERIMENTS_DIR = Path("docs/experiments")
 SUMMARY_FILE = "summary.json"  # evaluate's DVC metrics file (agd_pipeline.evaluation.SUMMARY)
@@ -903,7 +903,7 @@ def _number(text: str, path: Path, key: str, line: int):
 
 
 def plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", f"the experiment's plot {path.name}")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
