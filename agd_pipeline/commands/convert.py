@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from agd_pipeline.cli import one_line_errors, run_command
+from agd_pipeline.cli import command_line, one_line_errors, run_command
 from agd_pipeline.store.formats import FORMATS
 from agd_pipeline.store.schema import CODECS
 
@@ -39,7 +39,7 @@ def check_args(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.convert", description=__doc__)
+    parser = argparse.ArgumentParser(prog=command_line("convert"), description=__doc__)
     parser.add_argument("source", help="a complete store (written by stages.generate)")
     parser.add_argument("target", help="folder for the converted store")
     parser.add_argument("--format", default="webdataset", choices=list(FORMATS), help="target format")

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from agd_pipeline.cli import one_line_errors, run_command
+from agd_pipeline.cli import command_line, one_line_errors, run_command
 
 SCHEDULERS = ("threads", "processes", "synchronous", "single-threaded", "sync", "distributed")
 ADDRESSES = ("tcp://", "tls://", "inproc://")
@@ -55,7 +55,7 @@ def check_args(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.inspect", description=__doc__)
+    parser = argparse.ArgumentParser(prog=command_line("inspect"), description=__doc__)
     parser.add_argument("store", nargs="?", default="data/trajectories", help="store folder")
     parser.add_argument("--verify", action="store_true",
                         help="re-read every shard: checksums against the manifest, truncation, NaN/inf (each "

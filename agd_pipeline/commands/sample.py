@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from agd_pipeline.cli import one_line_errors, run_command
+from agd_pipeline.cli import command_line, one_line_errors, run_command
 from agd_pipeline.config import MAX_SEED, OUTPUT_MARKERS
 
 
@@ -65,7 +65,7 @@ def check_args(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.sample", description=__doc__)
+    parser = argparse.ArgumentParser(prog=command_line("sample"), description=__doc__)
     parser.add_argument("--adapters", default="data/adapters", help="adapter folder from stages.train")
     parser.add_argument("--base-model", default="", help="base model; empty takes the adapters' own")
     parser.add_argument("--guidance-scale", "-w", type=float, default=4.0, help="guidance scale w")
