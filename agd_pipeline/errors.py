@@ -90,5 +90,5 @@ def require(module: str, purpose: str):
         if missing not in EXTRAS:
             raise  # not one of our extras' packages: a broken installation, keep the traceback
         package, extra = EXTRAS[missing]
-        raise MissingExtra(f"{purpose} needs {package}, which is not installed: "
-                           f"pip install 'agd-pipeline[{extra}]'") from None
+        raise MissingExtra(f"{purpose}: needs {package}, which is not installed; "
+                           f"pip install 'agd-pipeline[{extra}]' installs it") from None

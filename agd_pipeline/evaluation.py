@@ -74,7 +74,7 @@ class CleanFid:
         self._features: dict[Path, np.ndarray] = {}
 
     def features(self, folder: Path) -> np.ndarray:
-        fid = require("cleanfid.fid", "FID (clean-fid)")
+        fid = require("cleanfid.fid", "FID")
 
         if folder not in self._features:
             self._features[folder] = fid.get_folder_features(
@@ -84,7 +84,7 @@ class CleanFid:
         return self._features[folder]
 
     def __call__(self, folder_a: Path, folder_b: Path) -> float:
-        fid = require("cleanfid.fid", "FID (clean-fid)")
+        fid = require("cleanfid.fid", "FID")
 
         return float(fid.fid_from_feats(self.features(folder_a), self.features(folder_b)))
 
@@ -219,7 +219,7 @@ class Judges:
 def check_extras() -> None:
     """Refuse before anything runs when a package of the ``[eval]`` extra that every evaluation uses
     (clean-fid and its torchvision, scipy, matplotlib) is missing, naming the install."""
-    for module, purpose in (("cleanfid.fid", "FID (clean-fid)"), ("scipy.stats", "the 95 % intervals"),
+    for module, purpose in (("cleanfid.fid", "FID"), ("scipy.stats", "the 95 % intervals"),
                             ("matplotlib", "the evaluation's figures")):
         require(module, f"evaluate: {purpose}")
 

@@ -966,6 +966,7 @@ def _curves(ax, experiment: Experiment, rows: list[dict], values: list[float], c
         ax.minorticks_off()
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=7, rotation=30 if len(ticks) > 4 else 0)
     elif experiment.log_x:
+        require("matplotlib", "the experiment's plot")  # loaded by plot() already; says so here too
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))

@@ -8,9 +8,10 @@ from agd_pipeline.config import EvaluateConfig
 
 def run(config: EvaluateConfig, args) -> None:
     from agd_pipeline.adapters import read_adapter_config
-    from agd_pipeline.evaluation import evaluate  # imported here: --help stays fast
+    from agd_pipeline.evaluation import check_extras, evaluate  # imported here: --help stays fast
     from agd_pipeline.outputs import owned_output
 
+    check_extras()  # a missing [eval] package is named before anything is read or written
     inputs = [config.adapters, config.base_model or read_adapter_config(config.adapters)["base_model"]["id"]]
     with owned_output(config, inputs, ours=lambda folder: (folder / "metrics.json").is_file()):
         evaluate(config, progress=not args.no_progress)
