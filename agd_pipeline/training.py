@@ -30,7 +30,8 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MEAN_SOURCES, MODEL_CARD
                        save_adapters)
 from .config import TrainConfig, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, write_errors, write_reason
+from .errors import (AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, require, write_errors,
+                     write_reason)
 from .loader import StepBatches
 from .locks import FolderLock
 from .memory import enable_base_checkpointing
@@ -174,6 +175,8 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
 
     device = resolve_device(config.device)
     _check_tracker(config.report_to)
+    if config.validate_every > 0:  # grids during training: refused now, not after steps of training
+        require("matplotlib", "train.validate_every > 0 (validation grids during training)")
     try:
         accelerator = Accelerator(cpu=device == "cpu", **({} if config.report_to == "none" else {
             "log_with": config.report_to, "project_dir": str(Path(config.out_dir) / "tracking")}))
