@@ -23,7 +23,7 @@ setup: $(STAMP)
 # constraints.txt pins every package to the versions dvc.lock was made with (bit-for-bit outputs).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --progress-bar off -c constraints.txt -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(VENV)/bin/pip install --quiet --progress-bar off -c constraints.txt -e '.[all,dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
 # then README's results and variants blocks from what the run wrote, so the tracked results stay

@@ -33,6 +33,7 @@ from torch import nn
 from . import families, guidance
 from .config import check_interval
 from .errors import ModelError, WriteError, write_errors, write_reason
+from .modelcard import MODEL_CARD, write_model_card  # noqa: F401 - MODEL_CARD re-exported (training imports it here)
 from .models import BaseModel, count_parameters, load_base_model, recorded_hub_options
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -453,63 +454,6 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-MODEL_CARD = "README.md"
-
-
-def write_model_card(folder: str | Path, config: dict, metrics: dict | None = None) -> Path:
-    """The adapter folder's README.md, hub style: what the adapters are for, what they were trained
-    from, how to use them, and (when given ``metrics.json`` of ``stages.evaluate``) how they did."""
-    folder = Path(folder)
-    base, adapter, parameters = config["base_model"], config["adapter"], config.get("parameters", {})
-    guidance, sampler = config.get("guidance") or {}, config.get("sampler") or {}
-    hub = "".join(f", {k} `{base[k]}`" for k in ("revision", "variant") if base.get(k))
-    lines = [
-        "---", "library_name: diffusers", f"base_model: {base['id']}", "tags: [guidance-distillation, agd]", "---", "",
-        f"# AGD adapters for `{base['id']}`", "",
-        "Adapter guidance distillation (Jensen & Sadat, arXiv 2503.07274): small adapters on the frozen base,",
-        "conditioned on the guidance scale w, so that one network evaluation per sampling step reproduces",
-        "classifier-free guidance (CFG, two evaluations per step). Off, they give back the base exactly.", "",
-        f"- base: `{base['id']}` ({base.get('class')}, family `{base.get('family')}`, {base.get('dtype')}{hub}); "
-        f"weights fingerprint `{base.get('weights_fingerprint')}`",
-        f"- adapters: {adapter['kind']}, width {adapter['width']}, at `{adapter['placement']}` "
-        f"({len(config.get('placements', []))} layers), conditioned on {', '.join(adapter['condition_on'])}",
-    ]
-    if parameters:
-        lines.append(f"- parameters: {parameters['adapter']:,} ({100 * parameters['share']:.2f} % of the base's "
-                     f"{parameters['base']:,})")
-    if "min" in guidance and "max" in guidance:
-        lines.append(f"- trained for w in [{guidance['min']:g}, {guidance['max']:g}]; outside that range they follow "
-                     "CFG less closely")
-    if sampler.get("scheduler"):
-        lines.append(f"- distilled from {sampler['scheduler']} trajectories of {sampler.get('num_steps')} steps: "
-                     "sample with that scheduler (the default of this tool's commands)")
-    if guidance.get("negative_prompts"):
-        lines.append(f"- distilled with {len(guidance['negative_prompts'])} negative prompts (and the empty one "
-                     f"with probability {guidance.get('empty_negative_probability', 0):g}): pass yours as "
-                     "`negative_prompt`" + (" (the adapters see it)" if "negative_text" in adapter["condition_on"]
-                                           else ""))
-    elif config.get("negative_prompt"):
-        lines.append(f"- negative prompt of the recorded CFG: `{config['negative_prompt']}`")
-    lines += ["", "Files: `adapters.safetensors` (adapter weights only), `adapter_config.json` (everything above, "
-              "and the training settings and store they came from).", ""]
-    if metrics:
-        lines += ["## Evaluation", "", f"From `stages.evaluate` ({metrics['samples_per_w']} samples per w, "
-                  f"{metrics['num_steps']} steps); FIDs in the evaluation classifier's feature space:", "",
-                  "| w | FID CFG | FID AGD | FID AGD-CFG | speed AGD/CFG |", "|---|---|---|---|---|"]
-        for row in metrics["per_w"].values():
-            fid = [("-" if row[k] is None else f"{row[k]:.2f}") for k in ("fid_cfg", "fid_agd", "fid_to_cfg_agd")]
-            lines.append(f"| {row['w']:g} | {' | '.join(fid)} | {row['speed_ratio_agd_over_cfg']:.2f}x |")
-        lines.append("")
-    path = folder / MODEL_CARD
-    tmp = path.with_name(MODEL_CARD + ".tmp")  # a failed write never leaves half a card
-    try:
-        tmp.write_text("\n".join(lines))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 RETRAIN = "the file was edited or damaged: re-run training (`python -m stages.train`) to write it again"

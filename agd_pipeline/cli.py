@@ -4,6 +4,7 @@ clean one-line errors, exit codes, and the resolved config written next to the o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import typing
@@ -16,6 +17,28 @@ from .errors import AgdError, os_reason
 from .outputs import write_resolved  # noqa: F401 - the stages import it from here
 # the one place Ctrl-C, SIGTERM and SIGHUP are handled (re-exported: commands import them from here)
 from .interrupts import STOP_SIGNALS, Interrupted, interrupted_status, interruptible, signals_as_interrupts  # noqa: F401
+
+
+# How the running command was started, as its help and messages show it: `python -m stages.<name>`
+# in the repository (what dvc.yaml runs), `agd <name>` when the installed command started it.
+_launcher = ["python -m stages.{}"]
+
+
+def command_line(name: str) -> str:
+    """The command ``name`` as the user typed it (``python -m stages.train`` or ``agd train``), for
+    its usage line and its advice on what to re-run."""
+    return _launcher[-1].format(name)
+
+
+@contextlib.contextmanager
+def launched_as(template: str):
+    """Within the block, :func:`command_line` formats ``template`` (``"agd {}"``): set by the ``agd``
+    dispatcher around the command it runs, and undone afterwards for in-process callers."""
+    _launcher.append(template)
+    try:
+        yield
+    finally:
+        _launcher.pop()
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -82,7 +105,7 @@ def _run_checked(body: Callable[[], int | None], check: Callable[[], str | None]
 def stage_main(cls: type[StageConfig], run: Callable, argv=None, description: str | None = None,
                extend: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
     """Parse options for ``cls`` and run ``run(config, args)`` through :func:`run_command`."""
-    parser = one_line_errors(build_parser(cls, f"python -m stages.{cls.section}", description or cls.__doc__))
+    parser = one_line_errors(build_parser(cls, command_line(cls.section), description or cls.__doc__))
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if extend:
         extend(parser)
@@ -93,7 +116,7 @@ def stage_main(cls: type[StageConfig], run: Callable, argv=None, description: st
         config.check_machine()  # e.g. --device cuda without a GPU: refused before anything loads
         run(config, args)
 
-    return run_command(body, interrupted=f"re-run `python -m stages.{cls.section}` with the same settings to resume")
+    return run_command(body, interrupted=f"re-run `{command_line(cls.section)}` with the same settings to resume")
 
 
 def build_parser(cls: type[StageConfig], prog: str, description: str) -> argparse.ArgumentParser:

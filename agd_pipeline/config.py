@@ -462,7 +462,9 @@ class TrainConfig(StageConfig):
         "'guidance_squared' = 1 / max(w - 1, 0.5)^2, the error relative to the guidance term (w - 1)(c - u): "
         "every w counts alike in what the gated adapter has to learn",
         ("uniform", "guidance", "guidance_squared"))
-    steps: int = option(1500, "optimiser steps")
+    steps: int = option(1500, "optimiser steps. A larger count on a finished out_dir continues it from the "
+                        "checkpoint it kept, to the adapters of a run of that count, where the schedule's first steps "
+                        "do not depend on it (lr_schedule constant, lr_warmup_fraction 0); otherwise refused")
     batch_size: int = option(256, "(trajectory, step) samples per optimiser step")
     learning_rate: float = option(3e-3, "peak AdamW learning rate (reached after the warm-up)")
     lr_schedule: str = option("cosine", "learning-rate schedule after a linear warm-up (diffusers.optimization): "
@@ -486,10 +488,13 @@ class TrainConfig(StageConfig):
                                  "Either way reading runs one buffer ahead, and the batches are the same")
     checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
     dtype: str = option("", "dtype the frozen base runs in; empty takes the one stage one used (the "
-                        "adapters themselves train in float32)", ("", "float32", "float16", "bfloat16"))
+                        "adapters themselves train in float32). accelerate's mixed precision "
+                        "(ACCELERATE_MIXED_PRECISION) must agree: bf16 only with bfloat16, fp16 only with float16",
+                        ("", "float32", "float16", "bfloat16"))
     restart_on_mismatch: bool = option(False, "when out_dir holds a checkpoint or finished adapters of other "
                                        "settings or another store, delete them and start over; otherwise "
-                                       "refuse (the same settings on the same store: nothing to do)")
+                                       "refuse (the same settings on the same store: nothing to do; a larger "
+                                       "steps: continue, see steps)")
     verify: str = option("changed", "store check before training (never train on corrupted data): changed "
                          "re-reads every shard against its checksums except those that passed such a re-read "
                          "before and whose files are unchanged since (same names, sizes and modification "

@@ -62,3 +62,33 @@ def write_reason(err: BaseException) -> str:
         number = int(code.group(1))
         return os_reason(OSError(number, os.strerror(number)))
     return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+class MissingExtra(AgdError):
+    """An optional package that one feature needs is not installed; the message names the extra."""
+
+
+# import name -> (what pip calls it, the agd-pipeline extra that installs it)
+EXTRAS = {"matplotlib": ("matplotlib", "eval"), "cleanfid": ("clean-fid", "eval"), "sklearn": ("scikit-learn", "eval"),
+          "scipy": ("scipy", "eval"), "torchvision": ("torchvision", "eval"), "peft": ("peft", "finetune"),
+          "distributed": ("dask[distributed]", "distributed"), "dvc": ("dvc", "repro")}
+
+
+def require(module: str, purpose: str):
+    """Import the optional package ``module`` (a key of :data:`EXTRAS`, or a submodule of one) for
+    ``purpose`` and return it, or raise :class:`MissingExtra` naming the extra to install. The core
+    install (``pip install agd-pipeline``) leaves these packages out so that it keeps the user's torch
+    and stays small; each is imported through here, inside the function that needs it, never when the
+    library loads. A package that is there but lacks one of its own optional imports (clean-fid
+    without torchvision) is explained the same way."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").partition(".")[0]
+        if missing not in EXTRAS:
+            raise  # not one of our extras' packages: a broken installation, keep the traceback
+        package, extra = EXTRAS[missing]
+        raise MissingExtra(f"{purpose}: needs {package}, which is not installed; "
+                           f"pip install 'agd-pipeline[{extra}]' installs it") from None

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .adapters import load_adapted_model, read_adapter_config
 from .config import EvaluateConfig, check_interval
 from .devices import resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, require
 from .models import load_base_model, recorded_hub_options
 from .sampling import (AGD, CFG, ImageSampler, Unguided, check_num_steps, generators_for, initial_noise, sample,
                        scheduler_for, trajectory_seed)
@@ -74,7 +74,7 @@ class CleanFid:
         self._features: dict[Path, np.ndarray] = {}
 
     def features(self, folder: Path) -> np.ndarray:
-        from cleanfid import fid
+        fid = require("cleanfid.fid", "FID")
 
         if folder not in self._features:
             self._features[folder] = fid.get_folder_features(
@@ -84,13 +84,13 @@ class CleanFid:
         return self._features[folder]
 
     def __call__(self, folder_a: Path, folder_b: Path) -> float:
-        from cleanfid import fid
+        fid = require("cleanfid.fid", "FID")
 
         return float(fid.fid_from_feats(self.features(folder_a), self.features(folder_b)))
 
 
 def curves_figure(rows: list[dict], training_range, path: Path, accuracy_label: str = "class accuracy") -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "the curves figure (curves.png)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -216,7 +216,16 @@ class Judges:
         return arrays
 
 
+def check_extras() -> None:
+    """Refuse before anything runs when a package of the ``[eval]`` extra that every evaluation uses
+    (clean-fid and its torchvision, scipy, matplotlib) is missing, naming the install."""
+    for module, purpose in (("cleanfid.fid", "FID"), ("scipy.stats", "the 95 % intervals"),
+                            ("matplotlib", "the evaluation's figures")):
+        require(module, f"evaluate: {purpose}")
+
+
 def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
+    check_extras()  # before minutes of sampling: FID, the intervals and the figures need the [eval] extra
     # -- the adapters and their base ----------------------------------------------------------
     adapter_config = read_adapter_config(config.adapters)
     base_id = config.base_model or adapter_config["base_model"]["id"]

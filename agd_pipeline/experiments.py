@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .interrupts import signals_as_interrupts
-from .errors import AgdError, ConfigError, os_reason
+from .errors import AgdError, ConfigError, os_reason, require
 
 EXPERIMENTS_DIR = Path("docs/experiments")
 SUMMARY_FILE = "summary.json"  # evaluate's DVC metrics file (agd_pipeline.evaluation.SUMMARY)
@@ -916,7 +916,7 @@ def _number(text: str, path: Path, key: str, line: int):
 
 
 def plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", f"the experiment's plot {path.name}")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -979,6 +979,7 @@ def _curves(ax, experiment: Experiment, rows: list[dict], values: list[float], c
         ax.minorticks_off()
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=7, rotation=30 if len(ticks) > 4 else 0)
     elif experiment.log_x:
+        require("matplotlib", "the experiment's plot")  # loaded by plot() already; says so here too
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))

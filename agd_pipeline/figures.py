@@ -20,7 +20,9 @@ MAX_GRID_ROWS = 16  # classes shown in a grid (ImageNet has 1,000)
 
 def grid_figure(panels: dict[str, np.ndarray], labels: np.ndarray, columns: int, title: str, path: Path):
     """One PNG: a block per method (rows = classes, columns = samples), side by side."""
-    import matplotlib
+    from .errors import require
+
+    matplotlib = require("matplotlib", f"the sample grid {path.name}")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import FinetuneConfig
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, require
 from .models import load_base_model, save_dit_folder
 from .outputs import check_replaceable, staging_folder, swap_in
 from .toy import CLASSIFIER_DIR, HOLDOUT_FILE, NUM_CLASSES, TRAIN_FILE, fit_class_denoiser
@@ -90,7 +90,7 @@ def _trainable(net, config: FinetuneConfig):
     and merged into them at the end."""
     torch.manual_seed(config.seed)
     if config.mode == "lora":
-        import peft
+        peft = require("peft", "finetune.mode lora")
 
         lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=list(LORA_TARGETS),
                                init_lora_weights=True)

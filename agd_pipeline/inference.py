@@ -16,7 +16,7 @@ import torch
 from .adapters import load_adapted_model, read_adapter_config
 from .config import MAX_GUIDANCE, MAX_SEED, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import ConfigError
+from .errors import ConfigError, MissingExtra
 from .models import encode_prompts, load_base_model, recorded_hub_options
 from .sampling import AGD, CFG, ImageSampler, check_num_steps, scheduler_for, trajectory_seed
 
@@ -145,7 +145,9 @@ def _check_total(conditions: int, per_class: int, what: str) -> None:
 
 
 def save_images(result: dict, out_dir: str | Path, columns: int = 8) -> Path:
-    """PNG per image (``00003_class1.png``), a grid, and a JSON record of how they were made."""
+    """PNG per image (``00003_class1.png``), a grid, and a JSON record of how they were made. The
+    grid needs matplotlib (the ``[eval]`` extra): without it the images are written all the same and a
+    warning says how to get the grid, since sampling itself needs nothing optional."""
     from .figures import grid_figure, to_uint8
     from PIL import Image
 
@@ -157,8 +159,11 @@ def save_images(result: dict, out_dir: str | Path, columns: int = 8) -> Path:
     for i, (img, label) in enumerate(zip(pixels, labels)):
         Image.fromarray(img).save(out / f"{i:05d}_{kind}{label}.png")
     name = "AGD (1 NFE/step)" if result["method"] == "agd" else "CFG (2 NFE/step)"
-    grid_figure({f"{name}, w={result['guidance_scale']:g}": pixels}, labels, columns,
-                f"{len(labels)} samples, {result['steps']} steps", out / "grid.png")
+    try:
+        grid_figure({f"{name}, w={result['guidance_scale']:g}": pixels}, labels, columns,
+                    f"{len(labels)} samples, {result['steps']} steps", out / "grid.png")
+    except MissingExtra as err:
+        warnings.warn(f"{out}: no grid.png, the images are written: {err}", stacklevel=2)
     record = {k: v for k, v in result.items() if k not in ("images", "labels")}
     (out / "samples.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

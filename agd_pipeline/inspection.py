@@ -11,6 +11,9 @@ def summarise(store: TrajectoryStore, bins: int = 10, scheduler: str | None = No
     """Statistics computed chunk by chunk. ``scheduler``: a dask scheduler name, "distributed" for a
     dask.distributed LocalCluster, or a distributed scheduler's address."""
     if scheduler == "distributed" or (scheduler or "").startswith(("tcp://", "tls://", "inproc://")):
+        from .errors import require
+
+        require("distributed", f"--scheduler {scheduler}")
         from dask.distributed import Client, LocalCluster
 
         if scheduler == "distributed":

@@ -63,7 +63,9 @@ def mcnemar_interval(only_a: int, only_b: int, samples: int, confidence: float =
     """Exact interval of the paired accuracy difference acc_A - acc_B, conditional on the number of
     discordant pairs: a Clopper-Pearson interval of the share of them that favour A, mapped to the
     difference (only_a - only_b) / samples."""
-    from scipy.stats import beta
+    from .errors import require
+
+    beta = require("scipy.stats", "the McNemar interval").beta
 
     n = only_a + only_b
     if n == 0:

@@ -27,23 +27,34 @@ from .locks import LOCK_FILE, FolderLock
 RESOLVED_CONFIG = "resolved_config.json"
 
 
-def write_resolved(config, folder: str | os.PathLike, name: str = RESOLVED_CONFIG) -> None:
+# the one key a resolved_config.json may hold beside its stage's section: what the process ran
+# under that changes results besides the settings (train: agd_pipeline.training.runtime_record)
+RUNTIME = "runtime"
+
+
+def write_resolved(config, folder: str | os.PathLike, name: str = RESOLVED_CONFIG, runtime: dict | None = None) -> None:
     """Write the whole resolved config next to the outputs (EDM-style), for the record; it also
-    marks the folder as this stage's own (:func:`resolved_section`)."""
+    marks the folder as this stage's own (:func:`resolved_section`). ``runtime``, where given, is
+    recorded beside the section (``{"train": {...}, "runtime": {...}}``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (name + ".tmp")
-    tmp.write_text(json.dumps({config.section: dataclasses.asdict(config)}, indent=2) + "\n")
+    record = {config.section: dataclasses.asdict(config), **({RUNTIME: runtime} if runtime is not None else {})}
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(folder / name)
 
 
 def resolved_section(folder: Path) -> str | None:
-    """The stage whose resolved_config.json lies in ``folder`` (None: none, or not one of ours)."""
+    """The stage whose resolved_config.json lies in ``folder`` (None: none, or not one of ours): a
+    record of one section, or of one section followed by ``runtime``."""
     try:
         record = json.loads((folder / RESOLVED_CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
-    return next(iter(record)) if isinstance(record, dict) and len(record) == 1 else None
+    if not isinstance(record, dict) or not record:
+        return None
+    section, *rest = record
+    return section if section != RUNTIME and rest in ([], [RUNTIME]) else None
 
 
 def check_outside_inputs(out: Path, key: str, inputs: Iterable) -> None:

@@ -1,7 +1,7 @@
 """AGD inside a diffusers pipeline: trained adapters on the user's own ``DiTPipeline``,
 ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline``.
 
-    adapters = AGDAdapters.from_pretrained("data/adapters")   # written by `python -m stages.train`
+    adapters = AGDAdapters.from_pretrained("data/adapters")   # written by `python -m stages.train`, or a hub id
     with adapters.applied(pipe):                               # or adapters.apply(pipe) ... adapters.remove()
         image = pipe(prompt, negative_prompt="blurry", guidance_scale=7.5).images[0]
 
@@ -40,6 +40,7 @@ from . import families
 from .adapters import ADAPTER_WEIGHTS, AdaptedModel, load_adapted_model, read_adapter_config
 from .errors import ModelError
 from .families import Family
+from .hub import push_adapters, resolve_adapter_folder
 from .models import BaseModel
 
 # The denoisers that carry AGD hooks now, and whose: one set of adapters per denoiser.
@@ -100,15 +101,32 @@ class AGDAdapters:
         self._step: _Step | None = None
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> AGDAdapters:
-        """Read and check an adapter folder (adapter_config.json + adapters.safetensors). The
-        weights load onto the denoiser in :meth:`apply`, on its device."""
-        folder = Path(folder)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, subfolder: str | None = None,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool = False) -> AGDAdapters:
+        """Read and check an adapter folder (adapter_config.json + adapters.safetensors): a local
+        folder, or a hub id (``namespace/name``) with the ``revision``, ``subfolder``, ``token``,
+        ``cache_dir`` and ``local_files_only`` of diffusers' loaders, through the hub cache
+        (:mod:`agd_pipeline.hub`). The weights load onto the denoiser in :meth:`apply`, on its device."""
+        folder = resolve_adapter_folder(pretrained_model_name_or_path, revision=revision, subfolder=subfolder,
+                                        token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         config = read_adapter_config(folder)
         if not (folder / ADAPTER_WEIGHTS).is_file():
             raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (or not a file); re-run training "
                              "(`python -m stages.train`)")
         return cls(folder, config)
+
+    def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
+                    revision: str | None = None, path_in_repo: str | None = None,
+                    commit_message: str = "Upload AGD adapters", create_pr: bool = False,
+                    include_validation: bool = True, api=None):
+        """Publish these adapters' folder to the hub repository ``repo_id`` (created if missing): the
+        weights and config (verified first), the model card naming ``repo_id`` and the newest validation
+        grid; never lock files, checkpoints or logs. Returns the hub's ``CommitInfo``. Load it back with
+        ``AGDAdapters.from_pretrained(repo_id, subfolder=path_in_repo)``."""
+        return push_adapters(self.folder, repo_id, token=token, private=private, revision=revision,
+                             path_in_repo=path_in_repo, commit_message=commit_message, create_pr=create_pr,
+                             include_validation=include_validation, api=api)
 
     # -- what the folder records --------------------------------------------------------------
     @property

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, os_reason
+from .errors import ConfigError, os_reason, require
 
 INCEPTION_WEIGHTS = "inception-2015-12-05.pt"
 
@@ -40,7 +40,7 @@ def inception_weights_path() -> Path:
 @functools.lru_cache(maxsize=4)
 def _inception(device: str):
     """clean-fid's Inception feature network on ``device`` (loaded once per device)."""
-    from cleanfid import fid
+    fid = require("cleanfid.fid", "FID")
     from cleanfid.downloads_helper import inception_url
 
     path = inception_weights_path()
@@ -57,7 +57,7 @@ def _inception(device: str):
 
 def _image_files(folder: str | Path) -> list[str]:
     """The image files clean-fid would read from ``folder`` (recursively, hidden entries skipped), sorted."""
-    from cleanfid.utils import EXTENSIONS
+    EXTENSIONS = require("cleanfid.utils", "FID").EXTENSIONS
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -76,7 +76,7 @@ def _image_files(folder: str | Path) -> list[str]:
 
 def _folder_features(folder: str | Path, extractor: Callable | None, batch_size: int, device) -> np.ndarray:
     """[N, D] float64 features of the images in ``folder``, through clean-fid's "clean" preprocessing."""
-    from cleanfid import fid
+    fid = require("cleanfid.fid", "FID")
 
     files = _image_files(folder)
     model = _inception(str(torch.device(device))) if extractor is None else extractor
@@ -121,7 +121,7 @@ def _load_statistics(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _frechet(mu1, sigma1, mu2, sigma2, where: str) -> float:
-    from cleanfid import fid
+    fid = require("cleanfid.fid", "FID")
 
     if mu1.shape != mu2.shape:
         raise ConfigError(f"{where}: the samples have {mu1.size} features but the reference has {mu2.size}; "

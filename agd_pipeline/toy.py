@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import BaseStageConfig
 from .optim import check_finite, cosine_with_warmup, descent_step
-from .errors import ModelError
+from .errors import ModelError, require
 from .models import save_dit_folder
 
 IMAGE_SIZE = 8
@@ -34,7 +34,7 @@ TRAIN_FILE = "train.npz"
 
 def load_digits_split(seed: int, holdout_fraction: float):
     """Digits scaled to [-1, 1] as [N, 1, 8, 8], split into train and held-out, stratified."""
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "the embedded default's digits").load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()

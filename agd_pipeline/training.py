@@ -30,7 +30,8 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MEAN_SOURCES, MODEL_CARD
                        save_adapters)
 from .config import TrainConfig, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, write_errors, write_reason
+from .errors import (AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, require, write_errors,
+                     write_reason)
 from .loader import StepBatches
 from .locks import FolderLock
 from .memory import enable_base_checkpointing
@@ -51,9 +52,16 @@ EMA_FILE = "ema.safetensors"
 LEGACY_CHECKPOINT_FILES = ("progress.json", "model.safetensors", "optimizer.bin", "scheduler.bin",
                            "random_states_0.pkl", "custom_checkpoint_0.pkl")
 # Settings that may change between a checkpoint and a resumed run without changing the result
-# (not `steps`: the learning-rate schedule depends on it).
+# (not `steps`: it may grow only where the learning-rate schedule's first steps do not depend on it,
+# see _schedule_difference).
 RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch", "loader_workers", "report_to",
                   "validate_every", "gradient_checkpointing")
+# state.json of the checkpoint a finished run keeps (its outputs all written) says so: that checkpoint
+# is the one `--steps` larger continues from, never an unfinished run to resume
+FINISHED = "finished"
+STATE_TMP = "state.json.tmp"  # the finished mark is written here first, then renamed over state.json
+# accelerate's mixed precision as it resolved it -> the dtype autocast runs the frozen base in
+MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 FINAL_LOSS_STEPS = 50  # adapter_config.json's final_loss: the mean loss of the run's last this many steps
@@ -118,18 +126,72 @@ def _comparable(config: TrainConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS}
 
 
+def runtime_record(accelerator) -> dict:
+    """What changes the bits of the adapters besides train's own settings, as this process runs:
+    recorded in resolved_config.json, adapter_config.json and every checkpoint (``runtime``).
+
+    * ``mixed_precision``: accelerate's, as it resolved it (ACCELERATE_MIXED_PRECISION, or
+      ``accelerate launch``'s config): no, bf16, fp16. Autocast changes every matmul's result, so it
+      is compared like a setting: a checkpoint or finished adapters of another mixed precision are
+      refused (or replaced with train.restart_on_mismatch), never continued.
+    * ``cuda_matmul_allow_tf32``, ``cudnn_allow_tf32``, ``float32_matmul_precision``: torch's TF32
+      switches. They change float32 matmul and convolution results on GPUs with TF32 (Ampere and
+      later), not on the CPU. Recorded only, as train.device is (a run may resume on other hardware).
+    * ``num_threads``, ``num_interop_threads``: torch's thread counts. On the CPU they can change the
+      last bits (a parallel sum is split by thread; tried: a sum of 4 M float32 numbers differs
+      between 1 and 2 threads). Recorded only: a resumed run on another machine is allowed.
+    """
+    return {"mixed_precision": str(accelerator.mixed_precision),
+            "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "num_threads": torch.get_num_threads(), "num_interop_threads": torch.get_num_interop_threads()}
+
+
+def _check_mixed_precision(config: TrainConfig, manifest: Manifest, mixed_precision: str) -> None:
+    """Refuse, before any work, accelerate's mixed precision where it contradicts train.dtype: the
+    frozen base runs in train.dtype (empty: the store's recorded dtype) and the adapters in float32;
+    autocast bf16 (fp16) runs the base's matmuls in bfloat16 (float16) whatever its dtype, so it is
+    accepted only with a base in that dtype. fp8 is never accepted."""
+    if mixed_precision == "no":
+        return
+    source = "accelerate's mixed precision (ACCELERATE_MIXED_PRECISION, or `accelerate launch`'s config)"
+    autocast = MIXED_PRECISION_DTYPES.get(mixed_precision)
+    if autocast is None:
+        raise ConfigError(f"train.dtype: {source} is {mixed_precision!r}, which stages.train does not support (the "
+                          "adapters train in float32 beside a base in train.dtype); nothing was done. Use no, bf16 "
+                          "or fp16")
+    base_dtype = config.dtype or str(manifest.base_model.get("dtype") or "float32")
+    if autocast != base_dtype:
+        where = f"train.dtype {config.dtype}" if config.dtype else "the store's dtype, train.dtype being empty"
+        raise ConfigError(f"train.dtype: {source} is {mixed_precision!r}, which runs the frozen base in {autocast}, "
+                          f"but it runs in {base_dtype} ({where}); nothing was done. Set train.dtype {autocast} "
+                          "to train under it, or mixed precision no")
+
+
 def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     """Train adapters from ``config.store`` into ``config.out_dir``; resume from its checkpoint."""
     from accelerate import Accelerator
 
     device = resolve_device(config.device)
     _check_tracker(config.report_to)
-    accelerator = Accelerator(cpu=device == "cpu", **({} if config.report_to == "none" else {
-        "log_with": config.report_to, "project_dir": str(Path(config.out_dir) / "tracking")}))
+    if config.validate_every > 0:  # grids during training: refused now, not after steps of training
+        require("matplotlib", "train.validate_every > 0 (validation grids during training)")
+    try:
+        accelerator = Accelerator(cpu=device == "cpu", **({} if config.report_to == "none" else {
+            "log_with": config.report_to, "project_dir": str(Path(config.out_dir) / "tracking")}))
+    except ValueError as err:  # e.g. "fp16 mixed precision is not supported on 'cpu'."
+        if "precision" not in str(err):
+            raise
+        raise ConfigError(f"train.device: accelerate refuses its mixed precision (ACCELERATE_MIXED_PRECISION, or "
+                          f"`accelerate launch`'s config) on {device}: {str(err).rstrip('.')}; nothing was done. "
+                          "Use bf16 or no there") from None
     out, store_root = Path(config.out_dir), Path(config.store)
     if out.resolve() == store_root.resolve() or store_root.resolve() in out.resolve().parents:
         raise ConfigError(f"train.out_dir ({out}) must not be the store ({store_root}) or lie inside it")
     manifest = read_manifest(store_root)  # a missing or broken store is refused before anything is created
+    _check_mixed_precision(config, manifest, accelerator.mixed_precision)
+    runtime = runtime_record(accelerator)
     inputs = [store_root, config.base_model or manifest.base_model.get("id")]
     with contextlib.ExitStack() as held:
         if accelerator.is_main_process:
@@ -138,10 +200,10 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
             held.enter_context(owned_output(config, inputs, ours=_holds_training, own_name=_train_output_name,
                                             record=False))
             held.enter_context(FolderLock(store_root, "stages.train (reading the store)", shared=True, create=False))
-            finished = _finished_run(config, manifest.fingerprint(), log)
+            finished = _finished_run(config, manifest.fingerprint(), runtime, log)
             if finished is not None:
                 return finished
-            write_resolved(config, out)  # from here on the folder is recognisably this run's
+            write_resolved(config, out, runtime=runtime)  # from here on the folder is recognisably this run's
         return _train(config, accelerator, progress, log)
 
 
@@ -161,13 +223,22 @@ def _holds_training(folder: Path) -> bool:
         for name in ("state.json", *LEGACY_CHECKPOINT_FILES))
 
 
-def _finished_run(config: TrainConfig, fingerprint: str, log) -> dict | None:
-    """For an output folder that holds finished adapters (and no checkpoint to resume): their
-    result when they were trained with these settings on this store (nothing to do), else None
-    after clearing them (train.restart_on_mismatch) or a ConfigError naming the difference."""
+def _finished_run(config: TrainConfig, fingerprint: str, runtime: dict, log) -> dict | None:
+    """For an output folder that holds finished adapters: their result when they were trained with
+    these settings on this store (nothing to do); None when a larger train.steps continues them from
+    the checkpoint the finished run kept (where the learning-rate schedule allows it, see
+    :func:`_schedule_difference`), or after clearing them (train.restart_on_mismatch); else a
+    ConfigError naming the difference. A folder whose checkpoint is not marked finished holds an
+    unfinished run (killed while it wrote its outputs, or while it continued): None, and
+    :func:`_resume` decides."""
     out = Path(config.out_dir)
-    if not (out / ADAPTER_CONFIG).exists() or (out / CHECKPOINT).exists():
+    if not (out / ADAPTER_CONFIG).exists():
         return None
+    kept = _checkpoint_folder(out)
+    kept_state = _read_state(kept) if kept is not None else None
+    if kept is not None and not (kept_state is not None and kept_state.get(FINISHED) is True):
+        return None
+    refusal = None
     try:
         recorded = read_adapter_config(out)
         trained = recorded.get("training")
@@ -175,34 +246,109 @@ def _finished_run(config: TrainConfig, fingerprint: str, log) -> dict | None:
             raise ModelError(f"{out / ADAPTER_CONFIG}: no training record")
         ran = {k: v for k, v in trained.items() if k not in RESUMABLE_KEYS}
         now = _comparable(config)
-        # where the store and the folder lie does not matter: the store is compared by its fingerprint
-        changed = [k for k in now if k not in ("store", "out_dir") and ran.get(k, now[k]) != now[k]]
+        # where the store and the folder lie does not matter: the store is compared by its fingerprint;
+        # steps are compared below (more steps continue)
+        changed = [k for k in now if k not in ("store", "out_dir", "steps") and ran.get(k, now[k]) != now[k]]
+        ran_precision = (recorded.get("runtime") or {}).get("mixed_precision", runtime["mixed_precision"])
         if changed:
             difference = "; ".join(f"{config.key(k)} {ran[k]!r} there, {now[k]!r} now" for k in changed[:3])
+        elif ran_precision != runtime["mixed_precision"]:
+            difference = (f"accelerate's mixed precision {ran_precision!r} there, {runtime['mixed_precision']!r} now "
+                          "(ACCELERATE_MIXED_PRECISION, or `accelerate launch`'s config)")
         elif recorded.get("code") != code_fingerprint():
             difference = (f"trained by other code of this tool (source digest {recorded.get('code')} there, "
                           f"{code_fingerprint()} now)")
         elif (recorded.get("store") or {}).get("fingerprint") != fingerprint:
             difference = (f"trained on another store (fingerprint {(recorded.get('store') or {}).get('fingerprint')} "
                           f"there, {fingerprint} of {config.store} now)")
-        else:
+        elif ran.get("steps") == config.steps:
             log(f"train: {out} already holds adapters trained with these settings on this store (final loss "
                 f"{recorded.get('final_loss')}); nothing to do")
             return {"parameters": recorded.get("parameters"), "seconds": 0.0,
                     "final_loss": recorded.get("final_loss"), "skipped": True}
+        else:
+            difference, refusal = _continuation_refusal(config, ran.get("steps"), kept_state)
+            if difference is None:
+                log(f"train: {out} holds adapters trained for {ran['steps']} steps with these settings on this store; "
+                    f"continuing them from {kept} to {config.steps} steps")
+                return None
     except ModelError as err:
         difference = f"its adapters cannot be read ({err})"
     if not config.restart_on_mismatch:
-        raise ConfigError(f"train.out_dir: {out} holds finished adapters: {difference}; nothing was changed. Choose "
-                          "another out_dir, or pass --restart-on-mismatch true to replace them")
+        raise ConfigError(refusal or f"train.out_dir: {out} holds finished adapters: {difference}; nothing was "
+                          "changed. Choose another out_dir, or pass --restart-on-mismatch true to replace them")
     log(f"train: {out} held finished adapters ({difference}); replacing them (restart_on_mismatch)")
     for name in sorted(TRAIN_OUTPUTS - {RESOLVED_CONFIG}):
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        for path in (out / name, out / (name + ".tmp")):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     return None
+
+
+def _continuation_refusal(config: TrainConfig, trained_steps, kept_state: dict | None) -> tuple[str | None, str | None]:
+    """Whether finished adapters of ``trained_steps`` steps (their kept checkpoint's state:
+    ``kept_state``) continue to train.steps: (None, None) if so, else (the difference in short, the
+    one-line refusal)."""
+    out, steps = Path(config.out_dir), config.steps
+    if not isinstance(trained_steps, int):
+        difference = f"its adapter_config.json records no step count ({trained_steps!r})"
+        return difference, None
+    again = f"pass --restart-on-mismatch true to retrain from zero with {steps} steps"
+    if steps < trained_steps:
+        difference = f"trained for {trained_steps} steps, {steps} now"
+        return difference, (f"train.steps: {out} holds adapters trained for {trained_steps} steps, more than the "
+                            f"{steps} asked now, and training does not go back; nothing was changed. Choose another "
+                            f"out_dir, or {again}")
+    if kept_state is None or kept_state.get("step") != trained_steps:
+        difference = f"trained for {trained_steps} steps, {steps} now, with no checkpoint of step {trained_steps} kept"
+        return difference, (f"train.steps: {out} holds adapters trained for {trained_steps} steps but no checkpoint of "
+                            f"their last step to continue them from ({out / CHECKPOINT}: trained before finished runs "
+                            f"kept it, or removed); nothing was changed. Choose another out_dir, or {again}")
+    first = _schedule_difference(config, trained_steps, steps, trained_steps)
+    if first is None:
+        return None, None
+    difference = f"trained for {trained_steps} steps, {steps} now, and the learning-rate schedule depends on the total"
+    return difference, _schedule_refusal(config, out, trained_steps, first, again)
+
+
+def _lr_schedule(config: TrainConfig, optimizer, steps: int):
+    """diffusers' schedule of train.lr_schedule over ``steps`` steps, with the warm-up over
+    train.lr_warmup_fraction of them (diffusers' plain "constant" ignores the warm-up; every
+    schedule here has one)."""
+    name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
+    return get_scheduler(name, optimizer, num_training_steps=steps,
+                         num_warmup_steps=round(config.lr_warmup_fraction * steps))
+
+
+def _schedule_difference(config: TrainConfig, trained_steps: int, steps: int, upto: int) -> int | None:
+    """The first step s in 0 .. ``upto`` whose learning-rate multiplier differs between the schedule
+    over ``trained_steps`` steps and the one over ``steps`` (None: they agree). Steps 0 .. upto-1 are
+    those a checkpoint at step ``upto`` was trained with; step ``upto`` is the rate its optimizer
+    state carries into the next step. Where they all agree, continuing equals a run of ``steps``
+    from the start bit for bit; cosine and linear decay over the total, a warm-up spans a share of
+    it, so only constant with the same warm-up length agrees."""
+    def multipliers(total: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        multiplier = _lr_schedule(config, optimizer, total).lr_lambdas[0]
+        return [multiplier(s) for s in range(upto + 1)]
+
+    for step, (old, new) in enumerate(zip(multipliers(trained_steps), multipliers(steps))):
+        if old != new:
+            return step
+    return None
+
+
+def _schedule_refusal(config: TrainConfig, where: Path, trained_steps: int, first: int, again: str) -> str:
+    """One line: why a run of ``trained_steps`` steps in ``where`` cannot continue to train.steps
+    (its learning-rate schedule differs from step ``first`` on), and what to do."""
+    return (f"train.steps: {where} was trained for {trained_steps} steps, and continuing to {config.steps} would not "
+            f"give those of a {config.steps}-step run: the {config.lr_schedule} learning-rate schedule (warm-up "
+            f"{config.lr_warmup_fraction:g} of the steps) over {config.steps} steps differs from the one over "
+            f"{trained_steps} from step {first + 1} on; nothing was changed. Either {again}, or train runs meant "
+            "to be continued with a schedule that does not depend on the total (lr_schedule constant, "
+            "lr_warmup_fraction 0)")
 
 
 def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
@@ -233,10 +379,7 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
         enable_base_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   **({"fused": True} if config.fused_optimizer else {}))
-    # diffusers' plain "constant" ignores the warm-up; every schedule here has one
-    name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
-    lr_schedule = get_scheduler(name, optimizer, num_training_steps=config.steps,
-                                num_warmup_steps=round(config.lr_warmup_fraction * config.steps))
+    lr_schedule = _lr_schedule(config, optimizer, config.steps)
     ema = _ema(model, config.ema_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -270,14 +413,15 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     accelerator.end_training()
 
     # -- the adapters (their EMA, with train.ema_decay), with everything they were trained from -----
-    # The checkpoint of the last step stays until the last output (the validation grid) is written: a
-    # run killed before that resumes at the end and writes the outputs again, without training again.
+    # The checkpoint of the last step stays: until the last output (the validation grid) is written, a
+    # run killed before that resumes at the end and writes the outputs again, without training again;
+    # then it is marked finished, and a larger train.steps continues from it.
     if main:
         trained = accelerator.unwrap_model(model).eval()
         if ema is not None:
             ema.copy_to(trained.parameters())
         _check_finite_weights(trained, config, config.steps)
-        _save_trained(trained, config, store, fingerprint, final_loss)
+        _save_trained(trained, config, store, fingerprint, final_loss, runtime_record(accelerator))
         log(f"{out}: adapters saved after {config.steps} steps ({seconds:.1f} s this run); "
             f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
         if config.validate_every >= 0:
@@ -288,8 +432,8 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
             except (AgdError, *WRITE_ERRORS) as err:  # a picture that cannot be made must not fail a finished run
                 warnings.warn(f"{out}: the adapters are saved, but no validation grid was made ({err}); "
                               "set train.validate_every: -1 to skip it", stacklevel=2)
-        for leftover in (checkpoint, checkpoint.with_name(checkpoint.name + ".tmp")):  # the run is complete
-            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(checkpoint.with_name(checkpoint.name + ".tmp"), ignore_errors=True)
+        _mark_finished(checkpoint)  # the run is complete
     return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
 
 
@@ -381,8 +525,8 @@ def _recorded_base(config: TrainConfig, manifest, device):
 def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, ema, batches, store, channels: int,
               start_step: int, fingerprint: str, progress: bool, recent: list[float] | None = None) -> list[float]:
     """Steps start_step .. config.steps, each over gradient_accumulation_steps micro-batches:
-    loss.csv rows, the tracker, the progress bar, checkpoints (with train.checkpoint_every, also one
-    at the last step), validation grids. Returns the losses of the last FINAL_LOSS_STEPS steps of
+    loss.csv rows, the tracker, the progress bar, checkpoints (every train.checkpoint_every steps,
+    and always one at the last step), validation grids. Returns the losses of the last FINAL_LOSS_STEPS steps of
     the whole run (the mean over micro-batches and processes): ``recent``, those before start_step
     (from the checkpoint), then this run's."""
     main = accelerator.is_main_process
@@ -446,8 +590,8 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, e
                 bar.set_postfix(loss=f"{np.mean(running[-25:]):.5f}")
             last = step + 1 >= config.steps
             # the last step's checkpoint lets a run killed while it writes its outputs finish them
-            # without training again (it is removed once they are written)
-            if config.checkpoint_every and (last or (step + 1) % config.checkpoint_every == 0):
+            # without training again; it is kept, so that a larger train.steps continues from it
+            if last or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
                 loss_file.flush()
                 _save_checkpoint(accelerator, checkpoint, config, fingerprint, step + 1, model, optimizer,
                                  lr_schedule, ema, losses=running)
@@ -470,7 +614,8 @@ def _validate_now(accelerator, config: TrainConfig, store, fingerprint: str, mod
         was_training = adapted.training
         try:
             with context:
-                save_adapters(adapted.eval(), scratch, extra=_adapter_record(config, store, fingerprint, None))
+                save_adapters(adapted.eval(), scratch,
+                              extra=_adapter_record(config, store, fingerprint, None, runtime_record(accelerator)))
             _validation_grid(scratch, out, step, config.seed, store.manifest, str(accelerator.device))
         except WRITE_ERRORS as err:
             checkpoint = out / CHECKPOINT
@@ -496,14 +641,14 @@ def ema_weights(ema, model):
 
 
 def _save_trained(model: AdaptedModel, config: TrainConfig, store: TrajectoryStore, fingerprint: str,
-                  final_loss: float | None) -> None:
-    """adapters.safetensors and adapter_config.json (with the store they were trained on). The
-    checkpoint stays (the caller removes it once the run's last output is written); a failed write
-    leaves no temporary behind."""
+                  final_loss: float | None, runtime: dict) -> None:
+    """adapters.safetensors and adapter_config.json (with the store they were trained on and the
+    runtime they were trained under). The checkpoint stays (the caller marks it finished once the
+    run's last output is written); a failed write leaves no temporary behind."""
     out = Path(config.out_dir)
     checkpoint = out / CHECKPOINT
     try:
-        save_adapters(model, out, extra=_adapter_record(config, store, fingerprint, final_loss))
+        save_adapters(model, out, extra=_adapter_record(config, store, fingerprint, final_loss, runtime))
     except WRITE_ERRORS as err:
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             (out / (name + ".tmp")).unlink(missing_ok=True)
@@ -523,11 +668,14 @@ def _check_finite_weights(model, config: TrainConfig, step: int, ema=None) -> No
                    "`python -m stages.inspect --verify`")
 
 
-def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: str, final_loss: float | None) -> dict:
-    """What adapter_config.json records besides the architecture: how and from what they were trained."""
+def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: str, final_loss: float | None,
+                    runtime: dict) -> dict:
+    """What adapter_config.json records besides the architecture: how and from what they were trained
+    (``runtime``: :func:`runtime_record`, what changes bits besides the settings)."""
     manifest = store.manifest
     return {
         "training": config.to_dict(),
+        "runtime": runtime,
         "store": {"path": str(config.store), "trajectories": store.num_trajectories, "fingerprint": fingerprint,
                   "shard_checksums": [s.get("checksum") for s in store.shards]},
         "sampler": manifest.sampler,
@@ -574,6 +722,7 @@ def _save_checkpoint(accelerator, folder: Path, config: TrainConfig, fingerprint
             tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
             save_file(tensors, tmp / "optimizer.safetensors")
             state = {"format": CHECKPOINT_FORMAT, "step": step, "config": _comparable(config),
+                     "runtime": runtime_record(accelerator),
                      "store_fingerprint": fingerprint, "store_path": str(config.store),
                      "optimizer": optimizer_meta, "lr_schedule": lr_schedule.state_dict(),
                      "recent_losses": list(losses or [])[-FINAL_LOSS_STEPS:]}
@@ -622,7 +771,7 @@ def _remove_checkpoint(folder: Path) -> None:
     """Delete a checkpoint folder, which holds only our files (refuse anything else)."""
     if not folder.exists():
         return
-    ours = (*CHECKPOINT_FILES, EMA_FILE, *LEGACY_CHECKPOINT_FILES)
+    ours = (*CHECKPOINT_FILES, EMA_FILE, STATE_TMP, *LEGACY_CHECKPOINT_FILES)
     foreign = [p.name for p in folder.iterdir() if p.name not in ours]
     if foreign or not folder.is_dir():
         raise AgdError(f"{folder} holds files that are not part of a training checkpoint ({', '.join(foreign[:5])}); "
@@ -630,12 +779,55 @@ def _remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
+def _checkpoint_folder(out: Path) -> Path | None:
+    """The checkpoint in ``out``: ``checkpoint``, or a complete ``checkpoint.tmp`` where a run was
+    killed between removing the previous one and renaming the new one into place; None: none."""
+    folder = out / CHECKPOINT
+    if folder.exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    return tmp if (tmp / "state.json").exists() else None
+
+
+def _read_state(folder: Path) -> dict | None:
+    """A checkpoint's state.json, None where it is missing or not one (:func:`_resume` names why)."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (ValueError, OSError):
+        return None
+    return state if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT else None
+
+
+def _mark_finished(folder: Path) -> None:
+    """Mark the last step's checkpoint as that of a finished run (every output written): a larger
+    train.steps continues from it, the same command has nothing to do. state.json is replaced
+    whole (written beside it, then renamed), so a kill leaves the old or the new one."""
+    tmp = folder / STATE_TMP
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        state[FINISHED] = True
+        with open(tmp, "w") as f:
+            f.write(json.dumps(state, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(folder / "state.json")
+    except WRITE_ERRORS as err:
+        tmp.unlink(missing_ok=True)
+        raise AgdError(f"{folder}: cannot mark the checkpoint as that of a finished run ({write_reason(err)}); the "
+                       "adapters are saved. Free space (or fix permissions) and run the same command to finish") \
+            from None
+
+
 def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, log, model, optimizer,
             lr_schedule, ema=None) -> tuple[int, list[float]]:
     """The step to start from, and the losses of the last FINAL_LOSS_STEPS steps before it: a
-    checkpoint of the same settings on the same store is loaded (one of the last step: training is
-    over, its outputs are written again); one of other settings, of another store or of an older
-    release starts over (with restart_on_mismatch) or is refused."""
+    checkpoint of the same settings (and mixed precision) on the same store is loaded (one of the
+    last step: training is over, its outputs are written again). Of a smaller train.steps it is
+    loaded too where the learning-rate schedule over train.steps agrees with its own up to its step
+    (:func:`_schedule_difference`): the run continues to the adapters of an uninterrupted run of
+    train.steps. One of other settings, of another store, of a step beyond train.steps, of a
+    schedule that differs or of an older release starts over (with restart_on_mismatch) or is
+    refused."""
     state_file = folder / "state.json"
     tmp = folder.with_name(folder.name + ".tmp")
     if not folder.exists() and (tmp / "state.json").exists():
@@ -660,16 +852,36 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
                 raise ValueError("not a checkpoint state")
         except (ValueError, OSError) as err:
             saved, reason = None, f"has an unreadable state.json ({err})"
+    refusal = None  # a whole message, where the reason needs its own advice
     if saved is not None:
-        if saved["config"] != _comparable(config):
-            changed = differences(saved["config"], _comparable(config))
+        now = _comparable(config)
+        # steps are compared below: a larger count continues where the schedule allows it
+        ran_steps = saved["config"].get("steps")
+        changed = differences({**saved["config"], "steps": now["steps"]}, now)
+        # a checkpoint written before the runtime was recorded is taken as of this run's mixed precision
+        precision = (saved.get("runtime") or {}).get("mixed_precision", accelerator.mixed_precision)
+        if changed:
             reason = f"was written with other settings ({'; '.join('train.' + c for c in changed)}; checkpoint -> now)"
+        elif precision != accelerator.mixed_precision:
+            reason = (f"was written with other settings (accelerate's mixed precision: {precision} -> "
+                      f"{accelerator.mixed_precision}; ACCELERATE_MIXED_PRECISION, or `accelerate launch`'s config)")
         elif saved.get("store_fingerprint") != fingerprint:
             reason = (f"was trained on another store (fingerprint {saved.get('store_fingerprint')} of "
                       f"{saved.get('store_path')!r}; {config.store} now has {fingerprint}: it was rewritten or "
                       "replaced since); resuming would mix two datasets")
-        elif not 0 < saved["step"] <= config.steps or not _losses(saved.setdefault("recent_losses", [])):
-            reason = f"is damaged (step {saved['step']} of {config.steps}, or its recent_losses are not finite numbers)"
+        elif not isinstance(ran_steps, int) or not 0 < saved["step"] <= ran_steps or \
+                not _losses(saved.setdefault("recent_losses", [])):
+            reason = f"is damaged (step {saved['step']} of {ran_steps}, or its recent_losses are not finite numbers)"
+        elif saved["step"] > config.steps:
+            reason = (f"is of step {saved['step']}, beyond train.steps {config.steps} now, and training does not go "
+                      "back")
+        elif ran_steps != config.steps:
+            first = _schedule_difference(config, ran_steps, config.steps, saved["step"])
+            if first is not None:
+                reason = (f"was trained for {ran_steps} steps, and the learning-rate schedule over {config.steps} "
+                          f"differs from step {first + 1} on")
+                refusal = _schedule_refusal(config, folder, ran_steps, first, "pass --restart-on-mismatch true to "
+                                            f"retrain from zero with {config.steps} steps")
     if reason is not None:
         if config.restart_on_mismatch:
             log(f"train: {folder} {reason}; discarding it and starting over (restart_on_mismatch)")
@@ -678,8 +890,8 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
                 _remove_checkpoint(folder)
             accelerator.wait_for_everyone()
             return 0, []
-        raise AgdError(f"{folder} {reason}. Delete {folder} to start over (or pass --restart-on-mismatch true)"
-                       + (", or restore those settings to resume it" if "settings" in reason else ""))
+        raise AgdError(refusal or f"{folder} {reason}. Delete {folder} to start over (or pass --restart-on-mismatch "
+                       "true)" + (", or restore those settings to resume it" if "settings" in reason else ""))
     recent = saved["recent_losses"]
     try:
         device = accelerator.device
@@ -697,6 +909,8 @@ def _resume(accelerator, folder: Path, config: TrainConfig, fingerprint: str, lo
         raise AgdError(f"{folder}: the checkpoint is damaged ({type(err).__name__}: {str(err)[:200]}); delete it "
                        "to start over (or pass --restart-on-mismatch true)") from None
     log(f"train: resuming from {folder} at step {saved['step']}"
+        + (f" (trained for {saved['config']['steps']} steps: continuing to {config.steps})"
+           if saved["config"]["steps"] != config.steps else "")
         + (" (training is over: writing its outputs)" if saved["step"] == config.steps else ""))
     return int(saved["step"]), [float(v) for v in recent]
 

@@ -1,4 +1,7 @@
-"""The commands, each run as ``python -m stages.<name>`` (see each module's docstring)."""
+"""The repository's commands, each run as ``python -m stages.<name>`` (what dvc.yaml runs; see each
+module's docstring). The library's commands live in agd_pipeline/commands/ (installed as ``agd
+<name>``): stages/<name>.py hands over to them. report, experiments and benchmark are the
+repository's own and are not installed."""
 
 import sys
 

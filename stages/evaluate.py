@@ -1,25 +1,10 @@
-"""Stage `evaluate`: CFG (2 evaluations per step) against AGD (1 per step) on the same seeds."""
+"""`python -m stages.evaluate` (what dvc.yaml runs): the command lives in agd_pipeline/commands/evaluate.py,
+installed as `agd evaluate`. Imported, this module is that one (tests patch its attributes)."""
 
 import sys
 
-from agd_pipeline.cli import stage_main, write_resolved
-from agd_pipeline.config import EvaluateConfig
-
-
-def run(config: EvaluateConfig, args) -> None:
-    from agd_pipeline.adapters import read_adapter_config
-    from agd_pipeline.evaluation import evaluate  # imported here: --help stays fast
-    from agd_pipeline.outputs import owned_output
-
-    inputs = [config.adapters, config.base_model or read_adapter_config(config.adapters)["base_model"]["id"]]
-    with owned_output(config, inputs, ours=lambda folder: (folder / "metrics.json").is_file()):
-        evaluate(config, progress=not args.no_progress)
-        write_resolved(config, config.out_dir)
-
-
-def main(argv=None) -> int:
-    return stage_main(EvaluateConfig, run, argv)
-
+from agd_pipeline.commands import evaluate as command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command.main())
+sys.modules[__name__] = command

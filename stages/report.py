@@ -280,7 +280,8 @@ def replace_block(text: str, block: str, readme: str, name: str = "") -> str:
 
 def model_card(folder: str, metrics: dict, metrics_path: Path) -> int:
     """The adapter folder's model card, rewritten with the evaluation numbers."""
-    from agd_pipeline.adapters import read_adapter_config, write_model_card
+    from agd_pipeline.adapters import read_adapter_config
+    from agd_pipeline.modelcard import write_model_card
     from agd_pipeline.errors import AgdError
 
     try:

@@ -1,20 +1,10 @@
-"""Stage `train` (stage two): train guidance adapters from the trajectory store alone."""
+"""`python -m stages.train` (what dvc.yaml runs): the command lives in agd_pipeline/commands/train.py,
+installed as `agd train`. Imported, this module is that one (tests patch its attributes)."""
 
 import sys
 
-from agd_pipeline.cli import stage_main
-from agd_pipeline.config import TrainConfig
-
-
-def run(config: TrainConfig, args) -> None:
-    from agd_pipeline.training import train  # imported here: --help stays fast
-
-    train(config, progress=not args.no_progress)  # it records resolved_config.json in out_dir itself
-
-
-def main(argv=None) -> int:
-    return stage_main(TrainConfig, run, argv)
-
+from agd_pipeline.commands import train as command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command.main())
+sys.modules[__name__] = command

@@ -21,7 +21,7 @@ from agd_pipeline.locks import LOCK_FILE
 from agd_pipeline.store import MANIFEST, TrajectoryStore, convert_store, foreign_entries
 
 from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli
-from test_training import interrupted_training, train_config
+from test_training import interrupted_training, kept_checkpoint, train_config
 
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
@@ -316,8 +316,8 @@ def test_a_run_killed_while_swapping_checkpoints_resumes_from_the_new_one(tiny_s
     training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), progress=False, log=messages.append)
     assert any(f"resuming from {checkpoint} at step 2" in m for m in messages), messages
     assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == \
-        ["README.md", "adapter_config.json", "adapters.safetensors", "loss.csv", "resolved_config.json"]
-    assert not checkpoint.exists() and not checkpoint.with_name("checkpoint.tmp").exists()
+        ["README.md", "adapter_config.json", "adapters.safetensors", "checkpoint", "loss.csv", "resolved_config.json"]
+    assert kept_checkpoint(out) == 6 and not checkpoint.with_name("checkpoint.tmp").exists()
 
 
 PICKLED_V2_SHARD = textwrap.dedent("""

@@ -60,7 +60,8 @@ def test_pipeline_end_to_end(tmp_path):
     assert adapter_config["base_model"]["weights_fingerprint"] == manifest["base_model"]["weights_fingerprint"]
     with open(adapters / "loss.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 11))
-    assert not (adapters / "checkpoint").exists()
+    # the last step's checkpoint stays, marked finished: a larger --steps continues from it
+    assert json.loads((adapters / "checkpoint" / "state.json").read_text())["finished"] is True
 
     check(run_cli("stages.evaluate", "--params", params, "--no-progress"), "evaluate")
     metrics = json.loads((evaluation / "metrics.json").read_text())

@@ -65,18 +65,27 @@ def test_plain_loads_record_no_revision_or_variant(tiny_base_dir):
 
 
 def test_trained_adapters_carry_a_model_card(tiny_store, tmp_path):
+    from huggingface_hub import ModelCard
+
     out = tmp_path / "adapters"
     training.train(train_config(tiny_store, out, steps=2), **QUIET)
-    card = (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md")
     config = json.loads((out / "adapter_config.json").read_text())
-    assert card.startswith("---\nlibrary_name: diffusers\n")
-    for fact in (config["base_model"]["id"], "bottleneck", "w in [1, 6]", "DDIMScheduler trajectories of 4 steps",
-                 f"{config['parameters']['adapter']:,}"):
-        assert fact in card, fact
-    assert "## Evaluation" not in card
+    assert card.data.library_name == "agd-pipeline" and card.data.get("base_model") is None  # a local base
+    assert config["base_model"]["id"] not in card.content and str(tmp_path) not in card.content
+    for fact in ("bottleneck", "w in [1, 6]", "DDIMScheduler trajectories of 4 steps",
+                 f"{config['parameters']['adapter']:,}", "AGDAdapters.from_pretrained(", "num_inference_steps=4"):
+        assert fact in card.text, fact
+    assert "## Evaluation" not in card.text
+    interval = {"fid_cfg": {"point": 10.0, "low": 8.0, "high": 12.5},
+                "fid_agd": {"point": 9.5, "low": 7.25, "high": 12.0}}
     metrics = {"samples_per_w": 20, "num_steps": 4, "per_w": {"w2": {
-        "w": 2.0, "fid_cfg": 10.0, "fid_agd": 9.5, "fid_to_cfg_agd": 0.5, "speed_ratio_agd_over_cfg": 2.01}}}
+        "w": 2.0, "fid_cfg": 10.0, "fid_agd": 9.5, "fid_to_cfg_agd": 0.5, "speed_ratio_agd_over_cfg": 2.01}},
+        "evidence": {"per_w": {"w2": interval}, "bootstrap": {"clusters": "sample", "replicates": 1000}}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     result = run_cli("stages.report", "--metrics", tmp_path / "metrics.json", "--model-card", out)
     assert result.returncode == 0, result.stderr
-    assert "| 2 | 10.00 | 9.50 | 0.50 | 2.01x |" in (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md")  # still a valid card, still ours
+    assert card.data.library_name == "agd-pipeline"
+    assert "| 2 | 10.00 [8.00, 12.50] | 9.50 [7.25, 12.00] | 0.50 | 2.01x |" in card.text
+    assert "95 % intervals (paired bootstrap over samples, 1000 replicates)" in card.text

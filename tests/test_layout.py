@@ -97,7 +97,7 @@ def test_dvc_lists_every_library_module_a_stage_runs():
     pipelines = [(REPO / "dvc.yaml", {}), (REPO / "pipelines/text/dvc.yaml", text_commands),
                  (REPO / "pipelines/derivatives/dvc.yaml", derived_commands),
                  (REPO / "pipelines/derivatives-sd3/dvc.yaml", derived_commands),
-                 (REPO / "pipelines/variants/dvc.yaml", {})]
+                 (REPO / "pipelines/variants/dvc.yaml", {}), (REPO / "pipelines/variants-sd3/dvc.yaml", {})]
     for dvc_yaml, commands in pipelines:
         stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
         for stage, spec in stages.items():
@@ -115,6 +115,8 @@ def _check_stage_deps(dvc_yaml, stage: str, spec: dict, found: dict, graph: dict
             todo.extend(graph[name])
     deps = [REPO / d for d in spec["deps"] if "${" not in d]
     assert REPO / "stages" / f"{stage}.py" in deps, f"{dvc_yaml}, {stage}: its own command is not a dependency"
+    command = f"agd_pipeline.commands.{stage}"  # the module stages/<stage>.py hands over to (agd <stage>)
+    assert command in reached, f"{dvc_yaml}, {stage}: stages/{stage}.py does not run {command}"
     missing = sorted(name for name in reached - NO_EFFECT_ON_OUTPUTS
                      if not any(found[name] == d or d in found[name].parents for d in deps))
     assert not missing, f"{dvc_yaml}, stage {stage}: add {missing} to its deps"

@@ -33,6 +33,15 @@ def train_config(store, out_dir, **overrides) -> TrainConfig:
     return load_config(TrainConfig, {**settings, **overrides})
 
 
+def kept_checkpoint(folder) -> int:
+    """The step of the checkpoint a finished run keeps in ``folder`` (marked finished: a larger
+    train.steps continues from it); fails where there is none."""
+    state = json.loads((folder / training.CHECKPOINT / "state.json").read_text())
+    assert state.get(training.FINISHED) is True, f"the checkpoint in {folder} is not marked finished"
+    assert not (folder / (training.CHECKPOINT + ".tmp")).exists()
+    return state["step"]
+
+
 def read_losses(folder) -> list[tuple[int, float]]:
     with open(folder / training.LOSS_CSV) as f:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
@@ -63,7 +72,7 @@ def test_training_reads_only_the_store(tiny_store, tmp_path, monkeypatch):
     assert (out / ADAPTER_WEIGHTS).exists() and (out / ADAPTER_CONFIG).exists()
     assert [step for step, _ in read_losses(out)] == [1, 2, 3]
     assert result["final_loss"] is not None and np.isfinite(result["final_loss"])
-    assert not (out / training.CHECKPOINT).exists()
+    assert kept_checkpoint(out) == 3  # kept although checkpoint_every is 0: "only at the end"
     assert grids == [(out, [1, 2, 3], True)]
 
 
@@ -143,7 +152,7 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny_store, tmp_path, monke
     monkeypatch.undo()
     assert len(forward_calls) == k, "the resumed run did not start from the checkpoint's step"
     assert any(f"resuming from {checkpoint} at step {k}" in m for m in messages), messages
-    assert not checkpoint.exists(), "the checkpoint of a finished run was left behind"
+    assert kept_checkpoint(resumed) == 2 * k, "the finished run did not keep its last checkpoint"
 
     expected, got = load_file(straight / ADAPTER_WEIGHTS), load_file(resumed / ADAPTER_WEIGHTS)
     assert sorted(expected) == sorted(got)

@@ -19,7 +19,7 @@ from agd_pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedModel
 from agd_pipeline.errors import AgdError
 
 from conftest import run_main
-from test_training import QUIET, Interrupted, interrupted_training, train_config
+from test_training import QUIET, Interrupted, interrupted_training, kept_checkpoint, train_config
 
 # what safetensors raises when the disk fills up while it writes (its Rust error, not an OSError)
 FULL = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
@@ -81,7 +81,7 @@ def test_a_full_disk_at_a_later_checkpoint_is_one_line_and_keeps_the_previous_on
     messages = []
     training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), progress=False, log=messages.append)
     assert any("at step 2" in m and "resuming" in m for m in messages), messages
-    assert (out / ADAPTER_WEIGHTS).exists() and not (out / training.CHECKPOINT).exists()
+    assert (out / ADAPTER_WEIGHTS).exists() and kept_checkpoint(out) == 6
 
 
 @pytest.mark.parametrize("error", ["safetensors", "oserror"])
@@ -101,7 +101,7 @@ def test_a_full_disk_at_the_adapters_is_one_line_and_resumes_without_training(ti
     forward_calls = counting_forward(monkeypatch)
     training.train(train_config(tiny_store, out, steps=4, checkpoint_every=2), **QUIET)
     assert forward_calls == [], "the adapters were trained again"
-    assert (out / ADAPTER_WEIGHTS).exists() and not (out / training.CHECKPOINT).exists()
+    assert (out / ADAPTER_WEIGHTS).exists() and kept_checkpoint(out) == 4
 
 
 def test_a_full_disk_at_loss_csv_is_one_line_naming_it(tiny_store, tmp_path, monkeypatch):
@@ -258,7 +258,7 @@ def test_a_kill_while_the_validation_grid_is_made_resumes_without_training_again
     result = training.train(train_config(tiny_store, out, steps=4, checkpoint_every=2, validate_every=0),
                             progress=False, log=messages.append)
     assert forward_calls == [], "the run trained again instead of resuming at its end"
-    assert grids == [4] and not (out / training.CHECKPOINT).exists()
+    assert grids == [4] and kept_checkpoint(out) == 4
     assert any("at step 4" in m and "training is over" in m for m in messages), messages
     expected, got = load_file(straight / ADAPTER_WEIGHTS), load_file(out / ADAPTER_WEIGHTS)
     for key in expected:

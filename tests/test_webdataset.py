@@ -209,7 +209,9 @@ def test_two_process_training_checkpoints_every_step_and_resumes_after_a_kill(ta
     assert "2 processes, 5 batches each per epoch" in result.stdout + result.stderr
     rows = (whole / "loss.csv").read_text().splitlines()
     assert len(rows) == 41  # header + 40 steps, written once
-    assert not (whole / "checkpoint").exists() and not (whole / "checkpoint.tmp").exists()
+    # the last step's checkpoint stays (marked finished), no temporary beside it
+    assert json.loads((whole / "checkpoint" / "state.json").read_text())["finished"] is True
+    assert not (whole / "checkpoint.tmp").exists()
 
     killed = tmp_path / "killed"
     command = torchrun_train(tmp_path / "killed.yaml", killed, **settings)
