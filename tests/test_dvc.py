@@ -25,7 +25,7 @@ CONFIGS = (BaseStageConfig, GenerateConfig, TrainConfig, EvaluateConfig)
 # Keys that change no result: DVC must not re-run a stage for them.
 OPERATIONAL = {"generate.verify", "generate.restart_on_mismatch", "train.checkpoint_every", "train.verify",
                "train.restart_on_mismatch", "train.loader_workers", "train.gradient_checkpointing",
-               "train.report_to", "train.validate_every"}
+               "train.report_to", "train.validate_every", "train.validation_prompt", "train.validation_w"}
 # Paths: an output's location is its outs entry, an input's its deps entry (both by ${...}).
 PATHS = {"base.out_dir": "outs", "generate.out_dir": "outs", "train.out_dir": "outs",
          "evaluate.out_dir": "outs", "generate.base_model": "deps", "train.store": "deps",
