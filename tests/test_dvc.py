@@ -272,6 +272,7 @@ def project(committed):
 @pytest.mark.parametrize("key, value", [
     ("generate.verify", "full"), ("generate.restart_on_mismatch", True), ("train.checkpoint_every", 7),
     ("train.verify", "cheap"), ("train.loader_workers", 3), ("train.restart_on_mismatch", True),
+    ("train.validation_w", [2.0]), ("train.validation_prompt", ["a cat"]),
 ])
 def test_operational_keys_rerun_nothing(project, key, value):
     params = params_yaml()
