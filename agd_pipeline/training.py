@@ -426,7 +426,7 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
             f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
         if config.validate_every >= 0:
             try:
-                grid = validation(trained, config.steps)
+                grid = _validation_grid(trained, out, config.steps, validation)
                 scales = ", ".join(f"{w:g}" for w in validation_scales(config, store.manifest))
                 log(f"{grid}: validation grid (CFG | AGD at w = {scales})")
             except (AgdError, *WRITE_ERRORS) as err:  # a picture that cannot be made must not fail a finished run
@@ -473,6 +473,12 @@ def _validation(config: TrainConfig, accelerator, store, base):
         return built[0].grid(adapted, Path(config.out_dir), step, accelerator.trackers)
 
     return grid
+
+
+def _validation_grid(adapted, out: Path, step: int, validation) -> Path:
+    """The validation grid of ``adapted`` (the model in training, in eval mode) after ``step``, made by
+    ``validation`` (:func:`_validation`); one seam, so tests can watch when grids are made."""
+    return validation(adapted, step)
 
 
 def _recorded_base(config: TrainConfig, manifest, device):
@@ -589,7 +595,7 @@ def _validate_now(accelerator, config: TrainConfig, validation, model, ema, step
         was_training = adapted.training
         try:
             with context:
-                validation(adapted.eval(), step)
+                _validation_grid(adapted.eval(), out, step, validation)
         except WRITE_ERRORS as err:
             checkpoint = out / CHECKPOINT
             raise AgdError(f"{out / VALIDATION}: cannot write the validation grid of step {step} ({write_reason(err)})"
