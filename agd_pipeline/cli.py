@@ -136,11 +136,15 @@ def build_parser(cls: type[StageConfig], prog: str, description: str) -> argpars
             help_text += f" [{'|'.join(map(str, choices))}]"
         default = getattr(defaults, field.name)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        repeat = field.metadata.get("repeat", False)
+        hint = typing.get_type_hints(cls)[field.name]
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
             default=None,
-            metavar=_metavar(typing.get_type_hints(cls)[field.name], choices),
+            # an entry per use: prompts hold spaces and commas
+            action="append" if repeat else "store",
+            metavar=_metavar(typing.get_args(hint)[0] if repeat else hint, choices),
             help=f"{help_text} (built-in: {shown!r})",
         )
     return parser
@@ -156,6 +160,11 @@ def _metavar(hint, choices) -> str:
 
 def config_from_args(cls: type[StageConfig], args: argparse.Namespace):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    for field in dataclasses.fields(cls):  # repeated numbers may also be comma-separated: 3,5 = 3 then 5
+        value = overrides[field.name]
+        if field.metadata.get("repeat") and value is not None and typing.get_args(
+                typing.get_type_hints(cls)[field.name])[0] is not str:
+            overrides[field.name] = " ".join(value)
     params = args.params if Path(args.params).exists() or args.params != DEFAULT_PARAMS else None
     return load_config(cls, params, overrides)
 

@@ -27,9 +27,11 @@ from .store.schema import CHUNK_BYTES, CODECS
 DEFAULT_PARAMS = "params.yaml"
 
 
-def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A config field with the help text and allowed values that --help and validation use."""
-    meta = {"help": help, "choices": choices}
+def option(default: Any, help: str, choices: tuple | None = None, repeat: bool = False) -> Any:
+    """A config field with the help text and allowed values that --help and validation use.
+    ``repeat``: a list option given once per entry on the command line (``--validation-prompt A
+    --validation-prompt B``), for entries that may hold spaces and commas."""
+    meta = {"help": help, "choices": choices, "repeat": repeat}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -112,6 +114,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 # train.report_to: accelerate's trackers (each needs its own package installed)
 TRACKERS = ("none", "dvclive", "tensorboard", "wandb")
 MAX_GUIDANCE = 50.0  # far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)
+MAX_VALIDATION_ROWS = 16  # train.validation_prompt / validation_w: a grid people can still read
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; numpy rejects negative seeds
 # a share of trajectories keeps the pipeline's default negative prompt, so that sampling without one
 # stays distilled too
@@ -508,8 +511,16 @@ class TrainConfig(StageConfig):
     device: str = option("auto", "torch device: auto, cpu, cuda, ...")
     report_to: str = option("none", "experiment tracker for the loss and learning rate, through accelerate "
                             "(loss.csv is always written and is what `dvc plots show` draws)", TRACKERS)
-    validate_every: int = option(0, "steps between validation grids (CFG | AGD at two w from fixed seeds, "
-                                 "in out_dir/validation/); 0: one grid, after the last step; -1: none")
+    validate_every: int = option(0, "steps between validation grids (CFG | AGD at each validation_w from fixed "
+                                 "seeds, in out_dir/validation/ and, with report_to, the tracker); 0: one grid, after "
+                                 "the last step; -1: none")
+    validation_prompt: list[str] = option(
+        [], "text models: the prompts of the validation grids, one row each (repeat --validation-prompt per "
+        "prompt). Empty: the store's first 4 prompts; class models show their first 4 classes and take none",
+        repeat=True)
+    validation_w: list[float] = option(
+        [], "guidance scales of the validation grids, a CFG and an AGD column each (repeatable). Empty: the "
+        "middle and the top of the store's guidance range", repeat=True)
 
     def check(self) -> None:
         super().check()
@@ -538,6 +549,12 @@ class TrainConfig(StageConfig):
             self.fail("ema_decay", "must be 0 (off) or lie in [0.5, 1) (typical: 0.99 to 0.9999)")
         if self.validate_every < -1:
             self.fail("validate_every", "must be -1 (no grids), 0 (one after the last step) or a number of steps")
+        if len(self.validation_prompt) > MAX_VALIDATION_ROWS or not all(p.strip() for p in self.validation_prompt):
+            self.fail("validation_prompt", f"must be at most {MAX_VALIDATION_ROWS} prompts, none empty")
+        if len(self.validation_w) > MAX_VALIDATION_ROWS or not all(
+                math.isfinite(w) and 0 <= w <= MAX_GUIDANCE for w in self.validation_w):
+            self.fail("validation_w", f"must be at most {MAX_VALIDATION_ROWS} guidance scales, each in [0, "
+                      f"{MAX_GUIDANCE:g}] (1: no guidance)")
         allowed = {"guidance", "timestep", "class", "text", "text_tokens", "negative_text", "text_mean",
                    "negative_text_mean"}
         unknown = set(self.condition_on) - allowed

@@ -53,9 +53,11 @@ def load_for_sampling(adapters: str, base_model: str = "", device: str = "auto",
 
 def sample_loaded(adapter_config: dict, base, adapted, guidance_scale: float, classes=None, per_class: int = 4,
                   steps: int = 0, seed: int = 0, use_adapters: bool = True, batch_size: int = 64, prompts=None,
-                  negative_prompt: str = "", scheduler: str = "", adapters: str = "the adapters") -> dict:
+                  negative_prompt: str = "", scheduler: str = "", adapters: str = "the adapters",
+                  prepared: tuple | None = None) -> dict:
     """:func:`sample_images` with the base and adapters already loaded (:func:`load_for_sampling`);
-    ``adapters`` names them in errors."""
+    ``adapters`` names them in errors. ``prepared``: :func:`prepare_conditions` of these classes or
+    prompts, so that calls at several w encode the prompts (load the text encoders) once."""
     steps = steps or adapter_config.get("sampler", {}).get("num_steps", 0)
     if not steps:
         raise ConfigError(f"{adapters}: the adapter config records no sampling steps: give steps (--steps)")
@@ -64,7 +66,7 @@ def sample_loaded(adapter_config: dict, base, adapted, guidance_scale: float, cl
         raise ConfigError(f"{adapters}: AGD sampling needs the adapters loaded (load_for_sampling(use_adapters=True))")
     # CFG's unconditional branch: by default the negative prompt the adapters were distilled with
     negative_prompt = negative_prompt or adapter_config.get("negative_prompt", "")
-    labels, conditions, uncond = _conditions(base, classes, prompts, per_class, negative_prompt)
+    labels, conditions, uncond = prepared or prepare_conditions(base, classes, prompts, per_class, negative_prompt)
     if "negative_text" in adapter_config["adapter"]["condition_on"]:
         # adapters distilled with negative prompts see the negative prompt's embeddings, one row per image
         conditions = {**conditions, **negative_conditions(uncond, len(labels))}
@@ -108,7 +110,7 @@ def _check_arguments(adapters, guidance_scale, per_class, steps, seed, batch_siz
         raise ConfigError("adapters must name an adapter folder written by `python -m stages.train`")
 
 
-def _conditions(base, classes, prompts, per_class: int, negative_prompt: str):
+def prepare_conditions(base, classes, prompts, per_class: int, negative_prompt: str):
     """(label per image, the model's conditions per image, CFG's unconditional condition): classes
     for class models, prompts (encoded once each) for text models."""
     if base.conditioning == "class":

@@ -490,6 +490,19 @@ def _weights_misfit(cls, folder: Path, variant: str | None) -> str | None:
     return None
 
 
+def attach_decoder(base: BaseModel) -> BaseModel:
+    """Load the VAE into a base loaded without it (``with_vae=False``, as stage two does), once, in
+    the base's dtype and on its device: what decoding validation images needs, without a second
+    copy of the denoiser."""
+    if base.vae is None:
+        hub = base.hub_options
+        base.vae, _ = _load_vae(base.model_id, _read_model_index(base.model_id, hub.get("revision")), base.dtype,
+                                True, hub)
+        if base.vae is not None:
+            base.vae.to(base.device)
+    return base
+
+
 def _load_vae(name: str, index: dict | None, dtype: torch.dtype, with_vae: bool, hub: dict):
     """(the VAE or None, pixels per latent cell). The scale factor is read from the VAE's config
     even when the VAE itself is skipped; a pixel-space model has neither (factor 1)."""

@@ -30,7 +30,7 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MEAN_SOURCES, MODEL_CARD
                        save_adapters)
 from .config import TrainConfig, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import (AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, require, write_errors,
+from .errors import (AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, write_errors,
                      write_reason)
 from .loader import StepBatches
 from .locks import FolderLock
@@ -38,11 +38,11 @@ from .memory import enable_base_checkpointing
 from .models import load_base_model, recorded_hub_options
 from .outputs import RESOLVED_CONFIG, owned_output, write_resolved
 from .store import Manifest, TrajectoryStore, differences, read_manifest
+from .validation import VALIDATION, Validator, validation_rows, validation_scales
 
 CHECKPOINT = "checkpoint"
 LOSS_CSV = "loss.csv"
 CHECKPOINT_FORMAT = "agd-train-checkpoint"
-VALIDATION = "validation"
 # What a checkpoint folder holds: tensors in safetensors, everything else in JSON (never a pickle);
 # with train.ema_decay also the EMA of the weights.
 CHECKPOINT_FILES = ("state.json", "adapters.safetensors", "optimizer.safetensors")
@@ -55,7 +55,7 @@ LEGACY_CHECKPOINT_FILES = ("progress.json", "model.safetensors", "optimizer.bin"
 # (not `steps`: it may grow only where the learning-rate schedule's first steps do not depend on it,
 # see _schedule_difference).
 RESUMABLE_KEYS = ("checkpoint_every", "verify", "device", "restart_on_mismatch", "loader_workers", "report_to",
-                  "validate_every", "gradient_checkpointing")
+                  "validate_every", "gradient_checkpointing", "validation_prompt", "validation_w")
 # state.json of the checkpoint a finished run keeps (its outputs all written) says so: that checkpoint
 # is the one `--steps` larger continues from, never an unfinished run to resume
 FINISHED = "finished"
@@ -175,8 +175,6 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
 
     device = resolve_device(config.device)
     _check_tracker(config.report_to)
-    if config.validate_every > 0:  # grids during training: refused now, not after steps of training
-        require("matplotlib", "train.validate_every > 0 (validation grids during training)")
     try:
         accelerator = Accelerator(cpu=device == "cpu", **({} if config.report_to == "none" else {
             "log_with": config.report_to, "project_dir": str(Path(config.out_dir) / "tracking")}))
@@ -191,6 +189,8 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
         raise ConfigError(f"train.out_dir ({out}) must not be the store ({store_root}) or lie inside it")
     manifest = read_manifest(store_root)  # a missing or broken store is refused before anything is created
     _check_mixed_precision(config, manifest, accelerator.mixed_precision)
+    if config.validate_every >= 0:  # prompts a class model cannot take: refused now, not after training
+        validation_rows(config, manifest)
     runtime = runtime_record(accelerator)
     inputs = [store_root, config.base_model or manifest.base_model.get("id")]
     with contextlib.ExitStack() as held:
@@ -405,12 +405,12 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
     batches = loader.from_step(start_step * config.gradient_accumulation_steps)
     # the losses of the last FINAL_LOSS_STEPS steps of the whole run: a resumed run takes those before
     # its checkpoint from the checkpoint, so it records the final_loss of an uninterrupted one
+    validation = _validation(config, accelerator, store, base)
     running = _optimise(config, accelerator, model, optimizer, lr_schedule, ema, batches, store, base.latent_channels,
-                        start_step, fingerprint, progress, recent)
+                        start_step, fingerprint, progress, recent, validation)
     seconds = time.perf_counter() - started
     final_loss = float(np.mean(running[-FINAL_LOSS_STEPS:])) if running else None
     accelerator.wait_for_everyone()
-    accelerator.end_training()
 
     # -- the adapters (their EMA, with train.ema_decay), with everything they were trained from -----
     # The checkpoint of the last step stays: until the last output (the validation grid) is written, a
@@ -426,14 +426,15 @@ def _train(config: TrainConfig, accelerator, progress: bool, log) -> dict:
             f"final loss {final_loss if final_loss is not None else float('nan'):.5f}")
         if config.validate_every >= 0:
             try:
-                grid = _validation_grid(out, out, config.steps, config.seed, store.manifest, str(accelerator.device))
-                scales = ", ".join(map(str, _validation_scales(store.manifest)))
+                grid = _validation_grid(trained, out, config.steps, validation)
+                scales = ", ".join(f"{w:g}" for w in validation_scales(config, store.manifest))
                 log(f"{grid}: validation grid (CFG | AGD at w = {scales})")
             except (AgdError, *WRITE_ERRORS) as err:  # a picture that cannot be made must not fail a finished run
                 warnings.warn(f"{out}: the adapters are saved, but no validation grid was made ({err}); "
                               "set train.validate_every: -1 to skip it", stacklevel=2)
         shutil.rmtree(checkpoint.with_name(checkpoint.name + ".tmp"), ignore_errors=True)
         _mark_finished(checkpoint)  # the run is complete
+    accelerator.end_training()  # after the last grid: its images go to the tracker too
     return {"parameters": report, "seconds": seconds, "final_loss": final_loss}
 
 
@@ -460,44 +461,24 @@ def _ema(model: AdaptedModel, decay: float):
     return EMAModel(model.parameters(), decay=decay, use_ema_warmup=True)
 
 
-def _validation_scales(manifest) -> list[float]:
-    """Two guidance scales of the training range: its middle and its top."""
-    low, high = manifest.guidance_min, manifest.guidance_max
-    return sorted({round((low + high) / 2, 2), round(high, 2)})
+def _validation(config: TrainConfig, accelerator, store, base):
+    """grid(adapted, step) -> the PNG of :class:`~agd_pipeline.validation.Validator`, built at the first
+    grid and kept for the run: the training's own base (its VAE loaded once), the prompts encoded
+    once, the images also logged to the run's tracker."""
+    built: list[Validator] = []
+
+    def grid(adapted, step: int) -> Path:
+        if not built:
+            built.append(Validator(config, store.manifest, base, accelerator.autocast))
+        return built[0].grid(adapted, Path(config.out_dir), step, accelerator.trackers)
+
+    return grid
 
 
-VALIDATION_ROWS, VALIDATION_SAMPLES = 4, 2  # classes or prompts shown, samples of each
-
-
-def _validation_grid(adapters: Path, out: Path, step: int, seed: int, manifest, device: str) -> Path:
-    """out/validation/step-NNNNNN.png: CFG | AGD at two w, the first classes or prompts of the store,
-    fixed seeds (the same images at every step but for the adapters), sampled through the same
-    path as ``stages.sample`` (the pipeline's own VAE and text encoders: a second copy of the base
-    is loaded for it)."""
-    from .figures import grid_figure, to_uint8
-    from .inference import load_for_sampling, sample_loaded
-
-    recorded = manifest.base_model
-    text = recorded.get("conditioning") == "text"
-    what = {"prompts": list(manifest.get("prompts") or [])[:VALIDATION_ROWS]} if text else \
-        {"classes": list(range(min(VALIDATION_ROWS, recorded["num_classes"])))}
-    panels, labels = {}, None
-    with torch.random.fork_rng(devices=[]):  # training's random stream is left as it was
-        adapter_config, base, adapted = load_for_sampling(str(adapters), device=device)
-        for w in _validation_scales(manifest):
-            for method in ("CFG", "AGD"):
-                result = sample_loaded(adapter_config, base, adapted, w, per_class=VALIDATION_SAMPLES, seed=seed,
-                                       use_adapters=method == "AGD", batch_size=VALIDATION_ROWS * VALIDATION_SAMPLES,
-                                       adapters=str(adapters), **what)
-                panels[f"{method} w={w:g}"] = to_uint8(result["images"])
-                labels = result["labels"].numpy()
-        del base, adapted
-    folder = out / VALIDATION
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:06d}.png"
-    grid_figure(panels, labels, VALIDATION_SAMPLES, f"validation after step {step} (rows: "
-                f"{'prompts' if text else 'classes'} {', '.join(map(str, labels[::VALIDATION_SAMPLES]))})", path)
-    return path
+def _validation_grid(adapted, out: Path, step: int, validation) -> Path:
+    """The validation grid of ``adapted`` (the model in training, in eval mode) after ``step``, made by
+    ``validation`` (:func:`_validation`); one seam, so tests can watch when grids are made."""
+    return validation(adapted, step)
 
 
 def _recorded_base(config: TrainConfig, manifest, device):
@@ -523,12 +504,13 @@ def _recorded_base(config: TrainConfig, manifest, device):
 
 
 def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, ema, batches, store, channels: int,
-              start_step: int, fingerprint: str, progress: bool, recent: list[float] | None = None) -> list[float]:
+              start_step: int, fingerprint: str, progress: bool, recent: list[float] | None = None,
+              validation=None) -> list[float]:
     """Steps start_step .. config.steps, each over gradient_accumulation_steps micro-batches:
     loss.csv rows, the tracker, the progress bar, checkpoints (every train.checkpoint_every steps,
     and always one at the last step), validation grids. Returns the losses of the last FINAL_LOSS_STEPS steps of
     the whole run (the mean over micro-batches and processes): ``recent``, those before start_step
-    (from the checkpoint), then this run's."""
+    (from the checkpoint), then this run's. ``validation``: :func:`_validation`'s grid maker."""
     main = accelerator.is_main_process
     manifest = store.manifest
     out = Path(config.out_dir)
@@ -598,25 +580,22 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, e
             if last:
                 continue
             if config.validate_every > 0 and (step + 1) % config.validate_every == 0:
-                _validate_now(accelerator, config, store, fingerprint, model, ema, step + 1)
+                _validate_now(accelerator, config, validation, model, ema, step + 1)
     return running
 
 
-def _validate_now(accelerator, config: TrainConfig, store, fingerprint: str, model, ema, step: int) -> None:
-    """A validation grid of the adapters as they are (their EMA, with train.ema_decay) at ``step``:
-    written into a scratch adapter folder, sampled as ``stages.sample`` would, then removed."""
+def _validate_now(accelerator, config: TrainConfig, validation, model, ema, step: int) -> None:
+    """A validation grid of the adapters as they are (their EMA, with train.ema_decay) at ``step``,
+    sampled in place with the model in training (no copy of the base, no adapter folder)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = Path(config.out_dir)
-        scratch = out / VALIDATION / ".adapters"
         adapted = accelerator.unwrap_model(model)
         context = ema_weights(ema, adapted) if ema is not None else contextlib.nullcontext()
         was_training = adapted.training
         try:
             with context:
-                save_adapters(adapted.eval(), scratch,
-                              extra=_adapter_record(config, store, fingerprint, None, runtime_record(accelerator)))
-            _validation_grid(scratch, out, step, config.seed, store.manifest, str(accelerator.device))
+                _validation_grid(adapted.eval(), out, step, validation)
         except WRITE_ERRORS as err:
             checkpoint = out / CHECKPOINT
             raise AgdError(f"{out / VALIDATION}: cannot write the validation grid of step {step} ({write_reason(err)})"
@@ -625,7 +604,6 @@ def _validate_now(accelerator, config: TrainConfig, store, fingerprint: str, mod
                            "train.validate_every: -1") from None
         finally:
             adapted.train(was_training)
-            shutil.rmtree(scratch, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -25,7 +25,7 @@ CONFIGS = (BaseStageConfig, GenerateConfig, TrainConfig, EvaluateConfig)
 # Keys that change no result: DVC must not re-run a stage for them.
 OPERATIONAL = {"generate.verify", "generate.restart_on_mismatch", "train.checkpoint_every", "train.verify",
                "train.restart_on_mismatch", "train.loader_workers", "train.gradient_checkpointing",
-               "train.report_to", "train.validate_every"}
+               "train.report_to", "train.validate_every", "train.validation_prompt", "train.validation_w"}
 # Paths: an output's location is its outs entry, an input's its deps entry (both by ${...}).
 PATHS = {"base.out_dir": "outs", "generate.out_dir": "outs", "train.out_dir": "outs",
          "evaluate.out_dir": "outs", "generate.base_model": "deps", "train.store": "deps",
@@ -272,6 +272,7 @@ def project(committed):
 @pytest.mark.parametrize("key, value", [
     ("generate.verify", "full"), ("generate.restart_on_mismatch", True), ("train.checkpoint_every", 7),
     ("train.verify", "cheap"), ("train.loader_workers", 3), ("train.restart_on_mismatch", True),
+    ("train.validation_w", [2.0]), ("train.validation_prompt", ["a cat"]),
 ])
 def test_operational_keys_rerun_nothing(project, key, value):
     params = params_yaml()

@@ -24,8 +24,9 @@ from agd_pipeline.errors import EXTRAS
 
 # the packages each extra must bring (pip names, normalised), and that the core must not
 EXTRA_PACKAGES = {"eval": {"clean-fid", "torchvision", "scikit-learn", "scipy", "matplotlib"}, "repro": {"dvc"},
-                  "finetune": {"peft"}, "distributed": {"dask"}}
-OPTIONAL = {"clean-fid", "torchvision", "scikit-learn", "scipy", "matplotlib", "dvc", "peft"}
+                  "finetune": {"peft"}, "distributed": {"dask"}, "tensorboard": {"tensorboard"},
+                  "dev": {"tensorboard"}}
+OPTIONAL = {"clean-fid", "torchvision", "scikit-learn", "scipy", "matplotlib", "dvc", "peft", "tensorboard"}
 CORE = {"torch", "diffusers", "transformers", "accelerate", "safetensors", "zarr", "numcodecs", "webdataset", "dask"}
 
 

@@ -64,8 +64,8 @@ def test_training_reads_only_the_store(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "adapters"
     grids = []  # the validation grid samples the base (a picture for people), only once training is over
 
-    def grid(adapters, *args):
-        grids.append((adapters, [step for step, _ in read_losses(out)], (adapters / ADAPTER_WEIGHTS).exists()))
+    def grid(adapted, out_dir, *args):  # made on the model in training, once its adapters are saved
+        grids.append((out_dir, [step for step, _ in read_losses(out)], (out_dir / ADAPTER_WEIGHTS).exists()))
 
     monkeypatch.setattr(training, "_validation_grid", grid)
     result = training.train(train_config(tiny_store, out, steps=3, validate_every=0), **QUIET)

@@ -176,11 +176,12 @@ def test_validation_grids_every_n_steps_and_after_the_last(tiny_store, tmp_path)
 
 def test_a_validation_grid_that_cannot_be_made_warns_and_keeps_the_adapters(tiny_store, tmp_path, monkeypatch):
     from agd_pipeline.errors import ModelError
+    from agd_pipeline.validation import Validator
 
     def broken(*args, **kwargs):
         raise ModelError("the base has no VAE")
 
-    monkeypatch.setattr(training, "_validation_grid", broken)
+    monkeypatch.setattr(Validator, "grid", broken)
     out = tmp_path / "adapters"
     with pytest.warns(UserWarning, match="the adapters are saved, but no validation grid was made"):
         training.train(train_config(tiny_store, out, steps=2, validate_every=0), **QUIET)
