@@ -125,6 +125,24 @@ def test_the_root_is_consolidated_only_while_the_store_is_complete(tiny_base_dir
     assert "shard-000001.zarr" in tree.children and "trajectory" in tree["shard-000001.zarr"].coords
 
 
+def test_a_complete_store_with_a_plain_root_is_sealed_once(tiny_base_dir, tiny_store, tmp_path):
+    """A store whose root was never consolidated (written before this release, or a run killed
+    after its last shard) is sealed by the next run; a rerun after that writes nothing."""
+    from agd_pipeline.store.formats.zarr import ZarrFormat
+
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
+    ZarrFormat().prepare_root(root)
+    with pytest.warns(UserWarning, match="not recognized as a component of a Zarr hierarchy"):
+        dict(zarr.open_group(str(root), mode="r").members())
+    generate_store(tiny_base_dir, root)
+    sealed = (root / "zarr.json").stat().st_mtime_ns
+    with no_warnings():
+        assert len(dict(zarr.open_group(str(root), mode="r").members())) == 3
+    generate_store(tiny_base_dir, root)
+    assert (root / "zarr.json").stat().st_mtime_ns == sealed
+
+
 def test_the_derived_metadata_leaves_data_and_checksums_alone(tiny_store, tmp_path):
     """The coordinates are outside the checksums; a shard without them (written before they
     existed) verifies and loads as before."""

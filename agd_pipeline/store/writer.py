@@ -159,7 +159,8 @@ class StoreWriter:
     def seal(self) -> None:
         """Rank 0, once every shard is complete: let the format finish the root for standard tools
         (Zarr: the hierarchy's metadata consolidated into the root's zarr.json)."""
-        if self.rank == 0 and all(entry.get("status") == "complete" for entry in self.manifest.shards):
+        if self.rank == 0 and all(entry.get("status") == "complete" for entry in self.manifest.shards) \
+                and not self.shard_format.root_sealed(self.root):  # a rerun with nothing to do writes nothing
             try:
                 self.shard_format.seal_root(self.root)
             except OSError as err:

@@ -48,6 +48,10 @@ class ShardFormat(abc.ABC):
         whole store (Zarr: consolidated metadata; nothing, by default)."""
         return None
 
+    def root_sealed(self, root: Path) -> bool:
+        """Whether ``seal_root`` has run since shards were last written (always, by default)."""
+        return True
+
     @abc.abstractmethod
     def begin_shard(self, store, index: int) -> ShardWriter:
         """A writer of shard ``index`` of ``store`` (a StoreWriter)."""

@@ -17,6 +17,7 @@ of listing the folder, whose manifest.json and lock file are no Zarr nodes.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -82,6 +83,14 @@ class ZarrFormat(ShardFormat):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # this one listing does meet our non-Zarr files
             zarr.consolidate_metadata(str(root), zarr_format=3)
+
+    def root_sealed(self, root: Path) -> bool:
+        """The root's zarr.json holds consolidated metadata (``prepare_root`` writes it without).
+        A complete store written before sealing existed is sealed by the next run on it."""
+        try:
+            return "consolidated_metadata" in json.loads((root / "zarr.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return False
 
     def begin_shard(self, store, index: int) -> ZarrShardWriter:
         return ZarrShardWriter(store, index, self)
