@@ -101,8 +101,10 @@ def test_zarr_lists_the_root_and_xarray_opens_it_as_a_datatree_without_warnings(
         # the whole store as one Dataset along trajectory (the README's recipe)
         shards = sorted(str(tiny_store / name) for name in names)
         whole = xr.open_mfdataset(shards, engine="zarr", combine="nested", concat_dim="trajectory",
-                                  data_vars="minimal", coords="minimal", compat="override", join="override")
+                                  combine_attrs="drop_conflicts")
+        assert xr.open_zarr(tiny_store).attrs["store_type"] == "agd-trajectory-store"  # no arrays at the root
     manifest = TrajectoryStore(tiny_store).manifest
+    assert "store_header" in whole.attrs and "checksum" not in whole.attrs  # a shard's own attributes differ
     np.testing.assert_array_equal(whole["trajectory"].values, np.arange(manifest.num_trajectories))
     np.testing.assert_array_equal(
         whole["guidance_scale"].values,
