@@ -80,6 +80,9 @@ class ZarrFormat(ShardFormat):
         raise zarr's "not recognized as a component of a Zarr hierarchy" warning. Only the root's
         zarr.json is written; the shards' files are untouched."""
         self.prepare_root(root)
+        for stale in root.glob("zarr.*.partial"):  # left by a run killed while consolidating (we hold the lock)
+            if ZARR_TEMPORARY.fullmatch(stale.name) and stale.is_file():
+                stale.unlink(missing_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # this one listing does meet our non-Zarr files
             zarr.consolidate_metadata(str(root), zarr_format=3)
@@ -147,9 +150,12 @@ class ZarrFormat(ShardFormat):
 
     def owns(self, entry: Path) -> bool:
         """The root group's zarr.json (or its temporary, while another writer is creating the
-        store), or a shard folder (or its partial) holding only zarr.json and array folders of ours."""
+        store; or zarr's own, while it consolidates the root), or a shard folder (or its partial)
+        holding only zarr.json and array folders of ours."""
         if entry.name in ("zarr.json", "zarr.json.tmp") and entry.is_file():
             return True
+        if ZARR_TEMPORARY.fullmatch(entry.name):  # may be renamed away since it was listed
+            return not entry.is_dir()
         if not entry.is_dir() or entry.is_symlink() \
                 or not re.fullmatch(rf"{SHARD_INDEX}\.{self.extension}(\.partial)?", entry.name):
             return False
