@@ -11,7 +11,11 @@ import zarr.codecs
 
 STORE_TYPE = "agd-trajectory-store"  # the manifest's marker: a folder holding it is one of ours
 SCHEMA_VERSION = 4  # 3: store type marker, run settings in every shard, dimension names, .npz tar members;
-# 4: chunks sized in bytes (chunk_bytes replaces chunk_trajectories), Zarr arrays sharded into few files
+# 4: chunks sized in bytes (chunk_bytes replaces chunk_trajectories), Zarr arrays sharded into few files.
+# Format note, still 4 (optional additions; readers accept shards with and without them, and the version
+# is a run setting, so a bump would refuse to resume every existing store): Zarr shards hold the derived
+# arrays of DERIVED_ARRAYS and a CF "coordinates" attribute, a finished Zarr root holds consolidated
+# metadata, and a tar sample has a <key>.json member. None of them is in a checksum.
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 SHARD_INDEX = r"shard-(\d{6})"  # a shard's name: this, a dot, and its format's extension
