@@ -292,5 +292,7 @@ class ZarrShardWriter(ShardWriter):
         indices = {name: self.group[name][:] for name in ("prompt_index", "negative_prompt_index")
                    if name in self.dtypes}
         for name, texts in prompt_texts(self.store.header, indices).items():
-            self.group.create_array(name, data=np.array(texts, dtype=np.dtypes.StringDType()),
-                                    chunks=(max(1, n),), dimension_names=("trajectory",))
+            # dtype str: zarr's variable-length UTF-8 strings, with numpy 1.26 as with 2.x
+            array = self.group.create_array(name, shape=(n,), dtype=str, chunks=(max(1, n),),
+                                            dimension_names=("trajectory",))
+            array[:] = np.array(texts, dtype=object)
