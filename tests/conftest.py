@@ -101,14 +101,17 @@ def write_untrained_adapters(base_dir: Path, folder: Path, num_steps: int) -> Pa
 
 
 def read_all_shards(root: Path) -> dict[str, dict[str, np.ndarray]]:
-    """{shard name: {array name: numpy array}} for every shard listed in the manifest."""
+    """{shard name: {array name: numpy array}} for every shard listed in the manifest: its data,
+    without the arrays a Zarr shard derives for other tools (schema.DERIVED_ARRAYS)."""
     from agd_pipeline.store import TrajectoryStore
+    from agd_pipeline.store.schema import DERIVED_ARRAYS
 
     store = TrajectoryStore(root)
     out = {}
     for entry in store.shards:
         group = store.open_shard(entry["name"])
-        out[entry["name"]] = {name: group[name][:] for name in sorted(group.array_keys())}
+        out[entry["name"]] = {name: group[name][:] for name in sorted(group.array_keys())
+                              if name not in DERIVED_ARRAYS}
     return out
 
 

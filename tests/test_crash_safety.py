@@ -120,6 +120,9 @@ def test_two_processes_write_the_same_store_as_one(tiny_base_dir, reference, tmp
     assert "rank 0 wrote 5 shard(s), 10 trajectories" in output, output
     assert "rank 1 wrote 5 shard(s), 10 trajectories" in output, output
     assert_same_arrays(root, reference)
+    # rank 0 consolidated the root once every rank's shards were in: all ten listed there
+    root_metadata = json.loads((root / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    assert {key for key in root_metadata if "/" not in key} == {p.name for p in root.glob("shard-*.zarr")}
     # and a second run with two processes finds nothing to do
     again = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr

@@ -18,6 +18,7 @@ import agd_pipeline.store.verify as verify
 from agd_pipeline.errors import StoreError
 from agd_pipeline.store import (MANIFEST, MANIFEST_LOG, StoreWriter, TrajectoryStore, convert_store, foreign_entries,
                                 read_manifest, refuse_foreign_folder, write_json_atomic)
+from agd_pipeline.store.schema import DERIVED_ARRAYS
 from agd_pipeline.store.journal import log_path
 from agd_pipeline.store.verified import record_file
 
@@ -327,7 +328,7 @@ def test_the_train_verify_option_documents_its_modes_and_limit():
 def shard_arrays(root: Path, index: int) -> dict[str, np.ndarray]:
     store = TrajectoryStore(root)
     group = store.open_shard(store.shards[index]["name"])
-    return {name: group[name][:] for name in group.array_keys()}
+    return {name: group[name][:] for name in group.array_keys() if name not in DERIVED_ARRAYS}
 
 
 def write_shard(writer: StoreWriter, index: int, source: Path) -> dict:

@@ -88,7 +88,9 @@ def test_damaged_tar_shards_are_named(tar_store, tmp_path):
     # a flipped byte inside a compressed payload: same size, caught by the full check, named by array
     shutil.copy(tar_store / "shard-000001.tar", tar)
     data = bytearray(tar.read_bytes())
-    data[1536] ^= 0xFF  # inside the first sample's member, past its JSON header
+    with tarfile.open(tar) as archive:  # the first sample's arrays (its json member comes before them)
+        start = next(m.offset_data for m in archive if m.name.endswith(".trajectory.npz"))
+    data[start + 1024] ^= 0xFF  # inside the first sample's .npz member, past its zip and .npy headers
     tar.write_bytes(bytes(data))
     assert TrajectoryStore(root).problems() == []
     full = TrajectoryStore(root).problems(full=True)

@@ -5,6 +5,7 @@ Layout (schema version 3)::
     <root>/manifest.json             store type and schema, settings of the run, one entry per shard
     <root>/manifest.log              while a run writes: the entries of shards committed since (journal)
     <root>/zarr.json                 Zarr format: the root is a Zarr group, the shards its children
+                                     (consolidated once every shard is complete: see formats/zarr.py)
     <root>/shard-000000.zarr/        one self-describing group per shard, written by one process
     <root>/shard-000000.tar          ... or, with format webdataset, a tar (formats/webdataset.py)
     <root>/.agd.lock                 held by the one process writing the store (see agd_pipeline.locks)

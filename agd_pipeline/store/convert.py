@@ -10,7 +10,7 @@ from ..locks import FolderLock
 from .formats import get_format, resolve_compressor
 from .ownership import refuse_foreign_folder
 from .reader import TrajectoryStore
-from .schema import REPAIR, codec_available
+from .schema import DERIVED_ARRAYS, REPAIR, codec_available
 from .writer import StoreWriter
 
 
@@ -59,7 +59,8 @@ def convert_store(source: str | os.PathLike, target: str | os.PathLike, fmt: str
                 with writer.begin_shard(index) as shard:  # an error removes its partial files
                     for rows in src.shard_format.read_units(src.manifest, entry):
                         try:
-                            arrays = {name: group[name][rows] for name in group.array_keys()}
+                            arrays = {name: group[name][rows] for name in group.array_keys()
+                                      if name not in DERIVED_ARRAYS}  # the target derives its own
                         except Exception as err:  # noqa: BLE001 - a chunk damaged since the check
                             raise StoreError(f"{source / entry['name']}: cannot read trajectories {rows.start}-"
                                              f"{rows.stop} ({type(err).__name__}: {err}). {REPAIR}") from None

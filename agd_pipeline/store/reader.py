@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import StoreError
 from .formats import SHARD_PATTERN, ShardFormat
 from .manifest import as_manifest, read_manifest
-from .schema import REPAIR, array_specs
+from .schema import DERIVED_ARRAYS, REPAIR, array_specs
 from .verify import Problem, find_problems
 
 
@@ -83,7 +83,7 @@ class TrajectoryStore:
         groups = [(e, self.open_shard(e["name"])) for e in self.shards if e.get("status") == "complete"]
         if not groups:
             raise StoreError(f"{self.root}: no complete shards")
-        names = names or sorted(groups[0][1].array_keys())
+        names = names or sorted(set(groups[0][1].array_keys()) - set(DERIVED_ARRAYS))  # the data, per trajectory
         for array in names:
             out[array] = da.concatenate([self.shard_format.dask_array(g[array]) for _, g in groups], axis=0)
         return out

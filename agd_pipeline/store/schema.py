@@ -11,7 +11,11 @@ import zarr.codecs
 
 STORE_TYPE = "agd-trajectory-store"  # the manifest's marker: a folder holding it is one of ours
 SCHEMA_VERSION = 4  # 3: store type marker, run settings in every shard, dimension names, .npz tar members;
-# 4: chunks sized in bytes (chunk_bytes replaces chunk_trajectories), Zarr arrays sharded into few files
+# 4: chunks sized in bytes (chunk_bytes replaces chunk_trajectories), Zarr arrays sharded into few files.
+# Format note, still 4 (optional additions; readers accept shards with and without them, and the version
+# is a run setting, so a bump would refuse to resume every existing store): Zarr shards hold the derived
+# arrays of DERIVED_ARRAYS and a CF "coordinates" attribute, a finished Zarr root holds consolidated
+# metadata, and a tar sample has a <key>.json member. None of them is in a checksum.
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 SHARD_INDEX = r"shard-(\d{6})"  # a shard's name: this, a dot, and its format's extension
@@ -185,6 +189,55 @@ def dimension_names(header: dict, name: str, ndim: int) -> tuple[str, ...]:
     numbered = tuple(f"{name}_{i}" for i in range(1, ndim))
     rest = _CONDITION_DIMS.get(name, numbered)
     return ("trajectory", *rest)[:ndim] if len(rest) == ndim - 1 else ("trajectory", *numbered)
+
+
+# ------------------------------------------------------------------ metadata for standard tools
+
+# Arrays a Zarr shard holds for xarray and other tools besides the data (added in the schema 4
+# format, optional: shards written before lack them, and every reader of ours ignores them).
+# They are derived from the data and the run's settings (``derived_arrays``), so they are outside
+# the shard's checksums: the checksums, and the store's fingerprint, are those of the data alone.
+# ``trajectory`` (global trajectory indices) and ``step`` (0..num_steps-1) are the index
+# coordinates of their dimensions; ``prompt`` and ``negative_prompt`` (text stores) the text of
+# each trajectory's prompts, which otherwise only the manifest's prompt list holds.
+DERIVED_ARRAYS = ("trajectory", "step", "prompt", "negative_prompt")
+# Per-trajectory arrays that label the data rather than being it: the group's CF ``coordinates``
+# attribute names them, so xarray opens them as (non-index) coordinates.
+LABEL_ARRAYS = ("trajectory_index", "guidance_scale", "seed", "timesteps", "class_label", "prompt_index",
+                "negative_prompt_index", "prompt", "negative_prompt")
+
+
+def prompt_texts(header: dict, arrays: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """For a text store, each trajectory's prompt and negative prompt, from its ``prompt_index``
+    (and ``negative_prompt_index``, -1 being the pipeline's default: the empty prompt) in
+    ``arrays``; nothing for a class store."""
+    if "prompt_index" not in arrays:
+        return {}
+    prompts, indices = header.get("prompts") or [], np.asarray(arrays["prompt_index"]).reshape(-1)
+    out = {"prompt": [prompts[int(i)] for i in indices]}
+    negatives = (header.get("guidance") or {}).get("negative_prompts")
+    if negatives and "negative_prompt_index" in arrays:
+        chosen = np.asarray(arrays["negative_prompt_index"]).reshape(-1)
+        out["negative_prompt"] = [negatives[int(i)] if i >= 0 else "" for i in chosen]
+    else:
+        out["negative_prompt"] = [header.get("negative_prompt") or ""] * len(indices)
+    return out
+
+
+def sample_metadata(header: dict, arrays: dict[str, np.ndarray]) -> dict:
+    """What a person or tool needs to know of one trajectory without our code (a WebDataset
+    sample's ``json`` member): its index, seed, w, condition (class, or prompt and negative
+    prompt with their indices) and the timestep of each step. ``arrays``: that trajectory's
+    arrays as stored (scalars and per-step rows)."""
+    meta = {"trajectory_index": int(arrays["trajectory_index"]), "seed": int(arrays["seed"]),
+            "guidance_scale": float(arrays["guidance_scale"])}
+    for name in ("class_label", "prompt_index", "negative_prompt_index"):
+        if name in arrays:
+            meta[name] = int(arrays[name])
+    meta.update({name: texts[0] for name, texts in prompt_texts(
+        header, {k: np.reshape(v, (1,)) for k, v in arrays.items() if k.endswith("prompt_index")}).items()})
+    meta["timesteps"] = [float(t) for t in np.asarray(arrays["timesteps"]).reshape(-1)]
+    return meta
 
 
 # --------------------------------------------------------------------------------------- codecs

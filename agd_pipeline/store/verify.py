@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import (UNIT_CHECKSUMS, UNIT_ROWS, array_checksum, array_specs, combined_checksum, read_by_unit,
-                     row_slices, unit_checksum, unit_checksums, whole_checksum)
+from .schema import (DERIVED_ARRAYS, UNIT_CHECKSUMS, UNIT_ROWS, array_checksum, array_specs, combined_checksum,
+                     read_by_unit, row_slices, unit_checksum, unit_checksums, whole_checksum)
 from .verified import Listing, VerifiedShards
 
 # How a store is verified (train.verify): "changed" re-reads the shards without a matching record
@@ -191,7 +191,7 @@ def verify_contents(fmt, name: str, shard, entry: dict) -> list[Problem]:
     if not isinstance(rows, int) or rows <= 0 or not isinstance(recorded, dict):
         recorded, rows = {}, 1  # validate_manifest refuses these; a shard's own record may still hold them
     units = list(row_slices(entry["trajectories"], rows))
-    for array in sorted(shard.array_keys()):
+    for array in sorted(set(shard.array_keys()) - set(DERIVED_ARRAYS)):  # derived arrays: no checksum
         per_unit = None
         try:
             if array in recorded:  # one pass: the checksum and the digest of every unit

@@ -154,6 +154,18 @@ class StoreWriter:
                 self.compact()
             raise
         self.compact()
+        self.seal()
+
+    def seal(self) -> None:
+        """Rank 0, once every shard is complete: let the format finish the root for standard tools
+        (Zarr: the hierarchy's metadata consolidated into the root's zarr.json)."""
+        if self.rank == 0 and all(entry.get("status") == "complete" for entry in self.manifest.shards) \
+                and not self.shard_format.root_sealed(self.root):  # a rerun with nothing to do writes nothing
+            try:
+                self.shard_format.seal_root(self.root)
+            except OSError as err:
+                raise StoreError(f"{self.root}: cannot write the root's metadata ({err.strerror or err}); "
+                                 "the shards are complete, run the same command again to finish it") from None
 
     def _count_incomplete(self) -> None:
         self._incomplete = sum(entry.get("status") != "complete" for entry in self.manifest.shards)
@@ -204,6 +216,8 @@ class StoreWriter:
             self.shard_format.remove_shard(self.root / name)
         if damaged:
             self.refresh()
+        if (todo or damaged) and self.rank == 0:
+            self.shard_format.prepare_root(self.root)  # the root's list of shards, if sealed, is stale now
         return sorted(todo | damaged)
 
     def owned(self, indices) -> list[int]:

@@ -39,8 +39,18 @@ class ShardFormat(abc.ABC):
     # ------------------------------------------------------------------ writing and finding
 
     def prepare_root(self, root: Path) -> None:
-        """Write whatever a new store's root needs besides the manifest (nothing, by default)."""
+        """Write whatever a new store's root needs besides the manifest (nothing, by default);
+        also called when shards are about to be written into an existing store."""
         return None
+
+    def seal_root(self, root: Path) -> None:
+        """Once every shard is complete: whatever the root needs so that standard tools open the
+        whole store (Zarr: consolidated metadata; nothing, by default)."""
+        return None
+
+    def root_sealed(self, root: Path) -> bool:
+        """Whether ``seal_root`` has run since shards were last written (always, by default)."""
+        return True
 
     @abc.abstractmethod
     def begin_shard(self, store, index: int) -> ShardWriter:

@@ -5,6 +5,10 @@ A sample's key is the trajectory index (``000000042``, no dots) and its one memb
 (``model_input.npy``, ``guided_output.npy``, ...), stored or deflate-compressed. Plain
 ``webdataset.WebDataset(url).decode()`` turns it into a dict of arrays, and ``numpy.load`` reads
 it too. One member per trajectory keeps tar's 512-byte headers from dominating small latents.
+Since schema 4's standard-tools note, a sample also has ``<key>.json``: the trajectory's index,
+seed, w (``guidance_scale``), condition (class, or prompt and negative prompt text with their
+indices) and the timestep of each step (``schema.sample_metadata``), which webdataset decodes to a
+dict. It is derived from the arrays and outside the checksums; tars written before lack it.
 The manifest is the same as the Zarr store's, with ``format: webdataset``; next to every finished
 tar lies ``<shard>.json`` with its entry (checksums) and the run's settings, written before the tar
 is renamed into place.
@@ -31,13 +35,15 @@ import numpy as np
 from ...errors import StoreError
 from ..files import remove_path, write_json_atomic
 from ..schema import (SHARD_INDEX, UNIT_CHECKSUMS, UNIT_ROWS, ArrayHasher, array_specs, combined_checksum, row_slices,
-                      run_header, same_run, shard_range, read_rows, stored_checksums)
+                      run_header, sample_metadata, same_run, shard_range, read_rows, stored_checksums)
 from .base import ShardFormat, ShardWriter, check_before_publish
 
 EXTENSION = "trajectory.npz"
-# The only member a shard may hold: <key>.trajectory.npz, the key the trajectory index (no folder,
-# no dots, nothing absolute); and only regular files, never a link or a device
+METADATA = "json"  # the sample's metadata for standard tools (optional: older tars lack it)
+# The only members a shard may hold: <key>.trajectory.npz and <key>.json, the key the trajectory
+# index (no folder, no dots, nothing absolute); and only regular files, never a link or a device
 MEMBER = re.compile(rf"[0-9]{{9,}}\.{re.escape(EXTENSION)}")
+METADATA_MEMBER = re.compile(rf"[0-9]{{9,}}\.{METADATA}")
 MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
                 tarfile.BLKTYPE: "a device", tarfile.DIRTYPE: "a folder", tarfile.FIFOTYPE: "a FIFO"}
 # a fixed timestamp in every zip entry: the same trajectories give byte-identical shards
@@ -198,8 +204,10 @@ class TarShardWriter(ShardWriter):
             for name, value in values.items():
                 stored[name] = self.hasher.stored(name, value[j])
                 self.hasher.update(name, stored[name])
+            meta = sample_metadata(self.store.header, stored)
             self.tar.write({"__key__": f"{self.start + offset + j:09d}",
-                            EXTENSION: encode_sample(stored, self.compression)})
+                            EXTENSION: encode_sample(stored, self.compression),
+                            METADATA: json.dumps(meta, ensure_ascii=False).encode()})
         self.written += n
 
     def finish(self, expected_checksums: dict | None = None) -> dict:
@@ -304,9 +312,12 @@ class TarShard:
                             kind = MEMBER_KINDS.get(info.type, f"of tar type {info.type!r}")
                             raise StoreError(f"{self.path}: member {info.name!r} is {kind}, not a regular file "
                                              "(a forged or damaged tar)")
+                        if METADATA_MEMBER.fullmatch(info.name) and info.size <= 1 << 20:
+                            continue  # metadata for other tools; the arrays are the data
                         if not MEMBER.fullmatch(info.name):
                             raise StoreError(f"{self.path}: unexpected member {info.name!r} (a sample is "
-                                             f"<trajectory index>.{EXTENSION}, no folders; a forged or damaged tar)")
+                                             f"<trajectory index>.{EXTENSION} and <trajectory index>.{METADATA}, "
+                                             "no folders; a forged or damaged tar)")
                         samples.append(self._index_sample(mapped, info.offset_data, info.size))
             except (tarfile.TarError, zipfile.BadZipFile, struct.error, ValueError, EOFError) as err:
                 raise StoreError(f"{self.path}: sample {len(samples)} is unreadable ({type(err).__name__}: "

@@ -5,10 +5,19 @@ sized from the data); an array of several chunks is a zarr v3 *sharded* array, i
 ranges inside one file (or a few), so a shard is a handful of files. The loader reads one chunk row
 (a block of whole trajectories) at a time. The group's attributes carry the shard's checksums and
 the settings of its run, so a lost manifest is rebuilt from the shards.
+
+Standard tools read a shard without our code: every array carries its ``dimension_names``, the
+shard holds index coordinates ``trajectory`` and ``step`` and (text stores) the ``prompt`` and
+``negative_prompt`` text of each trajectory, and the group's CF ``coordinates`` attribute makes w,
+seed, timesteps and the condition coordinates, so ``xr.open_zarr(shard)`` gives a labelled Dataset.
+Once every shard is complete the root's metadata is consolidated (``seal_root``): zarr and
+``xr.open_datatree(root, engine="zarr")`` then read the hierarchy from the root's zarr.json instead
+of listing the folder, whose manifest.json and lock file are no Zarr nodes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -21,9 +30,9 @@ import zarr.codecs.numcodecs
 
 from ...errors import StoreError
 from ..files import folder_bytes, write_json_atomic
-from ..schema import (LATENT_ARRAYS, MANIFEST, SCHEMA_VERSION, SHARD_INDEX, STORE_TYPE, UNIT_CHECKSUMS, UNIT_ROWS,
-                      ArrayHasher, array_specs, chunk_layout, combined_checksum, dimension_names, row_slices,
-                      run_header, same_run, shard_range, read_rows, stored_checksums)
+from ..schema import (LABEL_ARRAYS, LATENT_ARRAYS, MANIFEST, SCHEMA_VERSION, SHARD_INDEX, STORE_TYPE, UNIT_CHECKSUMS,
+                      UNIT_ROWS, ArrayHasher, array_specs, chunk_layout, combined_checksum, dimension_names,
+                      prompt_texts, row_slices, run_header, same_run, shard_range, read_rows, stored_checksums)
 from .base import ShardFormat, ShardWriter, check_before_publish
 
 # We write consolidated metadata on purpose (one read opens a shard); zarr warns that v3 has no spec for it.
@@ -59,9 +68,32 @@ class ZarrFormat(ShardFormat):
     reuse_open_shards = True  # opening reads metadata only; the data is read by chunk rows
 
     def prepare_root(self, root: Path) -> None:
-        # the store root opens as a Zarr group whose children are the shards
+        """The store root opens as a Zarr group whose children are the shards. Written plain (not
+        consolidated) whenever shards are to be written, so no stale list of shards outlives them."""
         write_json_atomic(root / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {
             "store_type": STORE_TYPE, "schema_version": SCHEMA_VERSION, "manifest": MANIFEST}})
+
+    def seal_root(self, root: Path) -> None:
+        """Once every shard is complete: consolidate the metadata of the whole hierarchy into the
+        root's zarr.json, so zarr and xarray open the root (``xr.open_datatree(root, engine="zarr")``)
+        without listing its folder, where manifest.json, manifest.log and the lock file would each
+        raise zarr's "not recognized as a component of a Zarr hierarchy" warning. Only the root's
+        zarr.json is written; the shards' files are untouched."""
+        self.prepare_root(root)
+        for stale in root.glob("zarr.*.partial"):  # left by a run killed while consolidating (we hold the lock)
+            if ZARR_TEMPORARY.fullmatch(stale.name) and stale.is_file():
+                stale.unlink(missing_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # this one listing does meet our non-Zarr files
+            zarr.consolidate_metadata(str(root), zarr_format=3)
+
+    def root_sealed(self, root: Path) -> bool:
+        """The root's zarr.json holds consolidated metadata (``prepare_root`` writes it without).
+        A complete store written before sealing existed is sealed by the next run on it."""
+        try:
+            return "consolidated_metadata" in json.loads((root / "zarr.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return False
 
     def begin_shard(self, store, index: int) -> ZarrShardWriter:
         return ZarrShardWriter(store, index, self)
@@ -118,9 +150,12 @@ class ZarrFormat(ShardFormat):
 
     def owns(self, entry: Path) -> bool:
         """The root group's zarr.json (or its temporary, while another writer is creating the
-        store), or a shard folder (or its partial) holding only zarr.json and array folders of ours."""
+        store; or zarr's own, while it consolidates the root), or a shard folder (or its partial)
+        holding only zarr.json and array folders of ours."""
         if entry.name in ("zarr.json", "zarr.json.tmp") and entry.is_file():
             return True
+        if ZARR_TEMPORARY.fullmatch(entry.name):  # may be renamed away since it was listed
+            return not entry.is_dir()
         if not entry.is_dir() or entry.is_symlink() \
                 or not re.fullmatch(rf"{SHARD_INDEX}\.{self.extension}(\.partial)?", entry.name):
             return False
@@ -186,6 +221,12 @@ class ZarrShardWriter(ShardWriter):
             self.dtypes[name] = dtype
             self.file_rows[name] = (shards or chunks)[0]
             self.held[name] = []  # (first row, values) not yet written
+        # index coordinates for xarray (derived, outside the checksums: see schema.DERIVED_ARRAYS)
+        self.group.create_array("trajectory", data=np.arange(self.start, self.stop, dtype=np.int64),
+                                chunks=(max(1, n),), dimension_names=("trajectory",))
+        steps = header["sampler"]["num_steps"]
+        self.group.create_array("step", data=np.arange(steps, dtype=np.int64), chunks=(max(1, steps),),
+                                dimension_names=("step",))
 
     def _flush(self, name: str, whole_files_only: bool) -> None:
         """Write the held rows of ``name``: those that fill whole files (or all of them)."""
@@ -226,13 +267,15 @@ class ZarrShardWriter(ShardWriter):
         self.check_all_written()
         expected = self.stop - self.start
         rows = read_rows(self.store.header)
-        stored, per_unit = stored_checksums(self.group, sorted(self.group.array_keys()),
-                                            list(row_slices(expected, rows)))
+        stored, per_unit = stored_checksums(self.group, sorted(self.dtypes), list(row_slices(expected, rows)))
         sums = self.hasher.checksums() if self.hashed == expected else stored
         check_before_publish(self.partial, stored, sums, expected_checksums)
+        self._write_prompt_texts(expected)
+        labels = [name for name in LABEL_ARRAYS if name in self.group.array_keys()]
         self.group.attrs.update({"checksum": combined_checksum(sums), "checksums": sums, "trajectories": expected,
                                  UNIT_ROWS: rows, UNIT_CHECKSUMS: per_unit,
-                                 "store_header": run_header(self.store.header)})
+                                 "store_header": run_header(self.store.header),
+                                 "coordinates": " ".join(labels)})  # CF: xarray opens these as coordinates
         zarr.consolidate_metadata(str(self.partial))
         # The rename is the commit point: a shard under its final name is complete, whatever
         # happens to the process afterwards (the manifest catches up on the next run).
@@ -242,3 +285,14 @@ class ZarrShardWriter(ShardWriter):
             raise StoreError(f"{self.final}: unreadable right after it was written (is the disk failing?)")
         self.store.mark_complete(self.index, entry)
         return entry
+
+    def _write_prompt_texts(self, n: int) -> None:
+        """A text store's prompt and negative prompt of each trajectory, as string arrays (from the
+        prompt indices as stored, so they say what the data was conditioned on)."""
+        indices = {name: self.group[name][:] for name in ("prompt_index", "negative_prompt_index")
+                   if name in self.dtypes}
+        for name, texts in prompt_texts(self.store.header, indices).items():
+            # dtype str: zarr's variable-length UTF-8 strings, with numpy 1.26 as with 2.x
+            array = self.group.create_array(name, shape=(n,), dtype=str, chunks=(max(1, n),),
+                                            dimension_names=("trajectory",))
+            array[:] = np.array(texts, dtype=object)
