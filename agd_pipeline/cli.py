@@ -132,10 +132,14 @@ def stage_main(cls: type[StageConfig], run: Callable, argv=None, description: st
 def params_argument(argv=None) -> str:
     """The params file a command line names (``--params``), else params.yaml: read before the full
     parse, so that --help can show the values that file sets."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--params", default=DEFAULT_PARAMS)
-    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    return known.params
+    pre.error = lambda message: None  # a malformed --params is the full parse's to report, in one line
+    try:
+        known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    except argparse.ArgumentError:
+        return DEFAULT_PARAMS
+    return known.params or DEFAULT_PARAMS
 
 
 def _uses_file(params: str) -> bool:

@@ -233,3 +233,11 @@ def test_help_shows_the_values_that_apply_and_where_they_come_from(tmp_path):
     assert "(applies: data/adapters, built-in)" in outside and "No params.yaml in this folder" in outside
     repo = flat(run_main("stages.generate", "--help").stdout)
     assert "(applies: blosc-zstd from params.yaml [generate]; built-in: auto)" in repo
+
+
+def test_a_params_option_without_a_value_is_one_line_error(tmp_path):
+    """--help reads the file --params names before the full parse; a malformed --params stays the full
+    parse's one-line error, not the early read's usage block."""
+    result = run_main("stages.train", "--params", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: argument --params: expected one argument")
