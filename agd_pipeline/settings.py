@@ -70,12 +70,13 @@ def built_in_values(cls: type) -> dict[str, Any]:
 def settings_block(config, sources: dict[str, str], params_note: str) -> str:
     """The lines a stage prints before it starts: a header naming the params file (or saying there
     is none), then one line per value that is not the built-in one, or was given on the command line,
-    and always the output folder, each with where it comes from."""
+    and always what the stage reads and writes (its inputs and out_dir), each with where it comes from."""
     built_in = built_in_values(type(config))
+    always = {"out_dir", *INPUTS.get(config.section, {})}
     lines = [f"{config.section} settings ({params_note}; other values are the built-in ones, see --help):"]
     for name, source in sources.items():
         value = getattr(config, name)
-        if value != built_in[name] or source.startswith("--") or name == "out_dir":
+        if value != built_in[name] or source.startswith("--") or (name in always and value):
             lines.append(f"  {name} = {show(value)}  ({source})")
     return "\n".join(lines)
 

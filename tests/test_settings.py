@@ -200,7 +200,9 @@ def test_without_params_yaml_the_block_says_so(here, tmp_path):
     config = resolved(EvaluateConfig, tmp_path, None, "--seed", "7")
     block = settings.settings_block(config.config, config.sources, config.note).splitlines()
     assert "no params.yaml in this folder" in block[0]
-    assert block[1:] == ["  out_dir = data/eval  (built-in)", "  seed = 7  (--seed)"]
+    # what it reads and writes is always named, the other built-in values are not
+    assert block[1:] == ["  adapters = data/adapters  (built-in)", "  out_dir = data/eval  (built-in)",
+                         "  seed = 7  (--seed)"], block
 
 
 def test_only_the_main_process_prints_the_settings(here, tmp_path, monkeypatch, capsys):
