@@ -625,6 +625,12 @@ class EvaluateConfig(StageConfig):
             self.fail("num_steps", "must be >= 0")
 
 
+# Every stage's config by its params.yaml section.
+CONFIG_CLASSES: dict[str, type[StageConfig]] = {
+    cls.section: cls for cls in (BaseStageConfig, FinetuneConfig, TextDataConfig, TextBaseConfig, GenerateConfig,
+                                 TrainConfig, EvaluateConfig)}
+
+
 # ------------------------------------------------------------------------------ loading & CLI
 
 
@@ -632,7 +638,7 @@ def _fields(cls: type[StageConfig]) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls)]
 
 
-def _coerce(cls: type[StageConfig], field: dataclasses.Field, value: Any) -> Any:
+def coerce_value(cls: type[StageConfig], field: dataclasses.Field, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise naming the key."""
     key = f"{cls.section}.{field.name}"
     hint = typing.get_type_hints(cls)[field.name]
@@ -721,6 +727,14 @@ def read_params(path: str | os.PathLike) -> dict:
     return data
 
 
+def params_section(cls: type[StageConfig], params: dict) -> dict:
+    """The section of ``cls`` in a read params file ({} when absent), checked to be a mapping."""
+    section = params.get(cls.section) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{cls.section}: the section must be a mapping of keys to values")
+    return section
+
+
 def load_config(cls: type[StageConfig], params: str | os.PathLike | dict | None = DEFAULT_PARAMS,
                 overrides: dict | None = None):
     """Build a stage config from its params.yaml section (or that section as a dict) plus
@@ -730,9 +744,7 @@ def load_config(cls: type[StageConfig], params: str | os.PathLike | dict | None 
     elif isinstance(params, dict):  # the section itself, as tests and library callers pass it
         section = params
     else:
-        section = read_params(params).get(cls.section) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{cls.section}: the section must be a mapping of keys to values")
+        section = params_section(cls, read_params(params))
     known = {f.name: f for f in _fields(cls)}
     merged = dict(section)
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -741,7 +753,7 @@ def load_config(cls: type[StageConfig], params: str | os.PathLike | dict | None 
         raise ConfigError(
             f"{cls.section}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(known))}"
         )
-    values = {name: _coerce(cls, known[name], value) for name, value in merged.items()}
+    values = {name: coerce_value(cls, known[name], value) for name, value in merged.items()}
     config = cls(**values)
     config.check()
     return config

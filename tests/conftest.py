@@ -122,9 +122,9 @@ def run_cli(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def run_main(module: str, *args) -> subprocess.CompletedProcess:
+def run_main(module: str, *args, cwd=REPO) -> subprocess.CompletedProcess:
     """``python -m module args`` in this process: the stage's own ``main(argv)``, its stdout and stderr
-    captured, from the repository root. For command-line tests of stages whose subprocess would spend
+    captured, from the repository root (or ``cwd``). For command-line tests of stages whose subprocess would spend
     most of its time importing diffusers again (about 8 s per call here); tests that kill, race or
     time a process keep :func:`run_cli`."""
     import contextlib
@@ -133,7 +133,7 @@ def run_main(module: str, *args) -> subprocess.CompletedProcess:
 
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = importlib.import_module(module).main(argv)
         except SystemExit as exit_:  # argparse's usage errors, --help
