@@ -565,8 +565,18 @@ def run_in_group(command: list[str], capture_output: bool = False, **kwargs) -> 
     stage running unseen."""
     if capture_output:
         kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    with subprocess.Popen(command, start_new_session=True, preexec_fn=_interruptible_child, **kwargs) as process:
+    # The stop signals wait (blocked) from before the child exists until the `try` that stops its group
+    # is entered: a signal that lands between Popen's return and the `try` would otherwise leave the
+    # child running (Popen's own exit waits for it), which a loaded machine made happen in the tests.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        process = subprocess.Popen(command, start_new_session=True, preexec_fn=_interruptible_child, **kwargs)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    with process:
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal pending since Popen is handled here
             stdout, stderr = process.communicate()
         except BaseException:
             _stop_group(process)
@@ -574,11 +584,16 @@ def run_in_group(command: list[str], capture_output: bool = False, **kwargs) -> 
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _interruptible_child() -> None:
-    """In the child, before it runs the command: SIGINT back to its default. A process started in the
+    """In the child, before it runs the command: SIGINT back to its default, and the stop signals
+    unblocked (the parent blocks them while it starts the child). A process started in the
     background (``nohup ... &``, CI runners) inherits SIGINT ignored, and its children would then
     ignore the SIGINT that :func:`_stop_group` sends and last the whole grace period."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
 
 
 def _stop_group(process: subprocess.Popen) -> None:

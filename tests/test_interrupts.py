@@ -289,3 +289,43 @@ def test_dvc_gets_sigint_even_when_the_command_was_started_with_it_ignored(tmp_p
         if process.poll() is None:
             process.kill()
     assert marker.read_text().strip() == "INT"
+
+
+def test_a_signal_right_after_the_child_starts_still_stops_its_group(tmp_path):
+    """A stop signal that lands the moment Popen has returned, before the command waits on its child
+    (on a loaded machine the test runs below met it), still stops the child's group: the signals are
+    held from before the child starts until that wait. Without that the command waited for its child
+    (here a 10-minute sleep)."""
+    pid_file = tmp_path / "child.pid"
+    script = f"""
+import os, signal, subprocess, sys
+from agd_pipeline import experiments
+from agd_pipeline.interrupts import Interrupted, signals_as_interrupts
+
+real = subprocess.Popen
+def popen(*args, **kwargs):
+    process = real(*args, **kwargs)
+    open({str(pid_file)!r}, "w").write(str(process.pid))
+    os.kill(os.getpid(), signal.SIGTERM)  # at once, before run_in_group's wait
+    return process
+subprocess.Popen = popen
+try:
+    with signals_as_interrupts():
+        experiments.run_in_group(["sleep", "600"])
+except Interrupted:
+    sys.exit(143)
+sys.exit(0)
+"""
+    try:
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                                timeout=120, preexec_fn=terminal_signals)
+    except subprocess.TimeoutExpired:  # it waited for the 10-minute child instead of stopping it
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        raise
+    assert result.returncode == 143, result.stderr
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    assert not _alive(child), "the child outlived the command"
