@@ -960,10 +960,16 @@ def plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
     if not experiment.x:
         axes[0].set_yticks(range(len(rows)), [row["label"] for row in rows], fontsize=7)
         axes[0].invert_yaxis()
-    if experiment.x:
-        axes[0].legend(fontsize=7)
     fig.suptitle(experiment.title, fontsize=10)
-    fig.tight_layout()
+    if experiment.x:  # the groups' legend below the panels, where it covers no point
+        handles, labels = axes[0].get_legend_handles_labels()
+        columns = min(4, len(labels)) or 1
+        legend_rows = -(-len(labels) // columns)
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=columns, frameon=False)
+        fig.set_figheight(fig.get_figheight() + 0.2 * legend_rows)
+        fig.tight_layout(rect=(0, 0.2 * legend_rows / fig.get_figheight(), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
