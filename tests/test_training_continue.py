@@ -14,26 +14,15 @@ from safetensors.torch import load_file
 
 import agd_pipeline.training as training
 import stages.train
-from agd_pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedModel
+from agd_pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from agd_pipeline.errors import AgdError
 
 from test_output_ownership import call, one_error_line, snapshot, train_argv
 from test_training import QUIET, Interrupted, kept_checkpoint, train_config
+from test_training_robustness import counting_forward
 
 # a schedule whose first steps do not depend on train.steps
 CONSTANT = dict(lr_schedule="constant", lr_warmup_fraction=0.0)
-
-
-def counted_forward(monkeypatch) -> list:
-    calls = []
-    forward = AdaptedModel.forward
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(AdaptedModel, "forward", counting)
-    return calls
 
 
 def assert_bit_identical(got: dict, expected: dict) -> None:
@@ -73,7 +62,7 @@ def test_more_steps_continue_a_finished_run_to_the_adapters_of_the_longer_run(ti
     assert json.loads((out / training.CHECKPOINT / "state.json").read_text())["step"] == 30
     assert_bit_identical(load_file(out / ADAPTER_WEIGHTS), twenty)  # the finished 20 stay until the 40 are saved
 
-    forward_calls = counted_forward(monkeypatch)
+    forward_calls = counting_forward(monkeypatch)
     training.train(train_config(tiny_store, out, steps=40, checkpoint_every=10, **settings), **QUIET)
     monkeypatch.undo()
     assert len(forward_calls) == 10 * settings.get("gradient_accumulation_steps", 1), "it did not start at step 30"
