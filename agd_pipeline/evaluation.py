@@ -294,7 +294,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
         metrics["negative_prompt_check"] = negative
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = summary_metrics(metrics, config, adapted, adapter_config, conditions, uncond)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / SUMMARY).write_text(json.dumps(rounded_summary(summary), indent=2) + "\n")
     _write_plot_csvs(out, rows)
     if judges.classifier is not None:
         curves_figure(rows, training_range, out / "curves.png",
@@ -308,6 +308,16 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
 SUMMARY = "summary.json"  # DVC's metrics file: the run in a few numbers (per-w detail: metrics.json, the CSVs)
 GAP_CLOSED_TRAJECTORIES = 400
 GAP_CLOSED_SEED = {"validation": 999, "test": 7919}  # run seeds of the fresh trajectories, one per split
+
+
+SUMMARY_DIGITS = 6  # significant digits: float noise (0.5000000000000004) off, every table's precision kept
+
+
+def rounded_summary(summary: dict) -> dict:
+    """The summary as DVC shows it: floats to :data:`SUMMARY_DIGITS` significant digits (metrics.json
+    keeps the full values, from which ``stages.report --check`` recomputes every interval)."""
+    return {key: float(f"{value:.{SUMMARY_DIGITS}g}") if isinstance(value, float) else value
+            for key, value in summary.items()}
 
 
 def summary_metrics(metrics: dict, config: EvaluateConfig, adapted, adapter_config: dict,

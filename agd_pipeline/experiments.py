@@ -873,6 +873,22 @@ def collect(experiment: Experiment, shown) -> list[dict]:
     return rows
 
 
+def overview(experiment: Experiment, shown) -> list[dict]:
+    """One row per variant for ``stages.experiments show``: its label, its run's state (finished,
+    queued, running, failed, or not run) and, once finished, the table's cells (empty before)."""
+    names = [experiment.run_name(v) for v in experiment.variants]
+    finished, states = _experiment_rows(shown), _run_states(shown, names)
+    rows = []
+    for variant in experiment.variants:
+        name = experiment.run_name(variant)
+        summary = _summary(finished[name], variant.summary) if name in finished else None
+        state = "finished" if summary else (states.get(name) or {}).get("state") or "not run"
+        cells = [_cell({key: summary.get(key) for key in _keys(experiment)}, column) if summary else ""
+                 for column in experiment.columns]
+        rows.append({"label": variant.label, "run": name, "state": state, "cells": cells})
+    return rows
+
+
 def _keys(experiment: Experiment) -> list[str]:
     """The summary keys an experiment's table and plot need, in table order (each column's bound
     after the columns)."""

@@ -9,6 +9,10 @@
   python -m stages.experiments report NAME --from-results
                                                     the same from the tracked results.csv (no DVC runs needed)
   python -m stages.experiments commands NAME        print the dvc commands `run` would run
+  python -m stages.experiments show NAME            the experiment's runs as a table that fits the terminal:
+                                                    each variant's state (queued, running, finished, failed)
+                                                    and its results (plain `dvc exp show` lists every param,
+                                                    metric and dependency of every pipeline: about 900 columns)
 
 Each variant is one DVC experiment of the default pipeline (dvc.yaml, or the text defaults'
 pipelines/text/dvc.yaml): `dvc exp show` lists them with their params and summary metrics
@@ -30,7 +34,7 @@ from pathlib import Path
 
 from agd_pipeline.interrupts import interruptible
 from agd_pipeline.errors import AgdError
-from agd_pipeline.experiments import (EXPERIMENTS, SHOW_RETRIES, collect, get_experiment, prepare_command,
+from agd_pipeline.experiments import (EXPERIMENTS, SHOW_RETRIES, collect, get_experiment, overview, prepare_command,
                                       read_results, readme_block, run, run_commands, show_json, write_results)
 
 
@@ -60,6 +64,23 @@ def report(name: str, readme: Path, log=print, from_results: bool = False) -> in
     return 0
 
 
+def show(experiment, shown=None, console=None) -> int:
+    """Print the experiment's runs (:func:`agd_pipeline.experiments.overview`) as a table wrapped to the
+    terminal's width; DVC's own ``dvc exp show`` has no setting that limits its columns."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if shown is None:
+        shown = show_json(names=[experiment.run_name(v) for v in experiment.variants], tries=SHOW_RETRIES)
+    table = Table(title=experiment.title, show_lines=False)
+    for header in (experiment.row_header, "state", *(c.header for c in experiment.columns)):
+        table.add_column(header, overflow="fold")
+    for row in overview(experiment, shown):
+        table.add_row(row["label"], row["state"], *row["cells"])
+    (console or Console()).print(table)
+    return 0
+
+
 def main(argv=None) -> int:
     """Ctrl-C, SIGTERM or SIGHUP: the running dvc command's process group is stopped (and the queue's
     runs of `run`), one line says so, exit status 130, 143 or 129 (agd_pipeline.cli.interruptible)."""
@@ -77,7 +98,7 @@ def _advice(args) -> str:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("list", "run", "report", "commands"))
+    parser.add_argument("action", choices=("list", "run", "report", "commands", "show"))
     parser.add_argument("name", nargs="?", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--readme", default="README.md", help="README holding the experiment's results block")
     parser.add_argument("--jobs", type=int, default=default_jobs(),
@@ -112,6 +133,8 @@ def _main(args) -> int:
             if jobs > 1:
                 print(f"dvc queue start --jobs {jobs}")
             return 0
+        if args.action == "show":
+            return show(experiment)
         if args.action == "run":
             run(experiment, jobs=jobs, log=lambda message: print(message, flush=True))
         return report(args.name, Path(args.readme), from_results=args.from_results)

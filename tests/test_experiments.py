@@ -691,3 +691,29 @@ def test_sd3_derivatives_run_full_and_lora_at_once_with_two_rows_each():
     assert [(r["variant"], r["gap_closed"]) for r in rows] == [
         ("original", 0.8), ("full-original", 1.0), ("full-retrained", 1.1), ("lora-original", 0.0),
         ("lora-retrained", 0.1)]
+
+
+def test_show_prints_each_runs_state_and_results_within_the_terminal_width():
+    """`stages.experiments show NAME`: plain `dvc exp show` lists every param, metric and dependency of
+    every pipeline (hundreds of columns); this table holds one row per variant and wraps to the width."""
+    from rich.console import Console
+
+    from agd_pipeline.experiments import overview
+    from stages.experiments import show
+
+    experiment = get_experiment("baseline-sweep")
+    first, second = (experiment.run_name(v) for v in experiment.variants[:2])
+    summary = {"gap_closed": 0.3125, "max_fidelity_ratio": 0.5, "max_fidelity_ratio_high": 0.55,
+               "max_accuracy_drop_points": 4.0, "max_accuracy_drop_points_high": 5.25,
+               "guidance_recovered": 0.625, "guidance_recovered_low": 0.5, "mean_fid_agd": 18.0, "mean_fid_cfg": 47.0}
+    shown = fake_show({first: summary, second: {"gap_closed": 0.9}})
+    shown[1]["experiments"][1]["executor"] = {"state": "running", "name": "dvc-task", "local": {}}
+    rows = overview(experiment, shown)
+    assert [row["state"] for row in rows] == ["finished", "running"] + ["not run"] * (len(rows) - 2)
+    assert rows[0]["cells"] == ["0.312", "0.500 (≤ 0.550)", "4.0 (≤ 5.2)", "0.625 (≥ 0.500)", "18.00", "47.00"]
+    assert all(cell == "" for row in rows[1:] for cell in row["cells"])  # a running run shows no results yet
+    console = Console(width=120, record=True, color_system=None)
+    assert show(experiment, shown, console=console) == 0
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 120
+    assert text.count("not run") == len(rows) - 2 and text.count("running") == 1 and "0.312" in text
