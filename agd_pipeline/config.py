@@ -144,7 +144,8 @@ class BaseStageConfig(StageConfig):
 
     section: ClassVar[str] = "base"
     own_marker: ClassVar[str] = "model_index.json"
-    out_dir: str = option("data/base", "folder to write the model, scheduler and classifier to")
+    out_dir: str = option("data/base", "folder to write the model, scheduler and classifier to (the recipe of "
+                          "the shipped pretrained/toy-dit; `make bases` copies it there)")
     seed: int = option(0, "seed for the data split, initialisation and training")
     holdout_fraction: float = option(0.2, "share of the digits kept out of training (FID reference)")
     num_layers: int = option(4, "DiT blocks")
@@ -195,9 +196,11 @@ class FinetuneConfig(StageConfig):
 
     section: ClassVar[str] = "finetune"
     own_marker: ClassVar[str] = "model_index.json"
-    base_model: str = option("data/base", "an embedded default's base folder: the class default (its train.npz, "
-                             "holdout.npz and classifier come along) or a text default, data/text/<family>/base "
-                             "(its text_base settings and shared data are read from its resolved_config.json)")
+    base_model: str = option("pretrained/toy-dit", "an embedded default's base folder: the class default (its "
+                             "train.npz, holdout.npz and classifier come along) or a text default, "
+                             "pretrained/text-<family> (its text_base settings are read from its resolved_config.json)")
+    shared: str = option("", "a text default only: the text defaults' shared data (digits, VAE, judge); empty: the "
+                         "folder the base's recipe recorded (pretrained/text-shared for the shipped bases)")
     out_dir: str = option("data/derived/full/base", "folder to write the derivative to")
     mode: str = option("full", "full: every weight trained; lora: a LoRA (peft) on the attention projections, "
                        "merged into the weights afterwards", ("full", "lora"))
@@ -314,7 +317,7 @@ class GenerateConfig(StageConfig):
 
     section: ClassVar[str] = "generate"
     own_marker: ClassVar[str] = "manifest.json"
-    base_model: str = option("data/base", "base model: a local diffusers folder or a hub id")
+    base_model: str = option("pretrained/toy-dit", "base model: a local diffusers folder or a hub id")
     out_dir: str = option("data/trajectories", "trajectory store to write (resumed if present)")
     classes: list[int] = option([], "class-conditional models: class ids to sample; empty means every "
                                 "class of the model (or those in classes_file)")

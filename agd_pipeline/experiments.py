@@ -113,7 +113,7 @@ _BASELINES = (
     ("cross-attention-w8", "cross-attention w8 e16",
      {**_SIZE, "train.adapter": "cross_attention", "train.width": 8, "train.embed_dim": 16}),
     ("forward-noised", "forward-noised data",
-     {**_SIZE, "generate.source": "forward_noised", "generate.real_data": "data/base/train.npz"}),
+     {**_SIZE, "generate.source": "forward_noised", "generate.real_data": "pretrained/toy-dit/train.npz"}),
 )
 _SWEEP = (
     ("lr0.001", "lr 0.001, 1,500 steps", {"train.learning_rate": 0.001, "train.steps": 1500}),
@@ -210,8 +210,8 @@ EXPERIMENTS = {
         variants=(
             Variant("trajectories", "CFG trajectories (AGD)", {"generate.source": "trajectories",
                                                                "generate.real_data": ""}),
-            Variant("forward-noised", "forward-noised real data", {"generate.source": "forward_noised",
-                                                                   "generate.real_data": "data/base/train.npz"}),
+            Variant("forward-noised", "forward-noised real data",
+                    {"generate.source": "forward_noised", "generate.real_data": "pretrained/toy-dit/train.npz"}),
         ),
         columns=SUMMARY_COLUMNS,
         plot=("gap_closed", "mean_fid_agd", "max_fidelity_ratio"),
@@ -229,7 +229,7 @@ EXPERIMENTS = {
                     summary=_SD3_SUMMARY),
             Variant("forward-noised", "forward-noised real data",
                     {f"{_SD3}:generate.source": "forward_noised",
-                     f"{_SD3}:generate.real_data": "data/text/sd3/base/train.npz"},
+                     f"{_SD3}:generate.real_data": "pretrained/text-sd3/train.npz"},
                     summary=_SD3_SUMMARY),
         ),
         columns=SUMMARY_COLUMNS,
@@ -561,14 +561,16 @@ def run_commands(experiment: Experiment, queue: bool = False) -> list[list[str]]
 
 
 # The sections of a pipeline's params file are read by the stages of the same name, in this order
-# (dvc.yaml: base -> generate -> train -> evaluate; pipelines/text/dvc.yaml the same per family).
-STAGE_ORDER = ("base", "generate", "train", "evaluate")
+# (dvc.yaml: generate -> train -> evaluate from the shipped base; pipelines/text/dvc.yaml the same per
+# family). The bases' recipes are a pipeline of their own (pipelines/bases/dvc.yaml) no variant runs.
+STAGE_ORDER = ("generate", "train", "evaluate")
 
 
-def prepare_command(experiment: Experiment) -> list[str]:
+def prepare_command(experiment: Experiment) -> list[str] | None:
     """``dvc repro`` in the workspace, before the variants: of the stages no variant's params reach
     (those before the first stage whose section a variant sets), or, where that cannot be told, of
-    the whole pipeline.
+    the whole pipeline; None where the variants change the first stage (nothing is shared but the
+    shipped base).
 
     A variant's copy starts from the workspace's dvc.lock and restores a stage's outputs from the
     shared cache only under the hashes that lock names (DVC's run cache is not consulted for a stage
@@ -582,8 +584,10 @@ def prepare_command(experiment: Experiment) -> list[str]:
     file, colon, target = experiment.pipeline.rpartition(":")
     file = file if colon else experiment.pipeline
     sections = {key.rpartition(":")[2].split(".")[0] for variant in experiment.variants for key in variant.params}
-    if not sections or not sections <= set(STAGE_ORDER) or min(map(STAGE_ORDER.index, sections)) == 0:
+    if not sections or not sections <= set(STAGE_ORDER):
         return ["dvc", "repro", experiment.pipeline]
+    if min(map(STAGE_ORDER.index, sections)) == 0:
+        return None
     stage = STAGE_ORDER[min(map(STAGE_ORDER.index, sections)) - 1]
     item = target.partition("@")[2] if colon else ""
     return ["dvc", "repro", f"{file}:{stage}" + (f"@{item}" if item else "")]
@@ -667,7 +671,7 @@ def run(experiment: Experiment, log=print, runner=run_in_group, jobs: int = 1, s
     if jobs > 1:  # failed or unstarted queue entries of these names, from an earlier try (none: DVC says so)
         runner(["dvc", "queue", "remove", *names], capture_output=True, text=True)
     commands = [prepare_command(experiment), *run_commands(experiment, queue=jobs > 1)]
-    for command in commands:
+    for command in filter(None, commands):
         log("$ " + shlex.join(command))
         result = runner(command, text=True)
         if result.returncode != 0:

@@ -150,7 +150,7 @@ def _finetune_text(config: FinetuneConfig, source: Path, out: Path, parent: str,
     from . import textdigits
 
     recipe = textdigits.base_recipe(source)
-    shared = textdigits.load_shared(recipe["shared"])
+    shared = textdigits.load_shared(config.shared or recipe["shared"])
     weight = textdigits.WEIGHTS.index(config.subset)  # the stroke-weight third the captions call so
     train_idx = np.flatnonzero(shared["w_train"] == weight)
     hold_idx = np.flatnonzero(shared["w_hold"] == weight)

@@ -310,7 +310,7 @@ def _read_model_index(name: str, revision: str | None = None) -> dict | None:
         raise ModelError(
             f"base model {name!r}: not a local folder, and loading it as a hub id failed "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Give a local diffusers "
-            "folder (e.g. data/base, written by `python -m stages.base`) or a hub id you can reach."
+            "folder (e.g. pretrained/toy-dit, the shipped class default) or a hub id you can reach."
         ) from None
 
 

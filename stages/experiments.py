@@ -128,7 +128,7 @@ def _main(args) -> int:
             parser().error(f"--jobs must be at least 1 (got {args.jobs})")
         jobs = min(args.jobs, len(experiment.runs()))
         if args.action == "commands":
-            for command in [prepare_command(experiment), *run_commands(experiment, queue=jobs > 1)]:
+            for command in filter(None, [prepare_command(experiment), *run_commands(experiment, queue=jobs > 1)]):
                 print(shlex.join(command))  # pasteable into a shell
             if jobs > 1:
                 print(f"dvc queue start --jobs {jobs}")

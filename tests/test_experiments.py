@@ -68,7 +68,7 @@ def test_run_commands_are_temp_dvc_experiments_with_quoted_params():
     commands = run_commands(experiment)
     assert commands[1] == ["dvc", "exp", "run", "--temp", "-n", "trajectories-vs-forward-noised-forward-noised",
                            "-S", 'generate.source="forward_noised"', "-S",
-                           'generate.real_data="data/base/train.npz"', "-S", 'evaluate.split="validation"',
+                           'generate.real_data="pretrained/toy-dit/train.npz"', "-S", 'evaluate.split="validation"',
                            "dvc.yaml"]
     assert 'generate.real_data=""' in commands[0]
     with pytest.raises(ConfigError, match="unknown experiment 'nope'"):
@@ -91,10 +91,9 @@ def test_run_replaces_earlier_runs_and_stops_on_a_failure():
         run(experiment, log=lambda *a: None, runner=runner)
     calls = [c for c in calls if c[:3] not in (["dvc", "exp", "list"], ["dvc", "exp", "show"])]
     assert calls[0] == ["dvc", "exp", "remove", "trajectories-vs-forward-noised-trajectories"]
-    # the stages no variant changes first, in the workspace: a fresh clone's variants then share its base model
-    assert calls[1] == ["dvc", "repro", "dvc.yaml:base"]
-    assert [c[5] for c in calls[2:]] == [experiment.run_name(v) for v in experiment.variants]
-    assert all(c[3] == "--temp" for c in calls[2:])  # jobs 1: one after the other
+    # the variants change stage one, so nothing runs in the workspace first (they share the shipped base)
+    assert [c[5] for c in calls[1:]] == [experiment.run_name(v) for v in experiment.variants]
+    assert all(c[3] == "--temp" for c in calls[1:])  # jobs 1: one after the other
 
 
 def test_runs_are_found_on_the_commits_they_were_run_on():
@@ -143,11 +142,11 @@ def test_show_json_asks_again_while_a_worker_races_it():
 
 
 def test_prepare_runs_the_stages_before_the_first_one_a_variant_changes():
-    prepared = {name: prepare_command(experiment)[-1] for name, experiment in EXPERIMENTS.items()}
-    assert prepared["trajectories-vs-forward-noised"] == "dvc.yaml:base"  # variants set generate.*
+    prepared = {name: (prepare_command(experiment) or [None])[-1] for name, experiment in EXPERIMENTS.items()}
+    assert prepared["trajectories-vs-forward-noised"] is None  # variants set generate.*: the base is shipped
     assert prepared["size-and-placement"] == "dvc.yaml:generate"  # train.*
     assert prepared["fewer-steps"] == "dvc.yaml:train"  # evaluate.* only
-    assert prepared["trajectories-vs-forward-noised-sd3"] == "pipelines/text/dvc.yaml:base@sd3"
+    assert prepared["trajectories-vs-forward-noised-sd3"] is None
     assert prepared["size-and-placement-sd3"] == "pipelines/text/dvc.yaml:generate@sd3"
     assert prepared["fewer-steps-sd3"] == "pipelines/text/dvc.yaml:train@sd3"
     # variants without params (one run of a whole pipeline): all of it, as before
@@ -184,9 +183,8 @@ def test_queued_runs_run_jobs_at_a_time_and_are_waited_for():
     run(experiment, log=lambda *a: None, runner=_queue_runner(experiment, states, calls), jobs=2, sleep=slept.append)
     commands = [c for c in calls if c[:3] not in (["dvc", "exp", "show"], ["dvc", "exp", "list"])]
     assert commands[0] == ["dvc", "queue", "remove", *names]  # leftovers of an earlier try
-    assert commands[1] == ["dvc", "repro", "pipelines/text/dvc.yaml:base@sd3"]
-    assert [c[:6] for c in commands[2:4]] == [["dvc", "exp", "run", "--queue", "-n", name] for name in names]
-    assert commands[4] == ["dvc", "queue", "start", "--jobs", "2"] == commands[-1]
+    assert [c[:6] for c in commands[1:3]] == [["dvc", "exp", "run", "--queue", "-n", name] for name in names]
+    assert commands[3] == ["dvc", "queue", "start", "--jobs", "2"] == commands[-1]
     # no `dvc queue stop` after a success: the workers leave once the queue is empty
     assert ["dvc", "queue", "stop"] not in commands
     assert len(slept) == 2  # polled until both had finished
@@ -462,9 +460,9 @@ def test_printed_commands_paste_into_a_shell_and_misplaced_flags_are_refused_bef
     experiment = get_experiment("unseen-w")
     assert cli.main(["commands", "unseen-w", "--jobs", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [shlex.split(line) for line in lines[:-1]] == [prepare_command(experiment),
-                                                           *run_commands(experiment, queue=True)]
-    assert any("[2.0, 3.0" in part for part in shlex.split(lines[1]))  # one argument, spaces and all
+    assert prepare_command(experiment) is None  # its variants change stage one: nothing to prepare
+    assert [shlex.split(line) for line in lines[:-1]] == run_commands(experiment, queue=True)
+    assert any("[2.0, 3.0" in part for part in shlex.split(lines[0]))  # one argument, spaces and all
     monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("run started"))
     with pytest.raises(SystemExit) as exit_:
         cli.main(["run", "unseen-w", "--from-results"])

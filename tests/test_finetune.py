@@ -151,7 +151,7 @@ def test_the_sd3_derivatives_pipeline_retrains_with_the_sd3_defaults_settings():
     assert listed == {f"finetune.{f.name}" for f in dataclasses.fields(FinetuneConfig) if f.name != "out_dir"}
     for cls in (FinetuneConfig, GenerateConfig, TrainConfig, EvaluateConfig):
         load_config(cls, params[cls.section])
-    assert params["finetune"]["base_model"] == "data/text/sd3/base"
+    assert params["finetune"]["base_model"] == "pretrained/text-sd3"
     assert params["generate"]["base_model"] == params["finetune"]["out_dir"]
     assert params["train"]["store"] == params["generate"]["out_dir"]
     assert params["evaluate"]["adapters"] == params["train"]["out_dir"]

@@ -24,10 +24,12 @@ def flat(text: str) -> str:
 
 @pytest.fixture
 def repo_layout(tmp_path) -> Path:
-    """A folder laid out like a fresh clone's root: the repository's own params.yaml, no data yet."""
+    """A folder laid out like a fresh clone's root: the repository's own params.yaml and shipped base
+    checkpoints (pretrained/, read only here, so linked), no data yet."""
     root = tmp_path / "clone"
     root.mkdir()
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "pretrained").symlink_to(REPO / "pretrained", target_is_directory=True)
     (root / "p.txt").write_text("a photo of a cat\na red digit\n")
     return root
 
@@ -68,7 +70,7 @@ def test_an_sd_base_by_flag_is_refused_into_the_class_defaults_store_and_proceed
     line = refused.stderr.strip()
     assert len(line.splitlines()) == 1 and line.startswith(
         "error: generate.out_dir data/trajectories (from params.yaml [generate]) belongs to the params file's "
-        "class-conditional DiT pipeline (its base data/base is what its [base] stage writes)"), line
+        "class-conditional DiT pipeline (its generate.base_model pretrained/toy-dit)"), line
     assert "--base-model my-sd is of the Stable Diffusion 1.x/2.x family" in line and "pass --out-dir" in line, line
     assert not (repo_layout / "data").exists(), "a refused run wrote something"
     assert "settings" not in refused.stdout
@@ -159,7 +161,8 @@ def test_no_params_file_means_no_guard(here, tmp_path):
 
 
 def test_a_hub_id_that_cannot_be_inspected_warns_instead_of_refusing(here, tmp_path):
-    params = "base: {out_dir: data/base}\ngenerate: {out_dir: data/trajectories}\n"
+    # the base the [base] recipe writes, not there yet: its family is the recipe's
+    params = "base: {out_dir: data/base}\ngenerate: {base_model: data/base, out_dir: data/trajectories}\n"
     config = resolved(GenerateConfig, tmp_path, params, "--base-model", "someorg/some-model")
     warning = settings.check_family(config.config, config.sources, config.params, config.label)
     assert warning and "cannot tell the family of --base-model someorg/some-model offline" in warning
