@@ -20,7 +20,7 @@ import hashlib
 from pathlib import Path
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INTEGRITY, read_adapter_config
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, command_line
 from .modelcard import LIBRARY_NAME, MODEL_CARD, card_for_repository, render_model_card
 
 # what loading needs (the card and the grid are for people)
@@ -53,7 +53,7 @@ def resolve_adapter_folder(name_or_path: str | Path, *, revision: str | None = N
         validate_repo_id(repo_id)
     except HFValidationError:
         raise ModelError(f"{name_or_path}: no such adapter folder, and not a hub id (namespace/name); pass the "
-                         "folder `python -m stages.train` wrote, or a hub repository id") from None
+                         f"folder `{command_line('train')}` wrote, or a hub repository id") from None
     snapshot = _download(repo_id, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
                          local_files_only=local_files_only)
     folder = Path(snapshot) / subfolder if subfolder else Path(snapshot)
@@ -135,7 +135,7 @@ def upload_operations(folder: str | Path, repo_id: str, path_in_repo: str | None
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (or not a file); re-run training "
-                         "(`python -m stages.train`) before publishing")
+                         f"(`{command_line('train')}`) before publishing")
     expected = (config.get(INTEGRITY) or {}).get("files", {}).get(ADAPTER_WEIGHTS)
     data = weights.read_bytes()  # the bytes checked are the bytes published
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import families
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, command_line
 from .families import Family
 
 
@@ -310,7 +310,7 @@ def _read_model_index(name: str, revision: str | None = None) -> dict | None:
         raise ModelError(
             f"base model {name!r}: not a local folder, and loading it as a hub id failed "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Give a local diffusers "
-            "folder (e.g. data/base, written by `python -m stages.base`) or a hub id you can reach."
+            f"folder (e.g. data/base, written by `{command_line('base')}`) or a hub id you can reach."
         ) from None
 
 
@@ -371,7 +371,7 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not path.is_dir() and (path.exists() or not looks_like_hub_id):
         raise ModelError(
-            f"base model {name!r}: no such folder. For the embedded default run `python -m stages.base` "
+            f"base model {name!r}: no such folder. For the embedded default run `{command_line('base')}` "
             "(or `dvc repro base`) first; otherwise give a diffusers model folder or a hub id like "
             "'facebook/DiT-XL-2-256'."
         )

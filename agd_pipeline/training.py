@@ -30,8 +30,8 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MEAN_SOURCES, MODEL_CARD
                        save_adapters)
 from .config import TrainConfig, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import (AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, write_errors,
-                     write_reason)
+from .errors import (AgdError, ConfigError, ModelError, StoreError, WriteError, command_line, os_reason,
+                     write_errors, write_reason)
 from .loader import StepBatches
 from .locks import FolderLock
 from .memory import enable_base_checkpointing
@@ -158,9 +158,9 @@ def _check_mixed_precision(config: TrainConfig, manifest: Manifest, mixed_precis
     source = "accelerate's mixed precision (ACCELERATE_MIXED_PRECISION, or `accelerate launch`'s config)"
     autocast = MIXED_PRECISION_DTYPES.get(mixed_precision)
     if autocast is None:
-        raise ConfigError(f"train.dtype: {source} is {mixed_precision!r}, which stages.train does not support (the "
-                          "adapters train in float32 beside a base in train.dtype); nothing was done. Use no, bf16 "
-                          "or fp16")
+        raise ConfigError(f"train.dtype: {source} is {mixed_precision!r}, which {command_line('train')} does not "
+                          "support (the adapters train in float32 beside a base in train.dtype); nothing was done. "
+                          "Use no, bf16 or fp16")
     base_dtype = config.dtype or str(manifest.base_model.get("dtype") or "float32")
     if autocast != base_dtype:
         where = f"train.dtype {config.dtype}" if config.dtype else "the store's dtype, train.dtype being empty"
@@ -551,7 +551,7 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, e
                         "weights took it in, and nothing of this step was saved"
                         + (f" (the checkpoint in {checkpoint} is of an earlier step)" if checkpoint.exists() else "")
                         + f". Lower train.learning_rate (now {config.learning_rate:g}) or check the store for "
-                        "NaN/inf with `python -m stages.inspect --verify`")
+                        f"NaN/inf with `{command_line('inspect')} {config.store} --verify`")
                 # gradients are averaged over processes once, at the last micro-batch
                 with accelerator.no_sync(model) if micro + 1 < accumulate else contextlib.nullcontext():
                     accelerator.backward(loss / accumulate if accumulate > 1 else loss)
@@ -643,7 +643,7 @@ def _check_finite_weights(model, config: TrainConfig, step: int, ema=None) -> No
         return
     raise AgdError(f"train: the adapter weights became NaN or inf by step {step}; nothing of it was saved. Lower "
                    f"train.learning_rate (now {config.learning_rate:g}) or check the store for NaN/inf with "
-                   "`python -m stages.inspect --verify`")
+                   f"`{command_line('inspect')} {config.store} --verify`")
 
 
 def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: str, final_loss: float | None,
