@@ -16,7 +16,9 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,17 +196,51 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     runtime = runtime_record(accelerator)
     inputs = [store_root, config.base_model or manifest.base_model.get("id")]
     with contextlib.ExitStack() as held:
-        if accelerator.is_main_process:
+        def claim() -> dict | None:
             # one training run per output folder, which holds nothing else (agd_pipeline.outputs);
             # the store must not be rewritten while it is read
             held.enter_context(owned_output(config, inputs, ours=_holds_training, own_name=_train_output_name,
                                             record=False))
             held.enter_context(FolderLock(store_root, "stages.train (reading the store)", shared=True, create=False))
             finished = _finished_run(config, manifest.fingerprint(), runtime, log)
-            if finished is not None:
-                return finished
-            write_resolved(config, out, runtime=runtime)  # from here on the folder is recognisably this run's
+            if finished is None:
+                write_resolved(config, out, runtime=runtime)  # from here on the folder is recognisably this run's
+            return finished
+
+        # every process learns rank 0's decision: all stop on nothing to do, or on its error
+        finished = _on_main_process(accelerator, claim)
+        if finished is not None:
+            return finished
         return _train(config, accelerator, progress, log)
+
+
+def _broadcast(objects: list) -> list:
+    """accelerate's broadcast_object_list from rank 0 (a seam: tests simulate ranks through it)."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(objects, from_process=0)
+
+
+def _on_main_process(accelerator, decide: Callable[[], Any]) -> Any:
+    """``decide()`` run by the main process only, its result handed to every process. Where it
+    raises, it raises there and the other processes stop with an AgdError that points at it: none
+    goes on alone to wait at a barrier for a main process that has stopped (or has nothing to do)."""
+    if accelerator.num_processes == 1:
+        return decide()
+    shared: list = [None, None]  # the result, or why rank 0 stopped
+    error = None
+    if accelerator.is_main_process:
+        try:
+            shared[0] = decide()
+        except BaseException as err:  # Ctrl-C too: the others must not wait for it
+            error, shared[1] = err, type(err).__name__
+    _broadcast(shared)
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise AgdError(f"train: rank 0 stopped before training ({shared[1]}; its message says why); "
+                       f"rank {accelerator.process_index} stops with it")
+    return shared[0]
 
 
 # what stages.train writes into its output folder (anything else there is refused, not overwritten)
