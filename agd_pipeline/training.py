@@ -142,12 +142,19 @@ def runtime_record(accelerator) -> dict:
     * ``num_threads``, ``num_interop_threads``: torch's thread counts. On the CPU they can change the
       last bits (a parallel sum is split by thread; tried: a sum of 4 M float32 numbers differs
       between 1 and 2 threads). Recorded only: a resumed run on another machine is allowed.
+    * ``num_processes``, ``distributed_type``: how many processes trained and how accelerate joined
+      them (NO, MULTI_CPU, MULTI_GPU, ...). Each process draws its own share of every batch and the
+      gradients are averaged across them, which sums in another order than one process does.
+      Recorded only: a run may resume with another number of processes.
     """
+    distributed = accelerator.distributed_type
     return {"mixed_precision": str(accelerator.mixed_precision),
             "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
             "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "num_threads": torch.get_num_threads(), "num_interop_threads": torch.get_num_interop_threads()}
+            "num_threads": torch.get_num_threads(), "num_interop_threads": torch.get_num_interop_threads(),
+            "num_processes": int(accelerator.num_processes),
+            "distributed_type": str(getattr(distributed, "value", distributed))}
 
 
 def _check_mixed_precision(config: TrainConfig, manifest: Manifest, mixed_precision: str) -> None:

@@ -21,7 +21,7 @@ from test_output_ownership import snapshot
 from test_training import QUIET, Interrupted, train_config
 
 RUNTIME_KEYS = {"mixed_precision", "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "float32_matmul_precision",
-                "num_threads", "num_interop_threads"}
+                "num_threads", "num_interop_threads", "num_processes", "distributed_type"}
 
 
 @pytest.fixture
@@ -62,6 +62,7 @@ def test_the_runtime_is_recorded_and_mixed_precision_changes_the_adapters(tiny_s
             assert record["float32_matmul_precision"] == torch.get_float32_matmul_precision()
             assert record["num_threads"] == torch.get_num_threads()
             assert record["num_interop_threads"] == torch.get_num_interop_threads()
+            assert (record["num_processes"], record["distributed_type"]) == (1, "NO"), record
         records[precision] = load_file(out / ADAPTER_WEIGHTS)
     assert any(not torch.equal(records["no"][key], records["bf16"][key]) for key in records["no"]), \
         "bf16 autocast gave the same adapters: this test no longer shows why it is recorded"
@@ -208,3 +209,14 @@ def test_every_rank_stops_when_rank_0_refuses(tiny_store, tmp_path, monkeypatch)
         training.train(changed, **QUIET)
     assert "\n" not in str(err.value)
 
+
+def test_the_runtime_records_how_many_processes_trained():
+    """Two processes average their gradients (a different sum order than one process's batch): the
+    record says how many trained, and how accelerate connected them."""
+    record = training.runtime_record(RankAccelerator(0, 2))
+    assert (record["num_processes"], record["distributed_type"]) == (2, "MULTI_CPU"), record
+    from accelerate.utils import DistributedType
+
+    multi_gpu = RankAccelerator(1, 8)
+    multi_gpu.distributed_type = DistributedType.MULTI_GPU
+    assert training.runtime_record(multi_gpu)["distributed_type"] == "MULTI_GPU"
