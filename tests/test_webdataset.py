@@ -257,6 +257,8 @@ def test_two_process_training_run_again_has_nothing_to_do(tar_store, tmp_path):
         result = subprocess.run(command, cwd=REPO, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, (run, result.stdout + result.stderr)
     assert "nothing to do" in result.stdout + result.stderr
+    runtime = json.loads((tmp_path / "out" / "resolved_config.json").read_text())["runtime"]
+    assert (runtime["num_processes"], runtime["distributed_type"]) == (2, "MULTI_CPU"), runtime
 
 
 def test_large_units_shrink_the_buffer(tar_store):
