@@ -32,7 +32,7 @@ from torch import nn
 
 from . import families, guidance
 from .config import check_interval
-from .errors import ModelError, WriteError, write_errors, write_reason
+from .errors import ModelError, WriteError, command_line, write_errors, write_reason
 from .modelcard import MODEL_CARD, write_model_card  # noqa: F401 - MODEL_CARD re-exported (training imports it here)
 from .models import BaseModel, count_parameters, load_base_model, recorded_hub_options
 
@@ -456,7 +456,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-RETRAIN = "the file was edited or damaged: re-run training (`python -m stages.train`) to write it again"
+def retrain() -> str:
+    """What to do about an edited or damaged adapter file, naming the train command as the user runs it."""
+    return f"the file was edited or damaged: re-run training (`{command_line('train')}`) to write it again"
 MAX_ADAPTER_WIDTH = 65536  # far above anything training writes; guards the allocation on load
 
 
@@ -577,27 +579,27 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = folder / ADAPTER_CONFIG
     if not path.exists():
         raise ModelError(f"{folder}: no {ADAPTER_CONFIG}; is this an adapter folder written by "
-                         "`python -m stages.train`?")
+                         f"`{command_line('train')}`?")
     if not path.is_file():
-        raise ModelError(f"{path}: not a file; {RETRAIN}")
+        raise ModelError(f"{path}: not a file; {retrain()}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ModelError(f"{path}: not a text file; {RETRAIN}") from None
+        raise ModelError(f"{path}: not a text file; {retrain()}") from None
     except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: not valid JSON ({err}); {RETRAIN}") from None
+        raise ModelError(f"{path}: not valid JSON ({err}); {retrain()}") from None
     except RecursionError:
-        raise ModelError(f"{path}: nested too deeply to be an adapter config; {RETRAIN}") from None
+        raise ModelError(f"{path}: nested too deeply to be an adapter config; {retrain()}") from None
     problem = _adapter_config_problem(config)
     if problem:
-        raise ModelError(f"{path}: {problem}; {RETRAIN}")
+        raise ModelError(f"{path}: {problem}; {retrain()}")
     if config["format_version"] < 2:
         warnings.warn(f"{folder}: written by an older version of this tool, without digests, so damage to "
                       "these adapters cannot be detected; re-run training to write them with digests",
                       stacklevel=2)
     elif config_digest(config) != config[INTEGRITY]["config"]:
         raise ModelError(f"{path}: its contents differ from the sha256 recorded when training wrote "
-                         f"it; {RETRAIN}")
+                         f"it; {retrain()}")
     return config
 
 
@@ -634,11 +636,11 @@ def _load_weights(folder: Path, base: BaseModel, config: dict) -> AdaptedModel:
     folder = Path(folder)
     problem = _adapter_config_problem(config)  # library callers may pass a config of their own
     if problem:
-        raise ModelError(f"{folder / ADAPTER_CONFIG}: {problem}; {RETRAIN}")
+        raise ModelError(f"{folder / ADAPTER_CONFIG}: {problem}; {retrain()}")
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (or not a file); re-run training "
-                         "(`python -m stages.train`)")
+                         f"(`{command_line('train')}`)")
     adapter_config = AdapterConfig(**config["adapter"])
     model = AdaptedModel(base, adapter_config)
     model.guidance_interval = check_interval((config.get("guidance") or {}).get("interval"), "interval")
@@ -646,7 +648,7 @@ def _load_weights(folder: Path, base: BaseModel, config: dict) -> AdaptedModel:
         model.remove()
         raise ModelError(f"{folder / ADAPTER_CONFIG}: \"placements\" ({len(config['placements'])} layers) do not "
                          f"match the layers placement {adapter_config.placement!r} wraps in {base.model_id!r} "
-                         f"({len(model.target_names)} layers); {RETRAIN}")
+                         f"({len(model.target_names)} layers); {retrain()}")
     data = weights.read_bytes()
     expected = (config.get(INTEGRITY) or {}).get("files", {}).get(ADAPTER_WEIGHTS)
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:

@@ -6,7 +6,6 @@ written next to the outputs."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 import typing
@@ -16,32 +15,11 @@ from collections.abc import Callable
 from . import settings
 from .config import DEFAULT_PARAMS, StageConfig, coerce_value, load_config, params_section, read_params
 from .devices import apply_thread_policy
-from .errors import AgdError, os_reason
+# command_line names a command as the user started it (every message and usage line uses it)
+from .errors import AgdError, command_line, launched_as, os_reason  # noqa: F401 - launched_as re-exported
 from .outputs import write_resolved  # noqa: F401 - the stages import it from here
 # the one place Ctrl-C, SIGTERM and SIGHUP are handled (re-exported: commands import them from here)
 from .interrupts import STOP_SIGNALS, Interrupted, interrupted_status, interruptible, signals_as_interrupts  # noqa: F401
-
-
-# How the running command was started, as its help and messages show it: `python -m stages.<name>`
-# in the repository (what dvc.yaml runs), `agd <name>` when the installed command started it.
-_launcher = ["python -m stages.{}"]
-
-
-def command_line(name: str) -> str:
-    """The command ``name`` as the user typed it (``python -m stages.train`` or ``agd train``), for
-    its usage line and its advice on what to re-run."""
-    return _launcher[-1].format(name)
-
-
-@contextlib.contextmanager
-def launched_as(template: str):
-    """Within the block, :func:`command_line` formats ``template`` (``"agd {}"``): set by the ``agd``
-    dispatcher around the command it runs, and undone afterwards for in-process callers."""
-    _launcher.append(template)
-    try:
-        yield
-    finally:
-        _launcher.pop()
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -1,8 +1,33 @@
 """Errors meant for the person running the pipeline.
 
 Every stage catches :class:`AgdError` at its entry point and prints the message without a
-traceback: the message itself must say what is wrong, where, and what to do about it.
+traceback: the message itself must say what is wrong, where, and what to do about it. A message
+that tells the user to run one of the commands names it with :func:`command_line`, as they started
+it (``python -m stages.train`` in the repository, ``agd train`` installed).
 """
+
+import contextlib
+
+# How the running command was started, as its help and messages show it: `python -m stages.<name>`
+# in the repository (what dvc.yaml runs), `agd <name>` when the installed command started it.
+_launcher = ["python -m stages.{}"]
+
+
+def command_line(name: str) -> str:
+    """The command ``name`` as the user typed it (``python -m stages.train`` or ``agd train``), for
+    its usage line and for every message that says what to run."""
+    return _launcher[-1].format(name)
+
+
+@contextlib.contextmanager
+def launched_as(template: str):
+    """Within the block, :func:`command_line` formats ``template`` (``"agd {}"``): set by the ``agd``
+    dispatcher around the command it runs, and undone afterwards for in-process callers."""
+    _launcher.append(template)
+    try:
+        yield
+    finally:
+        _launcher.pop()
 
 
 class AgdError(Exception):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .adapters import load_adapted_model, read_adapter_config
 from .config import EvaluateConfig, check_interval
 from .devices import resolve_device
-from .errors import ConfigError, require
+from .errors import ConfigError, command_line, require
 from .models import load_base_model, recorded_hub_options
 from .sampling import (AGD, CFG, ImageSampler, Unguided, check_num_steps, generators_for, initial_noise, sample,
                        scheduler_for, trajectory_seed)
@@ -706,7 +706,7 @@ def _require_class_model(base, what: str) -> None:
         raise ConfigError(
             f"{what} measures class-conditional models (FID and accuracy per class, classes cycled); "
             f"{base.model_id!r} is a text-to-image {base.family} model. Compare AGD with CFG on it with "
-            "`python -m stages.sample --prompts-file ... ` and again with `--cfg`."
+            f"`{command_line('sample')} --prompts-file ...` and again with `--cfg`."
         )
 
 

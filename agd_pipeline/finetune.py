@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import FinetuneConfig
-from .errors import ConfigError, ModelError, require
+from .errors import ConfigError, ModelError, command_line, require
 from .models import load_base_model, save_dit_folder
 from .outputs import check_replaceable, staging_folder, swap_in
 from .toy import CLASSIFIER_DIR, HOLDOUT_FILE, NUM_CLASSES, TRAIN_FILE, fit_class_denoiser
@@ -62,7 +62,7 @@ def _read_split(folder: Path, name: str, images_key: str, shape: tuple[int, ...]
     import zipfile
 
     path = folder / name
-    rebuild = "finetune works on the embedded default (`python -m stages.base` writes it)"
+    rebuild = f"finetune works on the embedded default (`{command_line('base')}` writes it)"
     try:
         with np.load(path) as data:
             images, labels = data[images_key], data["labels"]

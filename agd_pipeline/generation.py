@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import GenerateConfig, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import ConfigError, ModelError, StoreError
+from .errors import ConfigError, ModelError, StoreError, command_line
 from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import CFG, StepRecord, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
 from .forward_noised import RealData, load_real_data, record_forward_noised_batch
@@ -393,7 +393,7 @@ def rebuild_manifest(out_dir: str, log=print) -> dict:
         try:
             manifest = TrajectoryStore(root).manifest
             log(f"{root}: {MANIFEST} is readable and consistent; nothing to rebuild "
-                "(`python -m stages.inspect --verify` checks the shards against it)")
+                f"(`{command_line('inspect')} {root} --verify` checks the shards against it)")
         except StoreError as err:
             if "schema version" in str(err):
                 raise

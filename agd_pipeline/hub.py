@@ -8,7 +8,8 @@ adapter_config.json) into the usual hub cache, so ``HF_HUB_OFFLINE=1`` works fro
 :func:`push_adapters` publishes exactly the adapter files: adapters.safetensors and
 adapter_config.json (checked against their digests first: what is published must load), the model
 card with the repository's id in its snippet, and the newest validation grid. Never the lock file,
-checkpoints, loss.csv, tracking logs or resolved_config.json (local paths of the training machine).
+checkpoints, loss.csv, tracking logs or resolved_config.json (local paths of the training machine);
+the config is published with its own local paths cut to their folder names (:func:`portable_config`).
 The commit is built from an explicit list of ``CommitOperationAdd`` rather than from a folder
 listing (``upload_folder`` globs the folder, and with hf_xet installed commits through its own
 pipeline), so what is uploaded is exactly :func:`upload_operations`' list.
@@ -16,16 +17,24 @@ pipeline), so what is uploaded is exactly :func:`upload_operations`' list.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
+import os
+import re
 from pathlib import Path
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INTEGRITY, read_adapter_config
-from .errors import ConfigError, ModelError
-from .modelcard import LIBRARY_NAME, MODEL_CARD, card_for_repository, render_model_card
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INTEGRITY, config_digest, read_adapter_config
+from .errors import ConfigError, ModelError, command_line
+from .modelcard import LIBRARY_NAME, MODEL_CARD, card_for_repository, is_hub_id, render_model_card
 
 # what loading needs (the card and the grid are for people)
 LOAD_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 VALIDATION = "validation"  # training's folder of CFG | AGD grids, validation/step-NNNNNN.png
+# where adapter_config.json records a path of the training machine: (section, key, may be a hub id)
+LOCAL_PATHS = (("base_model", "id", True), ("training", "store", False), ("training", "out_dir", False),
+               ("training", "base_model", True), ("store", "path", False))
+REDACTED = "local_paths_redacted"  # the published config's list of the keys cut to a folder name
 
 
 def _in_subfolder(subfolder: str | None, name: str) -> str:
@@ -53,7 +62,7 @@ def resolve_adapter_folder(name_or_path: str | Path, *, revision: str | None = N
         validate_repo_id(repo_id)
     except HFValidationError:
         raise ModelError(f"{name_or_path}: no such adapter folder, and not a hub id (namespace/name); pass the "
-                         "folder `python -m stages.train` wrote, or a hub repository id") from None
+                         f"folder `{command_line('train')}` wrote, or a hub repository id") from None
     snapshot = _download(repo_id, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
                          local_files_only=local_files_only)
     folder = Path(snapshot) / subfolder if subfolder else Path(snapshot)
@@ -124,10 +133,35 @@ def published_card(folder: Path, config: dict, repo_id: str, path_in_repo: str |
     return str(render_model_card(config, repo_id=repo_id, subfolder=path_in_repo))
 
 
+def portable_config(config: dict) -> dict:
+    """adapter_config.json as published: each local path it records (the base where it is a local
+    folder, the store, the output folder) cut to its final folder name, the keys cut listed under
+    "local_paths_redacted", and the config's digest recomputed over what is published, so that it
+    loads. A hub id stays whole; a config with no local path comes back as it is. ``config`` is not
+    changed."""
+    published = copy.deepcopy(config)
+    redacted = []
+    for section, key, hub in LOCAL_PATHS:
+        holder = published.get(section)
+        value = holder.get(key) if isinstance(holder, dict) else None
+        if not isinstance(value, str) or not value or (hub and is_hub_id(value)):
+            continue
+        parts = [part for part in re.split(r"[\\/]+", os.path.expanduser(value)) if part not in ("", ".")]
+        holder[key] = parts[-1] if parts else "."
+        redacted.append(f"{section}.{key}")
+    if not redacted:
+        return published
+    published[REDACTED] = redacted
+    if isinstance(published.get(INTEGRITY), dict):
+        published[INTEGRITY]["config"] = config_digest(published)
+    return published
+
+
 def upload_operations(folder: str | Path, repo_id: str, path_in_repo: str | None = None,
                       include_validation: bool = True) -> list:
     """The ``CommitOperationAdd`` list that publishes an adapter folder: the weights and config
-    (verified against their recorded sha256 first), the card and the newest validation grid."""
+    (verified against their recorded sha256 first; the config with no local path, :func:`portable_config`),
+    the card and the newest validation grid."""
     from huggingface_hub import CommitOperationAdd
 
     folder = Path(folder)
@@ -135,14 +169,16 @@ def upload_operations(folder: str | Path, repo_id: str, path_in_repo: str | None
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (or not a file); re-run training "
-                         "(`python -m stages.train`) before publishing")
+                         f"(`{command_line('train')}`) before publishing")
     expected = (config.get(INTEGRITY) or {}).get("files", {}).get(ADAPTER_WEIGHTS)
     data = weights.read_bytes()  # the bytes checked are the bytes published
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise ModelError(f"{weights}: its bytes differ from the sha256 recorded in {ADAPTER_CONFIG}; nothing was "
                          "published: re-run training to write the adapters again")
     card = published_card(folder, config, repo_id, path_in_repo)
-    files: list[tuple[str, Path | bytes]] = [(ADAPTER_WEIGHTS, data), (ADAPTER_CONFIG, folder / ADAPTER_CONFIG),
+    published = portable_config(config)
+    config_file = folder / ADAPTER_CONFIG if published == config else (json.dumps(published, indent=2) + "\n").encode()
+    files: list[tuple[str, Path | bytes]] = [(ADAPTER_WEIGHTS, data), (ADAPTER_CONFIG, config_file),
                                              (MODEL_CARD, card.encode("utf-8"))]
     grid = newest_validation_grid(folder) if include_validation else None
     if grid is not None:

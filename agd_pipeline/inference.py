@@ -16,7 +16,7 @@ import torch
 from .adapters import load_adapted_model, read_adapter_config
 from .config import MAX_GUIDANCE, MAX_SEED, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import ConfigError, MissingExtra
+from .errors import ConfigError, MissingExtra, command_line
 from .models import encode_prompts, load_base_model, recorded_hub_options
 from .sampling import AGD, CFG, ImageSampler, check_num_steps, scheduler_for, trajectory_seed
 
@@ -107,7 +107,7 @@ def _check_arguments(adapters, guidance_scale, per_class, steps, seed, batch_siz
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: unknown value {dtype!r}; allowed: {', '.join(DTYPES)}")
     if not str(adapters).strip():
-        raise ConfigError("adapters must name an adapter folder written by `python -m stages.train`")
+        raise ConfigError(f"adapters must name an adapter folder written by `{command_line('train')}`")
 
 
 def prepare_conditions(base, classes, prompts, per_class: int, negative_prompt: str):

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import StoreError
-from .store import REPAIR, Manifest, TrajectoryStore
+from .errors import StoreError, command_line
+from .store import Manifest, TrajectoryStore, repair
 from .store.schema import read_by_unit
 from .store.verify import read_problem
 
@@ -106,8 +106,8 @@ class UnitReader(Dataset):
         value = np.asarray(array[start:stop])
         problem = read_problem(self.manifest.shard_format, self._entry(name), key, array, start, stop, value)
         if problem is not None:
-            raise ChangedOnDisk(f"{self.root}/{name}/{key}: {problem}; `python -m stages.inspect {self.root} --verify` "
-                             f"lists every damaged array. {REPAIR}")
+            raise ChangedOnDisk(f"{self.root}/{name}/{key}: {problem}; `{command_line('inspect')} {self.root} "
+                                f"--verify` lists every damaged array. {repair()}")
         return value
 
     def _read(self, shard, name: str, key: str, start: int, stop: int) -> np.ndarray:
@@ -125,7 +125,7 @@ class UnitReader(Dataset):
         try:
             shard = self._open(name)
         except Exception as err:  # noqa: BLE001 - broken metadata fails in zarr or the tar reader
-            raise StoreError(f"{self.root}/{name}: cannot open ({type(err).__name__}: {err}). {REPAIR}") from None
+            raise StoreError(f"{self.root}/{name}: cannot open ({type(err).__name__}: {err}). {repair()}") from None
         out = {}
         for key in self.names:
             try:
@@ -135,8 +135,8 @@ class UnitReader(Dataset):
             except Exception as err:  # noqa: BLE001 - a damaged chunk fails inside the codec
                 raise StoreError(
                     f"{self.root}/{name}/{key}: cannot read trajectories {start}-{stop} "
-                    f"({type(err).__name__}: {err}); `python -m stages.inspect {self.root} --verify` "
-                    f"lists every damaged array. {REPAIR}") from None
+                    f"({type(err).__name__}: {err}); `{command_line('inspect')} {self.root} --verify` "
+                    f"lists every damaged array. {repair()}") from None
         if self.as_tensors:  # a worker's tensors reach the training process through shared memory
             out = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in out.items()}
         return out

@@ -38,7 +38,7 @@ from torch import nn
 
 from . import families
 from .adapters import ADAPTER_WEIGHTS, AdaptedModel, load_adapted_model, read_adapter_config
-from .errors import ModelError
+from .errors import ModelError, command_line
 from .families import Family
 from .hub import push_adapters, resolve_adapter_folder
 from .models import BaseModel
@@ -113,7 +113,7 @@ class AGDAdapters:
         config = read_adapter_config(folder)
         if not (folder / ADAPTER_WEIGHTS).is_file():
             raise ModelError(f"{folder}: {ADAPTER_WEIGHTS} is missing (or not a file); re-run training "
-                             "(`python -m stages.train`)")
+                             f"(`{command_line('train')}`)")
         return cls(folder, config)
 
     def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,

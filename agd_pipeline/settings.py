@@ -101,6 +101,7 @@ INPUTS: dict[str, dict[str, str]] = {
     "generate": {"base_model": "base"},
     "train": {"store": "store", "base_model": "base"},
     "evaluate": {"adapters": "adapters", "base_model": "base"},
+    "finetune": {"base_model": "base"},  # its derivative replaces out_dir, another pipeline's base if of its family
 }
 # The section whose out_dir writes each kind of input, in the params file's own pipeline.
 PRODUCERS: dict[str, tuple[str, ...]] = {"store": ("generate",), "adapters": ("train",),

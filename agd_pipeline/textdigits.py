@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ModelError
+from .errors import ModelError, command_line
 from .optim import check_finite, cosine_with_warmup, descent_step
 from .outputs import check_replaceable, staging_folder, swap_in
 
@@ -418,7 +418,7 @@ def load_shared(folder: str | Path) -> dict:
     missing = [name for name in SHARED_FILES if not (folder / name).exists()]
     if missing:
         raise ModelError(f"{folder}: not a text_data output (missing {', '.join(missing)}); run "
-                         "`python -m stages.text_data` (or the text pipeline's data stage) first")
+                         f"`{command_line('text_data')}` (or the text pipeline's data stage) first")
     return dict(np.load(folder / "digits.npz"))
 
 
@@ -594,7 +594,7 @@ def base_recipe(folder: str | Path) -> dict:
             recipe[key]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(f"{path}: cannot read the text_base settings this base was trained with ({err!r}); "
-                         "finetune derives from an embedded text default (`python -m stages.text_base` "
+                         f"finetune derives from an embedded text default (`{command_line('text_base')}` "
                          "writes it)") from None
     return recipe
 
@@ -613,7 +613,7 @@ def write_real_pairs(path: Path, latents: torch.Tensor, shared: dict) -> None:
     if images is None or len(images) != len(prompts):
         raise ModelError(f"{path.parent}: the shared data does not say which image each of the {len(prompts)} "
                          "training prompts captions (written before forward-noised text data existed?); run "
-                         "the text pipeline's data stage (python -m stages.text_data) again")
+                         f"the text pipeline's data stage (`{command_line('text_data')}`) again")
     np.savez_compressed(path, latents=latents[torch.from_numpy(images)].numpy().astype(np.float32),
                         captions=np.asarray(prompts, dtype=str))
 

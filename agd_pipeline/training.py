@@ -16,7 +16,9 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +32,8 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MEAN_SOURCES, MODEL_CARD
                        save_adapters)
 from .config import TrainConfig, check_interval
 from .devices import resolve_device, torch_dtype
-from .errors import (AgdError, ConfigError, ModelError, StoreError, WriteError, os_reason, write_errors,
-                     write_reason)
+from .errors import (AgdError, ConfigError, ModelError, StoreError, WriteError, command_line, os_reason,
+                     write_errors, write_reason)
 from .loader import StepBatches
 from .locks import FolderLock
 from .memory import enable_base_checkpointing
@@ -140,12 +142,19 @@ def runtime_record(accelerator) -> dict:
     * ``num_threads``, ``num_interop_threads``: torch's thread counts. On the CPU they can change the
       last bits (a parallel sum is split by thread; tried: a sum of 4 M float32 numbers differs
       between 1 and 2 threads). Recorded only: a resumed run on another machine is allowed.
+    * ``num_processes``, ``distributed_type``: how many processes trained and how accelerate joined
+      them (NO, MULTI_CPU, MULTI_GPU, ...). Each process draws its own share of every batch and the
+      gradients are averaged across them, which sums in another order than one process does.
+      Recorded only: a run may resume with another number of processes.
     """
+    distributed = accelerator.distributed_type
     return {"mixed_precision": str(accelerator.mixed_precision),
             "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
             "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "num_threads": torch.get_num_threads(), "num_interop_threads": torch.get_num_interop_threads()}
+            "num_threads": torch.get_num_threads(), "num_interop_threads": torch.get_num_interop_threads(),
+            "num_processes": int(accelerator.num_processes),
+            "distributed_type": str(getattr(distributed, "value", distributed))}
 
 
 def _check_mixed_precision(config: TrainConfig, manifest: Manifest, mixed_precision: str) -> None:
@@ -158,9 +167,9 @@ def _check_mixed_precision(config: TrainConfig, manifest: Manifest, mixed_precis
     source = "accelerate's mixed precision (ACCELERATE_MIXED_PRECISION, or `accelerate launch`'s config)"
     autocast = MIXED_PRECISION_DTYPES.get(mixed_precision)
     if autocast is None:
-        raise ConfigError(f"train.dtype: {source} is {mixed_precision!r}, which stages.train does not support (the "
-                          "adapters train in float32 beside a base in train.dtype); nothing was done. Use no, bf16 "
-                          "or fp16")
+        raise ConfigError(f"train.dtype: {source} is {mixed_precision!r}, which {command_line('train')} does not "
+                          "support (the adapters train in float32 beside a base in train.dtype); nothing was done. "
+                          "Use no, bf16 or fp16")
     base_dtype = config.dtype or str(manifest.base_model.get("dtype") or "float32")
     if autocast != base_dtype:
         where = f"train.dtype {config.dtype}" if config.dtype else "the store's dtype, train.dtype being empty"
@@ -194,17 +203,51 @@ def train(config: TrainConfig, progress: bool = True, log=print) -> dict:
     runtime = runtime_record(accelerator)
     inputs = [store_root, config.base_model or manifest.base_model.get("id")]
     with contextlib.ExitStack() as held:
-        if accelerator.is_main_process:
+        def claim() -> dict | None:
             # one training run per output folder, which holds nothing else (agd_pipeline.outputs);
             # the store must not be rewritten while it is read
             held.enter_context(owned_output(config, inputs, ours=_holds_training, own_name=_train_output_name,
                                             record=False))
             held.enter_context(FolderLock(store_root, "stages.train (reading the store)", shared=True, create=False))
             finished = _finished_run(config, manifest.fingerprint(), runtime, log)
-            if finished is not None:
-                return finished
-            write_resolved(config, out, runtime=runtime)  # from here on the folder is recognisably this run's
+            if finished is None:
+                write_resolved(config, out, runtime=runtime)  # from here on the folder is recognisably this run's
+            return finished
+
+        # every process learns rank 0's decision: all stop on nothing to do, or on its error
+        finished = _on_main_process(accelerator, claim)
+        if finished is not None:
+            return finished
         return _train(config, accelerator, progress, log)
+
+
+def _broadcast(objects: list) -> list:
+    """accelerate's broadcast_object_list from rank 0 (a seam: tests simulate ranks through it)."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(objects, from_process=0)
+
+
+def _on_main_process(accelerator, decide: Callable[[], Any]) -> Any:
+    """``decide()`` run by the main process only, its result handed to every process. Where it
+    raises, it raises there and the other processes stop with an AgdError that points at it: none
+    goes on alone to wait at a barrier for a main process that has stopped (or has nothing to do)."""
+    if accelerator.num_processes == 1:
+        return decide()
+    shared: list = [None, None]  # the result, or why rank 0 stopped
+    error = None
+    if accelerator.is_main_process:
+        try:
+            shared[0] = decide()
+        except BaseException as err:  # Ctrl-C too: the others must not wait for it
+            error, shared[1] = err, type(err).__name__
+    _broadcast(shared)
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise AgdError(f"train: rank 0 stopped before training ({shared[1]}; its message says why); "
+                       f"rank {accelerator.process_index} stops with it")
+    return shared[0]
 
 
 # what stages.train writes into its output folder (anything else there is refused, not overwritten)
@@ -551,7 +594,7 @@ def _optimise(config: TrainConfig, accelerator, model, optimizer, lr_schedule, e
                         "weights took it in, and nothing of this step was saved"
                         + (f" (the checkpoint in {checkpoint} is of an earlier step)" if checkpoint.exists() else "")
                         + f". Lower train.learning_rate (now {config.learning_rate:g}) or check the store for "
-                        "NaN/inf with `python -m stages.inspect --verify`")
+                        f"NaN/inf with `{command_line('inspect')} {config.store} --verify`")
                 # gradients are averaged over processes once, at the last micro-batch
                 with accelerator.no_sync(model) if micro + 1 < accumulate else contextlib.nullcontext():
                     accelerator.backward(loss / accumulate if accumulate > 1 else loss)
@@ -643,7 +686,7 @@ def _check_finite_weights(model, config: TrainConfig, step: int, ema=None) -> No
         return
     raise AgdError(f"train: the adapter weights became NaN or inf by step {step}; nothing of it was saved. Lower "
                    f"train.learning_rate (now {config.learning_rate:g}) or check the store for NaN/inf with "
-                   "`python -m stages.inspect --verify`")
+                   f"`{command_line('inspect')} {config.store} --verify`")
 
 
 def _adapter_record(config: TrainConfig, store: TrajectoryStore, fingerprint: str, final_loss: float | None,

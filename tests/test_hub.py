@@ -6,7 +6,9 @@ the model card: it parses, its metadata is ours with no local path, and its usag
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import re
 from pathlib import Path
 
@@ -14,9 +16,10 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, scan_cache_dir, try_to_load_from_cache
 
-from agd_pipeline.adapters import AdaptedModel, AdapterConfig, default_condition_on, save_adapters
+from agd_pipeline.adapters import (AdaptedModel, AdapterConfig, default_condition_on, read_adapter_config,
+                                   save_adapters)
 from agd_pipeline.errors import ConfigError, ModelError
-from agd_pipeline.hub import upload_operations
+from agd_pipeline.hub import portable_config, upload_operations
 from agd_pipeline.locks import LOCK_FILE
 from agd_pipeline.modelcard import LIBRARY_NAME, LOCAL_BASE_PLACEHOLDER, REPO_PLACEHOLDER, render_model_card
 from agd_pipeline.models import load_base_model
@@ -164,8 +167,12 @@ def test_push_uploads_only_the_adapter_files(adapter_folders, monkeypatch, offli
     assert sorted(uploaded) == ["README.md", "adapter_config.json", "adapters.safetensors",
                                 "validation/step-000002.png"]
     assert not any(name.startswith((LOCK_FILE, "checkpoint", "loss", "resolved_config")) for name in uploaded)
-    for name in ("adapters.safetensors", "adapter_config.json", "validation/step-000002.png"):
+    for name in ("adapters.safetensors", "validation/step-000002.png"):
         assert uploaded[name] == (folder / name).read_bytes(), name
+    # the config as published: the local base's path cut to its folder name (test_published_config_...)
+    published = json.loads(uploaded["adapter_config.json"])
+    assert str(folder.parent) not in uploaded["adapter_config.json"].decode()
+    assert published["base_model"]["id"] == Path(read_adapter_config(folder)["base_model"]["id"]).name
     card = uploaded["README.md"].decode()
     assert f"AGDAdapters.from_pretrained({REPO_ID!r})\n" in card and REPO_PLACEHOLDER not in card
     assert "push_to_hub" not in card_snippet(card)  # the placeholder's comment went with it
@@ -195,6 +202,52 @@ def test_push_refuses_damaged_adapters_before_touching_the_hub(adapter_folders, 
     with pytest.raises(ConfigError, match="not a hub repository id"):
         AGDAdapters.from_pretrained(adapter_folders["one"]).push_to_hub("/a/local/path")
     assert touched == []
+
+
+def test_the_published_config_names_no_local_path_and_loads(adapter_folders, dit_base, tmp_path, monkeypatch):
+    """adapter_config.json as pushed: the training machine's folders (the local base, the store, the output
+    folder) cut to their final names and listed under local_paths_redacted, its digest recomputed so that
+    it loads; the local file stays as it was."""
+    folder = tmp_path / "adapters"
+    shutil.copytree(adapter_folders["one"], folder)
+    local = read_adapter_config(folder)
+    extra = {k: local[k] for k in ("sampler", "guidance", "negative_prompt")}
+    extra["training"] = {"store": "/home/someone/data/trajectories", "out_dir": str(folder), "base_model": ""}
+    extra["store"] = {"path": "/home/someone/data/trajectories", "fingerprint": "f" * 32}
+    model = AdaptedModel(dit_base, AdapterConfig(**local["adapter"]))
+    save_adapters(model, folder, extra=extra)
+    model.remove()
+    before = (folder / "adapter_config.json").read_bytes()
+
+    operations, _ = planned_upload(folder, REPO_ID, monkeypatch)
+    data = next(operation_bytes(op) for op in operations if op.path_in_repo == "adapter_config.json")
+    assert (folder / "adapter_config.json").read_bytes() == before  # the local file is not changed
+    text = data.decode()
+    assert "/home/someone" not in text and str(tmp_path) not in text, text
+    published = json.loads(text)
+    assert published["base_model"]["id"] == Path(local["base_model"]["id"]).name
+    assert published["training"]["store"] == published["store"]["path"] == "trajectories"
+    assert published["training"]["out_dir"] == "adapters" and published["training"]["base_model"] == ""
+    assert published["local_paths_redacted"] == ["base_model.id", "training.store", "training.out_dir",
+                                                 "store.path"]
+    assert published["base_model"]["weights_fingerprint"] == local["base_model"]["weights_fingerprint"]
+    (tmp_path / "pulled").mkdir()  # what a download gets loads: its digest is that of what was published
+    for op in operations:
+        if op.path_in_repo in ("adapter_config.json", "adapters.safetensors"):
+            (tmp_path / "pulled" / op.path_in_repo).write_bytes(operation_bytes(op))
+    assert read_adapter_config(tmp_path / "pulled") == published
+
+
+def test_a_hub_base_id_is_published_whole():
+    config = {"base_model": {"id": "facebook/DiT-XL-2-256"}, "training": {"base_model": "facebook/DiT-XL-2-256",
+                                                                           "store": "data/trajectories"}}
+    published = portable_config(config)
+    assert published["base_model"]["id"] == published["training"]["base_model"] == "facebook/DiT-XL-2-256"
+    assert published["training"]["store"] == "trajectories"
+    assert published["local_paths_redacted"] == ["training.store"]
+    assert config["training"]["store"] == "data/trajectories"  # the caller's dict is left alone
+    assert portable_config({"base_model": {"id": "facebook/DiT-XL-2-256"}}) == {
+        "base_model": {"id": "facebook/DiT-XL-2-256"}}  # nothing local: nothing added
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -257,3 +257,43 @@ def test_stages_modules_are_the_library_commands():
         shim = importlib.import_module(f"stages.{name}")
         assert shim is importlib.import_module(f"agd_pipeline.commands.{name}"), name
         assert f"from agd_pipeline.commands import {name} as command" in (REPO / "stages" / f"{name}.py").read_text()
+
+
+# ------------------------------------------------------- messages name the command as it was run
+
+
+def test_messages_name_the_command_as_the_user_started_it(tmp_path, capsys):
+    """What a message tells the user to run is `agd <command>` under the agd script (an installed user has
+    no stages package), and `python -m stages.<command>` when started from the repository."""
+    nowhere = str(tmp_path / "nowhere")
+    assert agd_main()(["inspect", nowhere]) == 2
+    err = capsys.readouterr().err
+    assert "`agd generate`" in err and "python -m stages" not in err, err
+    assert agd_main()(["sample", "--adapters", " "]) == 2
+    err = capsys.readouterr().err
+    assert "`agd train`" in err and "python -m stages" not in err, err
+    import stages.inspect
+
+    assert stages.inspect.main([nowhere]) == 2
+    assert "`python -m stages.generate`" in capsys.readouterr().err
+
+
+def test_no_message_hardcodes_how_a_command_is_started():
+    """Every string of the library that names one of the commands for the user to run goes through
+    errors.command_line: a literal `python -m stages.<command>` outside docstrings and comments would be
+    wrong for an installed user. (stages.report, .experiments and .benchmark exist only in the repository.)"""
+    import re
+
+    found = []
+    for path in sorted((REPO / "agd_pipeline").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                for name in re.findall(r"stages\.(\w+)", node.value):
+                    if name in COMMANDS and "python -m" in node.value:
+                        found.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value[:80]!r}")
+    assert not found, "\n".join(found)

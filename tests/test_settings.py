@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, run_main
 from agd_pipeline import settings
 from agd_pipeline.cli import build_parser, one_line_errors, resolve_config
-from agd_pipeline.config import EvaluateConfig, GenerateConfig, TrainConfig
+from agd_pipeline.config import EvaluateConfig, FinetuneConfig, GenerateConfig, TrainConfig
 from agd_pipeline.errors import ConfigError
 
 
@@ -181,6 +181,36 @@ def test_train_params_family_follows_the_store_to_the_generate_section_that_writ
     other = resolved(TrainConfig, tmp_path, None, "--store", "sd-store")
     with pytest.raises(ConfigError, match=r"train.out_dir data/adapters .*\[base\] stage.*--store sd-store holds"):
         settings.check_family(other.config, other.sources, other.params, other.label)
+
+
+def test_finetune_refuses_a_base_of_another_family_into_the_derivatives_folder(here, tmp_path):
+    """The derivatives pipeline's finetune writes the DiT derivative into data/derived/full/base: an SD3 text
+    default given by flag would replace it (another model's DVC output) unless --out-dir moves it."""
+    model_folder(tmp_path / "data/base", "DiTPipeline")
+    model_folder(tmp_path / "my-dit", "DiTPipeline")
+    model_folder(tmp_path / "my-sd", "StableDiffusionPipeline")
+    params = "finetune: {base_model: data/base, out_dir: data/derived/full/base}\n"
+    same = resolved(FinetuneConfig, tmp_path, params, "--base-model", "my-dit")
+    assert settings.check_family(same.config, same.sources, same.params, same.label) is None
+    moved = resolved(FinetuneConfig, tmp_path, None, "--base-model", "my-sd", "--out-dir", "sd/derived")
+    assert settings.check_family(moved.config, moved.sources, moved.params, moved.label) is None
+    other = resolved(FinetuneConfig, tmp_path, None, "--base-model", "my-sd")
+    with pytest.raises(ConfigError, match=r"finetune.out_dir data/derived/full/base \(from params.yaml \[finetune\]\) "
+                       r"belongs to .*\(its finetune.base_model data/base\), but --base-model my-sd is of the"):
+        settings.check_family(other.config, other.sources, other.params, other.label)
+
+
+def test_the_finetune_command_refuses_before_writing_anything(repo_layout, my_sd):
+    """`finetune --base-model` of a text family from the repository root: params.yaml has no [finetune]
+    section, so the built-in out_dir is used, which its [base] stage's DiT pipeline derives into."""
+    refused = run_main("stages.finetune", "--base-model", "my-sd", "--no-progress", cwd=repo_layout)
+    assert refused.returncode == 2, (refused.stdout, refused.stderr)
+    line = refused.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith(
+        "error: finetune.out_dir data/derived/full/base (built-in, with params.yaml [finetune]) belongs to the "
+        "params file's class-conditional DiT pipeline"), line
+    assert "--base-model my-sd is of the Stable Diffusion 1.x/2.x family" in line, line
+    assert not (repo_layout / "data").exists(), "a refused run wrote something"
 
 
 # ------------------------------------------------------------------------------ provenance

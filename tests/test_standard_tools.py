@@ -174,6 +174,42 @@ def test_the_derived_metadata_leaves_data_and_checksums_alone(tiny_store, tmp_pa
             np.testing.assert_array_equal(value, read_all_shards(tiny_store)[name][key], err_msg=key)
 
 
+def test_verify_checks_the_derived_arrays_against_the_manifest(tiny_store, tmp_path):
+    """The derived arrays are outside the checksums, so verify recomputes them from the manifest: a
+    changed value or shape is a problem naming the shard and the array (the data itself is untouched)."""
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
+    first = zarr.open_group(str(root / "shard-000000.zarr"), mode="r+")
+    first["trajectory"][0] = 99
+    second = zarr.open_group(str(root / "shard-000001.zarr"), mode="r+")
+    second["step"][:] = second["step"][:][::-1]
+    third = zarr.open_group(str(root / "shard-000002.zarr"), mode="r+")
+    third.create_array("trajectory", data=np.arange(3, dtype=np.int64), overwrite=True)
+    zarr.consolidate_metadata(str(root / "shard-000002.zarr"))
+    store = TrajectoryStore(root)
+    problems = {str(p) for p in store.problems(full=True)}
+    assert "shard-000000.zarr/trajectory: 1 of 8 value(s) differ from what the manifest implies (row 0: 99, " \
+        "expected 0); derived from the manifest, outside the checksums" in problems, problems
+    assert any(p.startswith("shard-000001.zarr/step: ") and "differ from what the manifest implies" in p
+               for p in problems), problems
+    assert "shard-000002.zarr/trajectory: int64 (3,), the manifest implies int64 (4,)" in problems, problems
+    assert len(problems) == 3, problems
+    # the cheap check (no reading) sees the shape
+    assert {str(p) for p in store.problems(full=False)} == {
+        "shard-000002.zarr/trajectory: int64 (3,), the manifest implies int64 (4,)"}
+
+
+def test_verify_checks_a_text_shards_prompt_text(text_stores, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(text_stores["zarr"], root)
+    group = zarr.open_group(str(root / "shard-000000.zarr"), mode="r+")
+    texts = group["negative_prompt"][:].tolist()
+    group["negative_prompt"][1] = texts[1] + " (edited)"
+    problems = [str(p) for p in TrajectoryStore(root).problems(full=True)]
+    assert len(problems) == 1 and problems[0].startswith(
+        "shard-000000.zarr/negative_prompt: 1 of 4 value(s) differ from what the manifest implies (row 1: "), problems
+
+
 def test_a_text_shard_carries_its_prompt_text(text_stores):
     root = text_stores["zarr"]
     data = read_all_shards(root)

@@ -21,7 +21,7 @@ from test_output_ownership import snapshot
 from test_training import QUIET, Interrupted, train_config
 
 RUNTIME_KEYS = {"mixed_precision", "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "float32_matmul_precision",
-                "num_threads", "num_interop_threads"}
+                "num_threads", "num_interop_threads", "num_processes", "distributed_type"}
 
 
 @pytest.fixture
@@ -62,6 +62,7 @@ def test_the_runtime_is_recorded_and_mixed_precision_changes_the_adapters(tiny_s
             assert record["float32_matmul_precision"] == torch.get_float32_matmul_precision()
             assert record["num_threads"] == torch.get_num_threads()
             assert record["num_interop_threads"] == torch.get_num_interop_threads()
+            assert (record["num_processes"], record["distributed_type"]) == (1, "NO"), record
         records[precision] = load_file(out / ADAPTER_WEIGHTS)
     assert any(not torch.equal(records["no"][key], records["bf16"][key]) for key in records["no"]), \
         "bf16 autocast gave the same adapters: this test no longer shows why it is recorded"
@@ -143,3 +144,79 @@ def test_a_resolved_config_with_its_runtime_still_marks_the_folder_as_trains(tmp
     for other in ({**record, "notes": "mine"}, {"runtime": record["runtime"], "train": record["train"]}):
         (tmp_path / "out" / "resolved_config.json").write_text(json.dumps(other))
         assert resolved_section(tmp_path / "out") is None, other
+
+
+# ------------------------------------------------------------------------------ several processes
+
+
+class RankAccelerator:
+    """accelerate's Accelerator as process ``rank`` of ``world`` sees it (no process group): enough of
+    it for train() to decide what to do. A barrier is an error: the test's other ranks are not running."""
+
+    def __init__(self, rank: int, world: int, *args, **kwargs):
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+        self.mixed_precision, self.device, self.distributed_type = "no", torch.device("cpu"), "MULTI_CPU"
+
+    def wait_for_everyone(self):
+        raise AssertionError(f"rank {self.process_index} waits at a barrier that rank 0 never reaches")
+
+
+def as_rank(monkeypatch, rank: int, world: int, sent: list) -> None:
+    """Make the next train() process ``rank`` of ``world``: rank 0 records what it hands to the others
+    into ``sent``, the others receive what it recorded (as broadcast_object_list would)."""
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "Accelerator", lambda *a, **k: RankAccelerator(rank, world))
+
+    def broadcast(objects: list) -> list:
+        if rank == 0:
+            sent.append(list(objects))
+        else:
+            objects[:] = sent[-1]
+        return objects
+
+    monkeypatch.setattr(training, "_broadcast", broadcast, raising=False)
+
+
+def test_every_rank_of_a_finished_run_has_nothing_to_do(tiny_store, tmp_path, monkeypatch):
+    """Run again on finished adapters under two processes: rank 0 finds nothing to do and every other
+    rank returns its result too, instead of going on to train and waiting for rank 0 at a barrier."""
+    out = tmp_path / "out"
+    config = train_config(tiny_store, out, steps=3)
+    training.train(config, **QUIET)
+    before = snapshot(out)
+    sent = []
+    as_rank(monkeypatch, 0, 2, sent)
+    first = training.train(config, **QUIET)
+    assert first["skipped"] is True and len(sent) == 1
+    as_rank(monkeypatch, 1, 2, sent)
+    assert training.train(config, **QUIET) == first
+    assert snapshot(out) == before
+
+
+def test_every_rank_stops_when_rank_0_refuses(tiny_store, tmp_path, monkeypatch):
+    """Rank 0 refuses finished adapters of other settings: the other ranks stop with an error that
+    points at rank 0's, rather than wait for it at a barrier."""
+    out = tmp_path / "out"
+    training.train(train_config(tiny_store, out, steps=3), **QUIET)
+    changed = train_config(tiny_store, out, steps=3, learning_rate=0.5)
+    sent = []
+    as_rank(monkeypatch, 0, 2, sent)
+    with pytest.raises(ConfigError, match="holds finished adapters"):
+        training.train(changed, **QUIET)
+    as_rank(monkeypatch, 1, 2, sent)
+    with pytest.raises(AgdError, match="rank 0 stopped") as err:
+        training.train(changed, **QUIET)
+    assert "\n" not in str(err.value)
+
+
+def test_the_runtime_records_how_many_processes_trained():
+    """Two processes average their gradients (a different sum order than one process's batch): the
+    record says how many trained, and how accelerate connected them."""
+    record = training.runtime_record(RankAccelerator(0, 2))
+    assert (record["num_processes"], record["distributed_type"]) == (2, "MULTI_CPU"), record
+    from accelerate.utils import DistributedType
+
+    multi_gpu = RankAccelerator(1, 8)
+    multi_gpu.distributed_type = DistributedType.MULTI_GPU
+    assert training.runtime_record(multi_gpu)["distributed_type"] == "MULTI_GPU"

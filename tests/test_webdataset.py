@@ -248,6 +248,19 @@ def test_two_process_training_checkpoints_every_step_and_resumes_after_a_kill(ta
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
+def test_two_process_training_run_again_has_nothing_to_do(tar_store, tmp_path):
+    """The same command on finished adapters: rank 0 finds nothing to do, and rank 1 stops with it instead
+    of waiting for it at a barrier (a hang until the process group's timeout)."""
+    command = torchrun_train(tmp_path / "p.yaml", tmp_path / "out", store=str(tar_store), steps=4)
+    for run in ("first", "again"):
+        result = subprocess.run(command, cwd=REPO, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, (run, result.stdout + result.stderr)
+    assert "nothing to do" in result.stdout + result.stderr
+    runtime = json.loads((tmp_path / "out" / "resolved_config.json").read_text())["runtime"]
+    assert (runtime["num_processes"], runtime["distributed_type"]) == (2, "MULTI_CPU"), runtime
+
+
 def test_large_units_shrink_the_buffer(tar_store):
     """Whole tar shards of big latents are held a few at a time, within the memory budget."""
     store = TrajectoryStore(tar_store)

@@ -22,7 +22,7 @@ def check_args(args) -> str | None:
                 f"got {args.bitround_keepbits}")
     source, target = Path(args.source), Path(args.target)
     if not source.is_dir():
-        return f"source: {args.source!r} is not a folder (a store written by `python -m stages.generate`)"
+        return f"source: {args.source!r} is not a folder (a store written by `{command_line('generate')}`)"
     source, resolved = source.resolve(), target.resolve()
     if resolved == source:
         return f"target: {args.target!r} is the source itself; give another folder"

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         from agd_pipeline.inspection import format_summary, summarise
-        from agd_pipeline.store import REPAIR, TrajectoryStore
+        from agd_pipeline.store import TrajectoryStore, repair
 
         store = TrajectoryStore(args.store)
         # --verify re-reads every shard (whatever was verified before) and records those that pass
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             print(f"{args.store}: {len(problems)} problem(s):")
             for p in problems:
                 print(f"  {p}")
-            print(REPAIR)
+            print(repair())
             return 1
         summary = summarise(store, bins=args.bins, scheduler=args.scheduler, workers=args.workers)
         print(f"store: {args.store}  ({'verified: checksums match' if args.verify else 'cheap check passed'})")

@@ -29,7 +29,7 @@ def parse_classes(text: str) -> list[int] | None:
 def check_args(args) -> str | None:
     """What is wrong with the options, naming the option, before anything loads (or None)."""
     if not args.adapters.strip():
-        return "--adapters: give the adapter folder written by `python -m stages.train`"
+        return f"--adapters: give the adapter folder written by `{command_line('train')}`"
     try:
         parse_classes(args.classes)
     except ValueError as err:

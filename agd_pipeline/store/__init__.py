@@ -28,9 +28,9 @@ from .manifest import (Manifest, as_manifest, differences, new_manifest, read_ma
                        validate_manifest)
 from .ownership import foreign_entries, refuse_foreign_folder, remove_store
 from .reader import TrajectoryStore
-from .schema import (ARRAY_DTYPES, CLASS_CONDITION, CODECS, LATENT_ARRAYS, MANIFEST, PARTIAL, REPAIR, RUN_KEYS,
+from .schema import (ARRAY_DTYPES, CLASS_CONDITION, CODECS, LATENT_ARRAYS, MANIFEST, PARTIAL, RUN_KEYS,
                      SCHEMA_VERSION, STORE_TYPE, ArrayHasher, array_checksum, array_shapes, array_specs, bitround,
-                     codec_available, combined_checksum, condition_arrays, dimension_names, run_header,
+                     codec_available, combined_checksum, condition_arrays, dimension_names, repair, run_header,
                      store_fingerprint)
 from .verified import VerifiedShards
 from .verify import VERIFY_MODES, Problem
@@ -38,12 +38,12 @@ from .writer import StoreWriter
 
 __all__ = [
     "ARRAY_DTYPES", "CLASS_CONDITION", "CODECS", "FORMATS", "LATENT_ARRAYS", "MANIFEST", "MANIFEST_LOG", "PARTIAL",
-    "REPAIR", "RUN_KEYS", "SCHEMA_VERSION", "SHARD_PATTERN", "STORE_TYPE", "VERIFY_MODES", "ArrayHasher",
+    "RUN_KEYS", "SCHEMA_VERSION", "SHARD_PATTERN", "STORE_TYPE", "VERIFY_MODES", "ArrayHasher",
     "Manifest", "Problem", "ShardFormat", "StoreWriter", "TarShard", "TarShardWriter", "TrajectoryStore",
     "VerifiedShards", "WebDatasetFormat", "ZarrFormat", "ZarrShardWriter", "array_checksum", "array_shapes",
     "array_specs", "as_manifest", "bitround", "codec_available", "combined_checksum", "condition_arrays",
     "convert_store", "decode_sample", "differences", "dimension_names", "encode_sample", "folder_bytes",
     "foreign_entries", "format_of_shard", "get_format", "new_manifest", "read_manifest", "recover_manifest",
-    "refuse_foreign_folder", "remove_path", "remove_store", "resolve_compressor", "run_header", "shard_name",
+    "refuse_foreign_folder", "remove_path", "remove_store", "repair", "resolve_compressor", "run_header", "shard_name",
     "store_fingerprint", "validate_manifest", "write_json_atomic",
 ]

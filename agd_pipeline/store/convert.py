@@ -10,7 +10,7 @@ from ..locks import FolderLock
 from .formats import get_format, resolve_compressor
 from .ownership import refuse_foreign_folder
 from .reader import TrajectoryStore
-from .schema import DERIVED_ARRAYS, REPAIR, codec_available
+from .schema import DERIVED_ARRAYS, codec_available, repair
 from .writer import StoreWriter
 
 
@@ -54,7 +54,7 @@ def convert_store(source: str | os.PathLike, target: str | os.PathLike, fmt: str
                 if damaged:
                     listing = "; ".join(map(str, damaged[:3]))
                     raise StoreError(f"source shard {source / entry['name']} is damaged ({listing}); "
-                                     f"nothing of it was converted. Repair the source first. {REPAIR}")
+                                     f"nothing of it was converted. Repair the source first. {repair()}")
                 group = src.open_shard(entry["name"])
                 with writer.begin_shard(index) as shard:  # an error removes its partial files
                     for rows in src.shard_format.read_units(src.manifest, entry):
@@ -63,7 +63,7 @@ def convert_store(source: str | os.PathLike, target: str | os.PathLike, fmt: str
                                       if name not in DERIVED_ARRAYS}  # the target derives its own
                         except Exception as err:  # noqa: BLE001 - a chunk damaged since the check
                             raise StoreError(f"{source / entry['name']}: cannot read trajectories {rows.start}-"
-                                             f"{rows.stop} ({type(err).__name__}: {err}). {REPAIR}") from None
+                                             f"{rows.stop} ({type(err).__name__}: {err}). {repair()}") from None
                         shard.write(rows.start, arrays)
                     shard.finish(expected_checksums=entry.get("checksums") if lossless else None)
         log(f"{target}: {len(pending)} shard(s) converted to {fmt}" + ("" if pending else " (already complete)"))

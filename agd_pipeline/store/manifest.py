@@ -10,7 +10,7 @@ import re
 import time
 from pathlib import Path
 
-from ..errors import StoreError
+from ..errors import StoreError, command_line
 from .files import write_json_atomic
 from .formats import FORMATS, SHARD_PATTERN, ShardFormat, format_of_shard, get_format, shard_name
 from .schema import (ARRAY_DTYPES, MANIFEST, RUN_KEYS, SCHEMA_VERSION, STORE_TYPE, UNIT_CHECKSUMS, UNIT_ROWS,
@@ -120,8 +120,8 @@ def as_manifest(manifest: dict) -> Manifest:
 
 def _fail(path: Path, what: str) -> StoreError:
     return StoreError(f"{path}: {what}. The manifest is damaged or was edited; "
-                      "`python -m stages.generate --rebuild-manifest --out-dir "
-                      f"{path.parent}` rebuilds it from the shards")
+                      f"`{command_line('generate')} --rebuild-manifest --out-dir {path.parent}` rebuilds it from "
+                      "the shards")
 
 
 def _check_marker(manifest, path: Path) -> None:
@@ -131,11 +131,11 @@ def _check_marker(manifest, path: Path) -> None:
         if "shards" in manifest and "schema_version" in manifest:
             raise StoreError(f"{path}: store schema version {manifest.get('schema_version')!r} (an older release), "
                              f"this tool reads {SCHEMA_VERSION}; write the store again with "
-                             "`python -m stages.generate` into a new out_dir (or delete this one yourself first)")
+                             f"`{command_line('generate')}` into a new out_dir (or delete this one yourself first)")
         raise StoreError(f"{path}: not a trajectory store manifest (no store_type {STORE_TYPE!r})")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"{path}: store schema version {manifest.get('schema_version')!r}, this tool reads "
-                         f"{SCHEMA_VERSION}; re-run `python -m stages.generate` into a new out_dir")
+                         f"{SCHEMA_VERSION}; re-run `{command_line('generate')}` into a new out_dir")
 
 
 def validate_manifest(manifest, path: Path) -> dict:
@@ -214,15 +214,15 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         raise StoreError(f"{root} is a file, not a trajectory store folder")
     if not path.exists():
         if root.is_dir() and any(SHARD_PATTERN.fullmatch(p.name) for p in root.iterdir()):
-            hint = (f"the shards are there: `python -m stages.generate --rebuild-manifest --out-dir {root}` "
+            hint = (f"the shards are there: `{command_line('generate')} --rebuild-manifest --out-dir {root}` "
                     "rebuilds it from them")
         elif log_path(root).exists():
-            hint = (f"only its {MANIFEST_LOG} is there, no shards: run `python -m stages.generate` to write the "
+            hint = (f"only its {MANIFEST_LOG} is there, no shards: run `{command_line('generate')}` to write the "
                     "store again")
         elif root.exists():
             hint = "it is not a trajectory store, or stage one was never started there"
         else:
-            hint = "run `python -m stages.generate` to write it"
+            hint = f"run `{command_line('generate')}` to write it"
         raise StoreError(f"no trajectory store at {root}: {MANIFEST} is missing ({hint})")
     try:
         manifest = json.loads(path.read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import StoreError
 from .formats import SHARD_PATTERN, ShardFormat
 from .manifest import as_manifest, read_manifest
-from .schema import DERIVED_ARRAYS, REPAIR, array_specs
+from .schema import DERIVED_ARRAYS, array_specs, repair
 from .verify import Problem, find_problems
 
 
@@ -72,7 +72,7 @@ class TrajectoryStore:
             more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
             raise StoreError(
                 f"trajectory store {self.root} is not sound ({len(found)} problem(s)):\n  {listing}{more}\n"
-                + REPAIR)
+                + repair())
 
     def dask_arrays(self, names=None) -> dict:
         """Every array as one dask array over all shards, chunked at the shards' own chunks.

@@ -9,6 +9,8 @@ import json
 import numpy as np
 import zarr.codecs
 
+from ..errors import command_line
+
 STORE_TYPE = "agd-trajectory-store"  # the manifest's marker: a folder holding it is one of ours
 SCHEMA_VERSION = 4  # 3: store type marker, run settings in every shard, dimension names, .npz tar members;
 # 4: chunks sized in bytes (chunk_bytes replaces chunk_trajectories), Zarr arrays sharded into few files.
@@ -28,8 +30,10 @@ RUN_KEYS = ("schema_version", "base_model", "sampler", "guidance", "seed", "cond
 # fingerprint leaves them out while absent, so it stays what it was for every store written before.
 OPTIONAL_RUN_KEYS = ("source",)
 
-REPAIR = ("Repair: re-run `python -m stages.generate --verify full` with the same settings; it rewrites "
-          "only the shards that are missing, unfinished or damaged.")
+def repair() -> str:
+    """How to repair a damaged store, naming the generate command as the user runs it."""
+    return (f"Repair: re-run `{command_line('generate')} --verify full` with the same settings; it rewrites "
+            "only the shards that are missing, unfinished or damaged.")
 
 
 def run_header(manifest: dict) -> dict:

@@ -1,6 +1,7 @@
 """Checks of a store's shards against its manifest: cheap ones (presence, shapes and dtypes, and
 each format's own: a tar's size, Zarr's chunk files and bytes) or a full re-read of every array
-against its checksums (and for NaN/inf); shards are checked in a few threads, and those re-read
+against its checksums (and for NaN/inf), and the derived arrays outside the checksums (coordinates,
+prompt text) against what the manifest implies; shards are checked in a few threads, and those re-read
 before and unchanged since can be skipped (the verification cache, ``verified``). Whatever ran
 before, the loader checks what it reads against the digests recorded at write time
 (``read_problem``), so none of these checks is the last line of defence against changed bytes."""
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .schema import (DERIVED_ARRAYS, UNIT_CHECKSUMS, UNIT_ROWS, array_checksum, array_specs, combined_checksum,
-                     read_by_unit, row_slices, unit_checksum, unit_checksums, whole_checksum)
+                     prompt_texts, read_by_unit, row_slices, unit_checksum, unit_checksums, whole_checksum)
 from .verified import Listing, VerifiedShards
 
 # How a store is verified (train.verify): "changed" re-reads the shards without a matching record
@@ -144,6 +145,7 @@ def _opened(root: Path, manifest, entry: dict, reread: bool, listing: Listing | 
             found.append(Problem(name, array, f"{stored.dtype} {stored.shape}, the manifest implies {dtype} {shape}"))
         elif not reread:  # a re-read checks the contents themselves
             found.extend(Problem(name, array, message) for message in fmt.array_problems(path, array, stored, entry))
+    found.extend(derived_problems(manifest, entry, shard, read=reread))
     if not reread and not found:
         # a tar's members: each a regular file of ours (no link, device, ../ or absolute name)
         whole = fmt.whole_shard_problem(shard)
@@ -151,9 +153,60 @@ def _opened(root: Path, manifest, entry: dict, reread: bool, listing: Listing | 
             found.append(Problem(name, None, whole))
     if not reread or found:
         return found, None, None
-    found = verify_contents(fmt, name, shard, entry)
+    found = verify_contents(fmt, name, shard, entry) + derived_problems(manifest, entry, shard, read=True)
     unchanged = not found and listing.settled and Listing(root, fmt, name) == listing
     return found, "re-read", (entry, specs, listing) if unchanged else None
+
+
+def expected_derived(header: dict, entry: dict, shard, names) -> dict[str, tuple[tuple, str, object]]:
+    """Name -> (shape, dtype, values) of the derived arrays ``names`` of a shard (schema.DERIVED_ARRAYS):
+    what the manifest implies for them. The values come as a callable (reading the stored prompt
+    indices that the prompt text is derived from), so that a check of shapes alone reads nothing."""
+    n, start, steps = entry["trajectories"], entry.get("first_trajectory", 0), header["sampler"]["num_steps"]
+    indices = [key for key in ("prompt_index", "negative_prompt_index") if key in shard.array_keys()]
+
+    def texts(name: str):
+        return lambda: prompt_texts(header, {key: shard[key][:] for key in indices}).get(name)
+
+    expected = {"trajectory": ((n,), "int64", lambda: np.arange(start, start + n, dtype=np.int64)),
+                "step": ((steps,), "int64", lambda: np.arange(steps, dtype=np.int64))}
+    if "prompt_index" in indices:  # a text store: each trajectory's prompt and negative prompt
+        expected.update({key: ((n,), "str", texts(key)) for key in ("prompt", "negative_prompt")})
+    return {key: expected.get(key) for key in names}
+
+
+def derived_problems(header: dict, entry: dict, shard, read: bool) -> list[Problem]:
+    """How the derived arrays a shard holds (older shards hold none) disagree with what the manifest
+    implies: their shape and dtype, and with ``read`` every value, recomputed from the manifest (and
+    the stored prompt indices). They are outside the checksums, so nothing else checks them."""
+    name, found = entry["name"], []
+    present = [key for key in DERIVED_ARRAYS if key in shard.array_keys()]
+    for key, spec in expected_derived(header, entry, shard, present).items():
+        if spec is None:
+            found.append(Problem(name, key, "present, but the manifest implies none (not a text store)"))
+            continue
+        shape, dtype, values = spec
+        stored = shard[key]
+        kind = "str" if np.dtype(stored.dtype).kind in "OUT" or str(stored.dtype).startswith("<U") else None
+        stored_dtype = kind or str(np.dtype(stored.dtype))
+        if tuple(stored.shape) != shape or stored_dtype != dtype:
+            found.append(Problem(name, key, f"{stored_dtype} {tuple(stored.shape)}, the manifest implies {dtype} "
+                                 f"{shape}"))
+            continue
+        if not read:
+            continue
+        try:
+            actual, wanted = list(np.asarray(stored[:]).tolist()), list(np.asarray(values()).tolist())
+        except Exception as err:  # noqa: BLE001 - truncated chunks fail in the codec
+            found.append(Problem(name, key, f"unreadable ({type(err).__name__}: {err})"))
+            continue
+        wrong = [i for i, (a, b) in enumerate(zip(actual, wanted)) if a != b]
+        if wrong:
+            first = wrong[0]
+            found.append(Problem(name, key, f"{len(wrong)} of {len(wanted)} value(s) differ from what the manifest "
+                                 f"implies (row {first}: {actual[first]!r}, expected {wanted[first]!r}); derived "
+                                 "from the manifest, outside the checksums"))
+    return found
 
 
 def read_problem(fmt, entry: dict, key: str, array, start: int, stop: int, value: np.ndarray) -> str | None:
