@@ -1,7 +1,8 @@
 # Two entry points: `make repro` (set up, then run the whole DVC pipeline on params.yaml)
 # and `make test` (set up, then run the test suite). Both create .venv on first use.
-# `make report` rewrites README.md's results block from data/eval/metrics.json after a run (`make repro`
-# does it too, with the variants block).
+# `make report` rewrites the class default's results block (in docs/class-default.md) from
+# data/eval/metrics.json after a run (`make repro` does it too, with the variants block and README's
+# defaults table). stages.report finds each block in the one markdown file (README.md, docs/) holding it.
 # `make repro-text` runs the text-to-image defaults' pipeline (pipelines/text/dvc.yaml) and their tables.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -26,21 +27,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet --progress-bar off -c constraints.txt -e '.[all,dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
-# then README's results and variants blocks from what the run wrote, so the tracked results stay
+# then the results, variants and defaults blocks from what the run wrote, so the tracked results stay
 # consistent with each other (a run on another CPU type changes timings and some bits, and the tests
-# check that README renders the tracked metrics)
+# check that the blocks render the tracked metrics)
 repro: $(STAMP)
 	dvc repro
 	python -m stages.report
 	python -m stages.report --variants class
+	python -m stages.report --defaults
 
-# the embedded text-to-image defaults (SD, SDXL, SD3): their own DVC pipeline, then README's tables
+# the embedded text-to-image defaults (SD, SDXL, SD3): their own DVC pipeline, then their tables
+# (docs/text-defaults.md, docs/class-default.md's SD3 variants, README's defaults table)
 repro-text: $(STAMP)
 	dvc repro pipelines/text/dvc.yaml
 	for family in sd sdxl sd3; do \
 		python -m stages.report --metrics data/text/$$family/eval/metrics.json --block text-$$family || exit 1; \
 	done
 	python -m stages.report --variants sd3
+	python -m stages.report --defaults
 
 # the shipped base checkpoints (pretrained/) rebuilt from their recipes (pipelines/bases/dvc.yaml): the
 # class DiT, the text defaults' shared data and the SD, SDXL and SD3 bases; `make repro` and

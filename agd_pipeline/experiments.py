@@ -1074,9 +1074,13 @@ def _curves(ax, experiment: Experiment, rows: list[dict], values: list[float], c
         ax.tick_params(axis="x", labelsize=7)
 
 
-def readme_block(experiment: Experiment, folder: Path) -> str:
-    """The README text between the experiment's markers: command, table and plot."""
+def readme_block(experiment: Experiment, folder: Path, link_root: Path | None = None) -> str:
+    """The text between the experiment's markers (in README.md or a docs page): command, table and
+    plot. The plot's link is relative to link_root, the folder of the file holding the block (by
+    default the paths stay as ``folder`` gives them)."""
     table = (folder / "results.md").read_text().strip()
+    plot = (folder / "plot.png").as_posix() if link_root is None else \
+        os.path.relpath((folder / "plot.png").resolve(), Path(link_root).resolve()).replace(os.sep, "/")
     return "\n".join([
         f"<!-- results:experiment-{experiment.name}:start -->",
         f"<!-- written by `python -m stages.experiments report {experiment.name}` from "
@@ -1086,6 +1090,6 @@ def readme_block(experiment: Experiment, folder: Path) -> str:
         "",
         table,
         "",
-        f"![{experiment.title}]({folder.as_posix()}/plot.png)",
+        f"![{experiment.title}]({plot})",
         f"<!-- results:experiment-{experiment.name}:end -->",
     ])

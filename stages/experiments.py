@@ -5,7 +5,8 @@
                                                     then every variant as a DVC experiment (`dvc exp run
                                                     --queue -S ...`, --jobs at a time), then `report`
   python -m stages.experiments report NAME          the table and plot from `dvc exp show --json`:
-                                                    docs/experiments/NAME/results.{csv,md}, plot.png, README block
+                                                    docs/experiments/NAME/results.{csv,md}, plot.png, the results block
+                                                    (in README.md or the docs page holding its markers)
   python -m stages.experiments report NAME --from-results
                                                     the same from the tracked results.csv (no DVC runs needed)
   python -m stages.experiments commands NAME        print the dvc commands `run` would run
@@ -43,8 +44,10 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def report(name: str, readme: Path, log=print, from_results: bool = False) -> int:
-    from stages.report import ReportError, replace_block
+def report(name: str, readme: Path | None, log=print, from_results: bool = False) -> int:
+    """Rewrite the experiment's table, plot and block; the block in ``readme``, or else in the one
+    markdown file (README.md or docs/**/*.md) that holds its markers."""
+    from stages.report import ReportError, block_file, replace_block
 
     experiment = get_experiment(name)
     rows = read_results(experiment) if from_results else collect(
@@ -53,10 +56,12 @@ def report(name: str, readme: Path, log=print, from_results: bool = False) -> in
     log((folder / "results.md").read_text().rstrip())
     log(f"{folder}: results.csv, results.md, plot.png")
     try:
+        readme = readme or block_file(f"<!-- results:experiment-{name}:start -->")
         text = readme.read_text()
-        updated = replace_block(text, readme_block(experiment, folder), str(readme), f"experiment-{name}")
+        updated = replace_block(text, readme_block(experiment, folder, readme.resolve().parent), str(readme),
+                                f"experiment-{name}")
     except (OSError, ReportError) as err:
-        log(f"README not updated: {err}")
+        log(f"block experiment-{name} not updated: {err}")
         return 0
     if updated != text:
         readme.write_text(updated)
@@ -100,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("list", "run", "report", "commands", "show"))
     parser.add_argument("name", nargs="?", help=f"experiment: {', '.join(EXPERIMENTS)}")
-    parser.add_argument("--readme", default="README.md", help="README holding the experiment's results block")
+    parser.add_argument("--readme", default=None, help="markdown file holding the experiment's results block "
+                        "(default: the one of README.md and docs/**/*.md that holds it)")
     parser.add_argument("--jobs", type=int, default=default_jobs(),
                         help="run: variants run at a time, each in DVC's queue (one torch thread per stage, so one "
                              "per core); 1 runs them one after the other with `dvc exp run --temp` "
@@ -137,7 +143,7 @@ def _main(args) -> int:
             return show(experiment)
         if args.action == "run":
             run(experiment, jobs=jobs, log=lambda message: print(message, flush=True))
-        return report(args.name, Path(args.readme), from_results=args.from_results)
+        return report(args.name, Path(args.readme) if args.readme else None, from_results=args.from_results)
     except AgdError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,11 @@
-"""Render the README's results block from the evaluate stage's metrics.json.
+"""Render the results blocks of the documentation from the evaluate stage's metrics.json.
 
-The block between <!-- results:start --> and <!-- results:end --> in README.md (the results table,
-the in-range summary that follows it, and the links to the sample grid and curves that the same
-evaluate run wrote) is generated here, so the numbers and figures come from one run and cannot
-drift apart. Run it after `dvc repro` (or `python -m stages.evaluate`); --check only compares and
-exits 1 when README.md is out of date."""
+The block between <!-- results:start --> and <!-- results:end --> (the results table, the in-range
+summary that follows it, and the links to the sample grid and curves that the same evaluate run
+wrote) is generated here, so the numbers and figures come from one run and cannot drift apart. A
+block is rewritten in whichever markdown file holds its markers: README.md or one of docs/**/*.md
+(exactly one may; --readme names the file instead). Run it after `dvc repro` (or
+`python -m stages.evaluate`); --check only compares and exits 1 when the block is out of date."""
 
 from __future__ import annotations
 
@@ -31,6 +32,32 @@ NOTICE = "<!-- written by `python -m stages.report` from {metrics}; edit the ren
 
 class ReportError(Exception):
     pass
+
+
+def markdown_files(root: Path = Path(".")) -> list[Path]:
+    """The markdown files that may hold a generated block: README.md and docs/**/*.md under root."""
+    files = [root / "README.md"] if (root / "README.md").is_file() else []
+    if (root / "docs").is_dir():
+        files += sorted((root / "docs").rglob("*.md"))
+    return files
+
+
+def block_file(start: str, root: Path = Path(".")) -> Path:
+    """The one markdown file (README.md or docs/**/*.md) holding the start marker ``start``."""
+    holders = []
+    for path in markdown_files(root):
+        try:
+            if start in path.read_text(encoding="utf-8"):
+                holders.append(path)
+        except (OSError, UnicodeDecodeError) as err:
+            raise ReportError(f"cannot read {path} ({err})") from None
+    if not holders:
+        raise ReportError(f"no markdown file holds {start}: looked in README.md and docs/**/*.md under "
+                          f"{root.resolve()} (--readme names a file)")
+    if len(holders) > 1:
+        raise ReportError(f"{start} is in {len(holders)} files ({', '.join(p.as_posix() for p in holders)}); "
+                          "a block belongs in exactly one")
+    return holders[0]
 
 
 def default_metrics(params: str | os.PathLike = "params.yaml") -> Path:
@@ -258,7 +285,8 @@ def _figures(inside: list[dict], out_dir: Path, link_root: Path, negative: bool 
     """The grid at w = 4 (or the nearest evaluated w) and the curves, linked from the evaluate stage's
     own files."""
     def link(name: str) -> str:
-        return Path(os.path.relpath(out_dir / name, link_root)).as_posix()
+        # out_dir is relative to link_root, the folder of the file holding the block
+        return Path(os.path.relpath(os.path.join(link_root, out_dir, name), link_root)).as_posix()
 
     shown = _w(min(inside, key=lambda r: abs(r["w"] - 4.0))["w"])
     grid = link(f"grids/w{shown}.png")  # evaluate names each grid after its w
@@ -362,6 +390,87 @@ def render_variants(runs: dict[str, Path], markers: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
+# the embedded defaults, one row each in the defaults block: (label, denoiser, metrics.json, docs page)
+DEFAULTS = (
+    ("class (DiT)", "`DiTTransformer2DModel`, class-conditional digits", "data/eval/metrics.json",
+     "docs/class-default.md"),
+    ("SD", "UNet with cross-attention, one CLIP encoder", "data/text/sd/eval/metrics.json",
+     "docs/text-defaults.md#sd-unet-with-cross-attention"),
+    ("SDXL", "UNet, two CLIP encoders, pooled embedding", "data/text/sdxl/eval/metrics.json",
+     "docs/text-defaults.md#sdxl-two-text-encoders-pooled-embedding-time-ids"),
+    ("SD3", "joint-attention transformer, flow matching", "data/text/sd3/eval/metrics.json",
+     "docs/text-defaults.md#sd3-joint-attention-transformer-flow-matching"),
+)
+DEFAULTS_MARKERS = ("<!-- results:defaults:start -->", "<!-- results:defaults:end -->")
+
+
+def render_defaults(link_root: Path, root: Path = Path(".")) -> str:
+    """One row per embedded default: its in-range claims with their 95 % intervals, judged on the bounds,
+    from each default's tracked metrics.json; links relative to link_root (the holding file's folder)."""
+    start, end = DEFAULTS_MARKERS
+    lines = [start, NOTICE.format(metrics=", ".join(f"`{m}`" for _, _, m, _ in DEFAULTS)), "",
+             "| default | denoiser | worst acc drop, points (target) | guidance recovered | "
+             "FID(AGD,CFG) / FID(unguided,CFG) | negative avoidance AGD / CFG | speed AGD / CFG | targets met | "
+             "details |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    splits, sizes = set(), []
+    for label, denoiser, metrics_path, page in DEFAULTS:
+        path = root / metrics_path
+        try:
+            metrics = json.loads(path.read_text())
+            summary = metrics["evidence"]["summary"]
+            drop, recovered = summary["max_accuracy_drop_points"], summary["guidance_recovered"]
+            fidelity = summary["max_fidelity_ratio"]
+            tolerance = metrics["evidence"]["accuracy_tolerance"]
+            timed = metrics["speed"]["per_batch"][metrics["speed"]["evaluation_batch"]]
+            splits.add(metrics["split"])
+            sizes.append(f"{label} {metrics['samples_per_w']:,}")
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ReportError(f"{path}: not an evaluate run with intervals ({err})") from None
+        speed = timed["speed_ratio_agd_over_cfg"]
+        speed_text = f"{speed['median']:.2f}x (min {speed['min']:.2f}x)"
+        if timed.get("above_ceiling"):
+            speed_text += ", above the ceiling: not trusted"
+        negative = metrics["evidence"].get("negative")
+        avoidance = _ci_text(negative["avoidance_ratio_agd_over_cfg"], ".2f") if negative else "–"
+        link = os.path.relpath((root / page.split("#")[0]).resolve(), link_root.resolve()).replace(os.sep, "/")
+        link += "#" + page.split("#")[1] if "#" in page else ""
+        lines.append(f"| {label} | {denoiser} | {drop['point']:.1f} [{drop['low']:.1f}, {drop['high']:.1f}] "
+                     f"(<= {tolerance:g}) | {_ci_text(recovered, '.3f')} | {fidelity['point']:.3f} "
+                     f"[{fidelity['low']:.3f}, {fidelity['high']:.3f}] | {avoidance} | {speed_text} | "
+                     f"{'yes' if metrics['summary_in_training_range']['targets_met'] else 'no'} | [results]({link}) |")
+    lines += ["", f"Each row is one evaluate run on the {' and '.join(sorted(splits))} split (samples per w: "
+              f"{', '.join(sizes)}), worst case over the in-range w. Brackets hold "
+              "95 % intervals (paired bootstrap); a target is met when the end of its interval that could fail it "
+              "is: accuracy drop of AGD below CFG at most the tolerance shown, guidance recovered at least 0.9, "
+              "FID(AGD,CFG) / FID(unguided,CFG) at most 0.25, negative-prompt avoidance at least 0.8 of CFG's, "
+              "the slowest repeat at least 1.8x CFG's images per second; \"targets met\" also needs AGD's FID "
+              "against real data within 10 % of CFG's.", end]
+    return "\n".join(lines)
+
+
+def defaults_main(readme: Path | None, check: bool) -> int:
+    try:
+        readme = readme or block_file(DEFAULTS_MARKERS[0])
+        text = readme.read_text()
+        block = render_defaults(readme.resolve().parent)
+        updated = replace_block(text, block, str(readme), "defaults")
+    except (ReportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if check:
+        if updated != text:
+            print(f"{readme}: the defaults block is out of date: run `python -m stages.report --defaults`",
+                  file=sys.stderr)
+            return 1
+        print(f"{readme}: the defaults block matches the {len(DEFAULTS)} defaults' metrics")
+        return 0
+    if updated != text:
+        readme.write_text(updated)
+        print(f"{readme}: defaults block rewritten from {len(DEFAULTS)} metrics files")
+    return 0
+
+
 def recomputed_differences(metrics: dict, metrics_path: Path) -> list[str]:
     """Every interval and target of a run with per-sample files, recomputed from those files and
     compared with metrics.json (none for a run that predates them)."""
@@ -377,11 +486,12 @@ def recomputed_differences(metrics: dict, metrics_path: Path) -> list[str]:
             + differences(metrics["speed"], again["speed"], "speed"))
 
 
-def variants_main(name: str, readme: Path, check: bool) -> int:
+def variants_main(name: str, readme: Path | None, check: bool) -> int:
     markers, labelled = VARIANT_SETS[name]
     runs = {label: Path(p) for label, p in labelled.items()}
     paths = list(runs.values())
     try:
+        readme = readme or block_file(markers[0])
         text = readme.read_text()
         start, end = markers
         if text.count(start) != 1 or text.count(end) != 1:
@@ -421,23 +531,30 @@ def _main(argv=None) -> int:
     parser.add_argument("--metrics", default=None,
                         help="metrics.json of the evaluate stage (default: evaluate.out_dir of params.yaml, "
                         "data/eval/metrics.json)")
-    parser.add_argument("--readme", default="README.md", help="file holding the results markers")
+    parser.add_argument("--readme", default=None,
+                        help="file holding the block's markers (default: the one of README.md and docs/**/*.md "
+                        "that holds them)")
     parser.add_argument("--block", default="", help="a named results block, e.g. text-sd for "
                         "<!-- results:text-sd:start --> (default: the class default's block)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when the block differs from the render of the metrics")
     parser.add_argument("--variants", nargs="?", const="class", choices=sorted(VARIANT_SETS), default=None,
-                        help="instead, rewrite README's block of a default's reported variants (training seeds, "
+                        help="instead, rewrite the block of a default's reported variants (training seeds, "
                         "paper share): class (the default when given alone; pipelines/variants/dvc.yaml) or sd3 "
                         "(pipelines/variants-sd3/dvc.yaml)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="instead, rewrite the block of one row per embedded default (class, SD, SDXL, SD3) "
+                        "from their tracked metrics.json")
     parser.add_argument("--model-card", metavar="ADAPTERS", default=None,
                         help="instead, rewrite the README.md model card of this adapter folder with the "
                         "evaluation numbers (for publishing; under DVC, `dvc commit train` afterwards)")
     args = parser.parse_args(argv)
     metrics_path = Path(args.metrics) if args.metrics else default_metrics()
-    readme = Path(args.readme)
+    readme = Path(args.readme) if args.readme else None
     if args.variants:
         return variants_main(args.variants, readme, args.check)
+    if args.defaults:
+        return defaults_main(readme, args.check)
     try:
         try:
             metrics = json.loads(metrics_path.read_text())
@@ -448,6 +565,7 @@ def _main(argv=None) -> int:
             raise ReportError(f"{metrics_path} is not valid JSON ({err})") from None
         if args.model_card:
             return model_card(args.model_card, metrics, metrics_path)
+        readme = readme or block_file(markers(args.block)[0])
         try:
             text = readme.read_text()
         except OSError as err:

@@ -547,7 +547,7 @@ def test_plain_webdataset_decodes_the_tar_shards(tiny_store, tmp_path):
 
 
 def test_the_readme_dask_snippet_reduces_in_float32(tiny_store, monkeypatch):
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "store.md").read_text()  # the store's page of the docs site
     snippet = readme.split("Read a store from Python with dask:")[1].split("```python")[1].split("```")[0]
     monkeypatch.chdir(tiny_store.parent)
     (tiny_store.parent / "data").mkdir(exist_ok=True)

@@ -200,7 +200,7 @@ def test_report_rewrites_the_block_and_check_catches_drift(tmp_path):
 
 
 @pytest.mark.parametrize("readme_text, metrics_text, message", [
-    ("no markers\n", json.dumps(METRICS), "needs exactly one"),
+    ("no markers\n", json.dumps(METRICS), "no markdown file holds"),
     ("<!-- results:start -->\n<!-- results:end -->\n", "{not json", "not valid JSON"),
     ("<!-- results:start -->\n<!-- results:end -->\n", "{}", "not a metrics file"),
 ])
