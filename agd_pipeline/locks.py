@@ -11,6 +11,12 @@ DVC's hash of the folder). A folder replaced as a whole is guarded by a sibling 
 (``lock_file=".<name>.agd.lock"`` in its parent), removed on release so nothing is left beside the
 folder; a run that opened it just before it was removed sees that (the path no longer names the
 file it locked) and is refused rather than holding a lock nobody else can see.
+
+Why not ``filelock``: its ``UnixFileLock`` is the same exclusive ``flock`` but has no shared mode, and
+its ``ReadWriteLock`` is an SQLite database, which cannot be opened in a read-only folder (a store in
+a hub cache, say), leaves journal files inside the folder it guards, and cannot name its holder; an
+exclusive filelock beside our shared flock would not exclude each other. So readers and writers keep
+this one mechanism.
 """
 
 from __future__ import annotations
