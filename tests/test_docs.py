@@ -124,6 +124,19 @@ def test_run_time_check_sees_prose_only():
     assert RUN_TIME.findall(joined) == ["19 min\n21 s"]
 
 
+def test_real_models_snippet_is_the_readme_one():
+    """tests/test_pipelines.py runs README's snippet; the copy on the real-models page must be the same."""
+    def snippet(path: Path, marker: str) -> str:
+        found = re.search(re.escape(marker) + r"\s*```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+        assert found, f"{path.name} has no python block after {marker}"
+        return found.group(1)
+
+    page_marker = ("<!-- a copy of README.md's snippet: tests/test_pipelines.py runs README's copy, "
+                   "tests/test_docs.py checks this one equals it -->")
+    assert snippet(REPO / "docs" / "real-models.md", page_marker) == snippet(
+        README, "<!-- tested by tests/test_pipelines.py -->")
+
+
 def test_records_are_json_with_what_ran():
     import json
 
