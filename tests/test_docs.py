@@ -3,7 +3,8 @@
 The site builds with `mkdocs build --strict` (no broken link or anchor), every snippet marked
 `<!-- test: run -->` runs as written (on tiny random-init models, CPU), README stays short and names
 the command for one's own model early, the generated blocks each live in exactly one file and are the
-render of the tracked files, and no page names a date or a CPU model: those belong in docs/records/."""
+render of the tracked files, and no page names a date, a CPU model or a particular run's time ("N min N s",
+"N h N min"): those belong in docs/records/."""
 
 from __future__ import annotations
 
@@ -93,6 +94,49 @@ def test_no_page_names_a_date_or_a_cpu_model():
     assert not found, "\n".join(found)
 
 
+GENERATED = re.compile(r"<!-- ((?:results|variants)(?::[\w-]+)?):start -->.*?<!-- \1:end -->", re.S)
+RUN_TIME = re.compile(r"\b\d+\s+min\s+\d+\s+s\b|\b\d+\s+h\s+\d+\s+min\b")
+
+
+def outside_generated_blocks(text: str) -> str:
+    """The text with every generated block's lines blanked (line numbers kept): the renderer owns those."""
+    return GENERATED.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+
+
+def test_no_page_names_a_particular_runs_time():
+    """"N min N s" and "N h N min" are the times of a particular run: they go to docs/records/*.json with
+    the machine and what shared it, and the prose gives a planning figure ("about 20 minutes on 2 cores")."""
+    found = []
+    for page in PAGES:
+        lines = prose(outside_generated_blocks(page.read_text(encoding="utf-8")))
+        text = "\n".join(line for _, line in lines)  # a time broken across two lines is found too
+        for match in RUN_TIME.finditer(text):
+            number = lines[text.count("\n", 0, match.start())][0]
+            found.append(f"{page.relative_to(REPO)}:{number}: {match.group(0)!r}")
+    assert not found, "\n".join(found)
+
+
+def test_run_time_check_sees_prose_only():
+    text = ("It took 19 min\n21 s here.\n```bash\nsleep  # 3 min 2 s\n```\n"
+            "<!-- results:x:start -->\n| 1 h 2 min |\n<!-- results:x:end -->\nAbout 20 minutes; `4 min 5 s`.\n")
+    lines = prose(outside_generated_blocks(text))
+    joined = "\n".join(line for _, line in lines)
+    assert RUN_TIME.findall(joined) == ["19 min\n21 s"]
+
+
+def test_real_models_snippet_is_the_readme_one():
+    """tests/test_pipelines.py runs README's snippet; the copy on the real-models page must be the same."""
+    def snippet(path: Path, marker: str) -> str:
+        found = re.search(re.escape(marker) + r"\s*```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+        assert found, f"{path.name} has no python block after {marker}"
+        return found.group(1)
+
+    page_marker = ("<!-- a copy of README.md's snippet: tests/test_pipelines.py runs README's copy, "
+                   "tests/test_docs.py checks this one equals it -->")
+    assert snippet(REPO / "docs" / "real-models.md", page_marker) == snippet(
+        README, "<!-- tested by tests/test_pipelines.py -->")
+
+
 def test_records_are_json_with_what_ran():
     import json
 
@@ -101,6 +145,8 @@ def test_records_are_json_with_what_ran():
     for path in records:
         record = json.loads(path.read_text())
         assert {"what", "date", "machine"} <= set(record), path.name
+        for entry in record.get("entries", []):
+            assert {"section", "dates", "machines", "durations", "as_written"} <= set(entry), path.name
 
 
 BLOCK = re.compile(r"<!-- (results(?::[\w-]+)?|variants(?::[\w-]+)?):start -->")
