@@ -169,6 +169,18 @@ def test_the_console_script_as_a_process():
     assert result.stdout.startswith("usage: agd convert "), result.stdout[:300]
 
 
+def test_the_console_script_ends_quietly_when_its_reader_goes():
+    """`agd --help | head -1`: the reader closes the pipe before the help is written; the script ends as
+    Unix tools do (SIGPIPE), without a BrokenPipeError traceback."""
+    module, function = entry_point()
+    script = f"import sys, time; time.sleep(1); from {module} import {function} as main; sys.exit(main())"
+    process = subprocess.Popen([sys.executable, "-c", script, "--help"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before anything is written
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == -13 and "Traceback" not in stderr, stderr  # -SIGPIPE
+
+
 # ------------------------------------------------------------------- no extra needed to import
 
 

@@ -8,6 +8,7 @@ import ast
 import importlib
 import importlib.util
 import re
+import signal
 import sys
 import textwrap
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_from_the_start()
         stop_with_dvc()  # under dvc repro: SIGTERM when dvc dies
+        if hasattr(signal, "SIGPIPE"):  # `agd --help | head`: end quietly when the reader goes, as Unix tools do
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         argv = sys.argv[1:]
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
