@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .formats import open_shard
 from .schema import (DERIVED_ARRAYS, UNIT_CHECKSUMS, UNIT_ROWS, array_checksum, array_specs, combined_checksum,
                      prompt_texts, read_by_unit, row_slices, unit_checksum, unit_checksums, whole_checksum)
 from .verified import Listing, VerifiedShards
@@ -131,7 +132,7 @@ def _opened(root: Path, manifest, entry: dict, reread: bool, listing: Listing | 
     path = root / name
     specs = array_specs(manifest, entry["trajectories"])
     try:
-        shard = fmt.open_shard(path, specs)
+        shard = open_shard(path, specs, fmt)
     except Exception as err:  # noqa: BLE001 - zarr raises many kinds for broken metadata
         return [Problem(name, None, f"cannot open ({type(err).__name__}: {err})")], None, None
     found = []

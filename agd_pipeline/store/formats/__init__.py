@@ -3,11 +3,13 @@ base.py), one line in ``FORMATS`` below, and its column in the codec table (sche
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from ...errors import StoreError
 from ..schema import CODECS, SHARD_INDEX
-from .base import ShardFormat, ShardWriter, check_before_publish
+from .base import ShardFormat, ShardReader, ShardWriter, check_before_publish
 from .webdataset import WebDatasetFormat
 from .zarr import ZarrFormat
 
@@ -31,6 +33,25 @@ def format_of_shard(name: str) -> ShardFormat:
     return next(fmt for fmt in FORMATS.values() if fmt.extension == extension)
 
 
+def open_shard(path: str | os.PathLike, specs: dict[str, tuple[tuple, str]], fmt: ShardFormat | str | None = None,
+               prepare: bool = False) -> ShardReader:
+    """The shard at ``path`` as a ShardReader (``specs``: schema.array_specs of its manifest entry).
+    Its format is ``fmt`` (an object or a name; a store's manifest says it) or else told by the
+    shard's name (SHARD_PATTERN). ``prepare``: do the reader's one-off preparation now (a tar's index)."""
+    path = Path(path)
+    if fmt is None:
+        if not SHARD_PATTERN.fullmatch(path.name):
+            extensions = "|".join(f.extension for f in FORMATS.values())
+            raise StoreError(f"{path}: not a shard name (shard-NNNNNN.<{extensions}>)")
+        fmt = format_of_shard(path.name)
+    elif isinstance(fmt, str):
+        fmt = get_format(fmt)
+    reader = fmt.open_shard(path, specs)
+    if prepare:
+        reader.prepare()
+    return reader
+
+
 def shard_name(index: int, fmt: str = "zarr") -> str:
     return get_format(fmt).shard_name(index)
 
@@ -49,5 +70,5 @@ def resolve_compressor(name: str, fmt: str) -> str:
     return name
 
 
-__all__ = ["FORMATS", "SHARD_PATTERN", "ShardFormat", "ShardWriter", "check_before_publish", "format_of_shard",
-           "get_format", "resolve_compressor", "shard_name"]
+__all__ = ["FORMATS", "SHARD_PATTERN", "ShardFormat", "ShardReader", "ShardWriter", "check_before_publish",
+           "format_of_shard", "get_format", "open_shard", "resolve_compressor", "shard_name"]

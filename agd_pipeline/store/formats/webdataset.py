@@ -273,8 +273,8 @@ class _Window(io.RawIOBase):
 
 
 class TarShard:
-    """Read side of one tar shard, shaped like a Zarr group: ``array_keys()`` and ``shard[name]``
-    (an array with shape, dtype, chunks and slicing).
+    """Read side of one tar shard (a ShardReader, shaped like a Zarr group): ``array_keys()`` and
+    ``shard[name]`` (an array with shape, dtype, chunks and slicing), ``prepare()`` (the index).
 
     The tar is memory-mapped and indexed once, on first access: where each sample's arrays lie in
     the file. A stored (uncompressed) array is then a numpy view of the map, so reading rows copies
@@ -295,6 +295,10 @@ class TarShard:
         if name not in self.specs:
             raise KeyError(name)
         return TarArray(self, name)
+
+    def prepare(self) -> None:
+        """Index the tar now (see ``members``): once, before threads share this reader."""
+        self.members()
 
     def members(self) -> list[dict]:
         """Each sample's arrays: name -> a view of the map (stored), or (zip, member) (deflated)."""

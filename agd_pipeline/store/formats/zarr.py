@@ -51,6 +51,33 @@ def open_group(path: Path):
     return zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=True)
 
 
+class ZarrShard:
+    """Read side of one Zarr shard (a ShardReader): its read-only group, whose arrays ``shard[name]``
+    are Zarr arrays. ``prepare`` has nothing to do (opening read the consolidated metadata); any
+    other attribute is the group's (``attrs``, ``members()``, ...), for callers that want Zarr's API."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def array_keys(self):
+        return self.group.array_keys()
+
+    def __getitem__(self, name: str):
+        return self.group[name]
+
+    def prepare(self) -> None:
+        return None
+
+    @property
+    def attrs(self):
+        return self.group.attrs
+
+    def __getattr__(self, name: str):
+        if name == "group" or name.startswith("__"):  # not yet set (while unpickling), or a protocol of Python's
+            raise AttributeError(name)
+        return getattr(self.group, name)
+
+
 def array_files(folder: Path) -> tuple[int, int]:
     """(chunk files, bytes of every file) of one Zarr array folder."""
     files = size = 0
@@ -124,8 +151,8 @@ class ZarrFormat(ShardFormat):
         except Exception:  # noqa: BLE001 - unreadable metadata
             return None
 
-    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]):
-        return open_group(path)
+    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]) -> ZarrShard:
+        return ZarrShard(open_group(path))
 
     def dask_array(self, array):
         import dask.array as da
