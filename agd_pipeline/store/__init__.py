@@ -19,7 +19,8 @@ in full, kept outside the store), ``verify``, ``reader`` (TrajectoryStore), ``wr
 
 from .convert import convert_store
 from .files import folder_bytes, remove_path, write_json_atomic
-from .formats import (FORMATS, SHARD_PATTERN, ShardFormat, format_of_shard, get_format, resolve_compressor,
+from .formats import (CODECS, FORMATS, SHARD_PATTERN, ShardFormat, codec_available, format_of_shard, get_format,
+                      resolve_compressor,
                       shard_name)
 from .formats.webdataset import TarShard, TarShardWriter, WebDatasetFormat, decode_sample, encode_sample
 from .formats.zarr import ZarrFormat, ZarrShardWriter
@@ -28,9 +29,9 @@ from .manifest import (Manifest, as_manifest, differences, new_manifest, read_ma
                        validate_manifest)
 from .ownership import foreign_entries, refuse_foreign_folder, remove_store
 from .reader import TrajectoryStore
-from .schema import (ARRAY_DTYPES, CLASS_CONDITION, CODECS, LATENT_ARRAYS, MANIFEST, PARTIAL, RUN_KEYS,
+from .schema import (ARRAY_DTYPES, CLASS_CONDITION, LATENT_ARRAYS, MANIFEST, PARTIAL, RUN_KEYS,
                      SCHEMA_VERSION, STORE_TYPE, ArrayHasher, array_checksum, array_shapes, array_specs, bitround,
-                     codec_available, combined_checksum, condition_arrays, dimension_names, repair, run_header,
+                     combined_checksum, condition_arrays, dimension_names, repair, run_header,
                      store_fingerprint)
 from .verified import VerifiedShards
 from .verify import VERIFY_MODES, Problem

@@ -1,5 +1,6 @@
 """The registry of shard formats. Adding a format: a module implementing ``ShardFormat`` (see
-base.py), one line in ``FORMATS`` below, and its column in the codec table (schema.CODECS)."""
+base.py, with the codecs it takes in ``codecs``) and one line in ``FORMATS`` below; the codec
+table (``CODECS``) and the settings' choices follow from the registry."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 from pathlib import Path
 
 from ...errors import StoreError
-from ..schema import CODECS, SHARD_INDEX
+from ..schema import SHARD_INDEX
 from .base import ShardFormat, ShardReader, ShardWriter, check_before_publish
 from .webdataset import WebDatasetFormat
 from .zarr import ZarrFormat
@@ -17,6 +18,13 @@ FORMATS: dict[str, ShardFormat] = {fmt.name: fmt for fmt in (
     ZarrFormat(),
     WebDatasetFormat(),
 )}
+# The one codec table: codec name -> {format name: that format's form of it}, the union of the
+# formats' own tables in registry order (its keys, with "auto", are the compressor setting's choices).
+CODECS: dict[str, dict[str, object]] = {}
+for _fmt in FORMATS.values():
+    for _codec, _form in _fmt.codecs.items():
+        CODECS.setdefault(_codec, {})[_fmt.name] = _form
+del _fmt, _codec, _form
 # A shard of any format: shard-NNNNNN.<extension>, the number its index.
 SHARD_PATTERN = re.compile(rf"{SHARD_INDEX}\.({'|'.join(re.escape(f.extension) for f in FORMATS.values())})")
 
@@ -25,6 +33,11 @@ def get_format(name: str) -> ShardFormat:
     if name not in FORMATS:
         raise StoreError(f"unknown store format {name!r}; allowed: {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+def codec_available(name, fmt: str) -> bool:
+    """Whether shards of format ``fmt`` can use the codec ``name``."""
+    return name in CODECS and fmt in CODECS[name]
 
 
 def format_of_shard(name: str) -> ShardFormat:
@@ -70,5 +83,5 @@ def resolve_compressor(name: str, fmt: str) -> str:
     return name
 
 
-__all__ = ["FORMATS", "SHARD_PATTERN", "ShardFormat", "ShardReader", "ShardWriter", "check_before_publish",
-           "format_of_shard", "get_format", "open_shard", "resolve_compressor", "shard_name"]
+__all__ = ["CODECS", "FORMATS", "SHARD_PATTERN", "ShardFormat", "ShardReader", "ShardWriter", "check_before_publish",
+           "codec_available", "format_of_shard", "get_format", "open_shard", "resolve_compressor", "shard_name"]

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from ...errors import StoreError
 from ..files import folder_bytes, remove_path
-from ..schema import CODECS, PARTIAL
+from ..schema import PARTIAL
 
 
 @runtime_checkable
@@ -44,7 +44,10 @@ class ShardFormat(abc.ABC):
 
     name: str  # the manifest's "format" and the codec table's column
     extension: str  # a shard is named shard-NNNNNN.<extension>
-    default_compressor: str  # the codec "auto" means for this format
+    # The codecs this format takes: codec name -> this format's form of it. The registry's codec
+    # table (formats.CODECS, the compressor setting's choices) is the union over the formats.
+    codecs: dict[str, object]
+    default_compressor: str  # the codec "auto" means for this format (one of ``codecs``)
     reuse_open_shards: bool  # whether the loader keeps an opened shard for its next read units
     codec_note: str = ""  # why some codecs of the table are not available, if they are not
 
@@ -53,7 +56,7 @@ class ShardFormat(abc.ABC):
 
     def codec(self, compressor: str):
         """This format's form of a codec of the codec table."""
-        return CODECS[compressor][self.name]
+        return self.codecs[compressor]
 
     # ------------------------------------------------------------------ writing and finding
 

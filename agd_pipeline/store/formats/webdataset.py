@@ -77,6 +77,9 @@ def sidecar(final: Path) -> Path:
 class WebDatasetFormat(ShardFormat):
     name = "webdataset"
     extension = "tar"
+    # a member is a standard .npz, which numpy (and webdataset's decoder) read with deflate or
+    # stored entries only: the zip compression method of each
+    codecs = {"deflate": "deflate", "none": "stored"}
     default_compressor = "none"
     reuse_open_shards = True  # opening a tar maps it and indexes its members; rows are read on demand
     codec_note = "their members are standard .npz files"

@@ -91,6 +91,13 @@ def array_files(folder: Path) -> tuple[int, int]:
 class ZarrFormat(ShardFormat):
     name = "zarr"
     extension = "zarr"
+    # any codec: a factory of Zarr v3 compressors
+    codecs = {
+        "blosc-zstd": lambda: [zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")],
+        "zstd": lambda: [zarr.codecs.ZstdCodec(level=5)],
+        "deflate": lambda: [zarr.codecs.GzipCodec(level=6)],
+        "none": lambda: None,
+    }
     default_compressor = "blosc-zstd"
     reuse_open_shards = True  # opening reads metadata only; the data is read by chunk rows
 
