@@ -12,8 +12,8 @@ Layout (schema version 3)::
 
 Modules: ``schema`` (names, arrays, codecs, checksums), ``files``, ``formats`` (the format protocol,
 its Zarr and WebDataset implementations and their registry), ``manifest`` (typed view, validation,
-recovery), ``journal`` (manifest.log), ``ownership``, ``verified`` (the record of shards verified
-in full, kept outside the store), ``verify``, ``reader`` (TrajectoryStore), ``writer``
+recovery), ``journal`` (manifest.log), ``ownership``, ``verified_cache`` (the record of shards
+verified in full, kept outside the store), ``verify`` (the checks), ``reader`` (TrajectoryStore), ``writer``
 (StoreWriter), ``convert``. Each imports only the ones below it; this file only re-exports.
 """
 
@@ -33,7 +33,7 @@ from .schema import (ARRAY_DTYPES, CLASS_CONDITION, LATENT_ARRAYS, MANIFEST, PAR
                      SCHEMA_VERSION, STORE_TYPE, ArrayHasher, array_checksum, array_shapes, array_specs, bitround,
                      combined_checksum, condition_arrays, dimension_names, repair, run_header,
                      store_fingerprint)
-from .verified import VerifiedShards
+from .verified_cache import VerifiedShards
 from .verify import VERIFY_MODES, Problem
 from .writer import StoreWriter
 
