@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import StoreError, command_line
-from .store import Manifest, TrajectoryStore, repair
-from .store.schema import read_by_unit
+from .store import Manifest, TrajectoryStore
+from .store.schema import read_by_unit, repair
 from .store.verify import read_problem
 
 PER_STEP = ("model_input", "guided_output", "timesteps")

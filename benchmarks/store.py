@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from agd_pipeline.store import MANIFEST, StoreWriter, TrajectoryStore, read_manifest, write_json_atomic
+from agd_pipeline.store import MANIFEST, StoreWriter, TrajectoryStore, read_manifest
+from agd_pipeline.store.files import write_json_atomic
 from agd_pipeline.store.verified_cache import CACHE_ENV
 from benchmarks.data_path import synthetic_arrays, synthetic_header, write_synthetic_store
 
