@@ -21,8 +21,8 @@ import yaml
 
 from .devices import parse_device, resolve_device
 from .errors import ConfigError, StoreError
-from .store.formats import FORMATS, resolve_compressor
-from .store.schema import CHUNK_BYTES, CODECS
+from .store.formats import CODECS, FORMATS, resolve_compressor
+from .store.schema import CHUNK_BYTES
 
 DEFAULT_PARAMS = "params.yaml"
 

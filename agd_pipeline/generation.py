@@ -20,8 +20,10 @@ from .models import BaseModel, encode_prompts, load_base_model, read_prompts
 from .sampling import CFG, StepRecord, check_num_steps, generators_for, initial_noise, sample, trajectory_seed
 from .forward_noised import RealData, load_real_data, record_forward_noised_batch
 from .locks import FolderLock
-from .store import (MANIFEST, StoreWriter, TrajectoryStore, recover_manifest, refuse_foreign_folder,
-                    resolve_compressor, shard_name)
+from .store import MANIFEST, StoreWriter, TrajectoryStore
+from .store.formats import resolve_compressor, shard_name
+from .store.manifest import recover_manifest
+from .store.ownership import refuse_foreign_folder
 
 
 def trajectory_plan(run_seed: int, indices, conditions, w_min: float, w_max: float,

@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import StoreError, command_line
-from .store import Manifest, TrajectoryStore, repair
-from .store.schema import read_by_unit
+from .store import Manifest, TrajectoryStore
+from .store.schema import read_by_unit, repair
 from .store.verify import read_problem
 
 PER_STEP = ("model_input", "guided_output", "timesteps")
@@ -85,9 +85,8 @@ class UnitReader(Dataset):
             if name in self._open_shards:
                 self._open_shards.move_to_end(name)
                 return self._open_shards[name]
-            shard = self.store.open_shard(name)
-            if hasattr(shard, "members"):  # a tar: indexed once, not by every thread that reads it
-                shard.members()
+            # prepared once (a tar's index), not by every thread that reads it
+            shard = self.store.open_shard(name, prepare=True)
             self._open_shards[name] = shard
             while len(self._open_shards) > OPEN_SHARDS:
                 old, _ = self._open_shards.popitem(last=False)

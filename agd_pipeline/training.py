@@ -39,7 +39,8 @@ from .locks import FolderLock
 from .memory import enable_base_checkpointing
 from .models import load_base_model, recorded_hub_options
 from .outputs import RESOLVED_CONFIG, owned_output, write_resolved
-from .store import Manifest, TrajectoryStore, differences, read_manifest
+from .store import Manifest, TrajectoryStore, read_manifest
+from .store.manifest import differences
 from .validation import VALIDATION, Validator, validation_rows, validation_scales
 
 CHECKPOINT = "checkpoint"

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agd_pipeline.store import CLASS_CONDITION, StoreWriter, TrajectoryStore, folder_bytes, convert_store
+from agd_pipeline.store import StoreWriter, TrajectoryStore, convert_store
+from agd_pipeline.store.files import folder_bytes
+from agd_pipeline.store.schema import CLASS_CONDITION
 from agd_pipeline.store.schema import CHUNK_BYTES, read_rows, unit_rows
 
 LOADER_LATENTS = {"8x8x1": (1, 8, 8), "4x32x32": (4, 32, 32)}

@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from agd_pipeline.store import MANIFEST, StoreWriter, TrajectoryStore, read_manifest, write_json_atomic
-from agd_pipeline.store.verified import CACHE_ENV
+from agd_pipeline.store import MANIFEST, StoreWriter, TrajectoryStore, read_manifest
+from agd_pipeline.store.files import write_json_atomic
+from agd_pipeline.store.verified_cache import CACHE_ENV
 from benchmarks.data_path import synthetic_arrays, synthetic_header, write_synthetic_store
 
 SUMMARY = re.compile(r"store: (\d+) shard\(s\) verified earlier and unchanged, (\d+) re-read")
@@ -55,7 +56,7 @@ def verify_cache_table(shards: int = 2000, steps: int = 4, latent_shape=(1, 8, 8
         began = time.perf_counter()
         write_synthetic_store(root, synthetic_header(latent_shape, shards, steps, 1, fmt=fmt))
         written = time.perf_counter() - began
-        time.sleep(0.1)  # files modified within the last 50 ms are not recorded (verified.RACY_NS)
+        time.sleep(0.1)  # files modified within the last 50 ms are not recorded (verified_cache.RACY_NS)
         files = sum(1 for p in root.rglob("*") if p.is_file())
         with _cache_folder(Path(tmp) / "cache"):
             for check, mode in (("first (full re-read)", "changed"), ("second (unchanged)", "changed"),

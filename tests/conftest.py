@@ -16,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The record of verified shards (agd_pipeline.store.verified) goes to a folder of this session,
+# The record of verified shards (agd_pipeline.store.verified_cache) goes to a folder of this session,
 # never to the user's ~/.cache; subprocesses inherit it.
 os.environ["AGD_CACHE_DIR"] = tempfile.mkdtemp(prefix="agd-test-cache-")
 atexit.register(shutil.rmtree, os.environ["AGD_CACHE_DIR"], ignore_errors=True)

@@ -17,9 +17,9 @@ import torch
 
 from agd_pipeline.errors import StoreError
 from agd_pipeline.loader import StepBatches, UnitReader
-from agd_pipeline.store import CLASS_CONDITION, StoreWriter, TrajectoryStore
+from agd_pipeline.store import StoreWriter, TrajectoryStore
 from agd_pipeline.store import schema
-from agd_pipeline.store.schema import FILE_BYTES, array_specs, chunk_layout, read_rows, unit_rows
+from agd_pipeline.store.schema import CLASS_CONDITION, FILE_BYTES, array_specs, chunk_layout, read_rows, unit_rows
 from benchmarks.data_path import synthetic_arrays, synthetic_header, write_synthetic_store
 
 from conftest import REPO

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from agd_pipeline.errors import StoreError
-from agd_pipeline.store import MANIFEST, MANIFEST_LOG, TrajectoryStore, ZarrShardWriter, read_manifest
+from agd_pipeline.store import MANIFEST, MANIFEST_LOG, TrajectoryStore, read_manifest
+from agd_pipeline.store.formats.zarr import ZarrShardWriter
 
 from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli
 

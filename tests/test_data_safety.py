@@ -18,7 +18,8 @@ from agd_pipeline.config import GenerateConfig, load_config
 from agd_pipeline.errors import AgdError, StoreError
 from agd_pipeline.generation import generate
 from agd_pipeline.locks import LOCK_FILE
-from agd_pipeline.store import MANIFEST, TrajectoryStore, convert_store, foreign_entries
+from agd_pipeline.store import MANIFEST, TrajectoryStore, convert_store
+from agd_pipeline.store.ownership import foreign_entries
 
 from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli
 from test_training import interrupted_training, kept_checkpoint, train_config
@@ -399,7 +400,7 @@ def test_convert_refuses_a_damaged_source_and_publishes_nothing_of_it(store_copy
 
 
 def test_convert_publishes_a_shard_only_when_it_matches_the_source(tiny_store, tmp_path, monkeypatch):
-    from agd_pipeline.store import TarShardWriter
+    from agd_pipeline.store.formats.webdataset import TarShardWriter
 
     original = TarShardWriter.write
 

@@ -20,7 +20,8 @@ from agd_pipeline.generation import trajectory_plan
 from agd_pipeline.models import load_base_model
 from agd_pipeline.sampling import generators_for, initial_noise
 from agd_pipeline.locks import LOCK_FILE
-from agd_pipeline.store import MANIFEST, PARTIAL, StoreWriter, TrajectoryStore
+from agd_pipeline.store import MANIFEST, StoreWriter, TrajectoryStore
+from agd_pipeline.store.schema import PARTIAL
 
 from conftest import STORE_SETTINGS, generate_store, read_all_shards, run_cli
 
@@ -137,7 +138,8 @@ def test_the_manifest_view_is_the_json_on_disk(tiny_store):
 
 
 def test_every_registered_format_implements_the_protocol():
-    from agd_pipeline.store import FORMATS, SHARD_PATTERN, ShardFormat
+    from agd_pipeline.store import FORMATS, ShardFormat
+    from agd_pipeline.store.formats import SHARD_PATTERN
 
     required = ("begin_shard", "shard_entry", "shard_header", "open_shard", "read_units", "owns")
     for name, fmt in FORMATS.items():
@@ -484,7 +486,8 @@ def test_malformed_read_time_digests_are_a_clear_error(store_copy):
 def test_a_json_write_that_fails_leaves_no_temporary(tmp_path, monkeypatch):
     import errno
 
-    from agd_pipeline.store import files, write_json_atomic
+    from agd_pipeline.store import files
+    from agd_pipeline.store.files import write_json_atomic
 
     (tmp_path / "m.json").write_text("{}")
 

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import agd_pipeline.store.verified as verified
+import agd_pipeline.store.verified_cache as verified
 import agd_pipeline.store.verify as verify
 from agd_pipeline.errors import StoreError
-from agd_pipeline.store import (MANIFEST, MANIFEST_LOG, StoreWriter, TrajectoryStore, convert_store, foreign_entries,
-                                read_manifest, refuse_foreign_folder, write_json_atomic)
+from agd_pipeline.store import MANIFEST, MANIFEST_LOG, StoreWriter, TrajectoryStore, convert_store, read_manifest
+from agd_pipeline.store.files import write_json_atomic
+from agd_pipeline.store.ownership import foreign_entries, refuse_foreign_folder
 from agd_pipeline.store.schema import DERIVED_ARRAYS
 from agd_pipeline.store.journal import log_path
-from agd_pipeline.store.verified import record_file
+from agd_pipeline.store.verified_cache import record_file
 
 from conftest import run_main
 

@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from agd_pipeline.cli import command_line, one_line_errors, run_command
-from agd_pipeline.store.formats import FORMATS
-from agd_pipeline.store.schema import CODECS
+from agd_pipeline.store.formats import CODECS, FORMATS
 
 
 def check_args(args) -> str | None:

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
 
     def body() -> int:
         from agd_pipeline.inspection import format_summary, summarise
-        from agd_pipeline.store import TrajectoryStore, repair
+        from agd_pipeline.store import TrajectoryStore
+        from agd_pipeline.store.schema import repair
 
         store = TrajectoryStore(args.store)
         # --verify re-reads every shard (whatever was verified before) and records those that pass

@@ -10,40 +10,33 @@ Layout (schema version 3)::
     <root>/shard-000000.tar          ... or, with format webdataset, a tar (formats/webdataset.py)
     <root>/.agd.lock                 held by the one process writing the store (see agd_pipeline.locks)
 
-Modules: ``schema`` (names, arrays, codecs, checksums), ``files``, ``formats`` (the format protocol,
-its Zarr and WebDataset implementations and their registry), ``manifest`` (typed view, validation,
-recovery), ``journal`` (manifest.log), ``ownership``, ``verified`` (the record of shards verified
-in full, kept outside the store), ``verify``, ``reader`` (TrajectoryStore), ``writer``
-(StoreWriter), ``convert``. Each imports only the ones below it; this file only re-exports.
+Modules: ``schema`` (names, arrays, checksums), ``files``, ``formats`` (the format and
+shard-reader protocols, the Zarr and WebDataset implementations, their registry and the codec
+table), ``manifest`` (typed view, validation, recovery), ``journal`` (manifest.log),
+``ownership``, ``verified_cache`` (the record of shards verified in full, kept outside the store),
+``verify`` (the checks), ``reader`` (TrajectoryStore), ``writer`` (StoreWriter), ``convert``. Each
+imports only the ones below it; this file only re-exports what users of the store call
+(``__all__``); everything else is imported from its module.
 """
 
 from .convert import convert_store
-from .files import folder_bytes, remove_path, write_json_atomic
-from .formats import (FORMATS, SHARD_PATTERN, ShardFormat, format_of_shard, get_format, resolve_compressor,
-                      shard_name)
-from .formats.webdataset import TarShard, TarShardWriter, WebDatasetFormat, decode_sample, encode_sample
-from .formats.zarr import ZarrFormat, ZarrShardWriter
+from .formats import CODECS, FORMATS, ShardFormat, ShardReader, get_format, open_shard
+from .formats.webdataset import WebDatasetFormat
+from .formats.zarr import ZarrFormat
 from .journal import MANIFEST_LOG
-from .manifest import (Manifest, as_manifest, differences, new_manifest, read_manifest, recover_manifest,
-                       validate_manifest)
-from .ownership import foreign_entries, refuse_foreign_folder, remove_store
+from .manifest import Manifest, read_manifest
 from .reader import TrajectoryStore
-from .schema import (ARRAY_DTYPES, CLASS_CONDITION, CODECS, LATENT_ARRAYS, MANIFEST, PARTIAL, RUN_KEYS,
-                     SCHEMA_VERSION, STORE_TYPE, ArrayHasher, array_checksum, array_shapes, array_specs, bitround,
-                     codec_available, combined_checksum, condition_arrays, dimension_names, repair, run_header,
-                     store_fingerprint)
-from .verified import VerifiedShards
+from .schema import MANIFEST, SCHEMA_VERSION, STORE_TYPE
 from .verify import VERIFY_MODES, Problem
 from .writer import StoreWriter
 
 __all__ = [
-    "ARRAY_DTYPES", "CLASS_CONDITION", "CODECS", "FORMATS", "LATENT_ARRAYS", "MANIFEST", "MANIFEST_LOG", "PARTIAL",
-    "RUN_KEYS", "SCHEMA_VERSION", "SHARD_PATTERN", "STORE_TYPE", "VERIFY_MODES", "ArrayHasher",
-    "Manifest", "Problem", "ShardFormat", "StoreWriter", "TarShard", "TarShardWriter", "TrajectoryStore",
-    "VerifiedShards", "WebDatasetFormat", "ZarrFormat", "ZarrShardWriter", "array_checksum", "array_shapes",
-    "array_specs", "as_manifest", "bitround", "codec_available", "combined_checksum", "condition_arrays",
-    "convert_store", "decode_sample", "differences", "dimension_names", "encode_sample", "folder_bytes",
-    "foreign_entries", "format_of_shard", "get_format", "new_manifest", "read_manifest", "recover_manifest",
-    "refuse_foreign_folder", "remove_path", "remove_store", "repair", "resolve_compressor", "run_header", "shard_name",
-    "store_fingerprint", "validate_manifest", "write_json_atomic",
+    # reading and writing a store, converting one
+    "TrajectoryStore", "StoreWriter", "convert_store",
+    # shards of any format: the registry, the protocols, one opener
+    "FORMATS", "CODECS", "ShardFormat", "ShardReader", "ZarrFormat", "WebDatasetFormat", "get_format", "open_shard",
+    # the manifest
+    "Manifest", "read_manifest", "MANIFEST", "MANIFEST_LOG", "SCHEMA_VERSION", "STORE_TYPE",
+    # verification (TrajectoryStore.problems / check)
+    "VERIFY_MODES", "Problem",
 ]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from ..errors import StoreError
 from ..locks import FolderLock
-from .formats import get_format, resolve_compressor
+from .formats import codec_available, get_format, resolve_compressor
 from .ownership import refuse_foreign_folder
 from .reader import TrajectoryStore
-from .schema import DERIVED_ARRAYS, codec_available, repair
+from .schema import DERIVED_ARRAYS, repair
 from .writer import StoreWriter
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from ..errors import StoreError, command_line
 from .files import write_json_atomic
-from .formats import FORMATS, SHARD_PATTERN, ShardFormat, format_of_shard, get_format, shard_name
+from .formats import (FORMATS, SHARD_PATTERN, ShardFormat, codec_available, format_of_shard, get_format,
+                      shard_name)
 from .schema import (ARRAY_DTYPES, MANIFEST, RUN_KEYS, SCHEMA_VERSION, STORE_TYPE, UNIT_CHECKSUMS, UNIT_ROWS,
-                     codec_available, condition_arrays, run_header, store_fingerprint)
+                     condition_arrays, run_header, store_fingerprint)
 from .journal import MANIFEST_LOG, log_path, replay
 from .verify import find_problems
 

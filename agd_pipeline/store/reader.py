@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import StoreError
-from .formats import SHARD_PATTERN, ShardFormat
+from .formats import SHARD_PATTERN, ShardFormat, ShardReader, open_shard
 from .manifest import as_manifest, read_manifest
 from .schema import DERIVED_ARRAYS, array_specs, repair
 from .verify import Problem, find_problems
@@ -43,12 +43,14 @@ class TrajectoryStore:
     def fingerprint(self) -> str:
         return self.manifest.fingerprint()
 
-    def open_shard(self, name: str):
-        """A Zarr group, or for a WebDataset store a TarShard that reads like one."""
+    def open_shard(self, name: str, prepare: bool = False) -> ShardReader:
+        """The shard ``name`` of the manifest as a ShardReader (formats.base): a ZarrShard, or for
+        a WebDataset store a TarShard. ``prepare``: its one-off preparation now (a tar's index)."""
         entry = self.manifest.shard(name) if SHARD_PATTERN.fullmatch(name) else None
         if entry is None:  # never a path outside the store
             raise StoreError(f"{self.root}: {name!r} is not a shard name")
-        return self.shard_format.open_shard(self.root / name, array_specs(self.manifest, entry["trajectories"]))
+        return open_shard(self.root / name, array_specs(self.manifest, entry["trajectories"]), self.shard_format,
+                          prepare=prepare)
 
     def bytes_on_disk(self) -> int:
         return sum(self.shard_format.bytes_on_disk(self.root / s["name"]) for s in self.shards

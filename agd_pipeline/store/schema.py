@@ -1,5 +1,5 @@
 """What a store holds, whatever its format: markers and names, the arrays of a shard (shapes, dtypes,
-dimension names), the one codec table, and the checksums every format computes the same way."""
+dimension names), and the checksums every format computes the same way."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import hashlib
 import json
 
 import numpy as np
-import zarr.codecs
 
 from ..errors import command_line
 
@@ -242,24 +241,6 @@ def sample_metadata(header: dict, arrays: dict[str, np.ndarray]) -> dict:
         header, {k: np.reshape(v, (1,)) for k, v in arrays.items() if k.endswith("prompt_index")}).items()})
     meta["timesteps"] = [float(t) for t in np.asarray(arrays["timesteps"]).reshape(-1)]
     return meta
-
-
-# --------------------------------------------------------------------------------------- codecs
-
-# The one codec table: codec name -> {format name: that format's form of it}. Zarr shards take any
-# of them (a factory of Zarr v3 compressors); a tar shard's members are standard .npz files, which
-# numpy (and webdataset's decoder) read with deflate or stored entries only.
-CODECS = {
-    "blosc-zstd": {"zarr": lambda: [zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")]},
-    "zstd": {"zarr": lambda: [zarr.codecs.ZstdCodec(level=5)]},
-    "deflate": {"zarr": lambda: [zarr.codecs.GzipCodec(level=6)], "webdataset": "deflate"},
-    "none": {"zarr": lambda: None, "webdataset": "stored"},
-}
-
-
-def codec_available(name, fmt: str) -> bool:
-    """Whether shards of format ``fmt`` can use the codec ``name``."""
-    return name in CODECS and fmt in CODECS[name]
 
 
 # ---------------------------------------------------------------------------------- checksums

@@ -2,7 +2,7 @@
 each format's own: a tar's size, Zarr's chunk files and bytes) or a full re-read of every array
 against its checksums (and for NaN/inf), and the derived arrays outside the checksums (coordinates,
 prompt text) against what the manifest implies; shards are checked in a few threads, and those re-read
-before and unchanged since can be skipped (the verification cache, ``verified``). Whatever ran
+before and unchanged since can be skipped (the verification cache, ``verified_cache``). Whatever ran
 before, the loader checks what it reads against the digests recorded at write time
 (``read_problem``), so none of these checks is the last line of defence against changed bytes."""
 
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .formats import open_shard
 from .schema import (DERIVED_ARRAYS, UNIT_CHECKSUMS, UNIT_ROWS, array_checksum, array_specs, combined_checksum,
                      prompt_texts, read_by_unit, row_slices, unit_checksum, unit_checksums, whole_checksum)
-from .verified import Listing, VerifiedShards
+from .verified_cache import Listing, VerifiedShards
 
 # How a store is verified (train.verify): "changed" re-reads the shards without a matching record
 # of an earlier full re-read, "full" re-reads all, "cheap" re-reads none. Both re-reading modes
@@ -46,7 +47,7 @@ def find_problems(root: Path, manifest, full: bool = False, only: set[str] | Non
     every shard and records those that pass; "changed" re-reads only the shards without a
     matching record (whose files and entry are exactly as when they passed: that comparison, of
     every file's size and modification time, stands in for their cheap checks; bytes changed behind
-    an unchanged listing are caught by the loader's read-time digests, see ``verified``). ``log``
+    an unchanged listing are caught by the loader's read-time digests, see ``verified_cache``). ``log``
     gets one line on what was re-read."""
     if mode is not None and mode not in VERIFY_MODES:
         raise ValueError(f"verify mode {mode!r}; allowed: {', '.join(VERIFY_MODES)}")
@@ -131,7 +132,7 @@ def _opened(root: Path, manifest, entry: dict, reread: bool, listing: Listing | 
     path = root / name
     specs = array_specs(manifest, entry["trajectories"])
     try:
-        shard = fmt.open_shard(path, specs)
+        shard = open_shard(path, specs, fmt)
     except Exception as err:  # noqa: BLE001 - zarr raises many kinds for broken metadata
         return [Problem(name, None, f"cannot open ({type(err).__name__}: {err})")], None, None
     found = []

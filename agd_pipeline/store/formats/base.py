@@ -1,22 +1,41 @@
 """The format protocol: what the store asks of a shard format (Zarr group, WebDataset tar, ...).
 
 A format writes a shard (``begin_shard`` -> ``write``/``finish``), finds a finished one on disk
-(``shard_entry``, ``shard_header``), opens one for reading (``open_shard``: a Zarr group or an object
-that reads like one), checks one cheaply (``file_problems``, ``array_problems``), says how the
-loader reads one (``read_units``) and which files are its own (``owns``, ``remove_shard``,
-``bytes_on_disk``, ``shard_files``). StoreWriter, TrajectoryStore, recovery, conversion and the
-loader only ever ask the format object; none of them branches on a format's name.
+(``shard_entry``, ``shard_header``), opens one for reading (``open_shard``: a ``ShardReader``, the
+read protocol below, which every format's reader implements), checks one cheaply (``file_problems``,
+``array_problems``), says how the loader reads one (``read_units``) and which files are its own
+(``owns``, ``remove_shard``, ``bytes_on_disk``, ``shard_files``). StoreWriter, TrajectoryStore,
+recovery, conversion and the loader only ever ask the format object (or the reader it opens); none
+of them branches on a format's name or probes a reader's type.
 """
 
 from __future__ import annotations
 
 import abc
-
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from ...errors import StoreError
 from ..files import folder_bytes, remove_path
-from ..schema import CODECS, PARTIAL
+from ..schema import PARTIAL
+
+
+@runtime_checkable
+class ShardReader(Protocol):
+    """The read side of one shard, whatever its format: what ``ShardFormat.open_shard`` returns
+    and every reader of a store (TrajectoryStore, verify, convert, the training loader) relies on.
+
+    ``array_keys()`` names the arrays the shard holds (derived ones included, see
+    schema.DERIVED_ARRAYS); ``shard[name]`` is one of them, an array with ``shape``, ``dtype``,
+    ``chunks`` and numpy slicing; ``prepare()`` does, once, whatever the reader would otherwise do
+    lazily on first access (a tar reader indexes its members; a Zarr shard has nothing to do), so
+    that a reader shared by several threads does it once, not in each."""
+
+    def array_keys(self): ...
+
+    def __getitem__(self, name: str): ...
+
+    def prepare(self) -> None: ...
 
 
 class ShardFormat(abc.ABC):
@@ -25,7 +44,10 @@ class ShardFormat(abc.ABC):
 
     name: str  # the manifest's "format" and the codec table's column
     extension: str  # a shard is named shard-NNNNNN.<extension>
-    default_compressor: str  # the codec "auto" means for this format
+    # The codecs this format takes: codec name -> this format's form of it. The registry's codec
+    # table (formats.CODECS, the compressor setting's choices) is the union over the formats.
+    codecs: dict[str, object]
+    default_compressor: str  # the codec "auto" means for this format (one of ``codecs``)
     reuse_open_shards: bool  # whether the loader keeps an opened shard for its next read units
     codec_note: str = ""  # why some codecs of the table are not available, if they are not
 
@@ -34,7 +56,7 @@ class ShardFormat(abc.ABC):
 
     def codec(self, compressor: str):
         """This format's form of a codec of the codec table."""
-        return CODECS[compressor][self.name]
+        return self.codecs[compressor]
 
     # ------------------------------------------------------------------ writing and finding
 
@@ -68,8 +90,9 @@ class ShardFormat(abc.ABC):
     # ---------------------------------------------------------------------------- reading
 
     @abc.abstractmethod
-    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]):
-        """A Zarr group, or an object that reads like one (``array_keys()``, ``shard[name]``)."""
+    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]) -> ShardReader:
+        """The shard at ``path`` as a ``ShardReader``; ``specs`` (schema.array_specs) are the
+        arrays the manifest says it holds."""
 
     def dask_array(self, array):
         """One array of an open shard as a dask array, chunked at the shard's own chunks."""

@@ -77,6 +77,9 @@ def sidecar(final: Path) -> Path:
 class WebDatasetFormat(ShardFormat):
     name = "webdataset"
     extension = "tar"
+    # a member is a standard .npz, which numpy (and webdataset's decoder) read with deflate or
+    # stored entries only: the zip compression method of each
+    codecs = {"deflate": "deflate", "none": "stored"}
     default_compressor = "none"
     reuse_open_shards = True  # opening a tar maps it and indexes its members; rows are read on demand
     codec_note = "their members are standard .npz files"
@@ -273,8 +276,8 @@ class _Window(io.RawIOBase):
 
 
 class TarShard:
-    """Read side of one tar shard, shaped like a Zarr group: ``array_keys()`` and ``shard[name]``
-    (an array with shape, dtype, chunks and slicing).
+    """Read side of one tar shard (a ShardReader, shaped like a Zarr group): ``array_keys()`` and
+    ``shard[name]`` (an array with shape, dtype, chunks and slicing), ``prepare()`` (the index).
 
     The tar is memory-mapped and indexed once, on first access: where each sample's arrays lie in
     the file. A stored (uncompressed) array is then a numpy view of the map, so reading rows copies
@@ -295,6 +298,10 @@ class TarShard:
         if name not in self.specs:
             raise KeyError(name)
         return TarArray(self, name)
+
+    def prepare(self) -> None:
+        """Index the tar now (see ``members``): once, before threads share this reader."""
+        self.members()
 
     def members(self) -> list[dict]:
         """Each sample's arrays: name -> a view of the map (stored), or (zip, member) (deflated)."""

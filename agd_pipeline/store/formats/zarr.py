@@ -51,6 +51,33 @@ def open_group(path: Path):
     return zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=True)
 
 
+class ZarrShard:
+    """Read side of one Zarr shard (a ShardReader): its read-only group, whose arrays ``shard[name]``
+    are Zarr arrays. ``prepare`` has nothing to do (opening read the consolidated metadata); any
+    other attribute is the group's (``attrs``, ``members()``, ...), for callers that want Zarr's API."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def array_keys(self):
+        return self.group.array_keys()
+
+    def __getitem__(self, name: str):
+        return self.group[name]
+
+    def prepare(self) -> None:
+        return None
+
+    @property
+    def attrs(self):
+        return self.group.attrs
+
+    def __getattr__(self, name: str):
+        if name == "group" or name.startswith("__"):  # not yet set (while unpickling), or a protocol of Python's
+            raise AttributeError(name)
+        return getattr(self.group, name)
+
+
 def array_files(folder: Path) -> tuple[int, int]:
     """(chunk files, bytes of every file) of one Zarr array folder."""
     files = size = 0
@@ -64,6 +91,13 @@ def array_files(folder: Path) -> tuple[int, int]:
 class ZarrFormat(ShardFormat):
     name = "zarr"
     extension = "zarr"
+    # any codec: a factory of Zarr v3 compressors
+    codecs = {
+        "blosc-zstd": lambda: [zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")],
+        "zstd": lambda: [zarr.codecs.ZstdCodec(level=5)],
+        "deflate": lambda: [zarr.codecs.GzipCodec(level=6)],
+        "none": lambda: None,
+    }
     default_compressor = "blosc-zstd"
     reuse_open_shards = True  # opening reads metadata only; the data is read by chunk rows
 
@@ -124,8 +158,8 @@ class ZarrFormat(ShardFormat):
         except Exception:  # noqa: BLE001 - unreadable metadata
             return None
 
-    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]):
-        return open_group(path)
+    def open_shard(self, path: Path, specs: dict[str, tuple[tuple, str]]) -> ZarrShard:
+        return ZarrShard(open_group(path))
 
     def dask_array(self, array):
         import dask.array as da
