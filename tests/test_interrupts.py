@@ -195,7 +195,9 @@ def test_a_signalled_experiments_command_leaves_no_dvc_behind(action, slow, sign
     env, pid_file = fake_dvc(tmp_path, slow)
     extra = ["--jobs", "1", "--readme", str(tmp_path / "README.md")] if action == "run" else \
         ["--readme", str(tmp_path / "README.md")]
-    process = subprocess.Popen([sys.executable, "-m", "stages.experiments", action, "unseen-w", *extra], cwd=REPO,
+    # size-and-placement: its variants change train, so `run` first brings stage one up to date (dvc repro)
+    process = subprocess.Popen([sys.executable, "-m", "stages.experiments", action, "size-and-placement", *extra],
+                               cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=terminal_signals)
     try:
