@@ -882,13 +882,14 @@ def overview(experiment: Experiment, shown) -> list[dict]:
     queued, running, failed, or not run) and, once finished, the table's cells (empty before)."""
     names = [experiment.run_name(v) for v in experiment.variants]
     finished, states = _experiment_rows(shown), _run_states(shown, names)
+    keys = _keys(experiment)
     rows = []
     for variant in experiment.variants:
         name = experiment.run_name(variant)
         summary = _summary(finished[name], variant.summary) if name in finished else None
         state = "finished" if summary else (states.get(name) or {}).get("state") or "not run"
-        cells = [_cell({key: summary.get(key) for key in _keys(experiment)}, column) if summary else ""
-                 for column in experiment.columns]
+        values = {key: summary.get(key) for key in keys} if summary else None
+        cells = [_cell(values, column) if values else "" for column in experiment.columns]
         rows.append({"label": variant.label, "run": name, "state": state, "cells": cells})
     return rows
 
