@@ -35,7 +35,7 @@ from pathlib import Path
 
 from agd_pipeline.interrupts import interruptible
 from agd_pipeline.errors import AgdError
-from agd_pipeline.experiments import (EXPERIMENTS, SHOW_RETRIES, collect, get_experiment, overview, prepare_command,
+from experiments import (EXPERIMENTS, SHOW_RETRIES, collect, get_experiment, overview, prepare_command,
                                       read_results, readme_block, run, run_commands, show_json, write_results)
 
 
@@ -70,7 +70,7 @@ def report(name: str, readme: Path | None, log=print, from_results: bool = False
 
 
 def show(experiment, shown=None, console=None) -> int:
-    """Print the experiment's runs (:func:`agd_pipeline.experiments.overview`) as a table wrapped to the
+    """Print the experiment's runs (:func:`experiments.driver.overview`) as a table wrapped to the
     terminal's width; DVC's own ``dvc exp show`` has no setting that limits its columns."""
     from rich.console import Console
     from rich.table import Table

@@ -163,7 +163,7 @@ def test_every_generated_block_is_in_exactly_one_file():
 
 
 def test_experiment_blocks_are_the_render_of_their_results():
-    from agd_pipeline.experiments import EXPERIMENTS, readme_block
+    from experiments import EXPERIMENTS, readme_block
     from stages.report import ReportError, block_file, markers
 
     rendered = 0

@@ -10,7 +10,7 @@ import pytest
 
 from agd_pipeline import evidence
 from agd_pipeline.evaluation import evaluation_seeds, GAP_CLOSED_SEED
-from agd_pipeline.experiments import EXPERIMENTS, Experiment, Variant, run_commands
+from experiments import EXPERIMENTS, Experiment, Variant, run_commands
 from agd_pipeline.errors import ConfigError
 from agd_pipeline.sampling import trajectory_seed
 

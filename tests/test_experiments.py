@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from agd_pipeline.errors import AgdError, ConfigError
-from agd_pipeline.experiments import (EXPERIMENTS, collect, get_experiment, markdown_table, prepare_command,
+from experiments import (EXPERIMENTS, collect, get_experiment, markdown_table, prepare_command,
                                       read_results, readme_block, run, run_commands, write_results)
 
 from conftest import REPO, run_cli
@@ -99,7 +99,7 @@ def test_run_replaces_earlier_runs_and_stops_on_a_failure():
 def test_runs_are_found_on_the_commits_they_were_run_on():
     """`dvc exp show` lists HEAD's experiments only; results committed after a run move HEAD, so the
     runs are looked up on every commit `dvc exp list --all-commits` names for them."""
-    from agd_pipeline.experiments import show_json
+    from experiments import show_json
 
     listing = "abc1234:\n\t5a0be05 [other-run]\n1234567:\n\tfc3b00e [mine-a]\n\t0000000 [mine-b]\n"
     calls = []
@@ -118,7 +118,7 @@ def test_runs_are_found_on_the_commits_they_were_run_on():
 def test_show_json_asks_again_while_a_worker_races_it():
     """`report` reads `dvc exp show` while queue workers may be setting up a copy (seen on 2026-12-07:
     "directory '.dvc/tmp/exps/tmp5lm7rur0/.dvc' does not exist"); with tries it asks again."""
-    from agd_pipeline.experiments import POLL_SECONDS, show_json
+    from experiments.driver import POLL_SECONDS, show_json
 
     def flaky(failures: int):
         state = {"shows": 0}
@@ -193,7 +193,7 @@ def test_queued_runs_run_jobs_at_a_time_and_are_waited_for():
 def test_a_slow_exp_show_is_polled_less_often(monkeypatch):
     """`dvc exp show` of a busy queue costs tens of seconds of a core the runs need: the wait between
     polls grows with the last poll's time (a fast poll keeps POLL_SECONDS)."""
-    from agd_pipeline import experiments as module
+    from experiments import driver as module
 
     experiment = get_experiment("trajectories-vs-forward-noised-sd3")
     names = [experiment.run_name(v) for v in experiment.variants]
@@ -273,7 +273,7 @@ def test_sigterm_stops_the_queued_runs_as_ctrl_c_does(monkeypatch, capsys):
     import os
     import signal
 
-    from agd_pipeline import experiments
+    from experiments import driver as experiments
     from stages import experiments as cli
 
     experiment = get_experiment("trajectories-vs-forward-noised-sd3")
@@ -312,7 +312,7 @@ def _interrupt(script: str, pid_file: Path, delays: tuple[float, ...]) -> None:
     import threading
     import time
 
-    from agd_pipeline import experiments
+    from experiments import driver as experiments
 
     for delay in delays:
         threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
@@ -332,7 +332,7 @@ def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tm
     """SIGTERM while `run` waits for a command (`dvc repro` of the shared stages, say): the command's
     whole process group is stopped, the stage dvc started included, and SIGKILL follows when SIGINT is
     ignored (as in a background job). subprocess.run killed dvc alone and left its stage running."""
-    from agd_pipeline import experiments
+    from experiments import driver as experiments
 
     done = experiments.run_in_group(["sh", "-c", "echo out; echo err >&2; exit 3"], capture_output=True, text=True)
     assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
@@ -349,7 +349,7 @@ def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tm
 def test_a_failing_exp_show_while_waiting_is_asked_again(monkeypatch):
     """DVC's `exp show` fails now and then while a queue worker creates or removes its temporary copy;
     the wait asks again, and gives up only after SHOW_RETRIES failures in a row."""
-    from agd_pipeline import experiments
+    from experiments import driver as experiments
 
     experiment = get_experiment("trajectories-vs-forward-noised-sd3")
     names = [experiment.run_name(v) for v in experiment.variants]
@@ -595,10 +595,8 @@ def test_a_results_csv_that_is_a_folder_is_one_line(tmp_path, monkeypatch):
     (tmp_path / experiment.name / "results.csv").mkdir(parents=True)
     with pytest.raises(AgdError, match=r"results.csv: cannot read it \(it is a folder, not a file\); restore it"):
         read_results(experiment, tmp_path)
-    from agd_pipeline import experiments
     from stages import experiments as cli
 
-    monkeypatch.setattr(experiments, "EXPERIMENTS_DIR", tmp_path)
     monkeypatch.setattr(cli, "read_results", lambda experiment: read_results(experiment, tmp_path))
     import contextlib
     import io
@@ -696,7 +694,7 @@ def test_show_prints_each_runs_state_and_results_within_the_terminal_width():
     every pipeline (hundreds of columns); this table holds one row per variant and wraps to the width."""
     from rich.console import Console
 
-    from agd_pipeline.experiments import overview
+    from experiments import overview
     from stages.experiments import show
 
     experiment = get_experiment("baseline-sweep")

@@ -301,7 +301,7 @@ def test_a_signal_right_after_the_child_starts_still_stops_its_group(tmp_path):
     pid_file = tmp_path / "child.pid"
     script = f"""
 import os, signal, subprocess, sys
-from agd_pipeline import experiments
+from experiments import driver as experiments
 from agd_pipeline.interrupts import Interrupted, signals_as_interrupts
 
 real = subprocess.Popen
