@@ -21,6 +21,8 @@ import yaml
 
 from .devices import parse_device, resolve_device
 from .errors import ConfigError, StoreError
+from .adapter_kinds import ADAPTER_KINDS
+from .families import ALL_PLACEMENTS, placement_help
 from .store.formats import CODECS, FORMATS, resolve_compressor
 from .store.schema import CHUNK_BYTES
 
@@ -440,15 +442,13 @@ class TrainConfig(StageConfig):
     out_dir: str = option("data/adapters", "folder for adapters.safetensors, adapter_config.json, loss.csv")
     base_model: str = option("", "base model; empty takes the one named in the store's manifest (its "
                              "weights must match the manifest's fingerprint)")
-    adapter: str = option("bottleneck", "adapter kind", ("bottleneck", "offset", "cross_attention"))
-    placement: str = option("auto", "where adapters attach. auto: the family's default (DiT: "
-                            "attention+output; SD/SDXL UNets: cross_attention, the text cross-attention of "
-                            "every transformer block; SD3: attention). DiT also takes attention, block, "
-                            "block+output; UNets cross_attention+output, cross_attention+resnet+output "
-                            "(also every ResNet block), block, block+output; SD3 attention+output (+output "
-                            "also wraps the final token projection, on a UNet its conv_out)",
-                            ("auto", "attention", "attention+output", "block", "block+output", "cross_attention",
-                             "cross_attention+output", "cross_attention+resnet+output"))
+    adapter: str = option("bottleneck", "adapter kind (agd_pipeline/adapter_kinds/: bottleneck, the default; offset, "
+                          "the paper's; cross_attention)", tuple(ADAPTER_KINDS))
+    placement: str = option("auto", "where adapters attach. auto: the family's default, the first of its own ("
+                            + placement_help() + "). attention: the attention layers (on UNets cross_attention: "
+                            "the text cross-attention of every transformer block; +resnet also every ResNet "
+                            "block); block: whole transformer blocks; +output also wraps the final token "
+                            "projection (on a UNet its conv_out)", ALL_PLACEMENTS)
     width: int = option(32, "adapter hidden width (bottleneck rank, offset MLP width, attention width)")
     embed_dim: int = option(64, "width of the condition embedding")
     fourier_frequencies: int = option(3, "Fourier frequencies of the guidance-scale embedding")

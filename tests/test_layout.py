@@ -123,17 +123,42 @@ def _check_stage_deps(dvc_yaml, stage: str, spec: dict, found: dict, graph: dict
     assert not missing, f"{dvc_yaml}, stage {stage}: add {missing} to its deps"
 
 
-def test_settings_name_what_the_registries_hold():
-    """train.adapter and train.placement list exactly the adapter kinds and placements the library
-    has (config.py does not import torch, so the lists are written out there and checked here)."""
+def test_the_registries_and_the_choices_derived_from_them():
+    """Every extension point is one registry; the settings offer exactly what the registries hold, so
+    adding a family, an adapter kind or a store format is its own module plus a registry line. The
+    registries are read without torch (the configs read them for --help)."""
     import dataclasses
+    import subprocess
+    import sys
 
-    from agd_pipeline.adapters import ADAPTER_KINDS, ALL_PLACEMENTS
-    from agd_pipeline.config import TrainConfig
+    from agd_pipeline import families
+    from agd_pipeline.adapter_kinds import ADAPTER_KINDS, adapter_class
+    from agd_pipeline.config import GenerateConfig, TrainConfig
+    from agd_pipeline.store.formats import CODECS, FORMATS
 
-    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
-    assert set(choices["adapter"]) == set(ADAPTER_KINDS)
-    assert set(choices["placement"]) == set(ALL_PLACEMENTS)
+    registries = {"families": [f.name for f in families.FAMILIES], "adapter kinds": list(ADAPTER_KINDS),
+                  "store formats": list(FORMATS), "codecs": list(CODECS)}
+    assert registries == {"families": ["dit", "sd", "sdxl", "sd3"],
+                          "adapter kinds": ["bottleneck", "offset", "cross_attention"],
+                          "store formats": ["zarr", "webdataset"], "codecs": list(CODECS)}, registries
+    choices = {f.name: f.metadata["choices"] for cls in (GenerateConfig, TrainConfig) for f in dataclasses.fields(cls)}
+    assert choices["adapter"] == tuple(ADAPTER_KINDS)
+    placements = {p for family in families.FAMILIES for p in family.placements}
+    assert choices["placement"] == ("auto", *sorted(placements))
+    assert choices["format"] == tuple(FORMATS)
+    assert choices["compressor"] == ("auto", *CODECS)
+    for kind in ADAPTER_KINDS:  # each registry line names a class that builds and starts at zero
+        import torch
+
+        from agd_pipeline.adapters import AdapterConfig, Condition
+
+        module = adapter_class(kind)(16, 8, AdapterConfig(kind=kind, width=4, embed_dim=6))
+        cond = Condition(vector=torch.randn(2, 6), tokens=torch.randn(2, 3, 6))
+        assert torch.equal(module(torch.randn(2, 5, 16), cond).expand(2, 5, 8), torch.zeros(2, 5, 8)), kind
+    probe = ("import sys, agd_pipeline.config, agd_pipeline.families, agd_pipeline.adapter_kinds; "
+             "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert loaded.stdout.strip() == "[]", f"reading the registries imported {loaded.stdout.strip()}"
 
 
 def test_benchmarks_live_outside_the_library():

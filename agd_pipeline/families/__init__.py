@@ -20,11 +20,20 @@ from .sdxl import StableDiffusionXL
 FAMILIES: tuple[Family, ...] = (DiT(), StableDiffusion(), StableDiffusionXL(), StableDiffusion3())
 
 BY_NAME = {family.name: family for family in FAMILIES}
+# Where adapters may attach, per family; the first is "auto"'s (train.placement's choices come from here).
+PLACEMENTS = {family.name: family.placements for family in FAMILIES}
+ALL_PLACEMENTS = ("auto", *sorted({p for allowed in PLACEMENTS.values() for p in allowed}))
 # The pipeline components a denoiser may live in, in the order they are looked for.
 DENOISER_FOLDERS = tuple(dict.fromkeys(family.denoiser_folder for family in FAMILIES))
 
-__all__ = ["FAMILIES", "BY_NAME", "DENOISER_FOLDERS", "Family", "Target", "attention_widths", "get",
-           "from_pipeline", "from_denoiser", "detect", "refine", "supported"]
+__all__ = ["FAMILIES", "BY_NAME", "DENOISER_FOLDERS", "PLACEMENTS", "ALL_PLACEMENTS", "Family", "Target",
+           "attention_widths", "get", "from_pipeline", "from_denoiser", "detect", "refine", "supported",
+           "placement_help"]
+
+
+def placement_help() -> str:
+    """Each family's placements for ``train.placement``'s help: its default first."""
+    return "; ".join(f"{family.name}: {', '.join(family.placements)}" for family in FAMILIES)
 
 
 def get(name: str) -> Family:

@@ -9,14 +9,16 @@ talks to; it asks its family (``base.spec``) for these parts and nothing else.
 from __future__ import annotations
 
 import abc
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelError
 
-# (layer name in the denoiser, the layer, its input token width, its output token width)
-Target = tuple[str, nn.Module, int, int]
+if TYPE_CHECKING:  # the registry is read by the configs, which must not import torch (`--help` stays instant)
+    import torch
+    from torch import nn
+
+# (layer name in the denoiser, the layer: a torch Module, its input token width, its output token width)
+Target = tuple[str, Any, int, int]
 
 
 class Family(abc.ABC):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .base import Family, attention_widths
 
 
@@ -44,4 +42,6 @@ class DiT(Family):
         return net.proj_out_2
 
     def random_condition(self, base, batch, text_tokens=0, text_dim=0, pooled_dim=0):
+        import torch
+
         return base.class_condition(torch.randint(0, base.num_classes, (batch,)))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .base import Family, attention_widths, cfg_encode_kwargs
 
 
@@ -62,4 +60,6 @@ class StableDiffusion(Family):
         return net.conv_out
 
     def random_condition(self, base, batch, text_tokens=0, text_dim=0, pooled_dim=0):
+        import torch
+
         return {"prompt_embeds": torch.randn(batch, text_tokens, text_dim)}

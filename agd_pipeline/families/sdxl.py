@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .base import cfg_encode_kwargs
 from .sd import StableDiffusion
 
+if TYPE_CHECKING:
+    import torch
+
 
 def time_ids(side, batch: int) -> torch.Tensor:
     """Original size, crop top-left, target size: the pipeline's defaults for its native resolution."""
+    import torch
+
     return torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).expand(batch, 6)
 
 
@@ -42,6 +47,8 @@ class StableDiffusionXL(StableDiffusion):
                  "add_time_ids": ids})  # the same time ids in both halves, as the pipeline does
 
     def random_condition(self, base, batch, text_tokens=0, text_dim=0, pooled_dim=0):
+        import torch
+
         cond = super().random_condition(base, batch, text_tokens, text_dim)
         cond["pooled_prompt_embeds"] = torch.randn(batch, pooled_dim)
         # benchmark bases are built without a VAE: SDXL's is 8 pixels per latent cell
