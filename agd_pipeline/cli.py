@@ -148,6 +148,9 @@ def build_parser(cls: type[StageConfig], prog: str, description: str,
         choices = field.metadata.get("choices")
         if choices:
             help_text += f" [{'|'.join(map(str, choices))}]"
+        bounds = field.metadata.get("bounds")
+        if bounds is not None:
+            help_text += f" (allowed: {bounds})"
         built_in = settings.show(getattr(defaults, field.name))
         if field.name in section:
             try:

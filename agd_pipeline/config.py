@@ -29,11 +29,63 @@ from .store.schema import CHUNK_BYTES
 DEFAULT_PARAMS = "params.yaml"
 
 
-def option(default: Any, help: str, choices: tuple | None = None, repeat: bool = False) -> Any:
+@dataclass(frozen=True)
+class Range:
+    """The values a number option takes (each entry, for a list option): an interval, ends open or
+    closed or absent, plus the values in ``also`` (a 0 that means off, say); ``note`` says what the
+    ends mean. Declared once on the option (``option(..., bounds=Range(0, 1))``): the stage configs'
+    shared check enforces it and ``--help`` shows it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()
+    note: str = ""
+
+    def __contains__(self, value) -> bool:
+        if value in self.also:
+            return True
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = map(_number_text, (self.low, self.high))
+        if self.low == 0 and self.low_open and self.high is None:
+            text = "positive"
+        elif self.high is None:
+            text = f"{'>' if self.low_open else '>='} {low}"
+        elif self.low is None:
+            text = f"{'<' if self.high_open else '<='} {high}"
+        else:
+            text = f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return " or ".join([*map(_number_text, self.also), text])
+
+    def problem(self) -> str:
+        """What an out-of-range value is told."""
+        shown = str(self).rpartition(" or ")
+        interval = shown[2]
+        said = f"be {interval}" if interval == "positive" or interval[0] in "<>" else f"lie in {interval}"
+        also = f"be {shown[0]} or " if shown[0] else ""
+        return f"must {also}{said}" + (f" ({self.note})" if self.note else "")
+
+
+def _number_text(value) -> str:
+    return str(value) if value is None or isinstance(value, int) else f"{value:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+
+
+def option(default: Any, help: str, choices: tuple | None = None, repeat: bool = False,
+           bounds: Range | None = None) -> Any:
     """A config field with the help text and allowed values that --help and validation use.
     ``repeat``: a list option given once per entry on the command line (``--validation-prompt A
-    --validation-prompt B``), for entries that may hold spaces and commas."""
-    meta = {"help": help, "choices": choices, "repeat": repeat}
+    --validation-prompt B``), for entries that may hold spaces and commas. ``bounds``: the range a
+    number (or each number of a list) must lie in."""
+    meta = {"help": help, "choices": choices, "repeat": repeat, "bounds": bounds}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -56,8 +108,12 @@ class StageConfig:
             if typing.get_origin(hint) is list and typing.get_args(hint) == (float,) and \
                     not all(math.isfinite(v) for v in value):
                 self.fail(f.name, "values must be finite numbers")
-        if hasattr(self, "seed") and not 0 <= self.seed <= MAX_SEED:
-            self.fail("seed", f"must lie in [0, {MAX_SEED}]")
+            bounds = f.metadata.get("bounds")
+            if bounds is not None:
+                if isinstance(value, list) and not all(v in bounds for v in value):
+                    self.fail(f.name, "each value " + bounds.problem())
+                elif not isinstance(value, list) and value not in bounds:
+                    self.fail(f.name, bounds.problem())
         if getattr(self, "device", "auto") not in ("auto", "cpu"):
             parse_device(self.device, self.key("device"))
         if hasattr(self, "out_dir"):
@@ -118,6 +174,11 @@ TRACKERS = ("none", "dvclive", "tensorboard", "wandb")
 MAX_GUIDANCE = 50.0  # far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)
 MAX_VALIDATION_ROWS = 16  # train.validation_prompt / validation_w: a grid people can still read
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; numpy rejects negative seeds
+SEEDS = Range(0, MAX_SEED)
+PER_CONDITION = Range(1, MAX_TRAJECTORIES_PER_CONDITION, note="the paper records 1 to 4")
+# a guidance scale: 1 is no guidance; above MAX_GUIDANCE is far beyond any useful one
+GUIDANCE_SCALES = Range(0, MAX_GUIDANCE, note="1: no guidance; 50 is far beyond any useful scale, the paper "
+                        "uses up to 6 for DiT and 12 for SD")
 # a share of trajectories keeps the pipeline's default negative prompt, so that sampling without one
 # stays distilled too
 DEFAULT_EMPTY_NEGATIVE_PROBABILITY = 0.25
@@ -148,7 +209,7 @@ class BaseStageConfig(StageConfig):
     own_marker: ClassVar[str] = "model_index.json"
     out_dir: str = option("data/base", "folder to write the model, scheduler and classifier to (the recipe of "
                           "the shipped pretrained/toy-dit; `make bases` copies it there)")
-    seed: int = option(0, "seed for the data split, initialisation and training")
+    seed: int = option(0, "seed for the data split, initialisation and training", bounds=SEEDS)
     holdout_fraction: float = option(0.2, "share of the digits kept out of training (FID reference)")
     num_layers: int = option(4, "DiT blocks")
     num_heads: int = option(4, "attention heads per block")
@@ -215,7 +276,7 @@ class FinetuneConfig(StageConfig):
     label_dropout: float = option(0.15, "probability of replacing the label by the null class (a text default: the "
                                   "caption by the empty prompt); keeps CFG working")
     ema_decay: float = option(0.99, "decay of the exponential moving average of the trained weights")
-    seed: int = option(0, "seed of the training batches and the LoRA initialisation")
+    seed: int = option(0, "seed of the training batches and the LoRA initialisation", bounds=SEEDS)
 
     def check(self) -> None:
         super().check()
@@ -236,7 +297,7 @@ class TextDataConfig(StageConfig):
     section: ClassVar[str] = "text_data"
     own_marker: ClassVar[str] = "digits.npz"
     out_dir: str = option("data/text/shared", "folder to write the VAE, classifier, digits and prompt sets to")
-    seed: int = option(0, "seed for the data split, captions and training")
+    seed: int = option(0, "seed for the data split, captions and training", bounds=SEEDS)
     holdout_fraction: float = option(0.2, "share of the digits kept out of training (FID reference, eval prompts)")
     vae_channels: int = option(32, "channels of the VAE's first level (the second has twice as many)")
     vae_steps: int = option(1500, "VAE training steps")
@@ -274,7 +335,7 @@ class TextBaseConfig(StageConfig):
     family: str = option("sd", "architecture to build and train", ("sd", "sdxl", "sd3"))
     shared: str = option("data/text/shared", "the text_data stage's output folder")
     out_dir: str = option("data/text/sd/base", "folder to write the pipeline to")
-    seed: int = option(0, "seed for initialisation, captions and training")
+    seed: int = option(0, "seed for initialisation, captions and training", bounds=SEEDS)
     channels: int = option(32, "UNet: channels of the first level (the second has twice as many); SD3: token width")
     head_dim: int = option(8, "channels per attention head")
     num_layers: int = option(4, "SD3: joint-attention blocks (the UNets have one block per level)")
@@ -322,10 +383,11 @@ class GenerateConfig(StageConfig):
     base_model: str = option("pretrained/toy-dit", "base model: a local diffusers folder or a hub id")
     out_dir: str = option("data/trajectories", "trajectory store to write (resumed if present)")
     classes: list[int] = option([], "class-conditional models: class ids to sample; empty means every "
-                                "class of the model (or those in classes_file)")
+                                "class of the model (or those in classes_file)", bounds=Range(0, note="class ids"))
     classes_file: str = option("", "class-conditional models: a text file of class ids (whitespace- or "
                                "comma-separated), instead of classes")
-    trajectories_per_class: int = option(200, "class-conditional models: trajectories recorded per class")
+    trajectories_per_class: int = option(200, "class-conditional models: trajectories recorded per class",
+                                         bounds=PER_CONDITION)
     prompts_file: str = option("", "text models (SD, SDXL, SD3): a text file with one prompt per line")
     negative_prompt: str = option("", "text models: negative prompt of the unconditional branch; empty "
                                   "uses the pipeline's default (empty text, or zeros for SDXL)")
@@ -337,8 +399,9 @@ class GenerateConfig(StageConfig):
     empty_negative_probability: float = option(
         DEFAULT_EMPTY_NEGATIVE_PROBABILITY, "text models, with negative_prompts_file: the chance that a "
         "trajectory uses the empty negative prompt, i.e. the pipeline's default unconditional branch (the "
-        "empty prompt for SD and SD3, zeros for SDXL) instead of a line of the file")
-    trajectories_per_prompt: int = option(1, "text models: trajectories recorded per prompt")
+        "empty prompt for SD and SD3, zeros for SDXL) instead of a line of the file", bounds=Range(0, 1))
+    trajectories_per_prompt: int = option(1, "text models: trajectories recorded per prompt",
+                                          bounds=PER_CONDITION)
     source: str = option("trajectories", "what stage one records: trajectories (the teacher's own CFG sampling "
                          "trajectories, AGD's data) or forward_noised (real latents noised by the forward process "
                          "at the sampler's timesteps, labelled with CFG's output there: standard guidance "
@@ -347,26 +410,29 @@ class GenerateConfig(StageConfig):
     real_data: str = option("", "source forward_noised: an .npz of real latents [N, C, H, W] with integer labels "
                             "[N] (class models) or captions [N] (text models: each prompt noises latents captioned "
                             "with it); the embedded defaults' base stages write train.npz")
-    guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)")
-    guidance_max: float = option(6.0, "upper end of the guidance scale range")
+    guidance_min: float = option(1.0, "lower end of the guidance scale w ~ U[min, max] (1 = no guidance)",
+                                 bounds=GUIDANCE_SCALES)
+    guidance_max: float = option(6.0, "upper end of the guidance scale range", bounds=GUIDANCE_SCALES)
     guidance_interval: list[float] = option([], "guide only the steps whose timestep t / num_train_timesteps lies "
                                             "in [lo, hi] (the guidance interval; 0 = clean, 1 = pure noise), "
                                             "w = 1 at the others; empty: every step")
-    num_steps: int = option(32, "sampling steps per trajectory")
+    num_steps: int = option(32, "sampling steps per trajectory", bounds=POSITIVE)
     scheduler: str = option("", "diffusers scheduler class to sample with; empty keeps the model's")
-    seed: int = option(0, "run seed: trajectory i's seed, class and w depend only on (seed, i)")
-    batch_size: int = option(200, "trajectories sampled together (one batched CFG call per step)")
-    shard_size: int = option(200, "trajectories per shard (each shard is written by one process)")
+    seed: int = option(0, "run seed: trajectory i's seed, class and w depend only on (seed, i)", bounds=SEEDS)
+    batch_size: int = option(200, "trajectories sampled together (one batched CFG call per step)", bounds=POSITIVE)
+    shard_size: int = option(200, "trajectories per shard (each shard is written by one process)", bounds=POSITIVE)
     chunk_bytes: int = option(CHUNK_BYTES, "target bytes of one chunk of the latent arrays, the unit stage "
                               "two reads (as many whole trajectories as fit, split along steps where one "
                               "does not); small arrays are one chunk per shard. The layout follows from the "
-                              "data: the default suits every model size")
+                              "data: the default suits every model size",
+                              bounds=Range(1024, 1 << 30, note="bytes; default 4194304, 4 MiB"))
     compressor: str = option("auto", "on-disk codec; auto: blosc-zstd for zarr, none for webdataset (whose tar "
                              "members are standard .npz files: deflate or none only)", ("auto", *CODECS))
     format: str = option("zarr", "store format: zarr (one Zarr group per shard, read by chunk rows) or "
                          "webdataset (one tar per shard, a sample per trajectory, for streaming)", tuple(FORMATS))
     bitround_keepbits: int = option(0, "lossy: keep this many of float16's 10 mantissa bits of the latents "
-                                    "and outputs (numcodecs BitRound; 0 = lossless)")
+                                    "and outputs (numcodecs BitRound; 0 = lossless)",
+                                    bounds=Range(0, 10, note="float16 has 10 mantissa bits; 0 = lossless"))
     record_branches: bool = option(False, "also store the conditional and unconditional outputs")
     verify: str = option("cheap", "check of the shards already complete before resuming: cheap (presence "
                          "and shapes) or full (re-read every array against its checksum); damaged ones "
@@ -384,32 +450,15 @@ class GenerateConfig(StageConfig):
 
     def check(self) -> None:
         super().check()
-        for name in ("trajectories_per_class", "trajectories_per_prompt", "num_steps", "batch_size",
-                     "shard_size"):
-            if getattr(self, name) <= 0:
-                self.fail(name, "must be positive")
-        for name in ("trajectories_per_class", "trajectories_per_prompt"):
-            if getattr(self, name) > MAX_TRAJECTORIES_PER_CONDITION:
-                self.fail(name, f"must be at most {MAX_TRAJECTORIES_PER_CONDITION:,} (the paper records 1 to 4)")
-        for name in ("guidance_min", "guidance_max"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                self.fail(name, "must be a finite number >= 0 (w = 1 is no guidance)")
         if self.guidance_min > self.guidance_max:
             raise ConfigError(
                 f"{self.key('guidance_min')} ({self.guidance_min}) is above "
                 f"{self.key('guidance_max')} ({self.guidance_max}): the range must be [min, max]"
             )
-        if not 1024 <= self.chunk_bytes <= 1 << 30:
-            self.fail("chunk_bytes", "must lie in [1024, 1073741824] bytes (default 4194304, 4 MiB)")
-        if not 0 <= self.bitround_keepbits <= 10:
-            self.fail("bitround_keepbits", "must lie in [0, 10] (float16 has 10 mantissa bits; 0 = lossless)")
         try:  # the store's one codec table says which codec each format takes
             resolve_compressor(self.compressor, self.format)
         except StoreError as err:
             self.fail("compressor", str(err))
-        if self.guidance_max > MAX_GUIDANCE:
-            self.fail("guidance_max", "is far beyond any useful guidance scale (paper: 6 for DiT, 12 for SD)")
         self.check_guidance_interval()
         if self.guidance_interval and self.source == "forward_noised":
             self.fail("guidance_interval", "applies to trajectories only (forward-noised data is labelled with CFG "
@@ -417,12 +466,8 @@ class GenerateConfig(StageConfig):
         if self.real_data and self.source != "forward_noised":
             self.fail("real_data", f"applies only with {self.key('source')} forward_noised (it is {self.source!r}); "
                       "leave it empty")
-        if any(c < 0 for c in self.classes):
-            self.fail("classes", "class ids must be >= 0")
         if self.classes and self.classes_file:
             raise ConfigError(f"{self.key('classes')} and {self.key('classes_file')} are both set: give one")
-        if not 0.0 <= self.empty_negative_probability <= 1.0:
-            self.fail("empty_negative_probability", "must lie in [0, 1]")
         if self.negative_prompts_file and self.negative_prompt:
             raise ConfigError(f"{self.key('negative_prompt')} and {self.key('negative_prompts_file')} are both set: "
                               "give one (the file's trajectories use the pipeline's default negative prompt with "
@@ -449,9 +494,11 @@ class TrainConfig(StageConfig):
                             "the text cross-attention of every transformer block; +resnet also every ResNet "
                             "block); block: whole transformer blocks; +output also wraps the final token "
                             "projection (on a UNet its conv_out)", ALL_PLACEMENTS)
-    width: int = option(32, "adapter hidden width (bottleneck rank, offset MLP width, attention width)")
-    embed_dim: int = option(64, "width of the condition embedding")
-    fourier_frequencies: int = option(3, "Fourier frequencies of the guidance-scale embedding")
+    width: int = option(32, "adapter hidden width (bottleneck rank, offset MLP width, attention width)",
+                        bounds=Range(1, 8192, note="adapters are meant to be small: about 1-5 % of the base"))
+    embed_dim: int = option(64, "width of the condition embedding",
+                            bounds=Range(1, 8192, note="adapters are meant to be small: about 1-5 % of the base"))
+    fourier_frequencies: int = option(3, "Fourier frequencies of the guidance-scale embedding", bounds=Range(0, 32))
     condition_on: list[str] = option(
         [], "what the adapter sees besides the tokens: guidance (required), timestep, class (class "
         "models), text (pooled prompt embedding, or the mean of the prompt tokens), text_tokens (every "
@@ -470,29 +517,36 @@ class TrainConfig(StageConfig):
         ("uniform", "guidance", "guidance_squared"))
     steps: int = option(1500, "optimiser steps. A larger count on a finished out_dir continues it from the "
                         "checkpoint it kept, to the adapters of a run of that count, where the schedule's first steps "
-                        "do not depend on it (lr_schedule constant, lr_warmup_fraction 0); otherwise refused")
-    batch_size: int = option(256, "(trajectory, step) samples per optimiser step")
-    learning_rate: float = option(3e-3, "peak AdamW learning rate (reached after the warm-up)")
+                        "do not depend on it (lr_schedule constant, lr_warmup_fraction 0); otherwise refused",
+                        bounds=POSITIVE)
+    batch_size: int = option(256, "(trajectory, step) samples per optimiser step", bounds=POSITIVE)
+    learning_rate: float = option(3e-3, "peak AdamW learning rate (reached after the warm-up)", bounds=POSITIVE)
     lr_schedule: str = option("cosine", "learning-rate schedule after a linear warm-up (diffusers.optimization): "
                               "cosine decays to 0 at the last step, linear likewise, constant stays at the peak",
                               LR_SCHEDULES)
-    lr_warmup_fraction: float = option(0.05, "share of the steps spent warming the learning rate up from 0")
-    weight_decay: float = option(0.0, "AdamW weight decay")
+    lr_warmup_fraction: float = option(0.05, "share of the steps spent warming the learning rate up from 0",
+                                       bounds=Range(0, 1, high_open=True, note="a share of train.steps; 0.05 typical"))
+    weight_decay: float = option(0.0, "AdamW weight decay",
+                                 bounds=Range(0, 1, note="AdamW's decoupled decay; typical values 0 to 0.1"))
     fused_optimizer: bool = option(False, "torch's fused AdamW kernel (one kernel for all adapters: faster on a GPU; "
                                    "results differ from the default only by rounding)")
     gradient_accumulation_steps: int = option(1, "micro-batches of batch_size whose gradients are averaged before "
                                               "each optimiser step: the effective batch is batch_size x this x "
-                                              "processes, at one micro-batch's memory")
+                                              "processes, at one micro-batch's memory",
+                                              bounds=Range(1, 4096, note="1: a step per batch"))
     gradient_checkpointing: bool = option(False, "recompute the frozen base's activations in the backward pass "
                                           "instead of keeping them: less memory (a full-size base fits a smaller "
                                           "GPU, or a larger batch), about a third more time, the same result")
     ema_decay: float = option(0.0, "keep an exponential moving average of the adapter weights (diffusers' "
-                              "EMAModel, this decay, with its warm-up) and save it as the adapters; 0: off")
-    seed: int = option(0, "seed for initialisation and shuffling")
+                              "EMAModel, this decay, with its warm-up) and save it as the adapters; 0: off",
+                              bounds=Range(0.5, 1, high_open=True, also=(0,), note="0: off; typical: 0.99 to 0.9999"))
+    seed: int = option(0, "seed for initialisation and shuffling", bounds=SEEDS)
     loader_workers: int = option(0, "DataLoader worker processes that read and decode the store (started once "
                                  "per run, forked on Linux); 0 reads in threads of the training process. "
-                                 "Either way reading runs one buffer ahead, and the batches are the same")
-    checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)")
+                                 "Either way reading runs one buffer ahead, and the batches are the same",
+                                 bounds=Range(0, 128, note="0 reads in the training process"))
+    checkpoint_every: int = option(500, "steps between resumable checkpoints (0: only at the end)",
+                                   bounds=Range(0, note="0: only at the end"))
     dtype: str = option("", "dtype the frozen base runs in; empty takes the one stage one used (the "
                         "adapters themselves train in float32). accelerate's mixed precision "
                         "(ACCELERATE_MIXED_PRECISION) must agree: bf16 only with bfloat16, fp16 only with float16",
@@ -516,48 +570,23 @@ class TrainConfig(StageConfig):
                             "(loss.csv is always written and is what `dvc plots show` draws)", TRACKERS)
     validate_every: int = option(0, "steps between validation grids (CFG | AGD at each validation_w from fixed "
                                  "seeds, in out_dir/validation/ and, with report_to, the tracker); 0: one grid, after "
-                                 "the last step; -1: none")
+                                 "the last step; -1: none",
+                                 bounds=Range(-1, note="-1: no grids; 0: one after the last step; else steps"))
     validation_prompt: list[str] = option(
         [], "text models: the prompts of the validation grids, one row each (repeat --validation-prompt per "
         "prompt). Empty: the store's first 4 prompts; class models show their first 4 classes and take none",
         repeat=True)
     validation_w: list[float] = option(
         [], "guidance scales of the validation grids, a CFG and an AGD column each (repeatable). Empty: the "
-        "middle and the top of the store's guidance range", repeat=True)
+        "middle and the top of the store's guidance range", repeat=True, bounds=GUIDANCE_SCALES)
 
     def check(self) -> None:
         super().check()
         self.check_folder("store")
-        for name in ("width", "embed_dim", "steps", "batch_size"):
-            if getattr(self, name) <= 0:
-                self.fail(name, "must be positive")
-        for name in ("width", "embed_dim"):
-            if getattr(self, name) > 8192:
-                self.fail(name, "must be at most 8192 (adapters are meant to be small: about 1-5 % of the base)")
-        if not 0 <= self.fourier_frequencies <= 32:
-            self.fail("fourier_frequencies", "must lie in [0, 32]")
-        if not self.learning_rate > 0:
-            self.fail("learning_rate", "must be positive")
-        if not 0 <= self.weight_decay <= 1:
-            self.fail("weight_decay", "must lie in [0, 1] (AdamW's decoupled decay; typical values 0 to 0.1)")
-        if not 0 <= self.loader_workers <= 128:
-            self.fail("loader_workers", "must lie in [0, 128] (0 reads in the training process)")
-        if self.checkpoint_every < 0:
-            self.fail("checkpoint_every", "must be >= 0 (0: only at the end)")
-        if not 0 <= self.lr_warmup_fraction < 1:
-            self.fail("lr_warmup_fraction", "must lie in [0, 1) (a share of train.steps; 0.05 is typical)")
-        if not 1 <= self.gradient_accumulation_steps <= 4096:
-            self.fail("gradient_accumulation_steps", "must lie in [1, 4096] (1: a step per batch)")
-        if not (self.ema_decay == 0 or 0.5 <= self.ema_decay < 1):
-            self.fail("ema_decay", "must be 0 (off) or lie in [0.5, 1) (typical: 0.99 to 0.9999)")
-        if self.validate_every < -1:
-            self.fail("validate_every", "must be -1 (no grids), 0 (one after the last step) or a number of steps")
         if len(self.validation_prompt) > MAX_VALIDATION_ROWS or not all(p.strip() for p in self.validation_prompt):
             self.fail("validation_prompt", f"must be at most {MAX_VALIDATION_ROWS} prompts, none empty")
-        if len(self.validation_w) > MAX_VALIDATION_ROWS or not all(
-                math.isfinite(w) and 0 <= w <= MAX_GUIDANCE for w in self.validation_w):
-            self.fail("validation_w", f"must be at most {MAX_VALIDATION_ROWS} guidance scales, each in [0, "
-                      f"{MAX_GUIDANCE:g}] (1: no guidance)")
+        if len(self.validation_w) > MAX_VALIDATION_ROWS:
+            self.fail("validation_w", f"must be at most {MAX_VALIDATION_ROWS} guidance scales")
         allowed = {"guidance", "timestep", "class", "text", "text_tokens", "negative_text", "text_mean",
                    "negative_text_mean"}
         unknown = set(self.condition_on) - allowed
@@ -577,28 +606,30 @@ class EvaluateConfig(StageConfig):
     base_model: str = option("", "base model; empty takes the one named in the adapter config")
     out_dir: str = option("data/eval", "folder for metrics.json, plots CSVs and sample grids")
     guidance_scales: list[float] = option(
-        [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0], "guidance scales to evaluate (may exceed the training range)"
-    )
+        [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0], "guidance scales to evaluate (may exceed the training range)",
+        bounds=GUIDANCE_SCALES)
     samples_per_class: int = option(50, "samples per class and guidance scale (class models; at least 2 for FID "
-                                    "statistics), or per evaluation prompt (text models)")
+                                    "statistics), or per evaluation prompt (text models)", bounds=POSITIVE)
     guidance_interval: list[float] = option([], "guide CFG and AGD alike only where t / num_train_timesteps lies in "
                                             "[lo, hi] (0 = clean, 1 = pure noise); empty: the interval the "
                                             "adapters' trajectories were recorded with (none: every step); "
                                             "[0, 1]: every step")
-    num_steps: int = option(0, "sampling steps; 0 takes the steps the trajectories were recorded with")
+    num_steps: int = option(0, "sampling steps; 0 takes the steps the trajectories were recorded with",
+                            bounds=Range(0, note="0: the steps the trajectories were recorded with"))
     scheduler: str = option("", "diffusers scheduler class to sample with; empty: the one the adapters' "
                             "trajectories were recorded with (another one warns)")
-    seed: int = option(1234, "seed of the evaluation noise (the same for every method)")
+    seed: int = option(1234, "seed of the evaluation noise (the same for every method)", bounds=SEEDS)
     split: str = option("validation", "validation: the seeds (and, for the embedded text defaults, prompts) every "
                         "tuning decision is made on; test: fresh seeds and held-out prompts, for reporting only",
                         choices=("validation", "test"))
-    batch_size: int = option(500, "images sampled together; the speed ratio is measured at this size")
-    grid_columns: int = option(6, "samples per class shown in the PNG grids")
+    batch_size: int = option(500, "images sampled together; the speed ratio is measured at this size", bounds=POSITIVE)
+    grid_columns: int = option(6, "samples per class shown in the PNG grids", bounds=POSITIVE)
     prompts_file: str = option("", "text models: evaluation prompts, one per line, or 'digit<TAB>prompt' lines "
                                "(then prompt accuracy is measured); empty: the base folder's prompts/eval.tsv")
     negative_check_scale: float = option(0.0, "text defaults: w of the negative-prompt check (a digit-agnostic "
-                                         "prompt, a negative prompt naming a digit); 0 skips it")
-    negative_check_samples: int = option(30, "negative-prompt check: samples per negative digit")
+                                         "prompt, a negative prompt naming a digit); 0 skips it",
+                                         bounds=Range(0, MAX_GUIDANCE, note="0 skips the check"))
+    negative_check_samples: int = option(30, "negative-prompt check: samples per negative digit", bounds=POSITIVE)
     fid_reference: str = option("", "real models: a folder of reference images, or an .npz of clean-fid statistics "
                                 "(mu, sigma; see agd_pipeline.real_metrics.reference_statistics): Inception FID of "
                                 "every sample set against it")
@@ -609,23 +640,9 @@ class EvaluateConfig(StageConfig):
     def check(self) -> None:
         super().check()
         self.check_folder("adapters")
-        if self.negative_check_scale < 0 or self.negative_check_scale > MAX_GUIDANCE:
-            self.fail("negative_check_scale", f"must lie in [0, {MAX_GUIDANCE:g}] (0 skips the check)")
-        if self.negative_check_samples <= 0:
-            self.fail("negative_check_samples", "must be positive")
         self.check_guidance_interval()
         if not self.guidance_scales:
             self.fail("guidance_scales", "needs at least one value")
-        if any((not math.isfinite(w)) or w < 0 for w in self.guidance_scales):
-            self.fail("guidance_scales", "values must be finite and >= 0")
-        if max(self.guidance_scales) > MAX_GUIDANCE:
-            self.fail("guidance_scales", f"values above {MAX_GUIDANCE:g} are far beyond any useful guidance scale "
-                      "(paper: 6 for DiT, 12 for SD)")
-        for name in ("samples_per_class", "batch_size", "grid_columns"):
-            if getattr(self, name) <= 0:
-                self.fail(name, "must be positive")
-        if self.num_steps < 0:
-            self.fail("num_steps", "must be >= 0")
 
 
 # Every stage's config by its params.yaml section.

@@ -88,6 +88,52 @@ def test_bad_values_are_named(cls, section, key):
     assert config_error(cls, section).startswith(key)
 
 
+def _outside(bounds):
+    """Values a range refuses: just past each end it has, or below a positive one."""
+    values = []
+    if bounds.low is not None:
+        values.append(bounds.low if bounds.low_open else bounds.low - 1)
+    if bounds.high is not None:
+        values.append(bounds.high if bounds.high_open else bounds.high + 1)
+    return [v for v in values if v not in bounds.also]
+
+
+def _inside(bounds):
+    return [v for v in (bounds.low, bounds.high) if v is not None and v in bounds] + list(bounds.also)
+
+
+@pytest.mark.parametrize("cls", [GenerateConfig, TrainConfig, EvaluateConfig, BaseStageConfig],
+                         ids=lambda cls: cls.section)
+def test_every_declared_range_is_enforced_named_and_shown(cls):
+    """Ranges are declared once, on the option: each bounded option refuses a value past each end
+    (naming the key and the range), takes its ends, and --help shows the range."""
+    import dataclasses
+    import typing
+
+    from agd_pipeline.cli import build_parser
+
+    hints = typing.get_type_hints(cls)
+    bounded = [f for f in dataclasses.fields(cls) if f.metadata.get("bounds") is not None]
+    assert bounded, f"{cls.section}: no option declares its range"
+    for field in bounded:
+        bounds, kind = field.metadata["bounds"], hints[field.name]
+        scalar = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
+        wrap = (lambda v: [v]) if typing.get_origin(kind) is list else (lambda v: v)
+        for value in _outside(bounds):
+            message = config_error(cls, {field.name: wrap(scalar(value))})
+            assert message.startswith(f"{cls.section}.{field.name}:") and bounds.problem() in message, message
+        for value in _inside(bounds):
+            section = {field.name: wrap(scalar(value))}
+            if field.name == "guidance_max":
+                section["guidance_min"] = 0.0
+            try:
+                load_config(cls, section)
+            except ConfigError as err:  # another check may refuse the value; this range must not
+                assert not str(err).startswith(f"{cls.section}.{field.name}: must"), str(err)
+    help_text = " ".join(build_parser(cls, cls.section, "", params=None).format_help().split())
+    assert help_text.count("(allowed: ") >= len(bounded)
+
+
 def test_missing_params_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml"):

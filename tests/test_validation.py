@@ -113,7 +113,8 @@ def test_validation_prompts_are_refused_for_a_class_model_before_training(tiny_s
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("validation_w", [2.0, 80.0], r"train.validation_w: must be at most 16 guidance scales, each in \[0, 50\]"),
+    ("validation_w", [2.0, 80.0], r"train.validation_w: each value must lie in \[0, 50\]"),
+    ("validation_w", [2.0] * 17, "train.validation_w: must be at most 16 guidance scales"),
     ("validation_w", [float("nan")], "train.validation_w"),
     ("validation_prompt", ["a cat", "  "], "train.validation_prompt: must be at most 16 prompts, none empty"),
     ("validation_prompt", [f"p{i}" for i in range(17)], "train.validation_prompt"),
