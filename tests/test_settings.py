@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO, run_main
 from agd_pipeline import settings
 from agd_pipeline.cli import build_parser, one_line_errors, resolve_config
-from agd_pipeline.config import EvaluateConfig, FinetuneConfig, GenerateConfig, TrainConfig
+from agd_pipeline.config import EvaluateConfig, GenerateConfig, TrainConfig
+from defaults.config import FinetuneConfig
 from agd_pipeline.errors import ConfigError
 
 
