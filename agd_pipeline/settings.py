@@ -233,10 +233,10 @@ def check_family(config, sources: dict[str, str], params: dict | None, label: st
     would fail on them. Raises ConfigError in one line, before anything is read or written. Returns a
     warning when the given input's family cannot be told here (a hub id not in the local cache):
     nothing is refused on a guess. None otherwise, and when no params file is read."""
-    section = config.section
-    if params is None or not _inputs(section) or sources.get("out_dir", "").startswith("--"):
+    section, inputs = config.section, type(config).inputs
+    if params is None or not inputs or sources.get("out_dir", "").startswith("--"):
         return None
-    given = [(name, kind) for name, kind in _inputs(section).items()
+    given = [(name, kind) for name, kind in inputs.items()
              if sources.get(name, "").startswith("--") and getattr(config, name)]
     own = params_family(params, section) if given else None
     if own is None:
