@@ -126,6 +126,16 @@ def _uses_file(params: str) -> bool:
     return Path(params).exists() or params != DEFAULT_PARAMS
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, wrapping only at spaces: a line never ends inside "built-in" or
+    "cross_attention+output" (textwrap breaks words at hyphens by default)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser(cls: type[StageConfig], prog: str, description: str,
                  params: str | None = DEFAULT_PARAMS) -> argparse.ArgumentParser:
     """An argparse parser with one option per config field. Each option's help shows the value that
@@ -136,6 +146,7 @@ def build_parser(cls: type[StageConfig], prog: str, description: str,
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
+        formatter_class=HelpFormatter,
         epilog=f"{note}. Each option shows the value that applies without it (applies: ...) and where it comes "
         "from; a stage prints the values that are not the built-in ones before it starts. List options take "
         "comma- or space-separated values.".replace("%", "%%"),

@@ -1,7 +1,7 @@
 """Stage `evaluate`: unguided, CFG (2 evaluations per step) and AGD (1 per step) on the same seeds.
 
-Per guidance scale w: FID against held-out real data through clean-fid (with the embedded default's
-classifier as the feature extractor), class accuracy, fidelity of AGD to CFG (paired distance per
+Per guidance scale w: FID against held-out real data through clean-fid (in the feature space of the
+judge of ``evaluate.judge``, :mod:`agd_pipeline.judges`), class accuracy, fidelity of AGD to CFG (paired distance per
 seed, and FID between the two sample sets), evaluations per image, images per second and the
 AGD/CFG speed ratio measured in the same run. Writes metrics.json, CSVs for DVC plots, PNG grids.
 """
@@ -25,8 +25,10 @@ from .errors import ConfigError, command_line, require
 from .models import load_base_model, recorded_hub_options
 from .sampling import (AGD, CFG, ImageSampler, Unguided, check_num_steps, generators_for, initial_noise, sample,
                        scheduler_for, trajectory_seed)
-from . import evidence, textdigits, toy
+from . import evidence
 from .figures import grid_figure, to_uint8
+from .judges import JudgeFeatures, judge_factory, load_judges
+from .prompts import EVAL_PROMPTS, NEGATIVE_CHECK, PROMPTS_DIR, TEST_NEGATIVE_CHECK, TEST_PROMPTS, read_eval_prompts
 from .results import results_table
 
 METHODS = evidence.METHODS  # unguided, cfg, agd: the outcome files' method names
@@ -79,7 +81,7 @@ class CleanFid:
         if folder not in self._features:
             self._features[folder] = fid.get_folder_features(
                 str(folder), self.extractor, num_workers=0, batch_size=1000, device=torch.device("cpu"),
-                mode="clean", custom_fn_resize=lambda img: img,  # the classifier takes the images' own size
+                mode="clean", custom_fn_resize=lambda img: img,  # the judge takes the images' own size
                 verbose=False)
         return self._features[folder]
 
@@ -112,54 +114,52 @@ def curves_figure(rows: list[dict], training_range, path: Path, accuracy_label: 
 
 
 class Judges:
-    """What a sample set is measured by: class accuracy under the evaluation classifier, and FID in
-    that classifier's feature space, against the held-out digits (written once as PNGs)."""
+    """What a sample set is measured by: class accuracy under the judge of ``evaluate.judge`` (a
+    factory returning an :class:`agd_pipeline.judges.JudgeBundle` for the base), FID in that judge's
+    feature space against its held-out real images (written once as PNGs) and between sample sets,
+    the second judge's verdicts and FIDs where the bundle has one; and, for real checkpoints, the
+    Inception FID and CLIP score (:meth:`real_model_metrics`)."""
 
     def __init__(self, base_id: str, labels: torch.Tensor | None, real_dir: Path, fid_reference: str = "",
-                 clip_model: str = "", prompts: list[str] | None = None, device="cpu"):
+                 clip_model: str = "", prompts: list[str] | None = None, device="cpu", judge: str = ""):
         self.fid_reference, self.clip_model, self.prompts, self.device = fid_reference, clip_model, prompts, device
         # real checkpoints: the reference (loaded once) and the per-sample data of every sample set, by
         # (method, w): Inception features and CLIP scores (the intervals' inputs)
         self.reference: dict | None = None
         self.inception: dict[tuple[str, float | None], np.ndarray] = {}
         self.clip: dict[tuple[str, float | None], np.ndarray] = {}
-        self.classifier = textdigits.load_judge(base_id)
-        holdout = toy.load_holdout(base_id)
-        self.fid = CleanFid(toy.ClassifierFeatures(self.classifier)) if self.classifier is not None else None
-        self.labels, self.real_dir, self.has_real = labels, real_dir, holdout is not None
-        if holdout is not None:
-            write_pngs(to_uint8(torch.from_numpy(holdout[0])), real_dir)
-        # the second judge (agd_pipeline.second_judge): where there are held-out digits to train it on
-        self.second = self.second_fid = self.second_real_dir = None
-        if holdout is not None and self.classifier is not None:
-            from .second_judge import train_second_judge
-
-            self.second, accuracy, reference = train_second_judge(*holdout)
+        bundle = load_judges(judge, base_id)
+        self.judge = bundle.judge if bundle is not None else None
+        self.fid = CleanFid(JudgeFeatures(self.judge)) if self.judge is not None else None
+        real = bundle.real_images if bundle is not None else None
+        self.labels, self.real_dir, self.has_real = labels, real_dir, real is not None
+        if real is not None:
+            write_pngs(to_uint8(torch.as_tensor(np.asarray(real))), real_dir)
+        # the second judge: its own classifier and reference images, where the bundle has one
+        self.second = self.second_fid = self.second_real_dir = self.second_report = None
+        if bundle is not None and bundle.second is not None:
+            self.second, self.second_report = bundle.second.judge, bundle.second.report
             self.second_real_dir = real_dir.parent / "real_second_judge"
-            write_pngs(to_uint8(torch.from_numpy(holdout[0][reference])), self.second_real_dir)
-            self.second_fid = CleanFid(toy.ClassifierFeatures(self.second))
-            self.second_report = {"architecture": "pixel MLP (64 -> 128 -> 48 features -> 10), no convolution",
-                                  "trained_on": f"{len(holdout[1]) - len(reference)} of the held-out digits",
-                                  "fid_reference": f"the other {len(reference)} held-out digits",
-                                  "accuracy_on_its_reference_digits": accuracy}
+            write_pngs(to_uint8(torch.as_tensor(np.asarray(bundle.second.reference_images))), self.second_real_dir)
+            self.second_fid = CleanFid(JudgeFeatures(self.second))
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.classifier(images.float().clamp(-1, 1)).argmax(1)
+            return self.judge.predict(images.float().clamp(-1, 1))
 
     def judged(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None] | None:
         """The class each judge sees in each image: (first judge, second judge or None); None
         without a judge or without labels."""
-        if self.classifier is None or self.labels is None:
+        if self.judge is None or self.labels is None:
             return None
         second = None
         if self.second is not None:
             with torch.no_grad():
-                second = self.second(images.float().clamp(-1, 1)).argmax(1).numpy()
+                second = self.second.predict(images.float().clamp(-1, 1)).numpy()
         return self.predict(images).numpy(), second
 
     def accuracy(self, images: torch.Tensor) -> float | None:
-        if self.classifier is None or self.labels is None:
+        if self.judge is None or self.labels is None:
             return None
         # a count over the number of samples, in float64: float32's mean put 600-sample accuracies
         # off by ~1e-8, so a drop of exactly 12 samples in 600 read as 2.000004 points
@@ -226,6 +226,8 @@ def check_extras() -> None:
 
 def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     check_extras()  # before minutes of sampling: FID, the intervals and the figures need the [eval] extra
+    if config.judge:
+        judge_factory(config.judge)  # an evaluate.judge that cannot be imported: said before anything loads
     # -- the adapters and their base ----------------------------------------------------------
     adapter_config = read_adapter_config(config.adapters)
     base_id = config.base_model or adapter_config["base_model"]["id"]
@@ -247,7 +249,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     scheduler = scheduler_for(base, adapter_config.get("sampler"), config.scheduler, "evaluate.scheduler")
     sampler = ImageSampler(base, conditions, seeds, steps, config.batch_size, scheduler)
     judges = Judges(base_id, labels if labels.min() >= 0 else None, samples_dir / "real", config.fid_reference,
-                    config.clip_model, prompts, base.device)
+                    config.clip_model, prompts, base.device, judge=config.judge)
 
     # -- unguided once, then CFG (2 NFE/step) against AGD (1 NFE/step) at every w --------------
     baseline, unguided_seconds = _unguided_baseline(sampler, base, judges, samples_dir)
@@ -296,7 +298,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True, log=print) -> dict:
     summary = summary_metrics(metrics, config, adapted, adapter_config, conditions, uncond)
     (out / SUMMARY).write_text(json.dumps(rounded_summary(summary), indent=2) + "\n")
     _write_plot_csvs(out, rows)
-    if judges.classifier is not None:
+    if judges.judge is not None:
         curves_figure(rows, training_range, out / "curves.png",
                       "prompt accuracy" if base.conditioning == "text" else "class accuracy")
     log(format_table(rows))
@@ -394,16 +396,17 @@ def evaluation_set(config: EvaluateConfig, base, base_id: str, adapter_config: d
                               f"{config.samples_per_class})")
         labels = torch.arange(config.samples_per_class * base.num_classes) % base.num_classes
         return labels, base.class_condition(labels), None, None, None
-    # the embedded defaults' own prompt sets: validation (eval.tsv, the one tuning used) or test
-    # (test.tsv: held-out phrasings that neither the base's captions nor stage one's prompts contain)
-    own = textdigits.TEST_PROMPTS if config.split == "test" else textdigits.EVAL_PROMPTS
-    prompts_file = Path(config.prompts_file) if config.prompts_file else Path(base_id) / textdigits.PROMPTS_DIR / own
+    # the base folder's own prompt sets (agd_pipeline.prompts): validation (eval.tsv, the one tuning
+    # used) or test (the embedded text defaults': held-out phrasings that neither the base's captions
+    # nor stage one's prompts contain)
+    own = TEST_PROMPTS if config.split == "test" else EVAL_PROMPTS
+    prompts_file = Path(config.prompts_file) if config.prompts_file else Path(base_id) / PROMPTS_DIR / own
     if not config.prompts_file and not prompts_file.is_file():
         raise ConfigError(f"evaluate.prompts_file: {base.model_id!r} is a text-to-image model without its own "
                           f"{config.split} prompts ({prompts_file} is missing; a base made before the test split "
                           "existed has only prompts/eval.tsv: rebuild it or set evaluate.split to validation); "
                           "otherwise give a file with one prompt per line, or 'digit<TAB>prompt' lines")
-    prompts, digits = textdigits.read_eval_prompts(prompts_file)
+    prompts, digits = read_eval_prompts(prompts_file)
     table, uncond = encode_prompts(base, prompts, adapter_config.get("negative_prompt", ""))
     index = torch.arange(len(prompts)).repeat_interleave(config.samples_per_class)
     conditions = {name: value[index] for name, value in table.items()}
@@ -426,11 +429,11 @@ def negative_prompt_check(config: EvaluateConfig, base, adapted, base_id: str, s
     from .inference import negative_conditions
     from .models import encode_prompts
 
-    name = textdigits.TEST_NEGATIVE_CHECK if config.split == "test" else textdigits.NEGATIVE_CHECK
-    path = Path(base_id) / textdigits.PROMPTS_DIR / name
-    if not path.is_file() or judges.classifier is None:
+    name = TEST_NEGATIVE_CHECK if config.split == "test" else NEGATIVE_CHECK
+    path = Path(base_id) / PROMPTS_DIR / name
+    if not path.is_file() or judges.judge is None:
         raise ConfigError(f"evaluate.negative_check_scale: {base.model_id!r} has no negative-prompt check "
-                          f"({path} and an evaluation classifier: the embedded text defaults have both); set it to 0")
+                          f"({path} and a judge, evaluate.judge: the embedded text defaults have both); set it to 0")
     check = json.loads(path.read_text())
     digits = sorted(int(d) for d in check["negatives"])
     per = config.negative_check_samples

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import families
-from .errors import ConfigError, ModelError, command_line
+from .errors import ConfigError, ModelError
 from .families import Family
 
 
@@ -371,9 +371,9 @@ def load_base_model(name: str, device: str | torch.device = "cpu", dtype: torch.
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not path.is_dir() and (path.exists() or not looks_like_hub_id):
         raise ModelError(
-            f"base model {name!r}: no such folder. For the embedded default run `{command_line('base')}` "
-            "(or `dvc repro base`) first; otherwise give a diffusers model folder or a hub id like "
-            "'facebook/DiT-XL-2-256'."
+            f"base model {name!r}: no such folder. Give a diffusers model folder or a hub id like "
+            "'facebook/DiT-XL-2-256' (in the repository, the embedded defaults ship in pretrained/; "
+            "`python -m stages.base` rebuilds the class default)."
         )
     index = _read_model_index(name, revision or None)
     family, net_class_name = _detect_family(name, index)

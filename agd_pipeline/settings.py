@@ -72,7 +72,7 @@ def settings_block(config, sources: dict[str, str], params_note: str) -> str:
     is none), then one line per value that is not the built-in one, or was given on the command line,
     and always what the stage reads and writes (its inputs and out_dir), each with where it comes from."""
     built_in = built_in_values(type(config))
-    always = {"out_dir", *INPUTS.get(config.section, {})}
+    always = {"out_dir", *type(config).inputs}
     lines = [f"{config.section} settings ({params_note}; other values are the built-in ones, see --help):"]
     for name, source in sources.items():
         value = getattr(config, name)
@@ -95,17 +95,20 @@ def announce(config, sources: dict[str, str], params_note: str) -> None:
 
 # ------------------------------------------------------------------------------ family guard
 
-# The fields of a stage that name what it reads, and how each one's family is read: a base model
-# folder (model_index.json), a trajectory store (manifest.json) or an adapter folder.
-INPUTS: dict[str, dict[str, str]] = {
-    "generate": {"base_model": "base"},
-    "train": {"store": "store", "base_model": "base"},
-    "evaluate": {"adapters": "adapters", "base_model": "base"},
-    "finetune": {"base_model": "base"},  # its derivative replaces out_dir, another pipeline's base if of its family
-}
-# The section whose out_dir writes each kind of input, in the params file's own pipeline.
-PRODUCERS: dict[str, tuple[str, ...]] = {"store": ("generate",), "adapters": ("train",),
-                                         "base": ("base", "text_base", "finetune")}
+# A stage's inputs (the fields that name what it reads, and how each one's family is read: a base
+# model folder (model_index.json), a trajectory store (manifest.json) or an adapter folder) and the
+# kind of input its out_dir writes are its config's ``inputs`` and ``writes``
+# (:class:`agd_pipeline.config.StageConfig`).
+
+
+def _inputs(section: str) -> dict[str, str]:
+    cls = CONFIG_CLASSES.get(section)
+    return cls.inputs if cls is not None else {}
+
+
+def _producers(kind: str) -> list[str]:
+    """The sections whose out_dir writes inputs of ``kind``, in the params file's own pipeline."""
+    return [section for section, cls in CONFIG_CLASSES.items() if cls.writes == kind]
 
 
 # How a message says what an input of each kind is: "--store s holds trajectories of the SDXL family".
@@ -193,22 +196,23 @@ def _section(params: dict, name: str) -> dict:
 
 def params_family(params: dict, section: str, depth: int = 0) -> tuple[str, str] | None:
     """The family of the params file's own pipeline for ``section``, and how it is known: what its
-    inputs hold, or, for an input not written yet, the section of the same file that writes it (the
-    base stage writes the embedded DiT default, text_base the family it names). None if unknown."""
+    inputs hold, or, for an input not written yet, the section of the same file that writes it (a
+    recipe that builds a base says its family: ``StageConfig.family_written``; the repository's
+    defaults register theirs, agd_pipeline.config.register_config). None if unknown."""
     if depth > 4 or section not in CONFIG_CLASSES:
         return None
-    values = {**built_in_values(CONFIG_CLASSES[section]), **_section(params, section)}
-    if section == "base":
-        return "dit", f"its base {values['out_dir']} is what its [base] stage writes"
-    if section == "text_base":
-        family = _family_name(str(values.get("family")))
-        return (family, f"its base {values['out_dir']} is what its [text_base] stage writes") if family else None
-    for name, kind in INPUTS.get(section, {"base_model": "base"}).items():
+    cls = CONFIG_CLASSES[section]
+    values = {**built_in_values(cls), **_section(params, section)}
+    written = cls.family_written(values)
+    if written is not None:  # a recipe that builds a base: its settings say the family
+        family = _family_name(written)
+        return (family, f"its base {values['out_dir']} is what its [{section}] stage writes") if family else None
+    for name, kind in _inputs(section).items():
         value = str(values.get(name) or "")
         family = input_family(kind, value, str(values.get("revision") or ""))
         if family:
             return family, f"its {section}.{name} {value}"
-        for producer in PRODUCERS.get(kind, ()):
+        for producer in _producers(kind):
             produced = {**built_in_values(CONFIG_CLASSES[producer]), **_section(params, producer)}
             if producer in params and _same_folder(str(produced.get("out_dir", "")), value):
                 found = params_family(params, producer, depth + 1)
@@ -229,10 +233,10 @@ def check_family(config, sources: dict[str, str], params: dict | None, label: st
     would fail on them. Raises ConfigError in one line, before anything is read or written. Returns a
     warning when the given input's family cannot be told here (a hub id not in the local cache):
     nothing is refused on a guess. None otherwise, and when no params file is read."""
-    section = config.section
-    if params is None or section not in INPUTS or sources.get("out_dir", "").startswith("--"):
+    section, inputs = config.section, type(config).inputs
+    if params is None or not inputs or sources.get("out_dir", "").startswith("--"):
         return None
-    given = [(name, kind) for name, kind in INPUTS[section].items()
+    given = [(name, kind) for name, kind in inputs.items()
              if sources.get(name, "").startswith("--") and getattr(config, name)]
     own = params_family(params, section) if given else None
     if own is None:

@@ -10,3 +10,7 @@ if sys.argv[:1] == ["-m"]:  # started as `python -m stages.X` (not imported by a
 
     quiet_from_the_start()  # Ctrl-C, SIGTERM or SIGHUP while the command's imports load: one line too
     stop_with_dvc()  # under dvc repro: SIGTERM when dvc dies, SIGKILL included
+
+# the embedded defaults' stage configs (base, text_data, text_base, finetune): registered with the
+# library's settings, so that every stage's family guard knows the params files' recipe sections
+import defaults.config  # noqa: E402,F401

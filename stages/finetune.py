@@ -1,9 +1,10 @@
-"""`python -m stages.finetune` (what dvc.yaml runs): the command lives in agd_pipeline/commands/finetune.py,
-installed as `agd finetune`. Imported, this module is that one (tests patch its attributes)."""
+"""`python -m stages.finetune` (what dvc.yaml runs): the command lives in defaults/commands/finetune.py (an
+embedded default's recipe: the repository's, not the installed library's). Imported, this module is
+that one (tests patch its attributes)."""
 
 import sys
 
-from agd_pipeline.commands import finetune as command
+from defaults.commands import finetune as command
 
 if __name__ == "__main__":
     sys.exit(command.main())

@@ -1,9 +1,10 @@
-"""`python -m stages.text_base` (what dvc.yaml runs): the command lives in agd_pipeline/commands/text_base.py,
-installed as `agd text_base`. Imported, this module is that one (tests patch its attributes)."""
+"""`python -m stages.text_base` (what dvc.yaml runs): the command lives in defaults/commands/text_base.py (an
+embedded default's recipe: the repository's, not the installed library's). Imported, this module is
+that one (tests patch its attributes)."""
 
 import sys
 
-from agd_pipeline.commands import text_base as command
+from defaults.commands import text_base as command
 
 if __name__ == "__main__":
     sys.exit(command.main())

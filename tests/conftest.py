@@ -28,10 +28,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-# `stages/` and `benchmarks/` are the repository's, not installed (only agd_pipeline is): the tests'
+# `stages/`, `defaults/` and `benchmarks/` are the repository's, not installed (only agd_pipeline is): the tests'
 # `python -m stages.X` subprocesses that run in a scratch folder find them as a user's would from the
 # repository root
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+# evaluate.judge of the embedded defaults (their digit classifiers): what every params file of theirs sets
+EMBEDDED_JUDGE = "defaults.judges:embedded_judges"
 
 TINY_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=2,
                 in_channels=1, out_channels=1, num_embeds_ada_norm=10, norm_num_groups=1)

@@ -21,7 +21,7 @@ import stages.sample
 import stages.train
 from agd_pipeline.adapters import ADAPTER_CONFIG
 from agd_pipeline.cli import stage_main
-from agd_pipeline.config import BaseStageConfig
+from defaults.config import BaseStageConfig
 from conftest import write_untrained_adapters
 
 MAIN = {"base": stages.base.main, "generate": stages.generate.main, "train": stages.train.main,

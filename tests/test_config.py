@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from agd_pipeline.cli import build_parser, config_from_args, write_resolved
-from agd_pipeline.config import BaseStageConfig, EvaluateConfig, GenerateConfig, TrainConfig, load_config
+from agd_pipeline.config import EvaluateConfig, GenerateConfig, TrainConfig, load_config
+from defaults.config import BaseStageConfig
 from agd_pipeline.errors import ConfigError, ModelError
 from agd_pipeline.models import load_base_model
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agd_pipeline.config import BaseStageConfig, EvaluateConfig, GenerateConfig, TrainConfig
+from agd_pipeline.config import EvaluateConfig, GenerateConfig, TrainConfig
+from defaults.config import BaseStageConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = (BaseStageConfig, GenerateConfig, TrainConfig, EvaluateConfig)

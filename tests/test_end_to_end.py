@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from agd_pipeline.evaluation import rounded_summary
-from conftest import run_cli
+from conftest import EMBEDDED_JUDGE, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_pipeline_end_to_end(tmp_path):
         "train": {"store": str(store), "out_dir": str(adapters), "steps": 10, "batch_size": 32,
                   "checkpoint_every": 4, "device": "cpu"},
         "evaluate": {"adapters": str(adapters), "out_dir": str(evaluation), "samples_per_class": 2,
-                     "guidance_scales": [2.0, 7.0], "batch_size": 20, "device": "cpu"},
+                     "guidance_scales": [2.0, 7.0], "batch_size": 20, "device": "cpu", "judge": EMBEDDED_JUDGE},
     }))
 
     check(run_cli("stages.base", "--params", params, "--no-progress"), "base")

@@ -13,9 +13,10 @@ import torch
 import yaml
 
 from agd_pipeline.adapters import AdaptedModel, AdapterConfig, load_adapted_model, save_adapters
-from agd_pipeline.config import FinetuneConfig, load_config
+from agd_pipeline.config import load_config
+from defaults.config import FinetuneConfig
 from agd_pipeline.errors import ConfigError, ModelError
-from agd_pipeline.finetune import DERIVATIVE_ENTRIES, finetune, ink, shifted_subset
+from defaults.finetune import DERIVATIVE_ENTRIES, finetune, ink, shifted_subset
 from agd_pipeline.models import load_base_model
 
 from conftest import REPO, run_main

@@ -73,10 +73,11 @@ COMMANDS = {
 
 def test_every_command_is_listed():
     """A new command must be added to COMMANDS (and so go through agd_pipeline.interrupts): the
-    repository's own (stages/*.py with a main) and the library's (agd_pipeline/commands/*.py, which
-    stages/<name>.py hands over to)."""
+    repository's own (stages/*.py with a main), the library's (agd_pipeline/commands/*.py) and the
+    embedded defaults' recipes (defaults/commands/*.py), which stages/<name>.py hands over to."""
     own = {p.stem for p in (REPO / "stages").glob("*.py") if "\ndef main(" in p.read_text()}
-    library = {p.stem for p in (REPO / "agd_pipeline" / "commands").glob("*.py") if "\ndef main(" in p.read_text()}
+    library = {p.stem for folder in (REPO / "agd_pipeline" / "commands", REPO / "defaults" / "commands")
+               for p in folder.glob("*.py") if "\ndef main(" in p.read_text()}
     library.discard("__main__")  # the `agd` dispatcher, not a command of its own
     assert {f"stages.{name}" for name in own | library} == set(COMMANDS)
     assert all((REPO / "stages" / f"{name}.py").is_file() for name in library), "a command without stages/<name>.py"

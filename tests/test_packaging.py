@@ -135,6 +135,9 @@ def test_agd_help_lists_every_command(capsys):
     assert listed == list(COMMANDS), out
     # each is also `python -m stages.<command>` in the repository (dvc.yaml runs those)
     assert all((REPO / "stages" / f"{name}.py").is_file() for name in COMMANDS)
+    # the embedded defaults' recipes are the repository's (defaults/commands/), not the library's
+    assert not {"base", "text_data", "text_base", "finetune"} & set(listed)
+    assert agd_main()(["finetune"]) == 2 and "unknown command 'finetune'" in capsys.readouterr().err
 
 
 def test_agd_runs_the_command_it_names(capsys):

@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO, run_main
 from agd_pipeline import settings
 from agd_pipeline.cli import build_parser, one_line_errors, resolve_config
-from agd_pipeline.config import EvaluateConfig, FinetuneConfig, GenerateConfig, TrainConfig
+from agd_pipeline.config import EvaluateConfig, GenerateConfig, TrainConfig
+from defaults.config import FinetuneConfig
 from agd_pipeline.errors import ConfigError
 
 
@@ -276,3 +277,30 @@ def test_a_params_option_without_a_value_is_one_line_error(tmp_path):
     result = run_main("stages.train", "--params", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: argument --params: expected one argument")
+
+
+def test_a_projects_own_recipe_joins_the_family_guard(here, tmp_path, monkeypatch):
+    """The guard knows no section by name: a project's own stage that builds a base (as the repository's
+    defaults register theirs, agd_pipeline.config.register_config) says its family through its config."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from agd_pipeline import config as config_module
+    from agd_pipeline.config import StageConfig, option
+
+    @dataclass
+    class MyRecipe(StageConfig):
+        section: ClassVar[str] = "my_recipe"
+        writes: ClassVar[str] = "base"
+        out_dir: str = option("data/mine", "where the recipe writes its base")
+
+        @classmethod
+        def family_written(cls, values: dict) -> str | None:
+            return "sd"
+
+    monkeypatch.setitem(config_module.CONFIG_CLASSES, MyRecipe.section, MyRecipe)
+    model_folder(tmp_path / "my-dit", "DiTPipeline")
+    params = "my_recipe: {out_dir: data/mine}\ngenerate: {base_model: data/mine, out_dir: data/store}\n"
+    other = resolved(GenerateConfig, tmp_path, params, "--base-model", "my-dit")
+    with pytest.raises(ConfigError, match=r"its base data/mine is what its \[my_recipe\] stage writes"):
+        settings.check_family(other.config, other.sources, other.params, other.label)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from agd_pipeline import textdigits
+from defaults import textdigits
 from agd_pipeline.errors import ModelError
 
 # 6 training and 5 held-out images of each digit; held-out image i shows digit i % 10 at stroke weight (i // 10) % 3

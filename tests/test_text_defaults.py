@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from agd_pipeline import textdigits
-from agd_pipeline.config import TextBaseConfig, TextDataConfig
-from conftest import run_main
+from defaults import textdigits
+from defaults.config import TextBaseConfig, TextDataConfig
+from conftest import EMBEDDED_JUDGE, run_main
 
 TINY_DATA = ["--vae-steps", "4", "--vae-channels", "8", "--vae-batch-size", "8", "--classifier-steps", "5",
              "--generate-prompts", "24", "--eval-prompts-per-digit", "1"]
@@ -209,9 +209,10 @@ def test_accuracy_counts_the_classifier_agreeing_with_the_prompt(shared_dir):
     predicted = judge(images).argmax(1)
     labels = predicted.clone()
     labels[:10] = (labels[:10] + 1) % 10  # a quarter of the "prompts" ask for another digit
-    judges = Judges(str(shared_dir), labels, shared_dir / "unused_real")
+    judges = Judges(str(shared_dir), labels, shared_dir / "unused_real", judge=EMBEDDED_JUDGE)
     assert judges.accuracy(images) == 0.75  # exactly 30 / 40
-    assert Judges(str(shared_dir), None, shared_dir / "unused_real").accuracy(images) is None
+    assert Judges(str(shared_dir), None, shared_dir / "unused_real", judge=EMBEDDED_JUDGE).accuracy(images) is None
+    assert Judges(str(shared_dir), labels, shared_dir / "unused_real").accuracy(images) is None  # no evaluate.judge
 
 
 def _write(folder: Path, images: np.ndarray) -> Path:
@@ -225,12 +226,13 @@ def test_fid_in_classifier_space_is_the_frechet_distance_of_its_features(shared_
     from scipy import linalg
 
     from agd_pipeline.evaluation import CleanFid
-    from agd_pipeline.toy import ClassifierFeatures
+    from agd_pipeline.judges import JudgeFeatures
+    from defaults.judges import ClassifierJudge
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
     b = (a // 4).astype(np.uint8)  # darker: a different feature distribution
-    extractor = ClassifierFeatures(textdigits.load_judge(shared_dir))
+    extractor = JudgeFeatures(ClassifierJudge(textdigits.load_judge(shared_dir)))
     fid = CleanFid(extractor)
     folder_a, folder_b = _write(tmp_path / "a", a), _write(tmp_path / "b", b)
 
@@ -285,7 +287,7 @@ def test_a_text_default_fine_tunes_into_a_derivative_of_its_family(shared_dir, t
     the weights its mode trains changed, the bold held-out digits, and the original's adapters loading
     into it with the fine-tune warning."""
     from agd_pipeline.adapters import AdaptedModel, AdapterConfig, load_adapted_model, save_adapters
-    from agd_pipeline.finetune import DERIVATIVE_ENTRIES
+    from defaults.finetune import DERIVATIVE_ENTRIES
     from agd_pipeline.models import load_base_model
 
     base, derived = tmp_path / "base", tmp_path / "derived"
@@ -327,9 +329,10 @@ def test_a_text_default_fine_tunes_into_a_derivative_of_its_family(shared_dir, t
 
 
 def test_finetune_refuses_a_text_base_without_its_recipe(shared_dir, tmp_path):
-    from agd_pipeline.config import FinetuneConfig, load_config
+    from agd_pipeline.config import load_config
+    from defaults.config import FinetuneConfig
     from agd_pipeline.errors import ModelError
-    from agd_pipeline.finetune import finetune
+    from defaults.finetune import finetune
 
     base = tmp_path / "base"
     _ok(run_main("stages.text_base", "--params", "pipelines/text/sd3.yaml", "--shared", shared_dir,

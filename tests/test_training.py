@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import agd_pipeline.generation
 import agd_pipeline.sampling
-import agd_pipeline.toy
+import defaults.toy
 import agd_pipeline.training as training
 from agd_pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedModel, load_adapted_model
 from agd_pipeline.config import TrainConfig, load_config
@@ -59,8 +59,8 @@ def test_training_reads_only_the_store(tiny_store, tmp_path, monkeypatch):
     forbid(monkeypatch, agd_pipeline.sampling, "sample")
     forbid(monkeypatch, agd_pipeline.generation, "record_batch")
     forbid(monkeypatch, agd_pipeline.generation, "generate")
-    forbid(monkeypatch, agd_pipeline.toy, "load_digits_split")
-    forbid(monkeypatch, agd_pipeline.toy, "train_base")
+    forbid(monkeypatch, defaults.toy, "load_digits_split")
+    forbid(monkeypatch, defaults.toy, "train_base")
     out = tmp_path / "adapters"
     grids = []  # the validation grid samples the base (a picture for people), only once training is over
 

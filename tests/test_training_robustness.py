@@ -183,8 +183,8 @@ def test_weights_that_become_nan_are_never_saved(tiny_store, tmp_path, monkeypat
 def test_the_base_trainers_stop_at_a_nan_loss():
     """toy's denoiser loop (the base and its LoRA fine-tune), the descent step of the text bases, and
     the classifier loop: one line naming the trainer and the step, no weight changed."""
-    from agd_pipeline import toy
     from agd_pipeline.optim import descent_step
+    from defaults import toy
 
     from conftest import make_dit, make_scheduler
 

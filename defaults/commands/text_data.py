@@ -4,12 +4,12 @@ classifier, the captioned digits and the prompt sets (training, evaluation, nega
 import sys
 
 from agd_pipeline.cli import stage_main, write_resolved
-from agd_pipeline.config import TextDataConfig
+from defaults.config import TextDataConfig
 
 
 def run(config: TextDataConfig, args) -> None:
     from agd_pipeline.outputs import owned_output
-    from agd_pipeline.textdigits import prepare_shared
+    from defaults.textdigits import prepare_shared
 
     with owned_output(config):
         result = prepare_shared(config, progress=not args.no_progress)

@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import BaseStageConfig
-from .optim import check_finite, cosine_with_warmup, descent_step
-from .errors import ModelError, require
-from .models import save_dit_folder
+from defaults.config import BaseStageConfig
+from agd_pipeline.optim import check_finite, cosine_with_warmup, descent_step
+from agd_pipeline.errors import ModelError, require
+from agd_pipeline.models import save_dit_folder
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 10
@@ -223,16 +223,3 @@ def load_holdout(base_dir: str | Path):
         return None
     data = np.load(path)
     return data["images"], data["labels"]
-
-
-class ClassifierFeatures(nn.Module):
-    """clean-fid's custom feature extractor: [B, 3, H, W] in 0..255 -> classifier features."""
-
-    def __init__(self, classifier: DigitClassifier):
-        super().__init__()
-        self.classifier = classifier
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        gray = images.float().mean(dim=1, keepdim=True) / 255.0 * 2.0 - 1.0
-        return self.classifier.features(gray)

@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ModelError, command_line
-from .optim import check_finite, cosine_with_warmup, descent_step
-from .outputs import check_replaceable, staging_folder, swap_in
+from agd_pipeline.errors import ModelError, command_line
+from agd_pipeline.optim import check_finite, cosine_with_warmup, descent_step
+from agd_pipeline.outputs import check_replaceable, staging_folder, swap_in
+from agd_pipeline.prompts import (EVAL_PROMPTS, NEGATIVE_CHECK, PROMPTS_DIR, TEST_NEGATIVE_CHECK, TEST_PROMPTS,
+                                  read_eval_prompts)
 
 IMAGE_SIZE = 16
 LATENT_SIZE = 8
@@ -69,11 +71,9 @@ TRAINING_TEMPLATES = DIGIT_TEMPLATES + AGNOSTIC_TEMPLATES + NEGATIVE_TEMPLATES +
 TEST_TEMPLATES = TEST_DIGIT_TEMPLATES + TEST_NEGATIVE_TEMPLATES + (TEST_AGNOSTIC_CHECK_PROMPT,)
 
 SHARED_FILES = ("vae", "classifier", "digits.npz", "prompts")
-PROMPTS_DIR = "prompts"
-TRAIN_PROMPTS, EVAL_PROMPTS, NEGATIVE_PROMPTS, NEGATIVE_CHECK = (
-    "train.txt", "eval.tsv", "negatives.txt", "negative_check.json")
-# the test split (reporting only): held-out digits in TEST_DIGIT_TEMPLATES, the check with TEST_NEGATIVE_TEMPLATES
-TEST_PROMPTS, TEST_NEGATIVE_CHECK = "test.tsv", "negative_check_test.json"
+TRAIN_PROMPTS, NEGATIVE_PROMPTS = "train.txt", "negatives.txt"  # stage one's prompts and negative prompts
+# what evaluate reads from a base folder (agd_pipeline.prompts): eval.tsv and negative_check.json; the test
+# split (reporting only): held-out digits in TEST_DIGIT_TEMPLATES, the check with TEST_NEGATIVE_TEMPLATES
 
 
 # ------------------------------------------------------------------------------------ the data
@@ -82,7 +82,7 @@ TEST_PROMPTS, TEST_NEGATIVE_CHECK = "test.tsv", "negative_check_test.json"
 def load_digits16(seed: int, holdout_fraction: float):
     """Digits in [-1, 1] as [N, 1, 16, 16] (bilinear 2x upscale of the 8x8 originals), split into
     train and held-out, stratified, plus each image's stroke weight (0 thin, 1 middle, 2 bold)."""
-    from .toy import load_digits_split
+    from defaults.toy import load_digits_split
 
     x_train, y_train, x_hold, y_hold = load_digits_split(seed, holdout_fraction)
     up = [F.interpolate(torch.from_numpy(x), scale_factor=2, mode="bilinear", align_corners=False).numpy()
@@ -216,7 +216,7 @@ def prompt_overlap(folder: str | Path) -> dict:
     (``test.tsv``) and test check texts (the prompt and negatives of ``negative_check_test.json``) occur verbatim
     among the training captions, stage one's prompts, the negative prompts and the validation files; and how many
     test templates can write a training caption, negative or check prompt (an identical template among them)."""
-    from .models import read_prompts
+    from agd_pipeline.models import read_prompts
 
     folder = Path(folder)
     test_prompts = read_eval_prompts(folder / TEST_PROMPTS)[0]
@@ -238,20 +238,6 @@ def prompt_overlap(folder: str | Path) -> dict:
     trained = set().union(*map(phrasings, TRAINING_TEMPLATES))
     counts["test_templates_in_training"] = sum(bool(phrasings(t) & trained) for t in TEST_TEMPLATES)
     return counts
-
-
-def read_eval_prompts(path: str | Path) -> tuple[list[str], list[int] | None]:
-    """Evaluation prompts: ``digit<TAB>prompt`` lines (accuracy is measured) or plain prompts."""
-    from .models import read_prompts
-
-    lines = read_prompts(path)
-    if all("\t" in line for line in lines):
-        labels, prompts = zip(*(line.split("\t", 1) for line in lines))
-        try:
-            return [p.strip() for p in prompts], [int(label) for label in labels]
-        except ValueError:
-            raise ModelError(f"{path}: the text before each tab must be the digit the prompt asks for") from None
-    return lines, None
 
 
 # ---------------------------------------------------------------------------- text encoders
@@ -382,7 +368,7 @@ class PooledClassifier(nn.Module):
 
 def load_judge(base_dir: str | Path):
     """The base folder's evaluation classifier (pooled when it judges images larger than 8x8)."""
-    from .toy import CLASSIFIER_DIR, load_classifier
+    from defaults.toy import CLASSIFIER_DIR, load_classifier
 
     classifier = load_classifier(base_dir)
     if classifier is None:
@@ -393,7 +379,7 @@ def load_judge(base_dir: str | Path):
 
 def prepare_shared(config, progress: bool = True) -> dict:
     """Stage ``text_data``: the VAE, the evaluation classifier, the digits and the prompt sets."""
-    from .toy import save_classifier, train_classifier
+    from defaults.toy import save_classifier, train_classifier
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -513,7 +499,7 @@ def train_family_base(family_name: str, config, progress: bool = True) -> dict:
     """Stage ``text_base``: train the family's denoiser on the shared digits; write the pipeline."""
     from diffusers import AutoencoderKL
 
-    from . import families
+    from agd_pipeline import families
 
     shared = load_shared(config.shared)
     family = families.get(family_name)
@@ -554,7 +540,7 @@ def fit_on_digits(family_name: str, pipe, images: np.ndarray, labels: np.ndarray
     """Train the pipeline's denoiser on digit images with ``config.captions_per_image`` generated captions
     each (``parameters``: what is trained, default every weight of the denoiser). Returns (losses, the
     images' latents, the captions). What text_base trains a default with, and finetune a derivative."""
-    from . import families
+    from agd_pipeline import families
 
     family = families.get(family_name)
     captions, owners = caption_set(labels, weights, config.seed, config.captions_per_image, config.agnostic_share)
@@ -606,7 +592,7 @@ def write_real_pairs(path: Path, latents: torch.Tensor, shared: dict) -> None:
     """The training prompts' own images as the family's latents, with the prompts as captions:
     ``generate.source forward_noised`` noises, for each training prompt, the image it captions
     (standard guidance distillation's data, on the same prompts as stage one's trajectories)."""
-    from .models import read_prompts
+    from agd_pipeline.models import read_prompts
 
     prompts = read_prompts(path.parent / PROMPTS_DIR / TRAIN_PROMPTS)
     images = shared.get("train_prompt_images")

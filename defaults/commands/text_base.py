@@ -4,14 +4,14 @@ captioned digits) and write it as a diffusers pipeline folder."""
 import sys
 
 from agd_pipeline.cli import stage_main, write_resolved
-from agd_pipeline.config import TextBaseConfig
+from defaults.config import TextBaseConfig
 
 
 def run(config: TextBaseConfig, args) -> None:
     from pathlib import Path
 
     from agd_pipeline.outputs import replacing_output
-    from agd_pipeline.textdigits import train_family_base
+    from defaults.textdigits import train_family_base
 
     with replacing_output(Path(config.out_dir), config.key("out_dir"), "stages.text_base", [config.shared]):
         result = train_family_base(config.family, config, progress=not args.no_progress)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .optim import check_finite
-from .textdigits import PooledClassifier
+from agd_pipeline.optim import check_finite
+from defaults.textdigits import PooledClassifier
 
 SIDE = 8  # the judge sees 8x8 grey images (16x16 text-default digits are average-pooled)
 TRAIN_STEPS = 1500

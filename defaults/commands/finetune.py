@@ -4,13 +4,13 @@ on a shifted distribution (its boldest or thinnest digits), for the fine-tuned-d
 import sys
 
 from agd_pipeline.cli import stage_main, write_resolved
-from agd_pipeline.config import FinetuneConfig
+from defaults.config import FinetuneConfig
 
 
 def run(config: FinetuneConfig, args) -> None:
     from pathlib import Path
 
-    from agd_pipeline.finetune import finetune
+    from defaults.finetune import finetune
     from agd_pipeline.outputs import replacing_output
 
     with replacing_output(Path(config.out_dir), config.key("out_dir"), "stages.finetune", [config.base_model]):

@@ -3,12 +3,12 @@
 import sys
 
 from agd_pipeline.cli import stage_main, write_resolved
-from agd_pipeline.config import BaseStageConfig
+from defaults.config import BaseStageConfig
 
 
 def run(config: BaseStageConfig, args) -> None:
     from agd_pipeline.outputs import owned_output
-    from agd_pipeline.toy import train_base
+    from defaults.toy import train_base
 
     with owned_output(config):
         result = train_base(config, progress=not args.no_progress)

@@ -23,11 +23,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .config import FinetuneConfig
-from .errors import ConfigError, ModelError, command_line, require
-from .models import load_base_model, save_dit_folder
-from .outputs import check_replaceable, staging_folder, swap_in
-from .toy import CLASSIFIER_DIR, HOLDOUT_FILE, NUM_CLASSES, TRAIN_FILE, fit_class_denoiser
+from defaults.config import FinetuneConfig
+from agd_pipeline.errors import ConfigError, ModelError, command_line, require
+from agd_pipeline.models import load_base_model, save_dit_folder
+from agd_pipeline.outputs import check_replaceable, staging_folder, swap_in
+from defaults.toy import CLASSIFIER_DIR, HOLDOUT_FILE, NUM_CLASSES, TRAIN_FILE, fit_class_denoiser
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
 DESCRIPTION = "fine-tuned derivative"
@@ -147,7 +147,7 @@ def _finetune_text(config: FinetuneConfig, source: Path, out: Path, parent: str,
     """An embedded text default (SD, SDXL, SD3) fine-tuned on its bold (or thin) training digits, with
     captions made as text_base makes them (so "bold" and "thin" prompts keep their meaning), by the
     training loop text_base trained it with; written as the family's pipeline folder."""
-    from . import textdigits
+    from defaults import textdigits
 
     recipe = textdigits.base_recipe(source)
     shared = textdigits.load_shared(config.shared or recipe["shared"])
