@@ -16,7 +16,8 @@ Targets are judged on the interval's unfavourable end, and each is one the ungui
   FID_AGD / FID_CFG in [0.9, 1.1]; under-guidance, which lowers FID on these models, fails too);
 - fidelity: FID(AGD, CFG) / FID(unguided, CFG), worst in-range w, upper bound <= 0.25 (unguided: 1);
 - speed (from :func:`speed_summary`): the smallest AGD / CFG ratio over the repeats at the evaluation
-  batch >= 1.8, and no ratio above the evaluation-count ceiling by more than 15 %;
+  batch >= 1.8, and AGD not more than 15 % faster than the unguided model in the same repeats
+  (it makes the unguided model's evaluations plus the adapters', so a faster AGD is noise);
 - text models' negative-prompt check: avoidance of the negative digit relative to CFG's, lower
   bound >= 0.8.
 
@@ -58,7 +59,9 @@ FID_RATIO_RANGE = (0.9, 1.1)
 FIDELITY_RATIO_MAX = 0.25
 SPEED_RATIO_MIN = 1.8
 NEGATIVE_AVOIDANCE_MIN = 0.8
-CEILING_SLACK = 1.15  # a measured speed-up more than 15 % above the evaluation-count ceiling is noise
+# AGD more than 15 % faster than the unguided model (a speed-up more than 15 % above the ceiling measured
+# in the same run, CFG's time over the unguided model's) is noise
+CEILING_SLACK = 1.15
 
 
 class EvidenceError(ValueError):
@@ -457,9 +460,17 @@ def _fid_estimate(point: float, replicates: np.ndarray) -> dict:
 def speed_summary(timings: dict[str, dict[str, list[float]]], nfe: dict[str, int], images: dict[str, int],
                   evaluation_batch: str) -> dict:
     """Images per second per batch size and method (median, min, max over the repeats), the paired
-    AGD / CFG and AGD / unguided time ratios per repeat, and the ceiling CFG's evaluation count
-    allows (CFG's network evaluations per image over AGD's). A median ratio more than 15 % above the
-    ceiling is noise, not a result: that batch's row is marked and the speed target fails.
+    AGD / CFG and AGD / unguided time ratios per repeat, and two ceilings for AGD / CFG.
+
+    The evaluation-count ceiling, CFG's network evaluations per image over AGD's, assumes an
+    evaluation costs the same in both. It need not: CFG evaluates a doubled batch, which on a CPU
+    can cost more than twice one (2.5-2.9x at batch 500 on the class default), or less (1.1-1.4x at
+    batch 1). The measured ceiling, CFG's time over the unguided model's in the same repeats, is what
+    adapters that cost nothing would reach, whatever the batch does. AGD makes the unguided model's
+    evaluations plus the adapters', so a median AGD / CFG ratio more than 15 % above the measured
+    ceiling (AGD faster than the unguided model) is noise, not a result: that batch's row is marked
+    and the speed target fails. A CFG pass slowed by load raises both the ratio and the measured
+    ceiling; the interleaved repeats and their spread are what show that.
 
     ``timings[batch][method]``: seconds per repeat (the methods timed in turn within a repeat);
     ``images[batch]``: images per timed call."""
@@ -469,19 +480,22 @@ def speed_summary(timings: dict[str, dict[str, list[float]]], nfe: dict[str, int
         seconds = {m: np.asarray(by_method[m], dtype=np.float64) for m in METHODS}
         speedup = seconds["cfg"] / seconds["agd"]
         cost = seconds["agd"] / seconds["unguided"]
+        free = seconds["cfg"] / seconds["unguided"]  # what adapters that cost nothing would reach here
         rows[batch] = {
             "images": images[batch], "repeats": len(speedup), "seconds": {m: by_method[m] for m in METHODS},
             **{f"images_per_second_{m}": _spread(images[batch] / seconds[m]) for m in METHODS},
             "speed_ratio_agd_over_cfg": _spread(speedup), "time_ratio_agd_over_unguided": _spread(cost),
-            # what adapters that cost nothing would reach here (CFG's doubled batch need not cost 2x)
-            "time_ratio_cfg_over_unguided": _spread(seconds["cfg"] / seconds["unguided"]),
-            "above_ceiling": bool(np.median(speedup) > CEILING_SLACK * ceiling)}
+            "time_ratio_cfg_over_unguided": _spread(free),
+            "above_count_ceiling": bool(np.median(speedup) > ceiling),
+            "above_ceiling": bool(np.median(speedup) > CEILING_SLACK * np.median(free))}
     main = rows[evaluation_batch]
     valid = not any(r["above_ceiling"] for r in rows.values())
     return {"nfe_per_image": nfe, "ceiling_agd_over_cfg": ceiling, "evaluation_batch": evaluation_batch,
+            "measured_ceiling_agd_over_cfg": main["time_ratio_cfg_over_unguided"]["median"],
             "per_batch": rows,
             "target": {"limit": f"smallest AGD/CFG ratio over the repeats at the evaluation batch >= "
-                                f"{SPEED_RATIO_MIN:g}, none above {CEILING_SLACK:g} x the ceiling",
+                                f"{SPEED_RATIO_MIN:g}, none above {CEILING_SLACK:g} x the measured ceiling "
+                                "(CFG time / unguided time)",
                        "bound": main["speed_ratio_agd_over_cfg"]["min"],
                        "met": bool(valid and main["speed_ratio_agd_over_cfg"]["min"] >= SPEED_RATIO_MIN)}}
 

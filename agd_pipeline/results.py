@@ -83,15 +83,15 @@ def real_model_table(rows: list[dict], real: dict) -> str:
 
 def speed_table(speed: dict) -> str:
     """Images per second per batch size: median (min-max) over interleaved repeats, and the paired
-    ratios; a row whose AGD / CFG median lies over 15 % above the evaluation-count ceiling is shown
-    as noise, not as a result."""
+    ratios; a row whose AGD / CFG median lies over 15 % above the measured ceiling (CFG time over
+    unguided time: AGD faster than the unguided model) is shown as noise, not as a result."""
     def spread(values: dict, spec: str, suffix: str = "") -> str:
         return f"{values['median']:{spec}}{suffix} ({values['min']:{spec}}–{values['max']:{spec}})"
 
     lines = ["| batch | repeats | img/s unguided | img/s CFG | img/s AGD | AGD / CFG | AGD time / unguided time "
              "| CFG time / unguided time |", "|---|---|---|---|---|---|---|---|"]
     for batch, r in sorted(speed["per_batch"].items(), key=lambda item: int(item[0])):
-        ratio = ("above the ceiling: noise, not a result" if r["above_ceiling"]
+        ratio = ("above the measured ceiling: noise, not a result" if r["above_ceiling"]
                  else spread(r["speed_ratio_agd_over_cfg"], ".2f", "x"))
         lines.append(f"| {batch} | {r['repeats']} | {spread(r['images_per_second_unguided'], '.0f')} | "
                      f"{spread(r['images_per_second_cfg'], '.0f')} | {spread(r['images_per_second_agd'], '.0f')} | "

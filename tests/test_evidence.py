@@ -111,25 +111,40 @@ def _timings(cfg_seconds, agd_seconds, unguided_seconds):
     return {"cfg": cfg_seconds, "agd": agd_seconds, "unguided": unguided_seconds}
 
 
-def test_speed_above_the_evaluation_count_ceiling_is_noise_not_a_result():
+def test_speed_above_the_measured_ceiling_is_noise_not_a_result():
+    """The guard: AGD makes the unguided model's evaluations plus the adapters', so AGD / CFG can reach
+    CFG time / unguided time (what free adapters would), not more; the evaluation count (2x here) is
+    reported beside it but does not bound seconds (a doubled batch can cost more than twice one)."""
     nfe = {"cfg": 64, "agd": 32}
     honest = evidence.speed_summary({"500": _timings([2.0] * 5, [1.05] * 5, [1.0] * 5)}, nfe, {"500": 500}, "500")
-    assert honest["ceiling_agd_over_cfg"] == 2.0
+    assert honest["ceiling_agd_over_cfg"] == 2.0 and honest["measured_ceiling_agd_over_cfg"] == 2.0
     assert not honest["per_batch"]["500"]["above_ceiling"] and honest["target"]["met"]
-    # 2.4x is 20 % above the ceiling of 2: the row is marked and the target fails
-    noisy = evidence.speed_summary({"500": _timings([2.4] * 5, [1.0] * 5, [1.0] * 5), "1": _timings([2] * 5, [1] * 5,
-                                                                                                    [1] * 5)},
+    # CFG's doubled batch costing 2.6x the unguided call: AGD at the unguided model's time is 2.6x CFG,
+    # above the evaluation count but a result (the class default measures this at batch 500)
+    superlinear = evidence.speed_summary({"500": _timings([2.6] * 5, [1.05] * 5, [1.0] * 5)}, nfe, {"500": 500},
+                                         "500")
+    row = superlinear["per_batch"]["500"]
+    assert row["above_count_ceiling"] and not row["above_ceiling"] and superlinear["target"]["met"]
+    assert superlinear["measured_ceiling_agd_over_cfg"] == pytest.approx(2.6)
+    # AGD 25 % faster than the unguided model in the same repeats: noise; the row is marked and the target fails
+    noisy = evidence.speed_summary({"500": _timings([2.0] * 5, [0.8] * 5, [1.0] * 5), "1": _timings([2] * 5, [1] * 5,
+                                                                                                   [1] * 5)},
                                    nfe, {"500": 500, "1": 1}, "500")
     assert noisy["per_batch"]["500"]["above_ceiling"] and not noisy["target"]["met"]
+    assert not noisy["per_batch"]["1"]["above_ceiling"]
+    # within 15 % of the unguided model's time is not marked (timing jitter between the interleaved calls)
+    close = evidence.speed_summary({"500": _timings([2.0] * 5, [0.9] * 5, [1.0] * 5)}, nfe, {"500": 500}, "500")
+    assert not close["per_batch"]["500"]["above_ceiling"]
     # judged on the slowest repeat, not the median
     slow_once = evidence.speed_summary({"500": _timings([2.0, 2.0, 2.0, 2.0, 1.5], [1.0] * 5, [1.0] * 5)}, nfe,
                                        {"500": 500}, "500")
     assert slow_once["per_batch"]["500"]["speed_ratio_agd_over_cfg"]["median"] == 2.0
     assert not slow_once["target"]["met"]
-    # a guidance interval lowers the ceiling: 40 CFG evaluations against 32 allow 1.25x, so 2x is noise
-    interval = evidence.speed_summary({"500": _timings([2.0] * 5, [1.0] * 5, [1.0] * 5)}, {"cfg": 40, "agd": 32},
+    # a guidance interval: 40 CFG evaluations against 32 (1.25x in evaluations); the measured ceiling
+    # follows from CFG's own time, and AGD faster than the unguided model is still caught
+    interval = evidence.speed_summary({"500": _timings([1.3] * 5, [0.8] * 5, [1.0] * 5)}, {"cfg": 40, "agd": 32},
                                       {"500": 500}, "500")
-    assert interval["per_batch"]["500"]["above_ceiling"]
+    assert interval["ceiling_agd_over_cfg"] == 1.25 and interval["per_batch"]["500"]["above_ceiling"]
 
 
 def test_cfg_counts_its_evaluations_inside_a_guidance_interval(tiny_base_dir):
