@@ -25,9 +25,20 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from agd_pipeline.config import GenerateConfig, load_config  # noqa: E402
+from agd_pipeline.locks import LOCK_FILE  # noqa: E402
+
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The test folders mirror the code (tests/store/, tests/training/, ...; no __init__.py, so every test
+# file's basename is unique). Tests share helpers across folders (`from test_training import
+# train_config`, `from tiny_pipelines import ...`): every folder of the suite is importable from
+# any test, whichever file pytest runs first.
+for _folder in sorted(p for p in Path(__file__).resolve().parent.iterdir()
+                      if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 # `stages/`, `defaults/` and `benchmarks/` are the repository's, not installed (only agd_pipeline is): the tests'
 # `python -m stages.X` subprocesses that run in a scratch folder find them as a user's would from the
 # repository root
@@ -118,6 +129,18 @@ def read_all_shards(root: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+# Quiet in-process stage calls, and the listing and generate config the store/lock/checkpoint tests share.
+QUIET = dict(progress=False, log=lambda *a, **k: None)
+
+
+def listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != LOCK_FILE)
+
+
+def generate_config(base, out, **overrides):
+    return load_config(GenerateConfig, {**STORE_SETTINGS, "base_model": str(base), "out_dir": str(out), **overrides})
+
+
 def run_cli(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}
@@ -184,4 +207,11 @@ def tiny_store(tmp_path_factory, tiny_base_dir) -> Path:
     """A complete store. Tests must not modify it: copy it (shutil.copytree) first."""
     root = tmp_path_factory.mktemp("tiny_store") / "store"
     generate_store(tiny_base_dir, root)
+    return root
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
     return root

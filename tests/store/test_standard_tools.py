@@ -17,10 +17,10 @@ import pytest
 
 from agd_pipeline.config import GenerateConfig, load_config
 from agd_pipeline.generation import generate
-from agd_pipeline.store import TrajectoryStore, StoreWriter
+from agd_pipeline.store import StoreWriter, TrajectoryStore, convert_store
 from agd_pipeline.store.schema import DERIVED_ARRAYS
 
-from conftest import generate_store, read_all_shards
+from conftest import REPO, generate_store, read_all_shards, run_cli
 
 xr = pytest.importorskip("xarray")
 zarr = pytest.importorskip("zarr")
@@ -265,3 +265,64 @@ def test_webdataset_samples_carry_a_json_member(kind, tiny_base_dir, text_stores
             assert meta["negative_prompt_index"] == arrays["negative_prompt_index"][i]
             assert (meta["prompt"], meta["negative_prompt"]) == (prompts[i], negatives[i])
     assert TrajectoryStore(root).problems(full=True) == []
+
+
+# ------------------------------------------------------------ the tools a user reads the store with
+
+
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized as a component of a Zarr hierarchy")
+def test_plain_xarray_and_zarr_open_the_store(tiny_store):
+    import xarray as xr
+    import zarr
+
+    group = zarr.open_group(str(tiny_store), mode="r")  # the root is a group, the shards its children
+    assert sorted(name for name, _ in group.members()) == [f"shard-00000{i}.zarr" for i in range(3)]
+    shards = [str(tiny_store / f"shard-00000{i}.zarr") for i in range(3)]
+    dataset = xr.open_mfdataset(shards, engine="zarr", combine="nested", concat_dim="trajectory")
+    assert dict(dataset.sizes) == {"trajectory": 20, "step": 4, "channel": 1, "y": 8, "x": 8}
+    ours = np.concatenate([read_all_shards(tiny_store)[s.split("/")[-1]]["guided_output"] for s in shards])
+    np.testing.assert_array_equal(dataset["guided_output"].values, ours)
+    assert dataset["class_label"].dims == ("trajectory",)
+
+
+def test_plain_webdataset_decodes_the_tar_shards(tiny_store, tmp_path):
+    import webdataset as wds
+
+    tar = tmp_path / "tar"
+    convert_store(tiny_store, tar, "webdataset", progress=False, log=lambda *a: None)
+    urls = [str(tar / f"shard-00000{i}.tar") for i in range(3)]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    assert len(samples) == 20
+    ours = np.concatenate([read_all_shards(tiny_store)[f"shard-00000{i}.zarr"]["model_input"] for i in range(3)])
+    for i, sample in enumerate(samples):
+        arrays = sample["trajectory.npz"]
+        assert isinstance(arrays["model_input"], np.ndarray), type(arrays["model_input"])
+        np.testing.assert_array_equal(arrays["model_input"], ours[i])
+        assert int(arrays["trajectory_index"]) == i == int(sample["__key__"])
+
+
+def test_the_readme_dask_snippet_reduces_in_float32(tiny_store, monkeypatch):
+    readme = (REPO / "docs" / "store.md").read_text()  # the store's page of the docs site
+    snippet = readme.split("Read a store from Python with dask:")[1].split("```python")[1].split("```")[0]
+    monkeypatch.chdir(tiny_store.parent)
+    (tiny_store.parent / "data").mkdir(exist_ok=True)
+    link = tiny_store.parent / "data" / "trajectories"
+    if not link.exists():
+        link.symlink_to(tiny_store)
+    namespace = {}
+    exec(snippet, namespace)  # noqa: S102 - the README's own code, run as a user would
+    value = float(namespace["mean"])
+    exact = np.concatenate([a["guided_output"][:, -1].astype(np.float64)
+                            for a in read_all_shards(tiny_store).values()]).mean()
+    assert abs(value - exact) < 1e-6 * max(1.0, abs(exact)), (value, exact)
+
+
+def test_inspect_reports_the_real_size_of_a_tar_store(tiny_store, tmp_path):
+    tar = tmp_path / "tar"
+    convert_store(tiny_store, tar, "webdataset", progress=False, log=lambda *a: None)
+    result = run_cli("stages.inspect", tar, "--json", tmp_path / "summary.json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["bytes_on_disk"] == sum(p.stat().st_size for p in tar.glob("shard-*.tar"))
+    assert summary["compression_ratio"] == pytest.approx(summary["bytes_raw"] / summary["bytes_on_disk"])
+    assert "0.00 MiB" not in result.stdout

@@ -14,7 +14,7 @@ from agd_pipeline.models import count_parameters
 
 from conftest import run_cli
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_meta_device_counts_equal_real_weights_counts():

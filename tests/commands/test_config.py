@@ -254,7 +254,7 @@ def test_unsupported_model_folder_is_named(tmp_path):
         load_base_model(str(folder))
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_example_configs_for_real_models_validate(path):
     """Every key and value of the shipped per-model params files passes the stage's checks."""

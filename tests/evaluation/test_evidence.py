@@ -14,7 +14,7 @@ from experiments import EXPERIMENTS, Experiment, Variant, run_commands
 from agd_pipeline.errors import ConfigError
 from agd_pipeline.sampling import trajectory_seed
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WS = [1.5, 3.0, 8.0]
 IN_RANGE = [1.5, 3.0]
 

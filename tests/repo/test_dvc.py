@@ -21,7 +21,7 @@ import yaml
 from agd_pipeline.config import EvaluateConfig, GenerateConfig, TrainConfig
 from defaults.config import BaseStageConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = (BaseStageConfig, GenerateConfig, TrainConfig, EvaluateConfig)
 # Keys that change no result: DVC must not re-run a stage for them.
 OPERATIONAL = {"generate.verify", "generate.restart_on_mismatch", "train.checkpoint_every", "train.verify",
