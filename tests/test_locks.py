@@ -47,6 +47,7 @@ def hold_lock():
         process.wait(timeout=30)
 
 
+@pytest.mark.bad_input
 def test_a_second_generate_is_refused_naming_the_holder(tiny_base_dir, store_copy, hold_lock):
     holder = hold_lock(store_copy)
     result = run_cli("stages.generate", "--base-model", tiny_base_dir, "--out-dir", store_copy,
@@ -81,6 +82,7 @@ def test_two_generates_started_at_once_never_mix(tiny_base_dir, tmp_path):
         [s["checksum"] for s in TrajectoryStore(reference).shards]
 
 
+@pytest.mark.bad_input
 def test_a_second_train_on_one_out_dir_is_refused(tiny_store, tmp_path, hold_lock):
     out = tmp_path / "adapters"
     hold_lock(out, "stages.train")
@@ -97,6 +99,7 @@ def test_a_store_being_read_by_train_is_not_rewritten(tiny_base_dir, store_copy,
     assert listing(store_copy) == before
 
 
+@pytest.mark.crash
 def test_the_lock_is_released_when_its_holder_is_killed(store_copy, hold_lock):
     from agd_pipeline.locks import FolderLock
 

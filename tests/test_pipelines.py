@@ -349,6 +349,7 @@ def test_a_fine_tuned_pipeline_warns_and_still_applies(folders, adapter_dirs):
             pass
 
 
+@pytest.mark.bad_input
 def test_another_architecture_or_family_or_pipeline_is_refused_leaving_nothing_behind(folders, adapter_dirs):
     from diffusers import DiTPipeline, StableDiffusionImg2ImgPipeline
 

@@ -101,6 +101,7 @@ def test_inference_samples_with_the_recorded_scheduler(tiny_base_dir, tmp_path):
     assert not torch.equal(ddim["images"], default["images"])
 
 
+@pytest.mark.bad_input
 def test_an_unknown_scheduler_is_a_clear_error(tiny_base_dir, tmp_path):
     from agd_pipeline.errors import ConfigError
 

@@ -24,6 +24,8 @@ from agd_pipeline.cli import stage_main
 from defaults.config import BaseStageConfig
 from conftest import write_untrained_adapters
 
+pytestmark = pytest.mark.bad_input
+
 MAIN = {"base": stages.base.main, "generate": stages.generate.main, "train": stages.train.main,
         "evaluate": stages.evaluate.main, "sample": stages.sample.main, "inspect": stages.inspect.main,
         "convert": stages.convert.main}

@@ -38,6 +38,7 @@ def test_unknown_key_is_named(cls, section, key):
     assert "allowed keys" in message
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("cls,section,key", [
     (GenerateConfig, {"num_steps": "abc"}, "generate.num_steps"),
     (GenerateConfig, {"num_steps": 2.5}, "generate.num_steps"),
@@ -53,6 +54,7 @@ def test_wrong_type_is_named(cls, section, key):
     assert config_error(cls, section).startswith(key + ":")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("cls,section,key,allowed", [
     (GenerateConfig, {"compressor": "lz4"}, "generate.compressor", "blosc-zstd"),
     (TrainConfig, {"adapter": "lora"}, "train.adapter", "cross_attention"),
@@ -70,6 +72,7 @@ def test_guidance_min_above_max():
     assert "generate.guidance_min" in message and "generate.guidance_max" in message
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("cls,section,key", [
     (GenerateConfig, {"guidance_min": -1.0}, "generate.guidance_min"),
     (GenerateConfig, {"guidance_min": 0.0, "guidance_max": -0.5}, "generate.guidance_max"),
@@ -206,6 +209,7 @@ def test_every_stage_has_help():
     assert "--verify" in results["stages.inspect"].stdout
 
 
+@pytest.mark.bad_input
 def test_bad_command_line_value_exits_2(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("generate: {}\n")
@@ -220,6 +224,7 @@ def test_bad_command_line_value_exits_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.bad_input
 def test_bad_params_value_exits_2(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  adapter: lora\n")
@@ -229,6 +234,7 @@ def test_bad_params_value_exits_2(tmp_path):
     assert missing.returncode == 2 and "nope.yaml" in missing.stderr
 
 
+@pytest.mark.bad_input
 def test_missing_base_model_is_a_clear_error(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("generate: {}\n")

@@ -15,6 +15,9 @@ import pytest
 
 from conftest import REPO, run_main
 
+# every test here stops a command by a signal and checks what it leaves
+pytestmark = pytest.mark.crash
+
 STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 

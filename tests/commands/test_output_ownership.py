@@ -58,6 +58,7 @@ def trained(tiny_store, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------ stages.train
 
 
+@pytest.mark.bad_input
 def test_train_refuses_a_folder_of_someone_elses_and_changes_nothing(tiny_store, tmp_path, capsys):
     out = tmp_path / "p"
     out.mkdir()
@@ -68,6 +69,7 @@ def test_train_refuses_a_folder_of_someone_elses_and_changes_nothing(tiny_store,
     assert snapshot(out) == {"README.md": b"mine\n"} and [p.name for p in out.iterdir()] == ["README.md"]
 
 
+@pytest.mark.bad_input
 def test_train_refuses_a_foreign_file_beside_its_own_output(trained, tiny_store, tmp_path, capsys):
     out = tmp_path / "adapters"
     shutil.copytree(trained, out)
@@ -86,6 +88,7 @@ def test_train_rerun_with_the_same_settings_has_nothing_to_do(trained, tiny_stor
     assert snapshot(out) == before
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("change, expect", [
     (["--width", "16"], "train.width 8 there, 16 now"),
     (["--seed", "5"], "train.seed 0 there, 5 now"),
@@ -107,6 +110,7 @@ def test_train_rerun_with_other_settings_is_refused_naming_them(trained, tiny_st
     assert not (out / "validation").exists()
 
 
+@pytest.mark.bad_input
 def test_train_rerun_on_another_store_is_refused(trained, tiny_base_dir, tmp_path, capsys):
     other = tmp_path / "other_store"
     generate_store(tiny_base_dir, other, seed=7)
@@ -117,6 +121,7 @@ def test_train_rerun_on_another_store_is_refused(trained, tiny_base_dir, tmp_pat
     assert snapshot(out) == before
 
 
+@pytest.mark.bad_input
 def test_train_output_inside_the_base_is_refused(tiny_store, tmp_path, capsys):
     from agd_pipeline.store import read_manifest
 
@@ -127,6 +132,7 @@ def test_train_output_inside_the_base_is_refused(tiny_store, tmp_path, capsys):
     assert snapshot(base) == before and not (base / "adapters").exists()
 
 
+@pytest.mark.crash
 def test_a_run_killed_before_its_first_checkpoint_is_still_its_own(tiny_store, tmp_path):
     """The folder record is written first, so loss.csv without a checkpoint is not 'foreign'."""
     out = tmp_path / "adapters"
@@ -143,6 +149,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_still_its_own(tiny_store, t
 # ------------------------------------------------------------------- evaluate, base, sample, finetune
 
 
+@pytest.mark.bad_input
 def test_evaluate_refuses_foreign_folders_inputs_and_a_second_writer(trained, tmp_path, capsys):
     argv = ["--adapters", str(trained), "--device", "cpu", "--samples-per-class", "2", "--guidance-scales", "2",
             "--no-progress"]
@@ -161,6 +168,7 @@ def test_evaluate_refuses_foreign_folders_inputs_and_a_second_writer(trained, tm
         one_error_line(call(stages.evaluate.main, [*argv, "--out-dir", str(busy)]), capsys.readouterr(), "in use by")
 
 
+@pytest.mark.bad_input
 def test_base_refuses_a_folder_of_someone_elses(tmp_path, capsys):
     out = tmp_path / "my-model"
     out.mkdir()
@@ -170,6 +178,7 @@ def test_base_refuses_a_folder_of_someone_elses(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["model_index.json.bak"]
 
 
+@pytest.mark.bad_input
 def test_sample_refuses_foreign_files_and_replaces_its_own_earlier_images(trained, tmp_path, capsys):
     argv = ["--adapters", str(trained), "--classes", "1,2", "--steps", "2", "--device", "cpu"]
     out = tmp_path / "photos"
@@ -203,6 +212,7 @@ def derivable_base(tiny_base_dir, tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.bad_input
 def test_finetune_refuses_an_output_inside_its_base_and_a_second_writer(derivable_base, tmp_path, capsys):
     argv = ["--base-model", str(derivable_base), "--steps", "2", "--batch-size", "8", "--no-progress"]
     before = snapshot(derivable_base)

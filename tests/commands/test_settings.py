@@ -62,6 +62,7 @@ def here(tmp_path, monkeypatch) -> Path:
 # ------------------------------------------------------------------------------- the issue itself
 
 
+@pytest.mark.bad_input
 def test_an_sd_base_by_flag_is_refused_into_the_class_defaults_store_and_proceeds_with_out_dir(repo_layout, my_sd):
     """The issue's reproduction from the repository root: refused in one line, nothing written; with
     --out-dir the same command runs and names every setting's source; train on that store is refused
@@ -99,6 +100,7 @@ def test_an_sd_base_by_flag_is_refused_into_the_class_defaults_store_and_proceed
     assert not (repo_layout / "data").exists()
 
 
+@pytest.mark.bad_input
 def test_evaluate_refuses_adapters_of_another_family_into_the_params_eval_folder(repo_layout):
     adapters = repo_layout / "sd-adapters"
     adapters.mkdir()
@@ -184,6 +186,7 @@ def test_train_params_family_follows_the_store_to_the_generate_section_that_writ
         settings.check_family(other.config, other.sources, other.params, other.label)
 
 
+@pytest.mark.bad_input
 def test_finetune_refuses_a_base_of_another_family_into_the_derivatives_folder(here, tmp_path):
     """The derivatives pipeline's finetune writes the DiT derivative into data/derived/full/base: an SD3 text
     default given by flag would replace it (another model's DVC output) unless --out-dir moves it."""
@@ -201,6 +204,7 @@ def test_finetune_refuses_a_base_of_another_family_into_the_derivatives_folder(h
         settings.check_family(other.config, other.sources, other.params, other.label)
 
 
+@pytest.mark.bad_input
 def test_the_finetune_command_refuses_before_writing_anything(repo_layout, my_sd):
     """`finetune --base-model` of a text family from the repository root: params.yaml has no [finetune]
     section, so the built-in out_dir is used, which its [base] stage's DiT pipeline derives into."""
@@ -271,6 +275,7 @@ def test_help_shows_the_values_that_apply_and_where_they_come_from(tmp_path):
     assert "(applies: blosc-zstd from params.yaml [generate]; built-in: auto)" in repo
 
 
+@pytest.mark.bad_input
 def test_a_params_option_without_a_value_is_one_line_error(tmp_path):
     """--help reads the file --params names before the full parse; a malformed --params stays the full
     parse's one-line error, not the early read's usage block."""

@@ -98,6 +98,7 @@ def test_original_adapters_load_into_a_derivative_with_a_warning(default_like_ba
     assert loaded.base.model_id.endswith("derived")
 
 
+@pytest.mark.bad_input
 def test_refuses_foreign_folders_and_bad_bases(default_like_base, tiny_base_dir, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -192,6 +193,7 @@ def _damage_labels(folder):
     np.savez_compressed(folder / "train.npz", latents=latents, labels=labels + 10)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("damage, expect", [
     (_damage_truncated, "cannot read the base's train.npz"),
     (_damage_short_labels, "labels has shape (3,)"),

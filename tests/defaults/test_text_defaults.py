@@ -130,6 +130,7 @@ def test_shared_data_holds_what_the_families_need(shared_dir):
     assert sum(digit is not None for digit, _ in named) >= 12
 
 
+@pytest.mark.bad_input
 def test_text_base_refuses_a_folder_that_is_not_shared_data(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_main("stages.text_base", "--params", "pipelines/text/sd.yaml", "--shared", tmp_path / "empty",
@@ -328,6 +329,7 @@ def test_a_text_default_fine_tunes_into_a_derivative_of_its_family(shared_dir, t
         load_adapted_model(tmp_path / "adapters", derivative)
 
 
+@pytest.mark.bad_input
 def test_finetune_refuses_a_text_base_without_its_recipe(shared_dir, tmp_path):
     from agd_pipeline.config import load_config
     from defaults.config import FinetuneConfig

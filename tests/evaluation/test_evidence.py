@@ -275,6 +275,7 @@ def test_fid_intervals_contain_their_point_where_resampling_bias_exceeds_the_fid
     assert fixed["low"] <= point <= fixed["high"] and fixed["low"] >= 0
 
 
+@pytest.mark.bad_input
 def test_a_text_base_without_test_prompts_is_refused_with_the_way_out(tmp_path):
     """A text base made before the test split has only prompts/eval.tsv: the test split says which
     file is missing and what to do, the validation split still evaluates."""

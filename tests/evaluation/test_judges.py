@@ -14,6 +14,7 @@ from agd_pipeline.judges import Judge, JudgeBundle, JudgeFeatures, judge_factory
 from conftest import EMBEDDED_JUDGE, REPO
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("spec, message", [
     ("no_such_module_here:load", "cannot import module 'no_such_module_here'"),
     ("json:no_such_function", "has no function 'no_such_function'"),

@@ -130,6 +130,7 @@ def test_missing_and_empty_folders_are_config_errors(tmp_path, folders, extracto
     assert str(single) in str(err.value)
 
 
+@pytest.mark.bad_input
 def test_bad_reference_statistics_are_config_errors(tmp_path, folders, extractor):
     bright, _ = folders
     no_mu = tmp_path / "no_mu.npz"
@@ -271,6 +272,7 @@ def test_clip_model_is_loaded_once_per_path_and_device(clip_folder, clip_images)
     assert real_metrics._clip.cache_info().hits == hits + 1
 
 
+@pytest.mark.bad_input
 def test_clip_score_bad_inputs_are_config_errors(clip_folder, clip_images, tmp_path):
     with pytest.raises(ConfigError, match="6 images but 5 prompts"):
         clip_score(clip_images, PROMPTS[:5], clip_folder)

@@ -328,6 +328,7 @@ def _interrupt(script: str, pid_file: Path, delays: tuple[float, ...]) -> None:
     assert not _alive(child)
 
 
+@pytest.mark.crash
 def test_an_interrupted_command_stops_with_everything_it_started(monkeypatch, tmp_path):
     """SIGTERM while `run` waits for a command (`dvc repro` of the shared stages, say): the command's
     whole process group is stopped, the stage dvc started included, and SIGKILL follows when SIGINT is
@@ -399,6 +400,7 @@ def test_a_failed_queued_run_stops_the_wait_with_its_log():
     assert [row["gap_closed"] for row in collect(experiment, shown)] == [0.3, 0.3]
 
 
+@pytest.mark.crash
 def test_collect_skips_a_killed_run_listed_beside_the_finished_one():
     """DVC lists a killed `exp run --temp` as running forever (and `exp remove` refuses its name); the
     finished run of the same name is the one to read, and a name with only a killed run is not done."""
@@ -452,6 +454,7 @@ def test_cli_lists_and_prints_commands_without_running_anything(tmp_path):
     assert not Path(tmp_path / "experiments").exists()
 
 
+@pytest.mark.bad_input
 def test_printed_commands_paste_into_a_shell_and_misplaced_flags_are_refused_before_running(capsys, monkeypatch):
     """`commands` prints each command shell-quoted (a list param holds spaces), so pasting it runs exactly
     what `run` would; `run --from-results` is refused up front, not after an hour of runs."""
@@ -590,6 +593,7 @@ def test_results_csv_cells_must_be_finite_plain_decimals(tmp_path, cell):
     assert "\n" not in message and "git checkout" in message
 
 
+@pytest.mark.bad_input
 def test_a_results_csv_that_is_a_folder_is_one_line(tmp_path, monkeypatch):
     experiment = get_experiment("size-and-placement")
     (tmp_path / experiment.name / "results.csv").mkdir(parents=True)

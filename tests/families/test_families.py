@@ -96,6 +96,7 @@ def test_placements_build_targets_on_a_tiny_model_of_each_family(bases):
                 adapter_targets(base, placement)
 
 
+@pytest.mark.bad_input
 def test_unknown_models_are_refused_with_the_supported_list(tmp_path):
     folder = tmp_path / "flux"
     folder.mkdir()

@@ -15,6 +15,8 @@ import stages.generate
 from agd_pipeline.errors import ModelError
 from agd_pipeline.models import load_base_model
 
+pytestmark = pytest.mark.bad_input
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

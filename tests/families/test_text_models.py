@@ -210,6 +210,7 @@ def test_unet_output_placement_adapts_every_pixel_of_conv_out(bases, encoded):
             model.remove()
 
 
+@pytest.mark.bad_input
 def test_adapters_refuse_another_architecture_and_warn_on_other_weights(bases, pipeline_dirs, tmp_path):
     sd = bases["sd"]
     model = AdaptedModel(sd, adapter_config(sd, "offset"))
@@ -311,6 +312,7 @@ def test_training_never_loads_text_encoders(pipeline_dirs, tmp_path, monkeypatch
     assert grids == [load_config(TrainConfig, params).steps]
 
 
+@pytest.mark.bad_input
 def test_text_models_need_prompts_and_class_models_refuse_them(pipeline_dirs, tiny_base_dir, tmp_path):
     from agd_pipeline.config import GenerateConfig, load_config
     from agd_pipeline.errors import ConfigError

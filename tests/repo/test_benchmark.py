@@ -43,6 +43,7 @@ def test_step_times_take_given_adapter_settings():
     assert rows[0]["adapter"] == "offset r8 at attention"
 
 
+@pytest.mark.bad_input
 def test_shipped_adapters_are_refused_for_an_architecture_no_config_trains():
     result = run_cli("stages.benchmark", "step-time", "--architectures", "toy-dit-8x8", "--shipped-adapters")
     assert result.returncode == 2
@@ -206,6 +207,7 @@ def test_adapter_costs_leave_the_base_unhooked(monkeypatch):
     assert not any(m._forward_hooks for m in built[0].net.modules())  # every width's hooks were removed
 
 
+@pytest.mark.bad_input
 def test_adapter_cost_is_refused_for_an_architecture_no_config_trains():
     result = run_cli("stages.benchmark", "adapter-cost", "--architectures", "toy-dit-8x8")
     assert result.returncode == 2

@@ -19,6 +19,7 @@ def benchmark(*args, cwd=REPO):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("args, message", [
     (["step-time", "--repeats", "-1"], "--repeats"),
     (["step-time", "--repeats", "x"], "--repeats"),

@@ -200,6 +200,7 @@ def test_report_rewrites_the_block_and_check_catches_drift(tmp_path):
     assert report("--metrics", metrics, "--check", cwd=tmp_path).returncode == 1
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("readme_text, metrics_text, message", [
     ("no markers\n", json.dumps(METRICS), "no markdown file holds"),
     ("<!-- results:start -->\n<!-- results:end -->\n", "{not json", "not valid JSON"),

@@ -155,6 +155,7 @@ def test_agd_runs_the_command_it_names(capsys):
     assert capsys.readouterr().out.startswith("usage: python -m stages.generate ")
 
 
+@pytest.mark.bad_input
 def test_agd_refuses_an_unknown_command_in_one_line(capsys):
     assert agd_main()(["genrate"]) == 2
     err = capsys.readouterr().err.strip()
@@ -250,6 +251,7 @@ def test_the_import_check_sees_a_bare_import(tmp_path):
     assert "cleanfid" in problems[1] and "distributed" in problems[2], problems
 
 
+@pytest.mark.bad_input
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
     """require() of a package that is not installed: MissingExtra, saying what needs it and the
     pip command of its extra (sys.modules[name] = None makes Python's import fail as for a missing one)."""

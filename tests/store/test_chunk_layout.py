@@ -149,6 +149,7 @@ def test_damage_to_a_sharded_array_is_found(tmp_path):
     assert found and "0 of 1 chunk files" in str(found[0])
 
 
+@pytest.mark.bad_input
 def test_an_older_store_schema_is_refused_with_what_to_do(tmp_path):
     import json
 
@@ -268,6 +269,7 @@ def test_every_command_sets_torch_threads_by_the_policy(env, expected):
     assert result.stdout.strip() == expected
 
 
+@pytest.mark.bad_input
 def test_a_bad_thread_count_is_one_clear_error():
     result = threads_in_a_command({"AGD_NUM_THREADS": "many"})
     assert result.returncode == 2

@@ -13,6 +13,7 @@ from agd_pipeline.store import MANIFEST, TrajectoryStore, convert_store
 
 
 
+@pytest.mark.bad_input
 def test_convert_refuses_a_damaged_source_and_publishes_nothing_of_it(store_copy, tmp_path):
     chunk = sorted(p for p in (store_copy / "shard-000001.zarr" / "guided_output" / "c").rglob("*") if p.is_file())[0]
     data = bytearray(chunk.read_bytes())
@@ -48,6 +49,7 @@ def test_convert_publishes_a_shard_only_when_it_matches_the_source(tiny_store, t
     assert TrajectoryStore(target).problems(full=True) == []
 
 
+@pytest.mark.bad_input
 def test_convert_refuses_a_foreign_target_folder_untouched(tiny_store, tmp_path):
     target = tmp_path / "photos"
     target.mkdir()
@@ -57,6 +59,7 @@ def test_convert_refuses_a_foreign_target_folder_untouched(tiny_store, tmp_path)
     assert sorted(p.name for p in target.iterdir()) == ["cat.jpg"]
 
 
+@pytest.mark.bad_input
 def test_convert_refuses_its_own_source_as_target(tiny_store):
     with pytest.raises(StoreError, match="must not be the source"):
         convert_store(tiny_store, tiny_store / "inner", "webdataset", progress=False, log=lambda *a: None)

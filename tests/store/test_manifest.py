@@ -71,6 +71,7 @@ def test_rebuild_skips_and_removes_a_damaged_shard(tiny_base_dir, tiny_store, st
         [s["checksum"] for s in TrajectoryStore(tiny_store).shards]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("edit, message", [
     (lambda m: [m], "holds a JSON list"),
     (lambda m: {k: v for k, v in m.items() if k != "shards"}, "'shards' is None"),

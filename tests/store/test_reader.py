@@ -41,6 +41,7 @@ PICKLED_V2_SHARD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.bad_input
 def test_a_zarr_v2_shard_with_a_pickle_filter_is_never_read(store_copy, tmp_path):
     """zarr 3.1 itself refuses pickled object arrays; shards are opened as Zarr v3 only, so this
     holds with a zarr that reads them too. Either way the shard is reported, never decoded."""

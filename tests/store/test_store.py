@@ -229,6 +229,7 @@ def test_dask_arrays_concatenate_all_shards(tiny_store, shards):
 # -------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.crash
 def test_interrupted_run_resumes_to_the_uninterrupted_store(tiny_base_dir, tiny_store, tmp_path, monkeypatch):
     root = tmp_path / "resumed"
     # batches of 4: shard 0 = calls 1-2, shard 1 = calls 3-4; die in shard 1's second batch
@@ -254,6 +255,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_store(tiny_base_dir, tiny_
     assert_same_store(root, tiny_store)
 
 
+@pytest.mark.crash
 def test_kill_between_publish_and_manifest_adopts_the_published_shard(tiny_base_dir, tiny_store, tmp_path,
                                                                       monkeypatch):
     root = tmp_path / "resumed"
@@ -291,6 +293,7 @@ def test_rerun_on_complete_store_writes_nothing(tiny_base_dir, store_copy, monke
     assert {p: p.stat().st_mtime_ns for p in store_copy.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("change", [{"seed": 1}, {"num_steps": 5}, {"guidance_max": 4.0},
                                     {"trajectories_per_class": 3}, {"shard_size": 4}])
 def test_other_settings_into_same_store_are_refused(tiny_base_dir, store_copy, change):
@@ -301,6 +304,7 @@ def test_other_settings_into_same_store_are_refused(tiny_base_dir, store_copy, c
     assert (store_copy / MANIFEST).read_text() == manifest, "a refused run changed the manifest"
 
 
+@pytest.mark.bad_input
 def test_other_base_weights_into_same_store_are_refused(tmp_path, store_copy, tiny_base_dir):
     from conftest import make_base_folder
 
@@ -309,6 +313,7 @@ def test_other_base_weights_into_same_store_are_refused(tmp_path, store_copy, ti
         generate_store(other, store_copy)
 
 
+@pytest.mark.bad_input
 def test_non_store_folder_is_refused(tiny_base_dir, tmp_path):
     folder = tmp_path / "busy"
     folder.mkdir()
@@ -463,6 +468,7 @@ def test_a_store_written_before_read_time_digests_is_read_and_re_read_under_veri
     assert sum(1 for _ in zip(range(5), StepBatches(store, 4, seed=0))) == 5
 
 
+@pytest.mark.bad_input
 def test_an_edited_read_time_digest_is_found_by_the_full_check(store_copy):
     """The digests the loader checks are themselves checked by a full re-read (inspect --verify)."""
     manifest = json.loads((store_copy / MANIFEST).read_text())
@@ -474,6 +480,7 @@ def test_an_edited_read_time_digest_is_found_by_the_full_check(store_copy):
         "edited or damaged)"]
 
 
+@pytest.mark.bad_input
 def test_malformed_read_time_digests_are_a_clear_error(store_copy):
     manifest = json.loads((store_copy / MANIFEST).read_text())
     manifest["shards"][1]["unit_checksums"]["model_input"] = ["0" * 32] * 7

@@ -22,6 +22,9 @@ from agd_pipeline.store.formats.zarr import ZarrShardWriter
 
 from conftest import REPO, STORE_SETTINGS, generate_store, read_all_shards, run_cli
 
+# every test here kills, races or fills the disk under stage one and checks what survives
+pytestmark = pytest.mark.crash
+
 # 10 classes x 2 trajectories in 10 shards of 2: many commit points to die between.
 SETTINGS = {**STORE_SETTINGS, "shard_size": 2, "batch_size": 2}
 

@@ -17,6 +17,7 @@ from agd_pipeline.store.ownership import foreign_entries
 from conftest import QUIET, REPO, generate_config, generate_store, listing
 
 
+@pytest.mark.bad_input
 def test_restart_refuses_a_folder_holding_a_foreign_file(tiny_base_dir, store_copy):
     (store_copy / "notes.txt").write_text("my thesis")
     before = listing(store_copy)
@@ -26,6 +27,7 @@ def test_restart_refuses_a_folder_holding_a_foreign_file(tiny_base_dir, store_co
     assert (store_copy / "notes.txt").read_text() == "my thesis"
 
 
+@pytest.mark.bad_input
 def test_restart_refuses_a_foreign_folder_inside_a_shard(tiny_base_dir, store_copy):
     (store_copy / "shard-000001.zarr" / "my_results").mkdir()
     (store_copy / "shard-000001.zarr" / "my_results" / "table.csv").write_text("1,2\n")
@@ -44,6 +46,7 @@ def test_restart_replaces_only_our_store_and_says_what_it_removed(tiny_base_dir,
     assert TrajectoryStore(store_copy).problems(full=True) == []
 
 
+@pytest.mark.bad_input
 def test_other_settings_are_refused_by_default_naming_the_nested_key(tiny_base_dir, store_copy):
     before = listing(store_copy)
     with pytest.raises(StoreError, match=r"sampler\.num_steps: 4 -> 5.*--restart-on-mismatch"):
@@ -64,6 +67,7 @@ def test_a_hand_run_on_params_yaml_never_deletes_a_store():
     assert "--restart-on-mismatch true" in commands["generate"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("manifest", [
     {"shards": [], "schema_version": 3},                    # no marker: not provably ours
     {"store_type": "something-else", "shards": []},
@@ -78,6 +82,7 @@ def test_restart_never_deletes_a_folder_without_our_marker(tiny_base_dir, tmp_pa
     assert (root / "shard-000000.zarr").is_dir() and (root / MANIFEST).exists()
 
 
+@pytest.mark.bad_input
 def test_a_non_empty_folder_without_a_store_is_refused(tiny_base_dir, tmp_path):
     root = tmp_path / "my project"
     root.mkdir()
@@ -104,6 +109,7 @@ def test_our_store_has_no_foreign_entries(tiny_store, tmp_path):
     assert foreign_entries(tar) == []
 
 
+@pytest.mark.crash
 def test_zarr_temporaries_left_by_a_killed_writer_are_ours_and_nothing_else_is(store_copy):
     """A run killed while zarr writes a metadata file leaves zarr.<uuid>.partial in a shard (or an
     array folder of it); the next run must recognise the shard as ours. A look-alike name stays foreign."""

@@ -74,6 +74,7 @@ def test_every_formats_reader_satisfies_the_protocol(tmp_path, fmt):
     assert trajectories.problems(full=True) == []
 
 
+@pytest.mark.bad_input
 def test_open_shard_refuses_what_is_no_shard(tmp_path):
     with pytest.raises(StoreError, match="not a shard name"):
         open_shard(tmp_path / "notes.txt", {})

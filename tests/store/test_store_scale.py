@@ -387,6 +387,7 @@ def test_read_manifest_replays_the_journal_and_compaction_keeps_it_equal(half_wr
     assert (root / MANIFEST).stat().st_mtime_ns == mtime
 
 
+@pytest.mark.crash
 def test_a_torn_last_line_is_ignored_and_the_next_writer_cuts_it_off(half_written, tiny_store):
     root, header = half_written
     entry = json.loads(log_path(root).read_text().splitlines()[0])
@@ -414,6 +415,7 @@ def test_a_whole_last_entry_without_its_newline_is_kept(half_written, tiny_store
     assert [s["status"] for s in read_manifest(root).shards] == ["complete", "complete", "pending"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("bad, message", [
     ("not json at all", "line 1 is not JSON"),
     ('{"name": "../outside.zarr", "status": "complete"}', "which the manifest does not list"),
@@ -500,6 +502,7 @@ def test_only_rank_0_appends_and_refresh_picks_up_the_others(tiny_store, tmp_pat
     assert json.loads((root / MANIFEST).read_text()) == json.loads((tiny_store / MANIFEST).read_text())
 
 
+@pytest.mark.crash
 def test_generate_stopped_by_an_error_leaves_a_plain_manifest_and_resumes(tiny_base_dir, tiny_store, tmp_path,
                                                                          monkeypatch):
     import agd_pipeline.generation as generation

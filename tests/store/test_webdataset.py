@@ -77,6 +77,7 @@ def test_convert_zarr_to_webdataset_and_back(zarr_store, tar_store, tmp_path):
     assert again.returncode == 0 and "(already complete)" in again.stdout
 
 
+@pytest.mark.bad_input
 def test_damaged_tar_shards_are_named(tar_store, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(tar_store, root)
@@ -197,6 +198,7 @@ def checkpoint_step(out) -> int:
         return 0
 
 
+@pytest.mark.crash
 @pytest.mark.slow
 def test_two_process_training_checkpoints_every_step_and_resumes_after_a_kill(tar_store, tmp_path):
     """Two processes checkpoint at every step (each checkpoint a chance for the ranks to race on
@@ -362,6 +364,7 @@ FULL_DISK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.crash
 def test_a_full_disk_during_a_tar_shard_is_one_error_line_and_leaves_nothing_behind(tiny_base_dir, tmp_path):
     out = tmp_path / "store"
     params = tmp_path / "params.json"

@@ -118,6 +118,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.crash
 def test_checkpoint_then_resume_equals_uninterrupted(tiny_store, tmp_path, monkeypatch):
     k = 4
     straight = tmp_path / "straight"
@@ -181,6 +182,7 @@ def interrupted_training(store, out, monkeypatch, **overrides) -> None:
     assert (out / training.CHECKPOINT / "state.json").exists()
 
 
+@pytest.mark.bad_input
 def test_resume_refuses_a_checkpoint_with_other_settings(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "adapters"
     interrupted_training(tiny_store, out, monkeypatch)
@@ -188,6 +190,7 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tiny_store, tmp_path, m
         training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2, learning_rate=1e-2), **QUIET)
 
 
+@pytest.mark.bad_input
 def test_incomplete_store_is_refused(tiny_base_dir, tmp_path, monkeypatch):
     root = tmp_path / "store"
     calls = []
@@ -212,6 +215,7 @@ def test_incomplete_store_is_refused(tiny_base_dir, tmp_path, monkeypatch):
     assert not (out / ADAPTER_WEIGHTS).exists()
 
 
+@pytest.mark.bad_input
 def test_corrupted_store_is_refused_with_full_verify(tiny_store, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(tiny_store, root)
@@ -250,6 +254,7 @@ def test_loader_names_a_chunk_it_cannot_read(tiny_store, tmp_path):
             pass
 
 
+@pytest.mark.bad_input
 def test_store_of_changed_base_is_refused(tmp_path):
     base_dir = make_base_folder(tmp_path / "base", seed=0)
     root = tmp_path / "store"
@@ -261,6 +266,7 @@ def test_store_of_changed_base_is_refused(tmp_path):
         training.train(train_config(root, tmp_path / "adapters"), **QUIET)
 
 
+@pytest.mark.bad_input
 def test_missing_store_is_refused(tmp_path):
     with pytest.raises(StoreError, match=MANIFEST):
         training.train(train_config(tmp_path / "nowhere", tmp_path / "adapters"), **QUIET)
@@ -284,6 +290,7 @@ def test_moved_base_can_be_named_explicitly(tmp_path):
         training.train(train_config(root, tmp_path / "c", base_model=str(other)), **QUIET)
 
 
+@pytest.mark.bad_input
 def test_adapter_settings_that_do_not_fit_the_store_are_refused(tiny_store, tmp_path):
     from agd_pipeline.errors import ConfigError
 

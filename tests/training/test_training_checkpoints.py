@@ -20,6 +20,7 @@ from conftest import QUIET, generate_store
 from test_training import interrupted_training, kept_checkpoint, train_config
 
 
+@pytest.mark.bad_input
 def test_a_checkpoint_of_another_store_is_never_resumed(tiny_base_dir, tmp_path, monkeypatch):
     store, out = tmp_path / "store", tmp_path / "adapters"
     generate_store(tiny_base_dir, store)
@@ -48,6 +49,7 @@ CRAFTED_PICKLE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("layout", ["legacy", "current"])
 def test_a_crafted_pickle_in_a_checkpoint_folder_is_never_executed(tiny_store, tmp_path, monkeypatch, layout):
     out = tmp_path / "adapters"
@@ -70,6 +72,7 @@ def test_a_crafted_pickle_in_a_checkpoint_folder_is_never_executed(tiny_store, t
     assert not marker.exists(), "a pickle from the output folder was executed"
 
 
+@pytest.mark.crash
 def test_a_run_killed_while_swapping_checkpoints_resumes_from_the_new_one(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "adapters"
     interrupted_training(tiny_store, out, monkeypatch)
@@ -83,6 +86,7 @@ def test_a_run_killed_while_swapping_checkpoints_resumes_from_the_new_one(tiny_s
     assert kept_checkpoint(out) == 6 and not checkpoint.with_name("checkpoint.tmp").exists()
 
 
+@pytest.mark.bad_input
 def test_a_damaged_checkpoint_is_a_one_line_error(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "adapters"
     interrupted_training(tiny_store, out, monkeypatch)
@@ -91,6 +95,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tiny_store, tmp_path, monkeypa
         training.train(train_config(tiny_store, out, steps=6, checkpoint_every=2), **QUIET)
 
 
+@pytest.mark.crash
 def test_a_full_disk_at_the_checkpoint_stops_with_a_message(tiny_store, tmp_path, monkeypatch):
     import errno
 

@@ -89,6 +89,7 @@ def cosine_run(tiny_store, tmp_path_factory):
     return out
 
 
+@pytest.mark.bad_input
 def test_more_steps_under_a_schedule_of_the_total_are_refused_with_one_line(cosine_run, tiny_store, tmp_path,
                                                                            capsys):
     out = tmp_path / "adapters"
@@ -109,6 +110,7 @@ def test_more_steps_under_a_schedule_of_the_total_are_refused_with_one_line(cosi
         [str(step) for step in range(1, 9)]
 
 
+@pytest.mark.bad_input
 def test_fewer_steps_than_a_finished_run_are_refused_with_one_line(cosine_run, tiny_store, tmp_path, capsys):
     out = tmp_path / "adapters"
     shutil.copytree(cosine_run, out)
@@ -119,6 +121,7 @@ def test_fewer_steps_than_a_finished_run_are_refused_with_one_line(cosine_run, t
     assert snapshot(out) == before
 
 
+@pytest.mark.bad_input
 def test_more_steps_without_a_kept_checkpoint_are_refused(tiny_store, tmp_path, capsys):
     """Adapters whose checkpoint is gone (removed, or trained before runs kept it) cannot continue,
     even under a schedule that would allow it."""

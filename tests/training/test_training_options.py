@@ -154,6 +154,7 @@ def test_ema_matches_the_average_of_the_weights_it_saw(tiny_store, tmp_path, mon
     assert any(s.abs().max() > 0 for s in shadow)  # not all zero-initialised layers
 
 
+@pytest.mark.bad_input
 def test_a_missing_tracker_is_refused_before_anything_runs(tiny_store, tmp_path, monkeypatch):
     import accelerate.utils
 

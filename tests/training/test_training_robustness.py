@@ -63,6 +63,7 @@ def params_file(tmp_path, store, out, **overrides) -> Path:
 # ------------------------------------------------------------------------------- a full disk
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("error", ["safetensors", "oserror"])
 def test_a_full_disk_at_a_later_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_store, tmp_path, monkeypatch,
                                                                                     error):
@@ -84,6 +85,7 @@ def test_a_full_disk_at_a_later_checkpoint_is_one_line_and_keeps_the_previous_on
     assert (out / ADAPTER_WEIGHTS).exists() and kept_checkpoint(out) == 6
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("error", ["safetensors", "oserror"])
 def test_a_full_disk_at_the_adapters_is_one_line_and_resumes_without_training(tiny_store, tmp_path, monkeypatch,
                                                                                error):
@@ -104,6 +106,7 @@ def test_a_full_disk_at_the_adapters_is_one_line_and_resumes_without_training(ti
     assert (out / ADAPTER_WEIGHTS).exists() and kept_checkpoint(out) == 4
 
 
+@pytest.mark.crash
 def test_a_full_disk_at_loss_csv_is_one_line_naming_it(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "adapters"
 
@@ -220,6 +223,7 @@ def test_the_base_trainers_stop_at_a_nan_loss():
 # ------------------------------------------------------------------------ records that lie
 
 
+@pytest.mark.crash
 def test_a_resumed_run_records_the_final_loss_of_an_uninterrupted_one(tiny_store, tmp_path, monkeypatch):
     """final_loss is the mean over the last FINAL_LOSS_STEPS steps of the whole run, not of its resumed
     part: the checkpoint carries the losses before it."""
@@ -238,6 +242,7 @@ def test_a_resumed_run_records_the_final_loss_of_an_uninterrupted_one(tiny_store
     assert abs(expected - np.mean(losses[-2:])) > 1e-6
 
 
+@pytest.mark.crash
 def test_a_kill_while_the_validation_grid_is_made_resumes_without_training_again(tiny_store, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     training.train(train_config(tiny_store, straight, steps=4, checkpoint_every=2), **QUIET)

@@ -68,6 +68,7 @@ def test_the_runtime_is_recorded_and_mixed_precision_changes_the_adapters(tiny_s
         "bf16 autocast gave the same adapters: this test no longer shows why it is recorded"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("dtype, precision, expect", [
     ("", "bf16", "runs in float32 (the store's dtype, train.dtype being empty)"),
     ("float32", "bf16", "runs in float32 (train.dtype float32)"),

@@ -105,6 +105,7 @@ def test_a_text_run_loads_the_base_and_the_text_encoders_once(text_store, tmp_pa
     assert grid.std() > 10
 
 
+@pytest.mark.bad_input
 def test_validation_prompts_are_refused_for_a_class_model_before_training(tiny_store, tmp_path):
     out = tmp_path / "adapters"
     with pytest.raises(ConfigError, match="train.validation_prompt: .* class-conditional .* takes class ids"):
