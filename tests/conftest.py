@@ -196,10 +196,10 @@ def tiny_base_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def text_pipeline_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD, SDXL and SD3 pipeline folders, built once. Tests read them, never write into them."""
-    from tiny_pipelines import TEXT_BUILDERS
+    from tiny_pipelines import TEXT_FAMILY_NAMES, tiny_builder
 
     root = tmp_path_factory.mktemp("text_pipelines")
-    return {family: build(root / family) for family, build in TEXT_BUILDERS.items()}
+    return {family: tiny_builder(family)(root / family) for family in TEXT_FAMILY_NAMES}
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,10 @@ from agd_pipeline.pipelines import AGDAdapters
 from agd_pipeline.sampling import AGD, Unguided, generators_for, initial_noise, sample
 
 from conftest import REPO, make_dit, make_scheduler
-from tiny_pipelines import null_component_kwargs
+from tiny_pipelines import FAMILY_NAMES, TEXT_FAMILY_NAMES, null_component_kwargs
 
-FAMILIES = ("dit", "sd", "sdxl", "sd3")
-TEXT_FAMILIES = ("sd", "sdxl", "sd3")
+FAMILIES = FAMILY_NAMES  # the registered families, as agd_pipeline.families.FAMILIES lists them
+TEXT_FAMILIES = TEXT_FAMILY_NAMES
 PROMPTS = ["a red cat", "blue sky"]
 NEGATIVE = "blurry"
 CLASSES = [3, 999]

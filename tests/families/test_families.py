@@ -14,16 +14,14 @@ from agd_pipeline.adapters import resolve_placement
 from agd_pipeline.errors import ModelError
 from agd_pipeline.models import load_base_model
 
-from tiny_pipelines import make_sd3_pipeline, make_sd_pipeline, make_sdxl_pipeline
-
-TEXT_BUILDERS = {"sd": make_sd_pipeline, "sdxl": make_sdxl_pipeline, "sd3": make_sd3_pipeline}
+from tiny_pipelines import FAMILY_NAMES, TINY_BUILDERS, tiny_builder
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny_base_dir):
+def folders(tmp_path_factory):
+    """A tiny model of every registered family, from its builder in tests/tiny_pipelines.py."""
     root = tmp_path_factory.mktemp("family_pipelines")
-    built = {name: build(root / name) for name, build in TEXT_BUILDERS.items()}
-    return {"dit": tiny_base_dir, **built}
+    return {name: tiny_builder(name)(root / name) for name in FAMILY_NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +32,14 @@ def bases(folders):
 def test_every_family_has_a_tiny_model_here(folders):
     # a family added to the registry needs a tiny model in this file (and in the parity tests)
     assert set(folders) == set(families.BY_NAME)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_registered_family_has_a_tiny_builder(family):
+    # the per-family tests are parametrized from the registry and build each family's tiny model
+    # by its name: a registered family without one fails here, by name
+    assert family in TINY_BUILDERS, (f"the registered family '{family}' has no tiny model builder: "
+                                     "add one to TINY_BUILDERS in tests/tiny_pipelines.py")
 
 
 def test_names_pipelines_and_denoisers_are_unique():

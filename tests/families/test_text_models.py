@@ -19,11 +19,11 @@ from agd_pipeline.models import encode_prompts, load_base_model
 from agd_pipeline.sampling import CFG, generators_for, initial_noise, sample
 
 from conftest import read_all_shards, run_main
-from tiny_pipelines import TEXT_BUILDERS, null_component_kwargs
+from tiny_pipelines import TEXT_BUILDERS, TEXT_FAMILY_NAMES, null_component_kwargs
 
 PROMPTS = ["a red cat", "blue sky", "an old oak"]
 BUILDERS = TEXT_BUILDERS
-FAMILIES = tuple(BUILDERS)
+FAMILIES = TEXT_FAMILY_NAMES  # the registered text-to-image families
 
 
 @pytest.fixture(scope="module")

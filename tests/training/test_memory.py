@@ -15,6 +15,7 @@ from agd_pipeline.memory import (enable_base_checkpointing, disable_base_checkpo
 from agd_pipeline.models import load_base_model
 
 from conftest import run_main
+from tiny_pipelines import FAMILY_NAMES
 
 PROMPTS = ["a red cat", "blue sky"]
 
@@ -57,7 +58,7 @@ def gradients(model, x, t, cond, w):
     return output.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["dit", "sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("kind", ["bottleneck", "cross_attention"])
 def test_checkpointing_through_the_base_gives_the_same_gradients(bases, family, kind):
     base = bases[family]
