@@ -132,7 +132,7 @@ def test_real_models_snippet_is_the_readme_one():
         return found.group(1)
 
     page_marker = ("<!-- a copy of README.md's snippet: tests/test_pipelines.py runs README's copy, "
-                   "tests/test_docs.py checks this one equals it -->")
+                   "tests/repo/test_docs.py checks this one equals it -->")
     assert snippet(REPO / "docs" / "real-models.md", page_marker) == snippet(
         README, "<!-- tested by tests/test_pipelines.py -->")
 
