@@ -28,6 +28,8 @@ import torch  # noqa: E402
 from agd_pipeline.config import GenerateConfig, load_config  # noqa: E402
 from agd_pipeline.locks import LOCK_FILE  # noqa: E402
 
+import stages.train  # noqa: E402
+
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +143,32 @@ def generate_config(base, out, **overrides):
     return load_config(GenerateConfig, {**STORE_SETTINGS, "base_model": str(base), "out_dir": str(out), **overrides})
 
 
+# Calling a command's main in-process, and the one-line error and the folder snapshot the
+# output-ownership tests check (commands/, training/).
+def call(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+def one_error_line(rc, captured, expect: str) -> str:
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:"), captured.err
+    assert expect in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_argv(store, out, *extra) -> list[str]:
+    return ["--store", str(store), "--out-dir", str(out), "--steps", "4", "--batch-size", "8", "--width", "8",
+            "--embed-dim", "16", "--device", "cpu", "--checkpoint-every", "0", "--validate-every", "-1",
+            "--no-progress", *extra]
+
+
 def run_cli(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}
@@ -215,3 +243,11 @@ def store_copy(tiny_store, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(tiny_store, root)
     return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_store, tmp_path_factory) -> Path:
+    """A finished adapter folder of stages.train (4 steps)."""
+    out = tmp_path_factory.mktemp("owned") / "adapters"
+    assert call(stages.train.main, train_argv(tiny_store, out)) == 0
+    return out

@@ -13,6 +13,7 @@ import pytest
 import agd_pipeline.training as training
 from agd_pipeline.errors import AgdError
 from agd_pipeline.generation import generate
+from agd_pipeline.locks import LOCK_FILE, FolderLock
 from agd_pipeline.store import TrajectoryStore
 
 from conftest import QUIET, REPO, generate_config, generate_store, listing, run_cli
@@ -108,3 +109,19 @@ def test_the_lock_is_released_when_its_holder_is_killed(store_copy, hold_lock):
     holder.wait(timeout=30)
     with FolderLock(store_copy, "test"):
         pass
+
+
+def test_a_sibling_lock_leaves_nothing_behind_and_a_removed_one_is_not_held(tmp_path):
+    from agd_pipeline.locks import LockError
+
+    sibling = dict(lock_file=f".derived{LOCK_FILE}")
+    with FolderLock(tmp_path, "stages.finetune", **sibling):
+        with pytest.raises(LockError, match="derived is in use by stages.finetune"):
+            FolderLock(tmp_path, "stages.finetune", **sibling).acquire()
+    assert list(tmp_path.iterdir()) == []  # released: no lock file left beside the folder
+    late = FolderLock(tmp_path, "stages.finetune", **sibling)
+    late._file = open(tmp_path / sibling["lock_file"], "a+")  # opened, then the holder released and removed it
+    (tmp_path / sibling["lock_file"]).unlink()
+    assert not late._still_linked()
+    late._file.close()
+    late._file = None

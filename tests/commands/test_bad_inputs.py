@@ -355,7 +355,7 @@ def test_real_bugs_keep_their_traceback(bug, tmp_path, monkeypatch):
 def test_resolved_config_is_written_except_into_a_store(stage, module, function, tmp_path, monkeypatch):
     """generate does not write into the store (its manifest records the settings, and a DVC-tracked
     output must not change on a re-run); train records its resolved config itself, before its first
-    step (tests/commands/test_output_ownership.py)."""
+    step (tests/training/test_training_outputs.py)."""
     import importlib
 
     monkeypatch.chdir(tmp_path)

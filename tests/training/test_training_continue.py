@@ -17,7 +17,7 @@ import stages.train
 from agd_pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from agd_pipeline.errors import AgdError
 
-from test_output_ownership import call, one_error_line, snapshot, train_argv
+from conftest import call, one_error_line, snapshot, train_argv
 from test_training import QUIET, Interrupted, kept_checkpoint, train_config
 from test_training_robustness import counting_forward
 

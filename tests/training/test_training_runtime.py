@@ -17,7 +17,7 @@ import agd_pipeline.training as training
 from agd_pipeline.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from agd_pipeline.errors import AgdError, ConfigError
 
-from test_output_ownership import snapshot
+from conftest import snapshot
 from test_training import QUIET, Interrupted, train_config
 
 RUNTIME_KEYS = {"mixed_precision", "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "float32_matmul_precision",
