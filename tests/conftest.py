@@ -251,3 +251,22 @@ def trained(tiny_store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("owned") / "adapters"
     assert call(stages.train.main, train_argv(tiny_store, out)) == 0
     return out
+
+
+# The stores of the tar-format and loader tests (store/test_webdataset.py, training/test_loader.py)
+# chunks as large as shards: a Zarr chunk row and a tar shard are then the same loader unit
+SETTINGS = {**STORE_SETTINGS, "chunk_bytes": 4096}
+
+
+@pytest.fixture(scope="module")
+def zarr_store(tiny_base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wds") / "zarr"
+    generate_store(tiny_base_dir, root, **SETTINGS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tar_store(tiny_base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wds") / "tar"
+    generate_store(tiny_base_dir, root, **SETTINGS, format="webdataset")
+    return root

@@ -1,24 +1,20 @@
 """The store's chunk layout (chosen from the data, in bytes), Zarr shards of a handful of files,
-tar shards read in place, the loader's read-ahead and persistent workers, and the thread policy."""
+tar shards read in place, and the thread policy (the loader's read-ahead and persistent workers:
+training/test_loader.py)."""
 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from agd_pipeline.errors import StoreError
-from agd_pipeline.loader import StepBatches, UnitReader
 from agd_pipeline.store import StoreWriter, TrajectoryStore
-from agd_pipeline.store import schema
 from agd_pipeline.store.schema import CLASS_CONDITION, FILE_BYTES, array_specs, chunk_layout, read_rows, unit_rows
 from benchmarks.data_path import synthetic_arrays, synthetic_header, write_synthetic_store
 
@@ -76,12 +72,6 @@ def test_the_loader_reads_whole_chunks_of_about_read_bytes():
     assert (unit_rows(dit), read_rows(dit)) == (10, 40)  # 2 arrays x 400 KiB a trajectory: 32 MiB
     assert (unit_rows(sd), read_rows(sd)) == (1, 4)  # 2 arrays x 3.5 MiB
     assert read_rows(header_for((1, 8, 8), 32, 200)) == 200  # the default: a whole shard
-
-
-@pytest.fixture
-def single_row_units(monkeypatch):
-    """Read units of one trajectory, so a 12-trajectory store has 12 of them."""
-    monkeypatch.setattr(schema, "READ_BYTES", 1)
 
 
 def test_a_short_last_shard_keeps_the_store_s_unit():
@@ -188,64 +178,6 @@ def test_a_damaged_tar_is_named(tmp_path):
     assert found and "bytes on disk" in str(found[0])
     with pytest.raises(StoreError):
         store.open_shard("shard-000000.tar").members()
-
-
-# ------------------------------------------------------------------------------ loader
-
-
-def test_reading_runs_at_most_one_buffer_ahead(tmp_path, single_row_units, monkeypatch):
-    """While the first batch is held, the reader fills the next buffer and then waits."""
-    store = small_chunk_store(tmp_path / "store", n=12)
-    reads = []
-    original = UnitReader.__getitem__
-    monkeypatch.setattr(UnitReader, "__getitem__", lambda self, unit: reads.append(unit) or original(self, unit))
-    batches = StepBatches(store, 4, seed=0, buffer_units=2)
-    iterator = batches.from_step(0)
-    next(iterator)
-    time.sleep(0.5)
-    assert len(reads) == 4  # the buffer in use and the one read ahead: 2 units each
-    wanted = 3 * batches.batches_per_epoch()  # on across epoch boundaries, reading ahead all the way
-    assert sum(1 for _ in zip(range(wanted), iterator)) == wanted
-    iterator.close()
-
-
-def test_batches_do_not_depend_on_read_ahead_or_epochs_boundaries(tmp_path, single_row_units):
-    store = small_chunk_store(tmp_path / "store", n=12)
-    batches = StepBatches(store, 5, seed=3, buffer_units=3)
-    per_epoch = batches.batches_per_epoch()
-    endless = [b for _, b in zip(range(3 * per_epoch), batches.from_step(0))]
-    by_epoch = [b for e in range(3) for b in batches.epoch(e)]
-    resumed = [b for _, b in zip(range(per_epoch + 2), batches.from_step(2 * per_epoch - 2))]
-    for a, b in zip(endless, by_epoch):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    for a, b in zip(endless[2 * per_epoch - 2:], resumed):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.slow
-def test_workers_are_spawned_once_for_the_whole_run(tmp_path, single_row_units):
-    store = small_chunk_store(tmp_path / "store", n=12)
-    batches = StepBatches(store, 6, seed=1, buffer_units=2, workers=2)
-    alone = StepBatches(store, 6, seed=1, buffer_units=2)
-    per_epoch = batches.batches_per_epoch()
-    pids, got = set(), []
-    for _, batch in zip(range(3 * per_epoch), batches.from_step(0)):
-        got.append(batch)
-        pids |= {p.pid for p in multiprocessing.active_children()}
-    assert len(pids) == 2, pids  # three epochs, the same two workers
-    expected = [b for _, b in zip(range(3 * per_epoch), alone.from_step(0))]
-    for a, b in zip(expected, got):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_read_error_reaches_the_training_loop_with_the_shard_named(tmp_path):
-    store = small_chunk_store(tmp_path / "store", n=12)
-    data = next(p for p in (store.root / "shard-000000.zarr" / "model_input").rglob("*")
-                if p.is_file() and p.name != "zarr.json")
-    data.write_bytes(b"garbage")
-    with pytest.raises(StoreError, match="shard-000000.zarr"):
-        for _ in StepBatches(store, 4, seed=0).epoch(0):
-            pass
 
 
 # ------------------------------------------------------------------------- thread policy
