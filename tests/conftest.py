@@ -28,8 +28,6 @@ import torch  # noqa: E402
 from agd_pipeline.config import GenerateConfig, load_config  # noqa: E402
 from agd_pipeline.locks import LOCK_FILE  # noqa: E402
 
-import stages.train  # noqa: E402
-
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,6 +246,8 @@ def store_copy(tiny_store, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tiny_store, tmp_path_factory) -> Path:
     """A finished adapter folder of stages.train (4 steps)."""
+    import stages.train  # the repository's commands, imported when a test needs them
+
     out = tmp_path_factory.mktemp("owned") / "adapters"
     assert call(stages.train.main, train_argv(tiny_store, out)) == 0
     return out
