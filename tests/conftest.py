@@ -25,9 +25,20 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from agd_pipeline.config import GenerateConfig, load_config  # noqa: E402
+from agd_pipeline.locks import LOCK_FILE  # noqa: E402
+
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The test folders mirror the code (tests/store/, tests/training/, ...; no __init__.py, so every test
+# file's basename is unique). Tests share helpers across folders (`from test_training import
+# train_config`, `from tiny_pipelines import ...`): every folder of the suite is importable from
+# any test, whichever file pytest runs first.
+for _folder in sorted(p for p in Path(__file__).resolve().parent.iterdir()
+                      if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 # `stages/`, `defaults/` and `benchmarks/` are the repository's, not installed (only agd_pipeline is): the tests'
 # `python -m stages.X` subprocesses that run in a scratch folder find them as a user's would from the
 # repository root
@@ -118,6 +129,44 @@ def read_all_shards(root: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+# Quiet in-process stage calls, and the listing and generate config the store/lock/checkpoint tests share.
+QUIET = dict(progress=False, log=lambda *a, **k: None)
+
+
+def listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != LOCK_FILE)
+
+
+def generate_config(base, out, **overrides):
+    return load_config(GenerateConfig, {**STORE_SETTINGS, "base_model": str(base), "out_dir": str(out), **overrides})
+
+
+# Calling a command's main in-process, and the one-line error and the folder snapshot the
+# output-ownership tests check (commands/, training/).
+def call(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+def one_error_line(rc, captured, expect: str) -> str:
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:"), captured.err
+    assert expect in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_argv(store, out, *extra) -> list[str]:
+    return ["--store", str(store), "--out-dir", str(out), "--steps", "4", "--batch-size", "8", "--width", "8",
+            "--embed-dim", "16", "--device", "cpu", "--checkpoint-every", "0", "--validate-every", "-1",
+            "--no-progress", *extra]
+
+
 def run_cli(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}
@@ -173,10 +222,10 @@ def tiny_base_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def text_pipeline_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD, SDXL and SD3 pipeline folders, built once. Tests read them, never write into them."""
-    from tiny_pipelines import TEXT_BUILDERS
+    from tiny_pipelines import TEXT_FAMILY_NAMES, tiny_builder
 
     root = tmp_path_factory.mktemp("text_pipelines")
-    return {family: build(root / family) for family, build in TEXT_BUILDERS.items()}
+    return {family: tiny_builder(family)(root / family) for family in TEXT_FAMILY_NAMES}
 
 
 @pytest.fixture(scope="session")
@@ -184,4 +233,40 @@ def tiny_store(tmp_path_factory, tiny_base_dir) -> Path:
     """A complete store. Tests must not modify it: copy it (shutil.copytree) first."""
     root = tmp_path_factory.mktemp("tiny_store") / "store"
     generate_store(tiny_base_dir, root)
+    return root
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_store, tmp_path_factory) -> Path:
+    """A finished adapter folder of stages.train (4 steps)."""
+    import stages.train  # the repository's commands, imported when a test needs them
+
+    out = tmp_path_factory.mktemp("owned") / "adapters"
+    assert call(stages.train.main, train_argv(tiny_store, out)) == 0
+    return out
+
+
+# The stores of the tar-format and loader tests (store/test_webdataset.py, training/test_loader.py)
+# chunks as large as shards: a Zarr chunk row and a tar shard are then the same loader unit
+SETTINGS = {**STORE_SETTINGS, "chunk_bytes": 4096}
+
+
+@pytest.fixture(scope="module")
+def zarr_store(tiny_base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wds") / "zarr"
+    generate_store(tiny_base_dir, root, **SETTINGS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tar_store(tiny_base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wds") / "tar"
+    generate_store(tiny_base_dir, root, **SETTINGS, format="webdataset")
     return root

@@ -147,6 +147,7 @@ def test_save_load_round_trip(base, inputs, adapted_factory, tmp_path, kind, pla
         loaded.remove()
 
 
+@pytest.mark.bad_input
 def test_load_refuses_other_architecture(base, adapted_factory, tmp_path):
     model = adapted_factory()
     save_adapters(model, tmp_path / "adapters")
@@ -180,6 +181,7 @@ def test_load_rejects_non_adapter_folder(base, tmp_path):
         load_adapted_model(tmp_path, base)
 
 
+@pytest.mark.bad_input
 def test_unknown_kind_and_placement_are_refused(base):
     with pytest.raises(ModelError, match="kind"):
         AdaptedModel(base, config("lora", "attention"))
@@ -235,6 +237,7 @@ def test_saved_folder_records_sha256_of_weights_and_config(adapted_factory, inpu
     assert sorted(p.name for p in folder.iterdir()) == sorted([ADAPTER_CONFIG, "README.md", ADAPTER_WEIGHTS])
 
 
+@pytest.mark.bad_input
 def test_flipped_weight_bytes_are_refused_naming_the_file(base, adapted_factory, inputs, tmp_path):
     folder = _saved(adapted_factory, inputs, tmp_path / "a")
     data = bytearray((folder / ADAPTER_WEIGHTS).read_bytes())
@@ -244,6 +247,7 @@ def test_flipped_weight_bytes_are_refused_naming_the_file(base, adapted_factory,
         load_adapted_model(folder, base)
 
 
+@pytest.mark.bad_input
 def test_weights_of_another_run_are_refused(base, adapted_factory, inputs, tmp_path):
     """Same shapes, same config otherwise: only the digest tells the two runs' weights apart."""
     first = _saved(adapted_factory, inputs, tmp_path / "a", seed=0)
@@ -253,6 +257,7 @@ def test_weights_of_another_run_are_refused(base, adapted_factory, inputs, tmp_p
         load_adapted_model(first, base)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("edit", [
     lambda c: c["adapter"].update(guidance_scale_unit=c["adapter"]["guidance_scale_unit"] * 2),
     lambda c: c["adapter"].update(guidance_gate=not c["adapter"]["guidance_gate"]),
@@ -284,6 +289,7 @@ def test_reformatted_config_still_loads(base, adapted_factory, inputs, tmp_path)
     load_adapted_model(folder, base).remove()
 
 
+@pytest.mark.bad_input
 def test_missing_integrity_is_refused_and_an_old_folder_warns(base, adapted_factory, inputs, tmp_path):
     folder = _saved(adapted_factory, inputs, tmp_path / "a")
     _edit_config(folder, lambda c: c.pop("integrity"))

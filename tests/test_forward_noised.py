@@ -107,6 +107,7 @@ def test_training_reads_a_forward_noised_store(tiny_base_dir, real_data, tmp_pat
     assert (tmp_path / "adapters" / "adapters.safetensors").is_file()
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case,match", [
     ("missing", "is not a file"),
     ("not_npz", "not a readable .npz"),
@@ -141,6 +142,7 @@ def test_bad_real_data_is_refused_before_anything_is_written(tiny_base_dir, tmp_
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.bad_input
 def test_a_scheduler_without_a_forward_process_is_refused(real_data, tmp_path):
     from diffusers import IPNDMScheduler
 

@@ -109,6 +109,7 @@ def test_effective_scale_per_sample_timesteps():
     assert effective_scale(w, t, None, 1000) is w
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("value", [[0.7, 0.3], [0.0, 1.5], [0.5], [-0.1, 0.5], ["a", 1], [0.2, float("nan")],
                                    [True, 1]])
 def test_bad_intervals_are_refused_with_the_key(tiny_base_dir, tmp_path, value):

@@ -185,6 +185,7 @@ def test_push_uploads_only_the_adapter_files(adapter_folders, monkeypatch, offli
     assert f"AGDAdapters.from_pretrained({REPO_ID!r}, subfolder='dit/v1')" in card
 
 
+@pytest.mark.bad_input
 def test_push_refuses_damaged_adapters_before_touching_the_hub(adapter_folders, tmp_path, monkeypatch):
     import shutil
 
@@ -293,6 +294,7 @@ def test_adapters_from_the_hub_cache_sample_as_the_local_folder(hub_cache, adapt
     assert not (from_hub == run(AGDAdapters.from_pretrained(adapter_folders["one"]))).all()  # not vacuous
 
 
+@pytest.mark.bad_input
 def test_an_id_that_is_not_cached_says_what_to_do_in_one_line(hub_cache, tmp_path, offline):
     for kwargs in ({"cache_dir": hub_cache, "revision": "no-such-branch"}, {"cache_dir": tmp_path / "empty"},
                    {"cache_dir": tmp_path / "empty", "local_files_only": True}):
@@ -308,6 +310,7 @@ def test_an_id_that_is_not_cached_says_what_to_do_in_one_line(hub_cache, tmp_pat
         AGDAdapters.from_pretrained(tmp_path / "missing" / "adapters")
 
 
+@pytest.mark.bad_input
 def test_a_revision_of_a_local_folder_is_refused(adapter_folders):
     with pytest.raises(ConfigError, match="applies to hub ids, but this is a local folder"):
         AGDAdapters.from_pretrained(adapter_folders["one"], revision="main")

@@ -67,6 +67,7 @@ def test_sample_command_writes_images_and_record(trained_adapters, tmp_path):
     assert json.loads((tmp_path / "cfg" / "samples.json").read_text())["method"] == "cfg"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("args, message", [
     (["--classes", "1,99"], "not classes of the base model"),
     (["-w", "nan"], "guidance_scale"),

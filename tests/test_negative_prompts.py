@@ -23,11 +23,11 @@ from agd_pipeline.models import encode_prompts, load_base_model
 from agd_pipeline.store import TrajectoryStore
 
 from conftest import read_all_shards
-from tiny_pipelines import TEXT_BUILDERS, null_component_kwargs
+from tiny_pipelines import TEXT_FAMILY_NAMES, null_component_kwargs
 
 PROMPTS = ["a red cat", "blue sky", "an old oak"]
 NEGATIVES = ["blurry", "low quality"]
-FAMILIES = tuple(TEXT_BUILDERS)
+FAMILIES = TEXT_FAMILY_NAMES  # the registered text-to-image families
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 LEGACY_TEXT_ARRAYS = {"model_input", "guided_output", "timesteps", "guidance_scale", "seed", "trajectory_index",
                       "sample", "prompt_index", "prompt_embeds"}

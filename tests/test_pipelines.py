@@ -20,10 +20,10 @@ from agd_pipeline.pipelines import AGDAdapters
 from agd_pipeline.sampling import AGD, Unguided, generators_for, initial_noise, sample
 
 from conftest import REPO, make_dit, make_scheduler
-from tiny_pipelines import null_component_kwargs
+from tiny_pipelines import FAMILY_NAMES, TEXT_FAMILY_NAMES, null_component_kwargs
 
-FAMILIES = ("dit", "sd", "sdxl", "sd3")
-TEXT_FAMILIES = ("sd", "sdxl", "sd3")
+FAMILIES = FAMILY_NAMES  # the registered families, as agd_pipeline.families.FAMILIES lists them
+TEXT_FAMILIES = TEXT_FAMILY_NAMES
 PROMPTS = ["a red cat", "blue sky"]
 NEGATIVE = "blurry"
 CLASSES = [3, 999]
@@ -349,6 +349,7 @@ def test_a_fine_tuned_pipeline_warns_and_still_applies(folders, adapter_dirs):
             pass
 
 
+@pytest.mark.bad_input
 def test_another_architecture_or_family_or_pipeline_is_refused_leaving_nothing_behind(folders, adapter_dirs):
     from diffusers import DiTPipeline, StableDiffusionImg2ImgPipeline
 

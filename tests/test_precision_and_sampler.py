@@ -14,18 +14,15 @@ from agd_pipeline.models import encode_prompts, load_base_model
 from agd_pipeline.sampling import scheduler_for
 
 from conftest import generate_store
-from tiny_pipelines import make_sd3_pipeline, make_sd_pipeline, make_sdxl_pipeline
-
-BUILDERS = {"sd": make_sd_pipeline, "sdxl": make_sdxl_pipeline, "sd3": make_sd3_pipeline}
+from tiny_pipelines import FAMILY_NAMES, make_sdxl_pipeline, tiny_builder
 
 
 @pytest.fixture(scope="module")
-def half_bases(tmp_path_factory, tiny_base_dir):
+def half_bases(tmp_path_factory):
+    """A tiny model of every registered family, loaded in float16."""
     root = tmp_path_factory.mktemp("half")
-    bases = {"dit": load_base_model(str(tiny_base_dir), dtype=torch.float16)}
-    for family, build in BUILDERS.items():
-        bases[family] = load_base_model(str(build(root / family)), dtype=torch.float16)
-    return bases
+    return {family: load_base_model(str(tiny_builder(family)(root / family)), dtype=torch.float16)
+            for family in FAMILY_NAMES}
 
 
 def condition(base, batch: int):
@@ -35,7 +32,7 @@ def condition(base, batch: int):
     return table, uncond
 
 
-@pytest.mark.parametrize("family", ["dit", "sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_half_precision_cfg_combines_with_w_in_float32(half_bases, family):
     base = half_bases[family]
     assert base.dtype == torch.float16
@@ -101,6 +98,7 @@ def test_inference_samples_with_the_recorded_scheduler(tiny_base_dir, tmp_path):
     assert not torch.equal(ddim["images"], default["images"])
 
 
+@pytest.mark.bad_input
 def test_an_unknown_scheduler_is_a_clear_error(tiny_base_dir, tmp_path):
     from agd_pipeline.errors import ConfigError
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from agd_pipeline.families import FAMILIES
+
 TOKENIZER_MAX_LENGTH = 16  # real CLIP uses 77; short keeps every text tensor tiny
 LATENT_SIZE = 8  # latent height/width; images are LATENT_SIZE * 8 = 64 pixels square
 WEIGHT_PERTURBATION = 0.02
@@ -342,3 +344,29 @@ TEXT_BUILDERS = {
     "sdxl": lambda folder, seed=0: make_sdxl_pipeline(folder, seed=seed),
     "sd3": lambda folder, seed=0: make_sd3_pipeline(folder, seed=seed),
 }
+
+
+def make_dit_folder(folder, seed: int = 0) -> Path:
+    """The tiny class DiT (conftest's TINY_DIT), written as the embedded class default writes its base:
+    the same folder as conftest's session fixture tiny_base_dir for seed 0."""
+    from conftest import make_base_folder
+
+    return make_base_folder(Path(folder), seed=seed)
+
+
+# The registered families (agd_pipeline.families.FAMILIES, in their order) and a tiny model of each,
+# looked up by family name: the per-family tests are parametrized from these, so a family added to
+# the registry is tested like the others, and tests/families/test_families.py fails naming a family
+# that has no tiny builder here.
+FAMILY_NAMES = tuple(family.name for family in FAMILIES)
+TEXT_FAMILY_NAMES = tuple(family.name for family in FAMILIES if family.conditioning == "text")
+TINY_BUILDERS = {"dit": make_dit_folder, **TEXT_BUILDERS}
+
+
+def tiny_builder(family: str):
+    """The builder (folder, seed=0) -> model folder of the tiny model of a registered family."""
+    try:
+        return TINY_BUILDERS[family]
+    except KeyError:
+        raise LookupError(f"the registered family '{family}' has no tiny model builder: add one to "
+                          "TINY_BUILDERS in tests/tiny_pipelines.py") from None
