@@ -220,7 +220,7 @@ def render_evidence(metrics: dict, metrics_path: str, link_root: Path, block: st
               "interleaved repeats in one warm process, median (min–max); the methods take turns within a repeat. "
               f"CFG makes {speed['nfe_per_image']['cfg']} network evaluations per image, AGD "
               f"{speed['nfe_per_image']['agd']}: {speed['ceiling_agd_over_cfg']:.2f}x in evaluations. "
-              + _measured_ceiling(speed) + "", "",
+              + _measured_ceiling(speed), "",
               speed_table(speed), ""]
     met = metrics["summary_in_training_range"]["targets_met"]
     lines += [f"`summary_in_training_range.targets_met`: `{str(met).lower()}`.", ""]
